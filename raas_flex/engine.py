@@ -1,0 +1,369 @@
+"""The paged KV cache of one attention layer and its decode step.
+
+One buffer of ``slots`` token positions per (sequence, KV head) holds the keys and values; it is
+cut into pages of ``page_size`` slots. A page slot is empty or holds one logical page (logical page
+g = tokens g*page_size .. g*page_size+page_size-1 of that sequence). All bookkeeping is kept in
+fixed-shape tensors updated in place, so a decode step compiles to one graph and replays under CUDA
+graphs:
+
+    page_id   int64 [B, Hkv, P]   logical page in each page slot, -1 when empty
+    stamp     int64 [B, Hkv, P]   decode step at which the page was opened or last refreshed
+    pinned    bool  [B, Hkv, P]   never evicted (prompt pages under RaaS, sinks under streaming)
+    score     fp32  [B, Hkv, P]   policy accumulator (H2O's accumulated attention), last importance
+    kmax/kmin       [B, Hkv, P, D] element-wise key max/min per page (Quest's page bound)
+    open_slot int64 [B, Hkv]      page slot of the newest (open) page
+    length    int64 [B]           tokens written to each sequence (prompt without padding + decoded)
+    step      int64 []            decode steps taken (prefill is step 0)
+
+A decode step appends one token per sequence (opening a page, evicting one if the buffer is full),
+attends over the resident tokens with flex_attention, then lets the policy observe the query
+(RaaS refreshes the timestamps of the most important pages).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import flex_attention
+
+from .config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, RaaSConfig
+from .masks import build_block_mask
+from .policies import make_policy
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+@dataclass(frozen=True)
+class PageState:
+    """A snapshot (copies) of one layer's page table. Shapes: [B, Hkv, P] unless noted."""
+
+    page_id: Tensor  # logical page per slot, -1 if empty
+    stamp: Tensor  # last-used decode step
+    pinned: Tensor  # bool
+    score: Tensor  # policy accumulator / last importance
+    open_slot: Tensor  # [B, Hkv]
+    length: Tensor  # [B] tokens written
+    fill: Tensor  # [B] tokens in the open page (0 when no page is open or it is full-and-closed)
+    step: Tensor  # [] decode steps taken
+    evictions: Tensor  # [B, Hkv] pages evicted so far
+    overflow: Tensor  # [] bool: a token found no slot (capacity exceeded); results are invalid
+
+    @property
+    def resident_tokens(self) -> Tensor:
+        """[B, Hkv] tokens currently held."""
+        ps = self.page_size
+        first = self.page_id.clamp(min=0) * ps
+        n = (self.length[:, None, None] - first).clamp(0, ps)
+        return torch.where(self.page_id >= 0, n, 0).sum(-1)
+
+    page_size: int = 16
+
+
+def _validate_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+class PagedKVCache(nn.Module):
+    """KV cache of one attention layer under a RaaS-style policy.
+
+    Args:
+        config: the policy and its parameters.
+        batch_size, num_heads (query heads), num_kv_heads, head_dim: attention shape.
+        dtype, device: of the K/V buffers.
+        scale: softmax scale (default head_dim ** -0.5).
+        max_length: tokens per sequence for the O(N) policies (overrides config.max_length).
+    """
+
+    def __init__(
+        self,
+        config: RaaSConfig,
+        *,
+        batch_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        scale: float | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, RaaSConfig):
+            raise TypeError(f"config must be a RaaSConfig, got {type(config).__name__}")
+        for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim={head_dim!r} is not supported; allowed: {SUPPORTED_HEAD_DIMS}")
+        if str(dtype).removeprefix("torch.") not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype={dtype} is not supported; allowed: {', '.join(SUPPORTED_DTYPES)}")
+        device = torch.device(device)
+        self.config = config
+        self.policy = make_policy(config)
+        self.B, self.Hq, self.H, self.D = batch_size, num_heads, num_kv_heads, head_dim
+        self.G = num_heads // num_kv_heads
+        self.ps = config.page_size
+        self.S = config.slots(max_length)
+        self.P = self.S // self.ps
+        self.block = config.kernel_block(self.S)
+        if device.type == "cuda" and self.block < 16:
+            raise ValueError(
+                f"the GPU flex kernel needs KV blocks of >= 16 tokens; buffer of {self.S} slots "
+                f"gives block_size={self.block}. Use a budget that is a multiple of 16 or set block_size"
+            )
+        self.scale = float(scale) if scale is not None else head_dim**-0.5
+        if config.compile_flex is None:
+            self.compile_flex = device.type == "cuda"
+        else:
+            self.compile_flex = config.compile_flex
+
+        B, H, P, S, D = batch_size, num_kv_heads, self.P, self.S, head_dim
+        buf = functools.partial(self.register_buffer, persistent=False)
+        buf("k", torch.zeros(B, H, S, D, dtype=dtype, device=device))
+        buf("v", torch.zeros(B, H, S, D, dtype=dtype, device=device))
+        buf("page_id", torch.full((B, H, P), -1, dtype=torch.int64, device=device))
+        buf("stamp", torch.zeros(B, H, P, dtype=torch.int64, device=device))
+        buf("pinned", torch.zeros(B, H, P, dtype=torch.bool, device=device))
+        buf("score", torch.zeros(B, H, P, dtype=torch.float32, device=device))
+        buf("kmax", torch.zeros(B, H, P, D, dtype=dtype, device=device))
+        buf("kmin", torch.zeros(B, H, P, D, dtype=dtype, device=device))
+        buf("open_slot", torch.zeros(B, H, dtype=torch.int64, device=device))
+        buf("length", torch.zeros(B, dtype=torch.int64, device=device))
+        buf("step", torch.zeros((), dtype=torch.int64, device=device))
+        buf("evictions", torch.zeros(B, H, dtype=torch.int64, device=device))
+        buf("overflow", torch.zeros((), dtype=torch.bool, device=device))
+        # constants used by the step (kept as buffers so the step allocates nothing that grows)
+        buf("_slot_ar", torch.arange(P, device=device))
+        buf("_tok_ar", torch.arange(self.ps, device=device))
+        if device.type == "cuda":
+            # CUDA graphs need stable addresses for state mutated inside the captured step.
+            for t in self.buffers():
+                torch._dynamo.mark_static_address(t)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes allocated for K and V (what the budget bounds)."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of every buffer this cache allocated (K/V plus page table)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def page_state(self) -> PageState:
+        """Copies of the page table (for tests, plots and debugging; syncs nothing itself)."""
+        fill = self.length - (self.length - 1).clamp(min=0) // self.ps * self.ps
+        return PageState(
+            page_id=self.page_id.clone(),
+            stamp=self.stamp.clone(),
+            pinned=self.pinned.clone(),
+            score=self.score.clone(),
+            open_slot=self.open_slot.clone(),
+            length=self.length.clone(),
+            fill=torch.where(self.length > 0, fill, 0),
+            step=self.step.clone(),
+            evictions=self.evictions.clone(),
+            overflow=self.overflow.clone(),
+            page_size=self.ps,
+        )
+
+    def check(self) -> None:
+        """Raise if a token ever found no slot (host sync: call outside the decode loop)."""
+        if bool(self.overflow):
+            raise RuntimeError(
+                f"policy={self.config.policy!r}: a token found no free or evictable page in a buffer of "
+                f"{self.S} slots; the output after that point is invalid. Raise max_length/budget."
+            )
+
+    def reset(self) -> None:
+        """Empty the cache in place (buffers keep their addresses)."""
+        self.page_id.fill_(-1)
+        for t in (self.stamp, self.score, self.open_slot, self.length, self.step, self.evictions):
+            t.zero_()
+        self.pinned.zero_()
+        self.overflow.zero_()
+
+    # -- prefill -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, k: Tensor, v: Tensor, mask: Tensor | None = None) -> None:
+        """Store a prompt's keys/values. Not part of the compiled step (it may sync the host).
+
+        k, v: [B, Hkv, n, D] post-RoPE. mask: bool [B, n] marking real (non-padding) tokens, or
+        None for all real. Each sequence's real tokens are stored compacted, in order, as logical
+        tokens 0..n_b-1 in pages 0..ceil(n_b/page_size)-1.
+        """
+        _validate_tensor("k", k, 4)
+        _validate_tensor("v", v, 4)
+        B, H, n, D = k.shape
+        if (B, H, D) != (self.B, self.H, self.D) or v.shape != k.shape:
+            raise ValueError(
+                f"prefill k/v shape {tuple(k.shape)}/{tuple(v.shape)} do not match the cache "
+                f"(batch_size={self.B}, num_kv_heads={self.H}, head_dim={self.D})"
+            )
+        if k.device != self.k.device or v.device != self.k.device:
+            raise ValueError(f"prefill k/v on {k.device}/{v.device}, cache on {self.k.device}")
+        if mask is None:
+            mask = torch.ones(B, n, dtype=torch.bool, device=k.device)
+        if mask.shape != (B, n) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool [{B}, {n}], got {mask.dtype} {tuple(mask.shape)}")
+        if mask.device != k.device:
+            raise ValueError(f"mask on {mask.device}, k on {k.device}")
+        lengths = mask.sum(-1)
+        n_max = int(lengths.max())
+        pages_needed = -(-n_max // self.ps)
+        room = self.P - 1 if self.config.bounded else self.P
+        if pages_needed > room:
+            what = (
+                f"budget={self.config.budget} holds {self.P} pages and one must stay free for decoding"
+                if self.config.bounded
+                else f"the buffer holds {self.P} pages (max_length)"
+            )
+            need = (pages_needed + (1 if self.config.bounded else 0)) * self.ps
+            raise ValueError(
+                f"prompt of {n_max} tokens needs {pages_needed} pages of page_size={self.ps}, but {what}; "
+                f"use at least {need}"
+            )
+        self.reset()
+        # Move real tokens to the front of each row, keeping their order.
+        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n_max]
+        gather = order[:, None, :, None].expand(B, H, n_max, D)
+        kc = k.gather(2, gather).to(self.k.dtype)
+        vc = v.gather(2, gather).to(self.v.dtype)
+        self.k[:, :, :n_max].copy_(kc)
+        self.v[:, :, :n_max].copy_(vc)
+        self.length.copy_(lengths)
+        pages = (lengths + self.ps - 1) // self.ps  # [B]
+        resident = self._slot_ar[None, :] < pages[:, None]  # [B, P]
+        ids = torch.where(resident, self._slot_ar[None, :], -1)
+        self.page_id.copy_(ids[:, None, :].expand(B, H, self.P))
+        self.pinned.copy_(resident[:, None, :].expand(B, H, self.P) & self.policy.pin_prefill(self))
+        self.open_slot.copy_((pages - 1).clamp(min=0)[:, None].expand(B, H))
+        # Per-page key bounds over the real tokens only.
+        tok = self._slot_ar[:, None] * self.ps + self._tok_ar[None, :]  # [P, ps]
+        live = tok[None] < lengths[:, None, None]  # [B, P, ps]
+        kp = self.k.view(B, H, self.P, self.ps, D).float()
+        live = live[:, None, :, :, None]
+        inf = torch.tensor(float("inf"), device=k.device)
+        kmax = torch.where(live, kp, -inf).amax(3)
+        kmin = torch.where(live, kp, inf).amin(3)
+        has = live.any(3)
+        self.kmax.copy_(torch.where(has, kmax, 0.0).to(self.kmax.dtype))
+        self.kmin.copy_(torch.where(has, kmin, 0.0).to(self.kmin.dtype))
+
+    # -- decode step ---------------------------------------------------------------------------
+    def decode(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """One decode step: append k/v [B, Hkv, 1, D], attend with q [B, Hq, 1, D], observe q.
+
+        Returns the attention output [B, Hq, 1, D]. No host synchronisation, fixed shapes, all
+        state updated in place: safe to torch.compile(fullgraph=True) and capture in CUDA graphs.
+        """
+        self.append(k, v)
+        valid = self.valid_slots(q)
+        out = self.attend(q, valid)
+        self.policy.observe(self, q, valid)
+        return out
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Write one token per sequence, opening a page (and evicting one) when needed."""
+        B, H, P, ps = self.B, self.H, self.P, self.ps
+        self.step.add_(1)
+        pos = self.length  # [B]
+        off = (pos % ps)[:, None]  # [B, 1]
+        need = (off == 0).expand(B, H)  # a new page must be opened
+        resident = self.page_id >= 0
+        free = ~resident
+        has_free = free.any(-1)
+        first_free = free.to(torch.int8).argmax(-1)
+        evictable = resident & ~self.pinned & self.policy.evictable(self)
+        key = self.policy.eviction_key(self)
+        top = torch.finfo(key.dtype).max if key.dtype.is_floating_point else torch.iinfo(key.dtype).max
+        victim = torch.where(evictable, key, top).argmin(-1)
+        can_evict = evictable.any(-1)
+        ok = has_free | can_evict
+        opened = need & ok
+        write = ~need | ok  # False only when no slot could be found (capacity exceeded)
+        self.overflow.logical_or_(~write.all())
+        slot = torch.where(opened, torch.where(has_free, first_free, victim), self.open_slot)
+        self.evictions.add_((opened & ~has_free).to(torch.int64))
+
+        # token write (a dropped token writes back what was there)
+        t = (slot * ps + off)[:, :, None, None].expand(B, H, 1, self.D)
+        w = write[:, :, None, None]
+        self.k.scatter_(2, t, torch.where(w, k.to(self.k.dtype), self.k.gather(2, t)))
+        self.v.scatter_(2, t, torch.where(w, v.to(self.v.dtype), self.v.gather(2, t)))
+
+        # page table
+        at = self._slot_ar == slot[..., None]  # [B, H, P]
+        new = at & opened[..., None]
+        upd = at & write[..., None]
+        new_id = (pos // ps)[:, None, None]
+        self.page_id.copy_(torch.where(new, new_id, self.page_id))
+        self.stamp.copy_(torch.where(new, self.step, self.stamp))
+        self.pinned.copy_(self.pinned & ~new)
+        self.score.copy_(torch.where(new, 0.0, self.score))
+        kn = k[:, :, 0, None, :].to(self.kmax.dtype)  # [B, H, 1, D]
+        self.kmax.copy_(torch.where(new[..., None], kn, torch.where(upd[..., None], torch.maximum(self.kmax, kn), self.kmax)))
+        self.kmin.copy_(torch.where(new[..., None], kn, torch.where(upd[..., None], torch.minimum(self.kmin, kn), self.kmin)))
+        self.open_slot.copy_(torch.where(write, slot, self.open_slot))
+        self.length.add_(1)
+
+    def token_valid(self) -> Tensor:
+        """bool [B, Hkv, P, page_size]: slot holds a written token of a resident page."""
+        logical = self.page_id[..., None] * self.ps + self._tok_ar  # [B, H, P, ps]
+        return (self.page_id[..., None] >= 0) & (logical < self.length[:, None, None, None])
+
+    def valid_slots(self, q: Tensor) -> Tensor:
+        """bool [B, Hkv, S]: slots attended this step (resident tokens, narrowed by the policy)."""
+        valid = self.token_valid()
+        pages = self.policy.attended_pages(self, q)
+        if pages is not None:
+            valid = valid & pages[..., None]
+        return valid.view(self.B, self.H, self.S)
+
+    def attend(self, q: Tensor, valid: Tensor) -> Tensor:
+        """Exact softmax attention of q [B, Hq, 1, D] over the slots marked in valid [B, Hkv, S]."""
+        B, H, G, S, D = self.B, self.H, self.G, self.S, self.D
+        bh = B * H
+        block_mask = build_block_mask(valid.reshape(bh, S), self.block, G)
+        qp = q.reshape(B, H, G, D).reshape(bh, 1, G, D).to(self.k.dtype)
+        kf = self.k.view(bh, 1, S, D)
+        vf = self.v.view(bh, 1, S, D)
+        if self.compile_flex and not torch.compiler.is_compiling():
+            fn = _compiled_flex()
+        else:
+            fn = flex_attention
+        out = fn(qp, kf, vf, block_mask=block_mask, scale=self.scale)
+        return out.view(B, H * G, 1, D).to(q.dtype)
+
+    # -- importance ----------------------------------------------------------------------------
+    def page_bound(self, q: Tensor) -> Tensor:
+        """Quest's upper bound of q.k per page, max over each KV head's query heads: fp32 [B, Hkv, P].
+
+        sum_d max(q_d M_d, q_d m_d) = q+ . M + q- . m  (q+ = max(q, 0), q- = min(q, 0)), so it is
+        two small matmuls instead of a [G, P, D] intermediate. Empty slots get -inf.
+        """
+        qg = q.reshape(self.B, self.H, self.G, self.D).float()
+        s = qg.clamp(min=0) @ self.kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ self.kmin.float().transpose(-1, -2)
+        s = s.amax(2)
+        return torch.where(self.page_id >= 0, s, float("-inf"))
+
+    def page_share(self, q: Tensor, valid: Tensor) -> Tensor:
+        """Share of the current query's softmax mass on each page slot, max over the KV head's
+        query heads: fp32 [B, Hkv, P] (0 for pages not attended)."""
+        qg = q.reshape(self.B, self.H, self.G, self.D).float()
+        logits = (qg @ self.k.float().transpose(-1, -2)) * self.scale  # [B, H, G, S]
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        return p.view(self.B, self.H, self.G, self.P, self.ps).sum(-1).amax(2)

@@ -1,0 +1,72 @@
+"""Mask mods and block lists for decode attention over a compacted KV buffer.
+
+Layout (works for any GQA group size G): the G query heads that share a KV head are packed into
+the query-length dimension, so flex_attention sees
+
+    q [B*Hkv, 1, G, D]    k, v [B*Hkv, 1, S, D]    block mask batch B*Hkv, heads 1
+
+and the mask only depends on the folded batch index and the KV slot.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+
+def generate_slot_validity_mask(valid: Tensor):
+    """mask_mod that admits exactly the slots with ``valid[b, slot]`` (valid: bool [B*Hkv, S]).
+
+    Eager flex_attention ignores block lists and relies on mask_mod alone, so this mask must be
+    exact by itself; the block lists only let compiled kernels skip work.
+    """
+
+    def slot_validity(b, h, q_idx, kv_idx):
+        return valid[b, kv_idx]
+
+    slot_validity.__name__ = f"slot_validity_{valid.shape[0]}x{valid.shape[1]}"
+    return slot_validity
+
+
+def block_lists(valid: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Partial and full KV block lists for a validity mask, with fixed shapes and no host sync.
+
+    valid: bool [BH, S] with S % block == 0.
+    Returns (kv_num_blocks [BH,1,1], kv_indices [BH,1,1,NB], full_kv_num_blocks, full_kv_indices),
+    int32. A block is "full" when every slot in it is valid (the kernel skips mask_mod there) and
+    "partial" when some but not all are; empty blocks are listed in neither.
+    """
+    bh, s = valid.shape
+    nb = s // block
+    v = valid.view(bh, nb, block)
+    any_ = v.any(-1)
+    full = v.all(-1)
+    partial = any_ & ~full
+
+    def compact(sel: Tensor) -> tuple[Tensor, Tensor]:
+        num = sel.sum(-1, dtype=torch.int32).view(bh, 1, 1)
+        # Stable argsort of ~sel puts the selected block ids first, in order; order is free for
+        # the kernel, stability only keeps the lists deterministic.
+        idx = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num, idx.view(bh, 1, 1, nb)
+
+    kv_num, kv_idx = compact(partial)
+    full_num, full_idx = compact(full)
+    return kv_num, kv_idx, full_num, full_idx
+
+
+def build_block_mask(valid: Tensor, block: int, q_len: int) -> BlockMask:
+    """BlockMask over a compacted buffer for the packed-GQA decode layout (see module docstring)."""
+    bh, s = valid.shape
+    kv_num, kv_idx, full_num, full_idx = block_lists(valid, block)
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=(128, block),
+        mask_mod=generate_slot_validity_mask(valid),
+        seq_lengths=(q_len, s),
+        compute_q_blocks=False,
+    )
