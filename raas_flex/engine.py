@@ -143,6 +143,9 @@ class PagedKVCache(nn.Module):
         buf("step", torch.zeros((), dtype=torch.int64, device=device))
         buf("evictions", torch.zeros(B, H, dtype=torch.int64, device=device))
         buf("overflow", torch.zeros((), dtype=torch.bool, device=device))
+        # slots attended in the current step; the mask_mod reads this buffer (the CPU flex template
+        # only accepts graph inputs, not intermediates, inside mask_mod)
+        buf("valid", torch.zeros(B * H, S, dtype=torch.bool, device=device))
         # constants used by the step (kept as buffers so the step allocates nothing that grows)
         buf("_slot_ar", torch.arange(P, device=device))
         buf("_tok_ar", torch.arange(self.ps, device=device))
@@ -267,13 +270,40 @@ class PagedKVCache(nn.Module):
         """One decode step: append k/v [B, Hkv, 1, D], attend with q [B, Hq, 1, D], observe q.
 
         Returns the attention output [B, Hq, 1, D]. No host synchronisation, fixed shapes, all
-        state updated in place: safe to torch.compile(fullgraph=True) and capture in CUDA graphs.
+        state updated in place: safe to torch.compile(fullgraph=True) and capture in CUDA graphs
+        on GPU. Use :meth:`compiled_decode` to get it compiled the right way for the device.
         """
+        self.prepare(q, k, v)
+        return self.attend_observe(q)
+
+    def prepare(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """First half of a step: append the token and fill ``self.valid`` for this step."""
         self.append(k, v)
-        valid = self.valid_slots(q)
-        out = self.attend(q, valid)
-        self.policy.observe(self, q, valid)
+        self.valid.copy_(self.valid_slots(q).view(self.B * self.H, self.S))
+
+    def attend_observe(self, q: Tensor) -> Tensor:
+        """Second half of a step: attention over ``self.valid``, then the policy's update."""
+        out = self.attend(q)
+        self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
         return out
+
+    def compiled_decode(self, **compile_kwargs):
+        """The decode step compiled with ``fullgraph=True``.
+
+        CUDA: one graph for the whole step. CPU: two graphs (prepare, attend_observe) because
+        Inductor's CPU flex template only lets mask_mod read graph inputs, not tensors computed
+        or mutated in the same graph. Extra keyword arguments go to torch.compile.
+        """
+        if self.k.device.type != "cpu":
+            return torch.compile(self.decode, fullgraph=True, **compile_kwargs)
+        prepare = torch.compile(self.prepare, fullgraph=True, **compile_kwargs)
+        attend_observe = torch.compile(self.attend_observe, fullgraph=True, **compile_kwargs)
+
+        def decode(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            prepare(q, k, v)
+            return attend_observe(q)
+
+        return decode
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """Write one token per sequence, opening a page (and evicting one) when needed."""
@@ -332,11 +362,11 @@ class PagedKVCache(nn.Module):
             valid = valid & pages[..., None]
         return valid.view(self.B, self.H, self.S)
 
-    def attend(self, q: Tensor, valid: Tensor) -> Tensor:
-        """Exact softmax attention of q [B, Hq, 1, D] over the slots marked in valid [B, Hkv, S]."""
+    def attend(self, q: Tensor) -> Tensor:
+        """Exact softmax attention of q [B, Hq, 1, D] over the slots marked in ``self.valid``."""
         B, H, G, S, D = self.B, self.H, self.G, self.S, self.D
         bh = B * H
-        block_mask = build_block_mask(valid.reshape(bh, S), self.block, G)
+        block_mask = build_block_mask(self.valid, self.block, G)
         qp = q.reshape(B, H, G, D).reshape(bh, 1, G, D).to(self.k.dtype)
         kf = self.k.view(bh, 1, S, D)
         vf = self.v.view(bh, 1, S, D)
