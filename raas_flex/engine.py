@@ -149,6 +149,8 @@ class PagedKVCache(nn.Module):
         # constants used by the step (kept as buffers so the step allocates nothing that grows)
         buf("_slot_ar", torch.arange(P, device=device))
         buf("_tok_ar", torch.arange(self.ps, device=device))
+        buf("_b_ix", torch.arange(B, device=device)[:, None].expand(B, H).contiguous())
+        buf("_h_ix", torch.arange(H, device=device)[None, :].expand(B, H).contiguous())
         if device.type == "cuda":
             # CUDA graphs need stable addresses for state mutated inside the captured step.
             for t in self.buffers():
@@ -328,11 +330,12 @@ class PagedKVCache(nn.Module):
         slot = torch.where(opened, torch.where(has_free, first_free, victim), self.open_slot)
         self.evictions.add_((opened & ~has_free).to(torch.int64))
 
-        # token write (a dropped token writes back what was there)
-        t = (slot * ps + off)[:, :, None, None].expand(B, H, 1, self.D)
-        w = write[:, :, None, None]
-        self.k.scatter_(2, t, torch.where(w, k.to(self.k.dtype), self.k.gather(2, t)))
-        self.v.scatter_(2, t, torch.where(w, v.to(self.v.dtype), self.v.gather(2, t)))
+        # Token write. index_put_ on the buffer lets Inductor update it in place (a scatter_ that
+        # also reads the buffer made it copy the whole K/V buffer every step). After an overflow
+        # (flagged above, raised by check()) the token overwrites the open page's first slot.
+        t = slot * ps + off  # [B, H]
+        self.k.index_put_((self._b_ix, self._h_ix, t), k[:, :, 0].to(self.k.dtype))
+        self.v.index_put_((self._b_ix, self._h_ix, t), v[:, :, 0].to(self.v.dtype))
 
         # page table
         at = self._slot_ar == slot[..., None]  # [B, H, P]

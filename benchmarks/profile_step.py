@@ -1,0 +1,52 @@
+"""Where does a compiled decode step spend its GPU time? Kernel table from torch.profiler.
+
+    python benchmarks/profile_step.py --policy raas --batch 8 --heads 32/8 --budget 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raas_flex import PagedKVCache, RaaSConfig  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--policy", default="raas")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", default="32/8")
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--block-size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args(argv)
+    hq, hkv = map(int, args.heads.split("/"))
+    B, D, L, dev, dt = args.batch, 128, args.budget, "cuda", torch.bfloat16
+    cfg = RaaSConfig(budget=L, policy=args.policy, pin_prompt=False, block_size=args.block_size,
+                     max_length=L * 2 if args.policy in ("quest", "dense") else None)
+    cache = PagedKVCache(cfg, batch_size=B, num_heads=hq, num_kv_heads=hkv, head_dim=D, dtype=dt, device=dev)
+    n0 = L - 16 if cfg.bounded else L
+    cache.prefill(torch.randn(B, hkv, n0, D, dtype=dt, device=dev), torch.randn(B, hkv, n0, D, dtype=dt, device=dev))
+    step = cache.compiled_decode()
+    q = torch.randn(B, hq, 1, D, dtype=dt, device=dev)
+    k = torch.randn(B, hkv, 1, D, dtype=dt, device=dev)
+    v = torch.randn(B, hkv, 1, D, dtype=dt, device=dev)
+    for _ in range(5):
+        step(q, k, v)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step(q, k, v)
+        torch.cuda.synchronize()
+    print(f"policy={args.policy} B={B} heads={hq}/{hkv} L={L} block={cache.block}: per-step kernel times (us)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+
+
+if __name__ == "__main__":
+    main()
