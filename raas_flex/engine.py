@@ -49,7 +49,7 @@ class PageState:
     score: Tensor  # policy accumulator / last importance
     open_slot: Tensor  # [B, Hkv]
     length: Tensor  # [B] tokens written
-    fill: Tensor  # [B] tokens in the open page (0 when no page is open or it is full-and-closed)
+    fill: Tensor  # [B] tokens in the newest page, 1..page_size (0 while the row has no token)
     step: Tensor  # [] decode steps taken
     evictions: Tensor  # [B, Hkv] pages evicted so far
     overflow: Tensor  # [] bool: a token found no slot (capacity exceeded); results are invalid
@@ -104,8 +104,14 @@ class PagedKVCache(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        # type checks first: 16.0 == 16 would pass the membership test and "float32" would match
+        # the dtype names, then fail inside torch.zeros with a message that names neither
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+            raise TypeError(f"head_dim must be an int, got {head_dim!r} ({type(head_dim).__name__})")
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"head_dim={head_dim!r} is not supported; allowed: {SUPPORTED_HEAD_DIMS}")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {dtype!r} ({type(dtype).__name__})")
         if str(dtype).removeprefix("torch.") not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype={dtype} is not supported; allowed: {', '.join(SUPPORTED_DTYPES)}")
         device = torch.device(device)

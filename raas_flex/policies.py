@@ -132,12 +132,19 @@ class Quest(Policy):
     def evictable(self, c) -> Tensor:
         return torch.zeros_like(c.pinned)
 
-    def attended_pages(self, c, q: Tensor) -> Tensor:
+    def attended_pages(self, c, q: Tensor) -> Tensor | None:
+        if self.config.budget_pages >= c.P:
+            return None  # the budget covers the whole buffer: attend to every resident page
         bound = c.page_bound(q)
         is_open = c._slot_ar == c.open_slot[..., None]
         bound = torch.where(is_open, float("inf"), bound)
         resident = c.page_id >= 0
-        rank = descending_rank(torch.where(resident, bound, float("-inf")))
+        # argsort rather than descending_rank: this result feeds the mask_mod, and a sort is always
+        # realized as its own buffer (the fully fused pairwise form tripped Inductor's flex lowering
+        # on GPU for tiny page counts: "convert FlexibleLayout to FixedLayout first").
+        key = torch.where(resident, bound, float("-inf"))
+        order = torch.argsort(key, dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, c._slot_ar.expand_as(order))
         return resident & (rank < self.config.budget_pages)
 
 

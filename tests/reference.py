@@ -222,8 +222,8 @@ class RefCache:
         """Page slots attended this step (sorted). quest needs the per-slot ``bound``."""
         row = self.slots[b][h]
         resident = [i for i, p in enumerate(row) if p is not None]
-        if self.policy != "quest":
-            return resident
+        if self.policy != "quest" or len(resident) <= self.budget_pages:
+            return resident  # quest: the budget covers every resident page
         assert bound is not None, "quest needs the page bound"
         open_slot = self.open_slot[b][h]
 

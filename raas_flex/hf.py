@@ -1,0 +1,708 @@
+"""Hugging Face ``transformers`` integration: ``patch``, ``unpatch``, ``patched``, ``stats``, ``RaaSCache``.
+
+    model = raas_flex.patch(model, budget=1024)   # llama / qwen2 / qwen3 / mistral, in place
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32_000)
+    raas_flex.stats(model)                         # per layer: policy, budget, resident tokens, KV bytes
+    raas_flex.unpatch(model)                       # back to exactly the original model
+
+How it fits into transformers (5.17 and later):
+
+- ``patch`` registers one attention function and one mask function under the name
+  ``"raas_flex"`` (``AttentionInterface`` / ``AttentionMaskInterface``; nothing is registered at
+  import time) and sets ``config._attn_implementation = "raas_flex"`` on the model's config. It
+  attaches a small runtime object (plain Python, not an ``nn.Module``: ``state_dict`` and
+  ``modules()`` are unchanged) to the model and to each attention module, and wraps two methods on
+  the model *instance* (never the class): ``_prepare_cache_for_generation`` (so that ``generate``
+  creates a :class:`RaaSCache` when no cache is passed and ``cache_implementation`` is unset) and
+  ``generate`` (to raise if any layer's cache overflowed during the generation).
+- A :class:`RaaSCache` is a ``transformers`` ``Cache`` with one :class:`RaaSLayer` per decoder
+  layer. ``Cache.update`` stores nothing: it hands the layer over to the runtime and returns the new
+  keys/values unchanged. The attention function, called right after by the same attention module,
+  takes that layer from the runtime (by ``module.layer_idx``; it checks it received the very key
+  tensor ``update`` returned) and runs either the prefill (dense SDPA over the prompt with the
+  padding/causal mask, then ``PagedKVCache.prefill`` with the real-token mask: left padding is
+  compacted away) or one ``PagedKVCache.decode`` step. ``get_seq_length`` is the logical (padded)
+  length that positions and masks need.
+- The mask function returns SDPA's mask for the prompt and ``None`` for RaaS decode steps (the
+  engine knows which slots are valid). Forwards that do not use a ``RaaSCache`` (``use_cache=False``,
+  an explicit ``DynamicCache``, ``cache_implementation=...``) run plain SDPA with SDPA's masks.
+- The per-layer engines (``PagedKVCache``) live in the runtime and are reused by later generations
+  whose shapes (batch, heads, dtype, device, buffer length, options) match, so repeated ``generate``
+  calls reuse the same buffers. A cache whose engines were taken over by a later generation raises
+  if it is used again.
+
+Supported: ``model_type`` in ``SUPPORTED_MODEL_TYPES`` with full attention in every layer. Greedy and
+sampled decoding, left-padded batches, EOS stopping. Not supported: beam search (``reorder_cache``),
+continuing a filled cache with several tokens at once, assisted decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import threading
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .config import SUPPORTED_HEAD_DIMS, RaaSConfig
+from .engine import PagedKVCache
+
+try:  # transformers is an install dependency, but keep `import raas_flex` usable without it
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError:  # pragma: no cover
+    Cache = CacheLayerMixin = object  # type: ignore[misc,assignment]
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "SUPPORTED_MODEL_TYPES",
+    "RaaSCache",
+    "RaaSLayer",
+    "patch",
+    "patched",
+    "stats",
+    "unpatch",
+]
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+ATTN_IMPLEMENTATION = "raas_flex"
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(RaaSConfig) if f.name != "budget")
+_RUNTIME_ATTR = "_raas_flex"
+_WRAPPED_METHODS = ("_prepare_cache_for_generation", "generate")
+
+# Models currently patched (registrations are removed when the last one is unpatched) and what the
+# registered names held before patch() registered them (normally nothing).
+_PATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_SAVED_REGISTRATIONS: dict[str, object] | None = None
+_MISSING = object()
+# Set by RaaSCache.get_mask_sizes for a decode step, read (and cleared) by the mask function that
+# transformers calls right after it: a RaaS decode step needs no mask.
+_MASK_STATE = threading.local()
+
+
+# -- registration ----------------------------------------------------------------------------------
+def _interfaces():
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    return AttentionInterface, AttentionMaskInterface
+
+
+def _register() -> None:
+    global _SAVED_REGISTRATIONS
+    if _SAVED_REGISTRATIONS is not None:
+        return
+    attn, mask = _interfaces()
+    _SAVED_REGISTRATIONS = {
+        "attn": attn._global_mapping.get(ATTN_IMPLEMENTATION, _MISSING),
+        "mask": mask._global_mapping.get(ATTN_IMPLEMENTATION, _MISSING),
+    }
+    attn.register(ATTN_IMPLEMENTATION, raas_attention)
+    mask.register(ATTN_IMPLEMENTATION, raas_mask)
+
+
+def _unregister() -> None:
+    global _SAVED_REGISTRATIONS
+    if _SAVED_REGISTRATIONS is None:
+        return
+    attn, mask = _interfaces()
+    for cls, key in ((attn, "attn"), (mask, "mask")):
+        old = _SAVED_REGISTRATIONS[key]
+        if old is _MISSING:
+            cls._global_mapping.pop(ATTN_IMPLEMENTATION, None)
+        else:
+            cls._global_mapping[ATTN_IMPLEMENTATION] = old
+    _SAVED_REGISTRATIONS = None
+
+
+def _sdpa_attention():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def raas_mask(*args, **kwargs):
+    """Mask function registered under ``"raas_flex"``: SDPA's mask, except ``None`` for a RaaS
+    decode step (signalled by :meth:`RaaSCache.get_mask_sizes`, which transformers calls just before)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    skip = getattr(_MASK_STATE, "decode", None)
+    _MASK_STATE.decode = None
+    if skip is not None and skip == (kwargs.get("kv_length"), kwargs.get("kv_offset", 0)):
+        return None
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+
+
+def raas_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function registered under ``"raas_flex"``.
+
+    query [B, Hq, q, D], key/value [B, Hkv, q, D] (post-RoPE, not repeated for GQA). With a
+    :class:`RaaSCache` in use, the layer handed over by ``RaaSCache.update`` runs the prefill or a
+    decode step; otherwise this is plain SDPA.
+    """
+    runtime = module.__dict__.get(_RUNTIME_ATTR)
+    layer = runtime.take(getattr(module, "layer_idx", None), key) if runtime is not None else None
+    if layer is None:
+        return _sdpa_attention()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return layer.attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+# -- model checks and options ----------------------------------------------------------------------
+def _supported_text() -> str:
+    return ", ".join(SUPPORTED_MODEL_TYPES) + " (decoder-only, full attention in every layer)"
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(
+            f"raas_flex.patch expects a transformers causal LM (nn.Module with a .config), got {type(model).__name__}"
+        )
+    cfg = model.config
+    mt = getattr(cfg, "model_type", None)
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(
+            f"model_type={mt!r} is an encoder-decoder model, which raas_flex does not support; supported: {_supported_text()}"
+        )
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type={mt!r} is not supported by raas_flex; supported: {_supported_text()}")
+    layer_types = getattr(cfg, "layer_types", None)
+    sliding = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", False) or sliding is not None or (
+        layer_types is not None and any(t != "full_attention" for t in layer_types)
+    ):
+        raise ValueError(
+            f"model_type={mt!r} with sliding-window attention (sliding_window={sliding!r}, "
+            f"use_sliding_window={getattr(cfg, 'use_sliding_window', None)!r}, layer_types={layer_types!r}) is not "
+            f"supported by raas_flex; supported: {_supported_text()}. For a model whose contexts never reach the "
+            "window, set config.sliding_window=None (and use_sliding_window=False) before patching"
+        )
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"model_type={mt!r} has head_dim={head_dim}, not supported; allowed: {SUPPORTED_HEAD_DIMS}")
+
+
+def _make_config(model, budget, options: dict) -> RaaSConfig:
+    for name in options:
+        if name not in _OPTION_NAMES:
+            raise TypeError(f"raas_flex.patch got an unknown option {name!r}; allowed: budget, {', '.join(_OPTION_NAMES)}")
+    config = RaaSConfig(budget=budget, **options)
+    n = model.config.num_hidden_layers
+    if config.dense_layers > n:
+        raise ValueError(f"dense_layers={config.dense_layers} exceeds the model's {n} layers; allowed: 0..{n}")
+    return config
+
+
+def _runtime_of(model) -> "_Runtime | None":
+    return model.__dict__.get(_RUNTIME_ATTR) if isinstance(model, nn.Module) else None
+
+
+# -- runtime -----------------------------------------------------------------------------------------
+class _Runtime:
+    """Per patched model: the RaaS options, the engine pool and the hand-over from update() to the
+    attention function. A plain object so that it never becomes a submodule of the model."""
+
+    def __init__(self, model: nn.Module, config: RaaSConfig) -> None:
+        self.model_ref = weakref.ref(model)
+        self.model_config = model.config
+        self.num_layers = model.config.num_hidden_layers
+        self.active = True
+        self.pending: dict[int, tuple[RaaSLayer, Tensor]] = {}
+        # layer_idx -> (shape/options key, engine, owning RaaSCache or None)
+        self.pool: dict[int, tuple[tuple, PagedKVCache, object]] = {}
+        self.last_cache: RaaSCache | None = None
+        self.generation_cache: RaaSCache | None = None
+        self.saved_attn: list[tuple[object, object]] = []
+        self.saved_methods: dict[str, object] = {}
+        self.attn_modules: list[nn.Module] = []
+        self.configure(config)
+
+    def configure(self, config: RaaSConfig) -> None:
+        self.config = config
+        self.pool.clear()
+        self.pending.clear()
+        self.last_cache = None
+
+    def layer_config(self, config: RaaSConfig, layer_idx: int) -> RaaSConfig:
+        return config.replace(policy="dense") if layer_idx < config.dense_layers else config
+
+    def take(self, layer_idx, key: Tensor) -> "RaaSLayer | None":
+        entry = self.pending.pop(layer_idx, None)
+        if entry is None or entry[1] is not key:
+            return None
+        return entry[0]
+
+    def engine(self, layer: "RaaSLayer", key: tuple, make) -> PagedKVCache:
+        old = self.pool.get(layer.layer_idx)
+        if old is not None and old[0] == key:
+            eng = old[1]
+        else:
+            self.pool.pop(layer.layer_idx, None)  # free the old buffers before allocating new ones
+            eng = make()
+        self.pool[layer.layer_idx] = (key, eng, layer.cache)
+        return eng
+
+    def owns(self, layer: "RaaSLayer") -> bool:
+        entry = self.pool.get(layer.layer_idx)
+        return entry is not None and entry[1] is layer.engine and entry[2] is layer.cache
+
+
+# -- cache -------------------------------------------------------------------------------------------
+class RaaSLayer(CacheLayerMixin):
+    """One decoder layer of a :class:`RaaSCache`: its ``PagedKVCache`` engine and logical length.
+
+    ``update`` stores nothing (it returns the new keys/values unchanged); the attention function
+    stores and attends through the engine. ``keys``/``values`` stay ``None``: read the engine.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, cache: "RaaSCache", layer_idx: int, config: RaaSConfig) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.config = config
+        self.engine: PagedKVCache | None = None
+        self.seen = 0  # logical tokens, padding included (what transformers' positions/masks count)
+        self.real_max = 0  # most real tokens held by one row
+        self.capacity: int | None = None  # token slots per row for the O(N) policies
+
+    def __repr__(self) -> str:
+        return f"RaaSLayer(layer={self.layer_idx}, policy={self.config.policy!r}, budget={self.config.budget}, seen={self.seen})"
+
+    # transformers' layer API
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        runtime = self.cache._runtime
+        if not runtime.active:
+            raise RuntimeError(
+                "this RaaSCache belongs to a model that was unpatched (raas_flex.unpatch); create a new cache "
+                "after raas_flex.patch, or use a transformers cache with the unpatched model"
+            )
+        impl = runtime.model_config._attn_implementation
+        if impl != ATTN_IMPLEMENTATION:
+            raise RuntimeError(
+                f"RaaSCache needs config._attn_implementation={ATTN_IMPLEMENTATION!r} (set by raas_flex.patch), "
+                f"found {impl!r}"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        runtime.pending[self.layer_idx] = (self, key_states)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.engine = None
+        self.seen = self.real_max = 0
+        self.capacity = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError("RaaSCache cannot be cropped: evicted pages cannot be restored")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("RaaSCache does not support beam search (reorder_cache); use num_beams=1")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.seen:
+            raise NotImplementedError("RaaSCache cannot repeat a filled cache along the batch")
+
+    def batch_select_indices(self, indices) -> None:
+        if self.seen:
+            raise NotImplementedError("RaaSCache cannot select batch rows of a filled cache")
+
+    def offload(self) -> None:
+        return None
+
+    def prefetch(self) -> None:
+        return None
+
+    # the work, called by raas_attention
+    def attend(self, module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+        if self.seen == 0:
+            return self._prefill(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        n = query.shape[2]
+        if n != 1:
+            raise NotImplementedError(
+                f"RaaSCache decodes one token per row per forward after the prompt; got {n} new tokens for a cache "
+                f"holding {self.seen}. Use a new RaaSCache (or none: generate creates one) for each generate call"
+            )
+        runtime = self.cache._runtime
+        if not runtime.owns(self):
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the KV state of this RaaSCache was taken over by a later generation on the "
+                "same model (engines are reused between generations); it cannot be continued"
+            )
+        if self.capacity is not None and self.real_max + 1 > self.capacity:
+            raise ValueError(
+                f"layer {self.layer_idx}: policy={self.config.policy!r} keeps every token and its buffer holds "
+                f"{self.capacity} tokens per sequence (max_length={self.cache.max_length}); this step needs "
+                f"{self.real_max + 1}. Pass a larger max_length (RaaSCache(model, max_length=...) or the max_length "
+                "option), or generate fewer tokens"
+            )
+        # decode steps mutate the cache in place: inference only, no gradient (views of tensors that
+        # require grad keep requires_grad even under no_grad, hence detach)
+        with torch.no_grad():
+            out = self.engine.decode(query.detach(), key.detach(), value.detach())  # [B, Hq, 1, D]
+        self.real_max += 1
+        self.seen += 1
+        return out.transpose(1, 2), None
+
+    def _prefill(self, module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+        B, Hq, n, D = query.shape
+        Hkv = key.shape[1]
+        out, weights = _sdpa_attention()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        real = _real_tokens(attention_mask, B, n, key.device)
+        scale = float(scaling) if scaling is not None else D**-0.5
+        cfg = self.config
+        max_length = None
+        if not cfg.bounded:
+            max_length = self.cache.max_length
+            if max_length is None:
+                raise ValueError(
+                    f"policy={cfg.policy!r} (layer {self.layer_idx}) keeps every token and needs max_length, the most "
+                    "tokens a sequence will hold: generate fills it in; when calling the model yourself pass "
+                    "RaaSCache(model, max_length=...)"
+                )
+        slots = cfg.slots(max_length)
+        pool_key = (cfg, B, Hq, Hkv, D, key.dtype, key.device, scale, slots)
+
+        def make() -> PagedKVCache:
+            return PagedKVCache(
+                cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, dtype=key.dtype,
+                device=key.device, scale=scale, max_length=max_length,
+            )
+
+        engine = self.cache._runtime.engine(self, pool_key, make)
+        # padding positions never get attended; zero them so no non-finite value enters the buffer
+        keep = real[:, None, :, None]
+        try:
+            engine.prefill(torch.where(keep, key, 0), torch.where(keep, value, 0), real)
+        except ValueError as e:
+            raise ValueError(f"layer {self.layer_idx}, policy={cfg.policy!r}: {e}") from None
+        self.engine = engine
+        self.capacity = None if cfg.bounded else engine.S
+        self.real_max = int(real.sum(-1).max())
+        self.seen = n
+        self.cache._runtime.last_cache = self.cache
+        return out, weights
+
+
+def _real_tokens(mask, batch: int, n: int, device) -> Tensor:
+    """bool [B, n]: real (non-padding) prompt tokens, from the mask the model passes to attention."""
+    if mask is None:
+        return torch.ones(batch, n, dtype=torch.bool, device=device)
+    if mask.dim() == 4:
+        # the last query row sees every key causally, so it marks exactly the real keys
+        row = mask[:, 0, -1, -n:]
+        if row.dtype != torch.bool:
+            row = row > torch.finfo(row.dtype).min / 2
+    elif mask.dim() == 2:
+        row = mask[:, -n:].bool()
+    else:
+        raise ValueError(f"unexpected attention mask of shape {tuple(mask.shape)}")
+    return row.to(device).expand(batch, n)
+
+
+class RaaSCache(Cache):
+    """``transformers`` cache for a model patched by :func:`patch` (one :class:`RaaSLayer` per layer).
+
+    ``generate`` creates one for you; pass one explicitly (``past_key_values=RaaSCache(model)``) to
+    keep it, inspect it (:func:`stats` accepts a cache) or override options for one call:
+    ``RaaSCache(model, max_length=..., **options)`` with the options of :func:`patch` (budget
+    included). ``max_length`` (tokens per sequence, for quest/dense and ``dense_layers``) defaults to
+    the ``max_length`` option, else to what ``generate`` needs. Use a new cache per ``generate``.
+    """
+
+    def __init__(self, model: nn.Module, *, max_length: int | None = None, **options) -> None:
+        runtime = _runtime_of(model)
+        if runtime is None or not runtime.active:
+            raise ValueError("RaaSCache needs a model patched by raas_flex.patch(model, budget=...)")
+        config = runtime.config
+        if options:
+            for name in options:
+                if name != "budget" and name not in _OPTION_NAMES:
+                    raise TypeError(
+                        f"RaaSCache got an unknown option {name!r}; allowed: max_length, budget, {', '.join(_OPTION_NAMES)}"
+                    )
+            config = config.replace(**options)
+            if config.dense_layers > runtime.num_layers:
+                raise ValueError(f"dense_layers={config.dense_layers} exceeds the model's {runtime.num_layers} layers")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        self._runtime = runtime
+        self.config = config
+        self.fixed_max_length = max_length if max_length is not None else config.max_length
+        self.max_length = self.fixed_max_length
+        layers = [RaaSLayer(self, i, runtime.layer_config(config, i)) for i in range(runtime.num_layers)]
+        super().__init__(layers=layers)
+
+    @property
+    def needs_max_length(self) -> bool:
+        return any(not layer.config.bounded for layer in self.layers)
+
+    def prepare_generation(self, max_cache_length: int) -> None:
+        """Called by the patched ``generate``: size the O(N) buffers for ``max_cache_length`` tokens
+        per sequence (prompt with padding + new tokens - 1), or check that a fixed max_length fits."""
+        if not self.needs_max_length:
+            return
+        if self.fixed_max_length is None:
+            self.max_length = max_cache_length
+        elif max_cache_length > self.fixed_max_length:
+            policies = sorted({layer.config.policy for layer in self.layers if not layer.config.bounded})
+            raise ValueError(
+                f"this generation can hold up to {max_cache_length} tokens per sequence (prompt + max_new_tokens - 1) "
+                f"but max_length={self.fixed_max_length} (policies {policies} keep every token); raise max_length "
+                "or lower max_new_tokens"
+            )
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        sizes = super().get_mask_sizes(query_length, layer_idx)
+        if layer_idx < len(self.layers) and self.layers[layer_idx].seen > 0:
+            _MASK_STATE.decode = sizes  # tells raas_mask, called next, that this step needs no mask
+        return sizes
+
+    def engines(self) -> list[PagedKVCache | None]:
+        return [layer.engine for layer in self.layers]
+
+    def check(self) -> None:
+        """Raise if any layer's buffer overflowed (host sync)."""
+        for layer in self.layers:
+            if layer.engine is not None and self._runtime.owns(layer):
+                try:
+                    layer.engine.check()
+                except RuntimeError as e:
+                    raise RuntimeError(f"layer {layer.layer_idx}: {e}") from None
+
+
+# -- generate hooks ------------------------------------------------------------------------------------
+def _make_prepare_cache(model: nn.Module, runtime: _Runtime, original):
+    model_ref = weakref.ref(model)
+    sig = inspect.signature(original(model))
+
+    @functools.wraps(getattr(type(model), "_prepare_cache_for_generation"))
+    def _prepare_cache_for_generation(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        gen_config = bound.arguments["generation_config"]
+        model_kwargs = bound.arguments["model_kwargs"]
+        max_cache_length = bound.arguments["max_cache_length"]
+        user_cache = model_kwargs.get("past_key_values")
+        uses_raas = isinstance(user_cache, RaaSCache) or (
+            user_cache is None and gen_config.use_cache is not False and gen_config.cache_implementation is None
+        )
+        if uses_raas and (gen_config.num_beams or 1) > 1:
+            raise NotImplementedError(
+                f"RaaSCache does not support beam search (num_beams={gen_config.num_beams}); use num_beams=1, or "
+                "pass cache_implementation='dynamic' to decode this call densely"
+            )
+        if isinstance(user_cache, RaaSCache):
+            result = original(model_ref())(*args, **kwargs)
+            user_cache.prepare_generation(max_cache_length)
+            runtime.generation_cache = user_cache
+            return result
+        if uses_raas:
+            cache = RaaSCache(model_ref())
+            cache.prepare_generation(max_cache_length)
+            model_kwargs["past_key_values"] = cache
+            runtime.generation_cache = cache
+            return None
+        return original(model_ref())(*args, **kwargs)
+
+    return _prepare_cache_for_generation
+
+
+def _make_generate(model: nn.Module, runtime: _Runtime, original):
+    model_ref = weakref.ref(model)
+
+    @functools.wraps(getattr(type(model), "generate"))
+    def generate(*args, **kwargs):
+        runtime.generation_cache = None
+        out = original(model_ref())(*args, **kwargs)
+        cache, runtime.generation_cache = runtime.generation_cache, None
+        if cache is not None:
+            cache.check()
+        return out
+
+    return generate
+
+
+def _original_method(model: nn.Module, name: str):
+    """(getter model -> bound callable, what to restore on unpatch). The getter takes the model so
+    that the wrapper stored on the instance holds no strong reference to it."""
+    inst = model.__dict__.get(name, _MISSING)
+    if inst is not _MISSING:
+        return (lambda m: inst), inst
+    func = getattr(type(model), name)
+    return (lambda m: func.__get__(m, type(m))), _MISSING
+
+
+# -- public API ------------------------------------------------------------------------------------------
+def patch(model: nn.Module, budget: int, **options) -> nn.Module:
+    """Make ``model`` decode with RaaS (or another policy) at a KV budget of ``budget`` tokens; in place.
+
+    ``options`` are :class:`RaaSConfig` fields: ``policy`` ("raas", "quest", "h2o", "streaming",
+    "dense"), ``page_size``, ``refresh``, ``refresh_ratio``, ``refresh_threshold``, ``importance``,
+    ``pin_prompt``, ``sink_tokens``, ``dense_layers`` (the first k layers keep every token),
+    ``max_length`` (fixes the quest/dense buffer size; by default ``generate`` sizes it),
+    ``block_size``, ``compile_flex``. Bad values raise ``ValueError``/``TypeError``; unsupported
+    models (see ``SUPPORTED_MODEL_TYPES``; sliding-window, MLA and encoder-decoder models) raise
+    ``ValueError``.
+
+    After it, ``model.generate(...)`` decodes with RaaS: the cache is created for you (unless you pass
+    a cache or ``cache_implementation``). The prompt runs dense (SDPA), then is stored in pages.
+
+    Patching an already patched model **reconfigures** it in place: the new options replace the old
+    ones (engines are rebuilt on the next generation), nothing is wrapped twice, and a single
+    :func:`unpatch` still restores the original model. Returns ``model``.
+    """
+    _check_model(model)
+    config = _make_config(model, budget, options)
+    runtime = _runtime_of(model)
+    if runtime is not None:
+        runtime.configure(config)
+        return model
+
+    attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    idx = sorted(m.layer_idx for m in attn_modules)
+    if idx != list(range(model.config.num_hidden_layers)):
+        raise ValueError(
+            f"model_type={model.config.model_type!r}: expected one attention module per layer "
+            f"0..{model.config.num_hidden_layers - 1}, found layer_idx {idx}; supported: {_supported_text()}"
+        )
+    _register()
+    runtime = _Runtime(model, config)
+    runtime.attn_modules = attn_modules
+    configs = {}
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and hasattr(c, "_attn_implementation_internal"):
+            configs[id(c)] = c
+    for c in configs.values():
+        runtime.saved_attn.append((c, c._attn_implementation_internal))
+        c._attn_implementation_internal = ATTN_IMPLEMENTATION
+    for m in attn_modules:
+        m.__dict__[_RUNTIME_ATTR] = runtime
+    for name in _WRAPPED_METHODS:
+        if not hasattr(model, name):
+            continue
+        original, saved = _original_method(model, name)
+        runtime.saved_methods[name] = saved
+        if name == "generate":
+            model.__dict__[name] = _make_generate(model, runtime, original)
+        else:
+            model.__dict__[name] = _make_prepare_cache(model, runtime, original)
+    model.__dict__[_RUNTIME_ATTR] = runtime
+    _PATCHED.add(model)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: restore the attention implementation, the wrapped methods and every
+    attribute patch added, and drop the KV engines. Raises ``ValueError`` if ``model`` is not patched.
+    When no patched model remains, the ``"raas_flex"`` registrations are removed from transformers."""
+    runtime = _runtime_of(model)
+    if runtime is None:
+        raise ValueError("model is not patched by raas_flex (nothing to unpatch)")
+    for c, impl in runtime.saved_attn:
+        c._attn_implementation_internal = impl
+    for m in runtime.attn_modules:
+        m.__dict__.pop(_RUNTIME_ATTR, None)
+    for name, saved in runtime.saved_methods.items():
+        if saved is _MISSING:
+            model.__dict__.pop(name, None)
+        else:
+            model.__dict__[name] = saved
+    del model.__dict__[_RUNTIME_ATTR]
+    runtime.active = False
+    runtime.pool.clear()
+    runtime.pending.clear()
+    runtime.last_cache = runtime.generation_cache = None
+    runtime.attn_modules = []
+    _PATCHED.discard(model)
+    if len(_PATCHED) == 0:
+        _unregister()
+    return model
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, budget: int, **options) -> Iterator[nn.Module]:
+    """``with raas_flex.patched(model, budget=L, **options): ...`` patches for the block only. On exit
+    an unpatched model is unpatched again; a model that was already patched gets its previous
+    options back (so nested blocks work)."""
+    runtime = _runtime_of(model)
+    previous = runtime.config if runtime is not None else None
+    patch(model, budget, **options)
+    try:
+        yield model
+    finally:
+        if previous is None:
+            if _runtime_of(model) is not None:
+                unpatch(model)
+        elif _runtime_of(model) is not None:
+            _runtime_of(model).configure(previous)
+
+
+def stats(model_or_cache) -> dict:
+    """KV statistics of the last RaaS generation of a patched model (or of a given :class:`RaaSCache`).
+
+    Returns ``{"policy", "budget", "page_size", "batch_size", "layers": [...], "kv_bytes",
+    "state_bytes", "evictions"}`` where each layer is ``{"layer", "policy", "budget", "slots",
+    "tokens" (per row, real tokens written), "resident_tokens" (per row), "evictions" (pages evicted
+    per row; all KV heads evict together), "kv_bytes" (K and V buffers allocated), "state_bytes"
+    (all buffers incl. page table), "overflow"}``; the top-level ``kv_bytes``/``state_bytes``/
+    ``evictions`` are totals over layers (and rows, for evictions).
+    """
+    if isinstance(model_or_cache, RaaSCache):
+        cache = model_or_cache
+    else:
+        runtime = _runtime_of(model_or_cache)
+        if runtime is None:
+            raise ValueError("stats() needs a model patched by raas_flex.patch, or a RaaSCache")
+        cache = runtime.last_cache
+        if cache is None:
+            raise ValueError("no RaaS generation has run on this model since it was patched (or reconfigured)")
+    layers = []
+    for layer in cache.layers:
+        eng = layer.engine
+        if eng is None:
+            raise ValueError(f"layer {layer.layer_idx} of this cache holds no prompt yet (no generation ran with it)")
+        ps = eng.page_state()
+        layers.append(
+            {
+                "layer": layer.layer_idx,
+                "policy": layer.config.policy,
+                "budget": layer.config.budget,
+                "slots": eng.S,
+                "tokens": ps.length.tolist(),
+                "resident_tokens": ps.resident_tokens.amax(-1).tolist(),
+                "evictions": ps.evictions.amax(-1).tolist(),
+                "kv_bytes": eng.kv_bytes,
+                "state_bytes": eng.state_bytes,
+                "overflow": bool(ps.overflow),
+            }
+        )
+    return {
+        "policy": cache.config.policy,
+        "budget": cache.config.budget,
+        "page_size": cache.config.page_size,
+        "batch_size": cache.layers[0].engine.B,
+        "layers": layers,
+        "kv_bytes": sum(entry["kv_bytes"] for entry in layers),
+        "state_bytes": sum(entry["state_bytes"] for entry in layers),
+        "evictions": sum(sum(entry["evictions"]) for entry in layers),
+    }

@@ -1,0 +1,539 @@
+"""raas_flex.patch / unpatch / patched / stats / RaaSCache on tiny random transformers models (CPU, fp32).
+
+Every model here: hidden 64, 2 layers, 4 query heads / 2 KV heads, head_dim 16, vocab 128, seeded weights
+(initializer_range 0.1 so that greedy logits are well separated), attn_implementation "sdpa" before
+patching. The references are the same models unpatched. Eager flex_attention is slow on CPU (~5-10 ms
+per call), so generations are kept short except where the test is about length, and torch runs on one
+thread for this module (tiny ops; the CI machine has 2 contended cores).
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
+
+import raas_flex
+from raas_flex import hf
+
+POLICIES = ("raas", "quest", "h2o", "streaming", "dense")
+VOCAB, PAD = 128, 0
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, initializer_range=0.1,
+    bos_token_id=None, eos_token_id=None, pad_token_id=PAD, tie_word_embeddings=False,
+)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"use_sliding_window": False}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+}
+LAYERS, HKV, D = 2, 2, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _unpatch_everything():
+    """Every test starts and ends with no patched model, so registrations can be checked exactly."""
+    yield
+    for model in list(hf._PATCHED):
+        raas_flex.unpatch(model)
+    gc.collect()
+
+
+def make_model(family: str = "llama", seed: int = 0, **overrides):
+    cfg_cls, model_cls, extra = FAMILIES[family]
+    cfg = cfg_cls(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def prompts(lengths, seed: int = 1):
+    """Left-padded batch of random prompts: (input_ids, attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.full((len(lengths), n), PAD, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        ids[i, n - length:] = torch.randint(3, VOCAB, (length,), generator=g)
+        mask[i, n - length:] = 1
+    return ids, mask
+
+
+def greedy(model, ids, mask, new: int, **kwargs):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **kwargs)
+
+
+def registered() -> bool:
+    name = hf.ATTN_IMPLEMENTATION
+    return name in AttentionInterface._global_mapping or name in AttentionMaskInterface._global_mapping
+
+
+def assert_pristine(model) -> None:
+    """Nothing of the patch is left on the model or in transformers' registries."""
+    assert model.config._attn_implementation == "sdpa"
+    assert "_raas_flex" not in model.__dict__
+    for name in ("generate", "_prepare_cache_for_generation"):
+        assert name not in model.__dict__
+    for m in model.modules():
+        assert "_raas_flex" not in m.__dict__
+    assert not registered()
+
+
+# -- equivalence with the unpatched model while the budget holds everything -----------------------------
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_budget_holding_everything_matches_unpatched_per_family(family):
+    model = make_model(family)
+    ids, mask = prompts([7, 12])
+    ref = greedy(model, ids, mask, 12)
+    raas_flex.patch(model, budget=32, page_size=8)
+    assert model.config._attn_implementation == hf.ATTN_IMPLEMENTATION
+    out = greedy(model, ids, mask, 12)
+    assert torch.equal(out, ref)
+    st = raas_flex.stats(model)
+    assert st["policy"] == "raas" and st["budget"] == 32 and len(st["layers"]) == LAYERS
+    for layer in st["layers"]:
+        # the last generated token is never fed back: prompt + new - 1 tokens written, none evicted
+        assert layer["tokens"] == [7 + 11, 12 + 11]
+        assert layer["resident_tokens"] == [7 + 11, 12 + 11]
+        assert layer["evictions"] == [0, 0]
+        assert layer["kv_bytes"] == 2 * 2 * HKV * 32 * D * 4
+    assert st["kv_bytes"] == sum(layer["kv_bytes"] for layer in st["layers"])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_budget_holding_everything_matches_unpatched_per_policy(policy):
+    model = make_model("qwen2", seed=3)
+    ids, mask = prompts([5, 13], seed=4)
+    ref = greedy(model, ids, mask, 12)
+    raas_flex.patch(model, budget=32, page_size=8, policy=policy)
+    assert torch.equal(greedy(model, ids, mask, 12), ref)
+    st = raas_flex.stats(model)
+    assert {layer["policy"] for layer in st["layers"]} == {policy}
+    assert st["evictions"] == 0
+
+
+def test_sampled_decoding_matches_unpatched():
+    model = make_model("llama", seed=5)
+    ids, mask = prompts([9, 4], seed=6)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=0, temperature=1.0)
+    torch.manual_seed(123)
+    ref = model.generate(ids, **kwargs)
+    raas_flex.patch(model, budget=32, page_size=8)
+    torch.manual_seed(123)
+    out = model.generate(ids, **kwargs)
+    assert torch.equal(out, ref)
+    assert not torch.equal(out, greedy(model, ids, mask, 12))  # sampling really happened
+
+
+def test_eos_stopping_matches_unpatched():
+    model = make_model("llama", seed=7)
+    ids, mask = prompts([6, 10], seed=8)
+    free = greedy(model, ids, mask, 16)[0, ids.shape[1]:].tolist()
+    # an EOS that row 0 emits at step j >= 2 and never before
+    j = next(j for j in range(2, len(free)) if free[j] not in free[:j])
+    eos = free[j]
+    ref = greedy(model, ids, mask, 16, eos_token_id=eos)
+    raas_flex.patch(model, budget=32, page_size=8)
+    out = greedy(model, ids, mask, 16, eos_token_id=eos)
+    assert torch.equal(out, ref)
+    row0 = out[0, ids.shape[1]:].tolist()
+    assert row0[j] == eos and all(t == PAD for t in row0[j + 1:])
+
+
+def test_dense_layers_use_the_dense_policy():
+    model = make_model("mistral", seed=9)
+    ids, mask = prompts([10], seed=10)
+    ref = greedy(model, ids, mask, 8)
+    raas_flex.patch(model, budget=64, page_size=8, dense_layers=1)
+    assert torch.equal(greedy(model, ids, mask, 8), ref)
+
+    raas_flex.patch(model, budget=24, page_size=8, dense_layers=1)
+    greedy(model, ids, mask, 40)
+    dense, sparse = raas_flex.stats(model)["layers"]
+    assert dense["policy"] == "dense" and sparse["policy"] == "raas"
+    assert dense["tokens"] == dense["resident_tokens"] == [10 + 39] and dense["evictions"] == [0]
+    assert dense["slots"] >= 10 + 39
+    assert sparse["slots"] == 24 and sparse["resident_tokens"][0] <= 24 and sparse["evictions"][0] > 0
+
+
+# -- long generation at a small budget --------------------------------------------------------------------
+class Probe(StoppingCriteria):
+    """Records the cache's allocation after given numbers of generated tokens (never stops)."""
+
+    def __init__(self, model, cache, prompt_len, at):
+        self.model, self.cache, self.prompt_len, self.at = model, cache, prompt_len, set(at)
+        self.records = {}
+
+    def __call__(self, input_ids, scores, **kwargs):
+        n = input_ids.shape[1] - self.prompt_len
+        if n in self.at:
+            engines = self.cache.engines()
+            self.records[n] = dict(
+                kv_bytes=raas_flex.stats(self.model)["kv_bytes"],
+                ptrs=[(e.k.data_ptr(), e.v.data_ptr()) for e in engines],
+                state_bytes=sum(e.state_bytes for e in engines),
+            )
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@pytest.mark.parametrize("family,page_size,lengths", [("llama", 8, [10, 23]), ("qwen3", 16, [9, 16])])
+def test_generation_four_times_the_budget(family, page_size, lengths):
+    budget = 32
+    model = make_model(family, seed=11)
+    raas_flex.patch(model, budget=budget, page_size=page_size)
+    ids, mask = prompts(lengths, seed=12)
+    cache = raas_flex.RaaSCache(model)
+    probe = Probe(model, cache, ids.shape[1], at=(budget, 4 * budget))
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=4 * budget, do_sample=False, past_key_values=cache,
+        stopping_criteria=StoppingCriteriaList([probe]),
+    )
+    assert out.shape[1] == ids.shape[1] + 4 * budget
+    assert cache.get_seq_length() == out.shape[1] - 1  # logical (padded) length, what HF positions need
+
+    one, four = probe.records[budget], probe.records[4 * budget]
+    assert one == four  # no reallocation, same bytes, same buffers
+    assert four["kv_bytes"] == LAYERS * 2 * len(lengths) * HKV * budget * D * 4
+
+    st = raas_flex.stats(cache)
+    for layer, engine in zip(st["layers"], cache.engines()):
+        assert layer["tokens"] == [n + 4 * budget - 1 for n in lengths]
+        assert all(r <= budget for r in layer["resident_tokens"])
+        assert all(e > 0 for e in layer["evictions"])
+        assert not layer["overflow"]
+        ps = engine.page_state()
+        for b, n in enumerate(lengths):
+            prompt_pages = set(range(-(-n // page_size)))
+            for h in range(HKV):
+                ids_bh = ps.page_id[b, h].tolist()
+                pinned = {ids_bh[s] for s in range(len(ids_bh)) if ps.pinned[b, h, s]}
+                assert prompt_pages <= set(ids_bh), (b, h, ids_bh)  # every prompt page still resident
+                assert pinned == prompt_pages  # exactly the prompt pages are pinned
+
+
+# -- batches with left padding ------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", POLICIES)
+def test_left_padded_batch_matches_each_prompt_alone(policy):
+    model = make_model("llama", seed=13)
+    raas_flex.patch(model, budget=32, page_size=8, policy=policy)
+    lengths = [6, 13, 21]
+    ids, mask = prompts(lengths, seed=14)
+    new = 20
+    batch = greedy(model, ids, mask, new)[:, ids.shape[1]:]
+    st = raas_flex.stats(model)
+    if policy in ("raas", "h2o", "streaming"):
+        assert st["layers"][0]["evictions"][2] > 0  # the longest row went past the budget
+    for b, n in enumerate(lengths):
+        alone = ids[b:b + 1, ids.shape[1] - n:]
+        single = greedy(model, alone, torch.ones_like(alone), new)[:, n:]
+        assert torch.equal(batch[b:b + 1], single), (policy, b)
+
+
+# -- explicit caches, max_length ----------------------------------------------------------------------------
+def test_explicit_cache_matches_default_and_is_returned():
+    model = make_model("qwen3", seed=15)
+    raas_flex.patch(model, budget=32, page_size=8)
+    ids, mask = prompts([8, 3], seed=16)
+    default = greedy(model, ids, mask, 10)
+    cache = raas_flex.RaaSCache(model)
+    res = model.generate(
+        ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache, return_dict_in_generate=True
+    )
+    assert torch.equal(res.sequences, default)
+    assert res.past_key_values is cache
+    assert raas_flex.stats(model) == raas_flex.stats(cache)
+
+    # a later generation with the same shapes reuses the engines: the old cache cannot continue
+    greedy(model, ids, mask, 10)
+    assert [id(e) for e in cache.engines()] == [id(layer.engine) for layer in hf._runtime_of(model).last_cache.layers]
+    with pytest.raises(RuntimeError, match="taken over by a later generation"):
+        model(res.sequences[:, -1:], past_key_values=cache)
+
+
+def test_cache_options_override_the_patch():
+    model = make_model("llama", seed=17)
+    raas_flex.patch(model, budget=32, page_size=8)
+    ids, mask = prompts([6], seed=18)
+    cache = raas_flex.RaaSCache(model, budget=16, policy="streaming", sink_tokens=4)
+    greedy(model, ids, mask, 24, past_key_values=cache)
+    st = raas_flex.stats(cache)
+    assert st["policy"] == "streaming" and st["budget"] == 16
+    assert all(layer["slots"] == 16 and layer["evictions"][0] > 0 for layer in st["layers"])
+    with pytest.raises(TypeError, match="unknown option 'bogus'"):
+        raas_flex.RaaSCache(model, bogus=1)
+
+
+@pytest.mark.parametrize("policy", ["quest", "dense"])
+def test_max_length_for_policies_keeping_every_token(policy):
+    model = make_model("llama", seed=19)
+    ids, mask = prompts([12], seed=20)
+
+    # generate sizes the buffer from its max length (prompt + max_new_tokens - 1 tokens to hold)
+    raas_flex.patch(model, budget=16, page_size=8, policy=policy)
+    greedy(model, ids, mask, 30)
+    assert all(layer["slots"] == 48 for layer in raas_flex.stats(model)["layers"])  # ceil(41 / 8) pages
+
+    # a fixed max_length that the generation would exceed is refused up front
+    raas_flex.patch(model, budget=16, page_size=8, policy=policy, max_length=20)
+    with pytest.raises(ValueError, match=r"up to 23 tokens .*max_length=20"):
+        greedy(model, ids, mask, 12)
+    raas_flex.patch(model, budget=16, page_size=8, policy=policy)
+    with pytest.raises(ValueError, match=r"max_length=16"):
+        greedy(model, ids, mask, 12, past_key_values=raas_flex.RaaSCache(model, max_length=16))
+
+    # calling the model step by step: no max_length at all, then running past it
+    with pytest.raises(ValueError, match=f"policy='{policy}'.*needs max_length"):
+        model(ids, past_key_values=raas_flex.RaaSCache(model))
+    cache = raas_flex.RaaSCache(model, max_length=16)
+    logits = model(ids, past_key_values=cache).logits
+    for _ in range(4):  # 12 prompt tokens + 4 = 16 fit
+        logits = model(logits[:, -1:].argmax(-1), past_key_values=cache).logits
+    with pytest.raises(ValueError, match="holds 16 tokens per sequence"):
+        model(logits[:, -1:].argmax(-1), past_key_values=cache)
+
+
+def test_prompt_longer_than_the_budget_is_a_clear_error():
+    model = make_model("llama")
+    raas_flex.patch(model, budget=16, page_size=8)
+    ids, mask = prompts([12])
+    with pytest.raises(ValueError, match=r"layer 0, policy='raas': prompt of 12 tokens .* use at least 24"):
+        greedy(model, ids, mask, 4)
+
+
+def test_beam_search_is_refused():
+    model = make_model("llama")
+    raas_flex.patch(model, budget=32, page_size=8)
+    ids, mask = prompts([5])
+    with pytest.raises(NotImplementedError, match="beam search"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2)
+
+
+# -- forwards without a RaaSCache -----------------------------------------------------------------------------
+def test_forwards_without_raas_cache_run_plain_sdpa():
+    model = make_model("qwen2", seed=21)
+    ids, mask = prompts([4, 11], seed=22)
+    ref_logits = model(ids, attention_mask=mask).logits
+    ref_nocache = greedy(model, ids, mask, 6, use_cache=False)
+    ref_dynamic = greedy(model, ids, mask, 6, cache_implementation="dynamic")
+    raas_flex.patch(model, budget=32, page_size=8)
+    assert torch.equal(model(ids, attention_mask=mask).logits, ref_logits)
+    assert torch.equal(greedy(model, ids, mask, 6, use_cache=False), ref_nocache)
+    assert torch.equal(greedy(model, ids, mask, 6, cache_implementation="dynamic"), ref_dynamic)
+    with pytest.raises(ValueError, match="no RaaS generation has run"):
+        raas_flex.stats(model)
+
+
+# -- patch / unpatch lifecycle --------------------------------------------------------------------------------
+def test_unpatch_restores_the_model_exactly():
+    twin = make_model("llama", seed=23)  # never patched
+    model = make_model("llama", seed=23)
+    ids, mask = prompts([5, 9], seed=24)
+    ref_logits = twin(ids, attention_mask=mask).logits
+    ref = greedy(twin, ids, mask, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [name for name, _ in model.named_modules()]
+
+    raas_flex.patch(model, budget=24, page_size=8)
+    assert registered()
+    assert [name for name, _ in model.named_modules()] == modules  # the runtime is not a submodule
+    greedy(model, ids, mask, 30)  # evicts: state that must not leak into the restored model
+    assert raas_flex.unpatch(model) is model
+
+    assert_pristine(model)
+    assert torch.equal(model(ids, attention_mask=mask).logits, ref_logits)
+    assert torch.equal(greedy(model, ids, mask, 8), ref)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="not patched"):
+        raas_flex.unpatch(model)
+    with pytest.raises(ValueError, match="needs a model patched"):
+        raas_flex.RaaSCache(model)
+
+
+def test_cache_of_an_unpatched_model_refuses_to_run():
+    model = make_model("llama")
+    ids, mask = prompts([6])
+    raas_flex.patch(model, budget=32, page_size=8)
+    cache = raas_flex.RaaSCache(model)
+    raas_flex.unpatch(model)
+    with pytest.raises(RuntimeError, match="unpatched"):
+        model(ids, attention_mask=mask, past_key_values=cache)
+
+
+def test_patch_unpatch_cycles():
+    model = make_model("qwen3", seed=25)
+    ids, mask = prompts([6, 8], seed=26)
+    ref = greedy(model, ids, mask, 16)
+    first = None
+    for _ in range(3):
+        raas_flex.patch(model, budget=16, page_size=8)
+        out = greedy(model, ids, mask, 16)
+        first = out if first is None else first
+        assert torch.equal(out, first)
+        raas_flex.unpatch(model)
+        assert_pristine(model)
+        assert torch.equal(greedy(model, ids, mask, 16), ref)
+    assert not torch.equal(first, ref)  # the budget of 16 really changed the decoding
+
+
+def test_double_patch_reconfigures_in_place():
+    model = make_model("llama", seed=27)
+    ids, mask = prompts([7], seed=28)
+    ref = greedy(model, ids, mask, 6)
+    raas_flex.patch(model, budget=32, page_size=8)
+    runtime = hf._runtime_of(model)
+    wrappers = {name: model.__dict__[name] for name in ("generate", "_prepare_cache_for_generation")}
+    greedy(model, ids, mask, 6)
+
+    assert raas_flex.patch(model, budget=64, page_size=16, policy="streaming") is model
+    assert hf._runtime_of(model) is runtime
+    for name, fn in wrappers.items():  # not wrapped a second time
+        assert model.__dict__[name] is fn
+        assert fn.__wrapped__ is getattr(type(model), name)
+    assert all(m.__dict__["_raas_flex"] is runtime for m in runtime.attn_modules)
+    with pytest.raises(ValueError, match="no RaaS generation"):
+        raas_flex.stats(model)  # the old configuration's state is dropped
+    assert torch.equal(greedy(model, ids, mask, 6), ref)
+    st = raas_flex.stats(model)
+    assert st["policy"] == "streaming" and st["budget"] == 64 and st["page_size"] == 16
+
+    raas_flex.unpatch(model)  # one unpatch undoes everything
+    assert_pristine(model)
+    assert torch.equal(greedy(model, ids, mask, 6), ref)
+
+
+def test_context_manager():
+    model = make_model("mistral", seed=29)
+    ids, mask = prompts([6], seed=30)
+    ref = greedy(model, ids, mask, 6)
+    with raas_flex.patched(model, budget=32, page_size=8) as m:
+        assert m is model
+        assert torch.equal(greedy(model, ids, mask, 6), ref)
+        assert raas_flex.stats(model)["budget"] == 32
+        with raas_flex.patched(model, budget=64, page_size=8, policy="h2o"):
+            greedy(model, ids, mask, 6)
+            assert raas_flex.stats(model)["policy"] == "h2o"
+        assert hf._runtime_of(model).config == raas_flex.RaaSConfig(budget=32, page_size=8)
+    assert_pristine(model)
+    assert torch.equal(greedy(model, ids, mask, 6), ref)
+
+    with pytest.raises(KeyError):
+        with raas_flex.patched(model, budget=32, page_size=8):
+            raise KeyError("boom")
+    assert_pristine(model)
+
+
+def test_nothing_is_registered_at_import():
+    code = (
+        "import raas_flex, raas_flex.hf\n"
+        "from transformers.modeling_utils import AttentionInterface\n"
+        "from transformers.masking_utils import AttentionMaskInterface\n"
+        "assert 'raas_flex' not in AttentionInterface._global_mapping\n"
+        "assert 'raas_flex' not in AttentionMaskInterface._global_mapping\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+# -- refused models and options ---------------------------------------------------------------------------------
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+
+
+def _t5():
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
+    return T5ForConditionalGeneration(cfg)
+
+
+def _deepseek_v3():  # multi-head latent attention
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=2, num_experts_per_tok=1, n_group=1, topk_group=1,
+        first_k_dense_replace=1,
+    )
+    return DeepseekV3ForCausalLM(cfg)
+
+
+SUPPORTED = r"supported: llama, qwen2, qwen3, mistral"
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (_gpt2, rf"model_type='gpt2' is not supported.*{SUPPORTED}"),
+        (_t5, rf"model_type='t5' is an encoder-decoder model.*{SUPPORTED}"),
+        (_deepseek_v3, rf"model_type='deepseek_v3' is not supported.*{SUPPORTED}"),
+        (lambda: make_model("mistral", sliding_window=4096), rf"model_type='mistral' with sliding-window.*{SUPPORTED}"),
+        (
+            lambda: make_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1),
+            rf"model_type='qwen2' with sliding-window.*{SUPPORTED}",
+        ),
+    ],
+    ids=["gpt2", "t5", "deepseek_v3-mla", "mistral-sliding", "qwen2-sliding"],
+)
+def test_unsupported_models_are_refused(build, match):
+    model = build()
+    impl = model.config._attn_implementation
+    with pytest.raises(ValueError, match=match):
+        raas_flex.patch(model, budget=32)
+    assert model.config._attn_implementation == impl and "_raas_flex" not in model.__dict__
+    assert not registered()
+
+
+@pytest.mark.parametrize(
+    "options,exc,match",
+    [
+        (dict(budget=30, page_size=16), ValueError, r"budget=30 must be a multiple of page_size=16"),
+        (dict(budget=0), ValueError, r"budget must be >= 1"),
+        (dict(budget=32.0), TypeError, r"budget must be an int"),
+        (dict(budget=32, policy="lru"), ValueError, r"policy='lru' is not supported; allowed: 'raas', 'quest'"),
+        (dict(budget=32, page_size="8"), TypeError, r"page_size must be an int"),
+        (dict(budget=32, refresh_ratio=1.5), ValueError, r"refresh_ratio=1.5 must be in \(0, 1\]"),
+        (dict(budget=32, importance="exact"), ValueError, r"importance='exact' is not supported; allowed"),
+        (dict(budget=32, dense_layers=3), ValueError, r"dense_layers=3 exceeds the model's 2 layers"),
+        (dict(budget=32, bogus=1), TypeError, r"unknown option 'bogus'; allowed: budget, policy, page_size"),
+    ],
+)
+def test_bad_options_are_refused(options, exc, match):
+    model = make_model("llama")
+    with pytest.raises(exc, match=match):
+        raas_flex.patch(model, **options)
+    assert_pristine(model)
