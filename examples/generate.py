@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 
@@ -40,6 +41,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # On CPU raas_flex runs flex_attention eagerly by design (compile_flex=None); torch warns about it.
+    warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
     if args.model is None:
         model, tok = tiny_default_model()
         input_ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))

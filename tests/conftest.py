@@ -2,6 +2,7 @@
 
 Hypothesis profiles (select with HYPOTHESIS_PROFILE=name):
     default   100 examples per property, what CI runs (the whole suite stays under ~5 min on 2 cores)
+    ci        like default, derandomized so a CI run is reproducible (set by .ci/run)
     thorough  500 examples per property, for a long local run after touching the engine
 """
 
@@ -19,6 +20,7 @@ _COMMON = dict(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("default", max_examples=100, **_COMMON)
+settings.register_profile("ci", max_examples=100, derandomize=True, **_COMMON)
 settings.register_profile("thorough", max_examples=500, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
