@@ -285,6 +285,23 @@ def test_compiled_matches_reference_without_recompiles(compiled_cache, policy):
 
 
 @pytest.mark.compiled
+def test_compiled_raas_long_run_no_recompiles(compiled_cache):
+    """210 compiled steps (many page opens and evictions): no recompile, no new graph, no buffer
+    reallocation, and the output still matches the float64 reference."""
+    cache, fn = compiled_cache("raas")
+    seq = Seq(B=2, Hq=6, Hkv=2, lens=[5, 9], seed=21)
+    warm_up(cache, fn, seq)
+    with no_recompiles_and_static_memory(cache):
+        for i in range(210):
+            q, k, v = seq.next()
+            out = fn(q, k, v)
+            if i % 15 == 0 or i == 209:
+                assert_step(cache, seq, q, out, TOL[torch.float32])
+    cache.check()
+    assert cache.step.item() == 211 and cache.evictions.min().item() >= 40
+
+
+@pytest.mark.compiled
 @pytest.mark.parametrize("policy", ["raas", "quest"])
 def test_compiled_budget_covering_sequence_is_dense_causal(compiled_cache, policy):
     cache, fn = compiled_cache(policy)
@@ -363,10 +380,12 @@ def test_gpu_compiled_matches_float64_reference(policy, heads, dtype):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("policy", ["raas", "quest"])
 def test_gpu_cuda_graph_step(policy, dtype):
-    """mode="reduce-overhead": 50 replayed steps with page opens and evictions, no recompiles,
-    buffers static, output equal to the float64 reference."""
-    cache = gpu_run(policy, (6, 2), dtype, compile_mode="reduce-overhead", steps=50)
-    assert cache.page_state().length.min().item() >= 20 + 3 + 50
+    """mode="reduce-overhead": 200 (raas) / 150 (quest, bounded by its max_length) replayed steps
+    with page opens and evictions, no recompiles, buffers static, output equal to the float64
+    reference at every step."""
+    steps = 200 if policy == "raas" else 150
+    cache = gpu_run(policy, (6, 2), dtype, compile_mode="reduce-overhead", steps=steps)
+    assert cache.page_state().length.min().item() >= 20 + 3 + steps
 
 
 @pytest.mark.gpu
