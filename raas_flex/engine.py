@@ -287,6 +287,10 @@ class PagedKVCache(nn.Module):
     def prepare(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         """First half of a step: append the token and fill ``self.valid`` for this step."""
         self.append(k, v)
+        self.select(q)
+
+    def select(self, q: Tensor) -> None:
+        """Fill ``self.valid`` with the slots query ``q`` attends this step (after :meth:`append`)."""
         self.valid.copy_(self.valid_slots(q).view(self.B * self.H, self.S))
 
     def attend_observe(self, q: Tensor) -> Tensor:
@@ -375,7 +379,10 @@ class PagedKVCache(nn.Module):
         """Exact softmax attention of q [B, Hq, 1, D] over the slots marked in ``self.valid``."""
         B, H, G, S, D = self.B, self.H, self.G, self.S, self.D
         bh = B * H
-        block_mask = build_block_mask(self.valid, self.block, G)
+        # CPU compiles read self.valid as a graph input (see compiled_decode); a GPU graph gets
+        # opaque copies so Inductor's flex lowering sees realized buffers.
+        barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu"
+        block_mask = build_block_mask(self.valid, self.block, G, barrier=barrier)
         qp = q.reshape(B, H, G, D).reshape(bh, 1, G, D).to(self.k.dtype)
         kf = self.k.view(bh, 1, S, D)
         vf = self.v.view(bh, 1, S, D)

@@ -16,16 +16,23 @@ How it fits into transformers (5.17 and later):
   creates a :class:`RaaSCache` when no cache is passed and ``cache_implementation`` is unset) and
   ``generate`` (to raise if any layer's cache overflowed during the generation).
 - A :class:`RaaSCache` is a ``transformers`` ``Cache`` with one :class:`RaaSLayer` per decoder
-  layer. ``Cache.update`` stores nothing: it hands the layer over to the runtime and returns the new
-  keys/values unchanged. The attention function, called right after by the same attention module,
-  takes that layer from the runtime (by ``module.layer_idx``; it checks it received the very key
-  tensor ``update`` returned) and runs either the prefill (dense SDPA over the prompt with the
-  padding/causal mask, then ``PagedKVCache.prefill`` with the real-token mask: left padding is
-  compacted away) or one ``PagedKVCache.decode`` step. ``get_seq_length`` is the logical (padded)
-  length that positions and masks need.
+  layer. For the prompt, ``Cache.update`` stores nothing: it hands the layer over to the runtime and
+  returns the new keys/values unchanged; the attention function, called right after by the same
+  attention module, takes that layer from the runtime (by ``module.layer_idx``; it checks it
+  received the very key tensor ``update`` returned) and runs the prefill (dense SDPA over the prompt
+  with the padding/causal mask, then ``PagedKVCache.prefill`` with the real-token mask: left padding
+  is compacted away). For a decode step, ``update`` appends the token to the layer's engine and
+  returns the engine's own K/V buffers; the attention function recognises them (``key is
+  engine.k``) and runs the rest of the step (``select`` + ``attend_observe``).
+- Decode steps change no Python state (``RaaSLayer.is_compileable`` is True): the decode forward
+  traces to one graph that replays for every step, so ``generate`` auto-compiles it on CUDA (the
+  prompt stays eager). ``get_seq_length`` is the logical (padded) length that positions need: prompt
+  length + the engine's step counter (a host sync when asked, a tensor while compiling); decode-time
+  ``get_mask_sizes``/``get_query_offset`` return constants.
 - The mask function returns SDPA's mask for the prompt and ``None`` for RaaS decode steps (the
-  engine knows which slots are valid). Forwards that do not use a ``RaaSCache`` (``use_cache=False``,
-  an explicit ``DynamicCache``, ``cache_implementation=...``) run plain SDPA with SDPA's masks.
+  engine knows which slots are valid; ``get_mask_sizes`` reports a sentinel kv_length for them).
+  Forwards that do not use a ``RaaSCache`` (``use_cache=False``, an explicit ``DynamicCache``,
+  ``cache_implementation=...``) run plain SDPA with SDPA's masks.
 - The per-layer engines (``PagedKVCache``) live in the runtime and are reused by later generations
   whose shapes (batch, heads, dtype, device, buffer length, options) match, so repeated ``generate``
   calls reuse the same buffers. A cache whose engines were taken over by a later generation raises
@@ -42,7 +49,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import threading
 import weakref
 from collections.abc import Iterator
 
@@ -79,9 +85,10 @@ _WRAPPED_METHODS = ("_prepare_cache_for_generation", "generate")
 _PATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _SAVED_REGISTRATIONS: dict[str, object] | None = None
 _MISSING = object()
-# Set by RaaSCache.get_mask_sizes for a decode step, read (and cleared) by the mask function that
-# transformers calls right after it: a RaaS decode step needs no mask.
-_MASK_STATE = threading.local()
+# kv_length that RaaSLayer.get_mask_sizes reports for a decode step (no real length is negative):
+# raas_mask recognises it and returns None, since the engine knows which slots are valid. It is the
+# same constant every step, so a compiled decode forward sees no Python value change between steps.
+_DECODE_KV_LENGTH = -(2**31)
 
 
 # -- registration ----------------------------------------------------------------------------------
@@ -127,12 +134,11 @@ def _sdpa_attention():
 
 def raas_mask(*args, **kwargs):
     """Mask function registered under ``"raas_flex"``: SDPA's mask, except ``None`` for a RaaS
-    decode step (signalled by :meth:`RaaSCache.get_mask_sizes`, which transformers calls just before)."""
+    decode step (recognised by the sentinel kv_length that :meth:`RaaSLayer.get_mask_sizes` returns)."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    skip = getattr(_MASK_STATE, "decode", None)
-    _MASK_STATE.decode = None
-    if skip is not None and skip == (kwargs.get("kv_length"), kwargs.get("kv_offset", 0)):
+    kv_length = kwargs["kv_length"] if "kv_length" in kwargs else (args[2] if len(args) > 2 else None)
+    if isinstance(kv_length, int) and kv_length == _DECODE_KV_LENGTH:
         return None
     return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
 
@@ -141,11 +147,23 @@ def raas_attention(module, query, key, value, attention_mask, scaling=None, drop
     """Attention function registered under ``"raas_flex"``.
 
     query [B, Hq, q, D], key/value [B, Hkv, q, D] (post-RoPE, not repeated for GQA). With a
-    :class:`RaaSCache` in use, the layer handed over by ``RaaSCache.update`` runs the prefill or a
-    decode step; otherwise this is plain SDPA.
+    :class:`RaaSCache` in use: for a decode step ``RaaSCache.update`` has already appended the token
+    to the layer's engine and returned the engine's own K/V buffers, which identify the engine here
+    (no Python state changes, so a compiled decode forward replays without recompiling); for the
+    prompt, the layer handed over by ``update`` runs the prefill. Otherwise this is plain SDPA.
     """
     runtime = module.__dict__.get(_RUNTIME_ATTR)
-    layer = runtime.take(getattr(module, "layer_idx", None), key) if runtime is not None else None
+    layer_idx = getattr(module, "layer_idx", None)
+    engine = runtime.decode_engine(layer_idx, key) if runtime is not None else None
+    if engine is not None:
+        # rest of the decode step (inference only: views of tensors that require grad keep
+        # requires_grad even under no_grad, hence detach)
+        with torch.no_grad():
+            q = query.detach()
+            engine.select(q)
+            out = engine.attend_observe(q)  # [B, Hq, 1, D]
+        return out.transpose(1, 2), None
+    layer = runtime.take(layer_idx, key) if runtime is not None else None
     if layer is None:
         return _sdpa_attention()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return layer.attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -229,6 +247,13 @@ class _Runtime:
     def layer_config(self, config: RaaSConfig, layer_idx: int) -> RaaSConfig:
         return config.replace(policy="dense") if layer_idx < config.dense_layers else config
 
+    def decode_engine(self, layer_idx, key: Tensor) -> PagedKVCache | None:
+        """The engine whose K buffer ``key`` is: RaaSLayer.update returns it for a decode step."""
+        entry = self.pool.get(layer_idx)
+        if entry is None or entry[1].k is not key:
+            return None
+        return entry[1]
+
     def take(self, layer_idx, key: Tensor) -> "RaaSLayer | None":
         entry = self.pending.pop(layer_idx, None)
         if entry is None or entry[1] is not key:
@@ -237,6 +262,8 @@ class _Runtime:
 
     def engine(self, layer: "RaaSLayer", key: tuple, make) -> PagedKVCache:
         old = self.pool.get(layer.layer_idx)
+        if old is not None and old[2] is not None and old[2] is not layer.cache:
+            old[2].layers[layer.layer_idx].release()  # the old cache keeps its length, not the engine's state
         if old is not None and old[0] == key:
             eng = old[1]
         else:
@@ -254,11 +281,15 @@ class _Runtime:
 class RaaSLayer(CacheLayerMixin):
     """One decoder layer of a :class:`RaaSCache`: its ``PagedKVCache`` engine and logical length.
 
-    ``update`` stores nothing (it returns the new keys/values unchanged); the attention function
-    stores and attends through the engine. ``keys``/``values`` stay ``None``: read the engine.
+    For the prompt, ``update`` stores nothing (it returns the new keys/values unchanged) and the
+    attention function stores them through the engine; for a decode step, ``update`` appends the
+    token to the engine and returns the engine's K/V buffers, and the attention function finishes the
+    step. ``keys``/``values`` stay ``None``: read the engine.
     """
 
-    is_compileable = False
+    # the decode forward traces to one graph without recompiles (see update / raas_attention), so
+    # generate auto-compiles it on CUDA; the prompt forward stays eager
+    is_compileable = True
     is_croppable = False
     is_sliding = False
 
@@ -268,12 +299,28 @@ class RaaSLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.config = config
         self.engine: PagedKVCache | None = None
-        self.seen = 0  # logical tokens, padding included (what transformers' positions/masks count)
-        self.real_max = 0  # most real tokens held by one row
+        # Logical length (padding included, what transformers' positions count) = prompt length +
+        # decode steps, the latter read from the engine when asked: nothing Python-side changes
+        # during decoding, so a compiled decode forward neither recompiles nor syncs the host.
+        # The decode path reads only this bool (guarded as a constant by torch.compile, the same for
+        # every step and every generation), never prefill_len, which varies with the prompt.
+        self.prefilled = False
+        self.prefill_len: int | None = None  # padded prompt length; None until the prompt ran
+        self.final_len: int | None = None  # length when the engine was handed to a later generation
         self.capacity: int | None = None  # token slots per row for the O(N) policies
 
     def __repr__(self) -> str:
         return f"RaaSLayer(layer={self.layer_idx}, policy={self.config.policy!r}, budget={self.config.budget}, seen={self.seen})"
+
+    @property
+    def seen(self) -> int:
+        """Logical tokens seen, padding included (host sync)."""
+        return int(self.get_seq_length())
+
+    def release(self) -> None:
+        """Called when a later generation takes this layer's engine over: freeze the length."""
+        if self.prefill_len is not None and self.final_len is None:
+            self.final_len = self.prefill_len + int(self.engine.step)
 
     # transformers' layer API
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -294,21 +341,59 @@ class RaaSLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.prefilled and key_states.shape[2] == 1:
+            # decode step: append the token here and hand the engine's buffers to raas_attention,
+            # which recognises them and runs the rest of the step
+            if not runtime.owns(self):
+                raise RuntimeError(
+                    f"layer {self.layer_idx}: the KV state of this RaaSCache was taken over by a later generation on "
+                    "the same model (engines are reused between generations); it cannot be continued"
+                )
+            self._check_capacity()
+            with torch.no_grad():
+                self.engine.append(key_states.detach(), value_states.detach())
+            return self.engine.k, self.engine.v
         runtime.pending[self.layer_idx] = (self, key_states)
         return key_states, value_states
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+    def _check_capacity(self) -> None:
+        """Eager steps of a cache not sized by generate (model called by hand): raise before a
+        quest/dense buffer overflows. One host sync; skipped when compiled and inside generate,
+        which sizes the buffer up front (overflow is still flagged by the engine, see check())."""
+        if torch.compiler.is_compiling() or self.capacity is None or self.cache._sized_for_generation:
+            return
+        need = int(self.engine.length.max()) + 1
+        if need > self.capacity:
+            raise ValueError(
+                f"layer {self.layer_idx}: policy={self.config.policy!r} keeps every token and its buffer holds "
+                f"{self.capacity} tokens per sequence (max_length={self.cache.max_length}); this step needs "
+                f"{need}. Pass a larger max_length (RaaSCache(model, max_length=...) or the max_length "
+                "option), or generate fewer tokens"
+            )
 
-    def get_seq_length(self) -> int:
-        return self.seen
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.prefilled and query_length == 1:
+            return _DECODE_KV_LENGTH, 0  # a decode step: raas_mask returns None for it
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self):
+        """Logical length (padding included). An int (host sync on the engine's step counter), or
+        a 0-dim tensor while torch.compile traces, so that positions derived from it never sync."""
+        if self.prefill_len is None:
+            return 0
+        if self.final_len is not None:
+            return self.final_len
+        if torch.compiler.is_compiling():
+            return self.engine.step + self.prefill_len
+        return self.prefill_len + int(self.engine.step)
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
         self.engine = None
-        self.seen = self.real_max = 0
+        self.prefilled = False
+        self.prefill_len = self.final_len = None
         self.capacity = None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -319,11 +404,11 @@ class RaaSLayer(CacheLayerMixin):
         raise NotImplementedError("RaaSCache does not support beam search (reorder_cache); use num_beams=1")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.seen:
+        if self.prefilled:
             raise NotImplementedError("RaaSCache cannot repeat a filled cache along the batch")
 
     def batch_select_indices(self, indices) -> None:
-        if self.seen:
+        if self.prefilled:
             raise NotImplementedError("RaaSCache cannot select batch rows of a filled cache")
 
     def offload(self) -> None:
@@ -334,34 +419,14 @@ class RaaSLayer(CacheLayerMixin):
 
     # the work, called by raas_attention
     def attend(self, module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
-        if self.seen == 0:
+        """The prompt forward (decode steps go through update and raas_attention instead)."""
+        if not self.prefilled:
             return self._prefill(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         n = query.shape[2]
-        if n != 1:
-            raise NotImplementedError(
-                f"RaaSCache decodes one token per row per forward after the prompt; got {n} new tokens for a cache "
-                f"holding {self.seen}. Use a new RaaSCache (or none: generate creates one) for each generate call"
-            )
-        runtime = self.cache._runtime
-        if not runtime.owns(self):
-            raise RuntimeError(
-                f"layer {self.layer_idx}: the KV state of this RaaSCache was taken over by a later generation on the "
-                "same model (engines are reused between generations); it cannot be continued"
-            )
-        if self.capacity is not None and self.real_max + 1 > self.capacity:
-            raise ValueError(
-                f"layer {self.layer_idx}: policy={self.config.policy!r} keeps every token and its buffer holds "
-                f"{self.capacity} tokens per sequence (max_length={self.cache.max_length}); this step needs "
-                f"{self.real_max + 1}. Pass a larger max_length (RaaSCache(model, max_length=...) or the max_length "
-                "option), or generate fewer tokens"
-            )
-        # decode steps mutate the cache in place: inference only, no gradient (views of tensors that
-        # require grad keep requires_grad even under no_grad, hence detach)
-        with torch.no_grad():
-            out = self.engine.decode(query.detach(), key.detach(), value.detach())  # [B, Hq, 1, D]
-        self.real_max += 1
-        self.seen += 1
-        return out.transpose(1, 2), None
+        raise NotImplementedError(
+            f"RaaSCache decodes one token per row per forward after the prompt; got {n} new tokens for a cache "
+            f"holding {self.seen}. Use a new RaaSCache (or none: generate creates one) for each generate call"
+        )
 
     def _prefill(self, module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
         B, Hq, n, D = query.shape
@@ -397,8 +462,9 @@ class RaaSLayer(CacheLayerMixin):
             raise ValueError(f"layer {self.layer_idx}, policy={cfg.policy!r}: {e}") from None
         self.engine = engine
         self.capacity = None if cfg.bounded else engine.S
-        self.real_max = int(real.sum(-1).max())
-        self.seen = n
+        self.prefill_len = n
+        self.final_len = None
+        self.prefilled = True
         self.cache._runtime.last_cache = self.cache
         return out, weights
 
@@ -449,6 +515,7 @@ class RaaSCache(Cache):
         self.config = config
         self.fixed_max_length = max_length if max_length is not None else config.max_length
         self.max_length = self.fixed_max_length
+        self._sized_for_generation = False  # set by prepare_generation while generate runs
         layers = [RaaSLayer(self, i, runtime.layer_config(config, i)) for i in range(runtime.num_layers)]
         super().__init__(layers=layers)
 
@@ -461,6 +528,7 @@ class RaaSCache(Cache):
         per sequence (prompt with padding + new tokens - 1), or check that a fixed max_length fits."""
         if not self.needs_max_length:
             return
+        self._sized_for_generation = False
         if self.fixed_max_length is None:
             self.max_length = max_cache_length
         elif max_cache_length > self.fixed_max_length:
@@ -470,12 +538,14 @@ class RaaSCache(Cache):
                 f"but max_length={self.fixed_max_length} (policies {policies} keep every token); raise max_length "
                 "or lower max_new_tokens"
             )
+        self._sized_for_generation = True  # every step of this generation fits: no per-step check
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        sizes = super().get_mask_sizes(query_length, layer_idx)
-        if layer_idx < len(self.layers) and self.layers[layer_idx].seen > 0:
-            _MASK_STATE.decode = sizes  # tells raas_mask, called next, that this step needs no mask
-        return sizes
+    def get_query_offset(self, layer_idx: int = 0):
+        # After the prompt only single-token decode steps run, and their mask is skipped (see
+        # RaaSLayer.get_mask_sizes): a constant, so that neither a host sync nor a recompile happens.
+        if layer_idx < len(self.layers) and self.layers[layer_idx].prefilled:
+            return 0
+        return super().get_query_offset(layer_idx)
 
     def engines(self) -> list[PagedKVCache | None]:
         return [layer.engine for layer in self.layers]
@@ -532,8 +602,12 @@ def _make_generate(model: nn.Module, runtime: _Runtime, original):
     @functools.wraps(getattr(type(model), "generate"))
     def generate(*args, **kwargs):
         runtime.generation_cache = None
-        out = original(model_ref())(*args, **kwargs)
-        cache, runtime.generation_cache = runtime.generation_cache, None
+        try:
+            out = original(model_ref())(*args, **kwargs)
+        finally:
+            cache, runtime.generation_cache = runtime.generation_cache, None
+            if cache is not None:
+                cache._sized_for_generation = False  # later steps by hand are checked again
         if cache is not None:
             cache.check()
         return out

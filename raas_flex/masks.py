@@ -56,10 +56,34 @@ def block_lists(valid: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor, Tens
     return kv_num, kv_idx, full_num, full_idx
 
 
-def build_block_mask(valid: Tensor, block: int, q_len: int) -> BlockMask:
-    """BlockMask over a compacted buffer for the packed-GQA decode layout (see module docstring)."""
+@torch.library.custom_op("raas_flex::materialize", mutates_args=())
+def materialize(x: Tensor) -> Tensor:
+    """An opaque copy: Inductor must realize its output as a buffer with a fixed layout.
+
+    When the whole model forward is one Inductor graph on GPU, the tensors a BlockMask is built
+    from (slot validity, block lists) can otherwise stay fused pointwise expressions that the flex
+    template cannot index ("convert FlexibleLayout to FixedLayout first").
+    """
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def build_block_mask(valid: Tensor, block: int, q_len: int, *, barrier: bool = False) -> BlockMask:
+    """BlockMask over a compacted buffer for the packed-GQA decode layout (see module docstring).
+
+    barrier: pass the validity and block lists through :func:`materialize` first (used when the
+    step is compiled by Inductor for GPU inside a larger graph).
+    """
     bh, s = valid.shape
+    if barrier:
+        valid = materialize(valid)
     kv_num, kv_idx, full_num, full_idx = block_lists(valid, block)
+    if barrier:
+        kv_num, kv_idx, full_num, full_idx = (materialize(t) for t in (kv_num, kv_idx, full_num, full_idx))
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,

@@ -342,6 +342,93 @@ def test_beam_search_is_refused():
         model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2)
 
 
+# -- torch.compile of the decode forward ------------------------------------------------------------------------
+def _decode_by_hand(model, forward, ids, mask, steps, max_length):
+    """Eager prompt through a new RaaSCache, then ``steps`` greedy decode steps through ``forward`` with the
+    inputs generate gives a compiled forward (positions from the left-padded mask, no attention mask)."""
+    cache = raas_flex.RaaSCache(model, max_length=max_length)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+        tok, pos = out.logits[:, -1:].argmax(-1), pos[:, -1:] + 1
+        tokens, logits = [tok], []
+        for _ in range(steps):
+            out = forward(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True)
+            tok, pos = out.logits[:, -1:].argmax(-1), pos + 1
+            tokens.append(tok)
+            logits.append(out.logits[:, -1])
+    return torch.cat(tokens, 1), torch.stack(logits, 1), cache
+
+
+@pytest.mark.parametrize("family,policy", [("llama", "raas"), ("qwen3", "quest")])
+def test_decode_forward_compiles_to_one_graph_without_recompiles(family, policy):
+    """What generate's auto-compile on CUDA needs: the decode forward traces as one graph (fullgraph) and
+    replays for every step without a recompile. aot_eager traces with dynamo/AOTAutograd but runs eagerly,
+    so this runs on CPU (Inductor's CPU flex template cannot compile the step in one graph)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    budget = 24
+    model = make_model(family, seed=41)
+    raas_flex.patch(model, budget=budget, page_size=8, policy=policy)
+    ids, mask = prompts([5, 11], seed=42)
+    steps = 3 * budget + 2
+    max_length = ids.shape[1] + steps + 1
+    assert raas_flex.RaaSCache(model).is_compileable and all(
+        layer.is_compileable for layer in raas_flex.RaaSCache(model).layers
+    )
+    ref_tokens, ref_logits, _ = _decode_by_hand(model, model, ids, mask, steps, max_length)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model.forward, backend=counter, fullgraph=True)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            tokens, logits, cache = _decode_by_hand(model, compiled, ids, mask, steps, max_length)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1  # one graph for all the steps
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == ids.shape[1] + steps  # derived from the engines after the loop
+    st = raas_flex.stats(cache)
+    assert not any(layer["overflow"] for layer in st["layers"])
+    if policy == "raas":
+        assert st["evictions"] > 0  # the steps went well past the budget
+
+
+def test_generate_auto_compiles_the_decode_step():
+    """generate's own auto-compile path (forced on CPU through compile_config) compiles the decode forward
+    once, never recompiles (neither across steps nor for a later prompt of another length: the same engines
+    serve it), and gives the eager tokens."""
+    from transformers import CompileConfig
+
+    model = make_model("llama", seed=43)
+    raas_flex.patch(model, budget=24, page_size=8)
+    ids, mask = prompts([5, 11], seed=44)
+    ids2, mask2 = prompts([8, 3], seed=45)
+    ref = greedy(model, ids, mask, 60, disable_compile=True)
+    ref2 = greedy(model, ids2, mask2, 10, disable_compile=True)
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    config = CompileConfig(backend="aot_eager", fullgraph=True, dynamic=False, mode=None)
+    config._compile_all_devices = True
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = greedy(model, ids, mask, 60, compile_config=config)
+            st = raas_flex.stats(model)
+            out2 = greedy(model, ids2, mask2, 10, compile_config=config)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+        for name in ("_compiled_call", "_last_compile_config"):
+            model.__dict__.pop(name, None)
+    assert graphs == 1  # the decode forward, compiled once (the prompt ran eagerly)
+    assert torch.equal(out, ref) and torch.equal(out2, ref2)
+    assert st["layers"][0]["tokens"] == [5 + 59, 11 + 59]
+
+
 # -- forwards without a RaaSCache -----------------------------------------------------------------------------
 def test_forwards_without_raas_cache_run_plain_sdpa():
     model = make_model("qwen2", seed=21)
