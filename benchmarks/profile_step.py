@@ -25,6 +25,7 @@ def main(argv=None):
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--exact-lists", action="store_true", help="compute exact block lists every step")
     args = ap.parse_args(argv)
     hq, hkv = map(int, args.heads.split("/"))
     B, D, L, dev, dt = args.batch, 128, args.budget, "cuda", torch.bfloat16
@@ -33,6 +34,8 @@ def main(argv=None):
     cache = PagedKVCache(cfg, batch_size=B, num_heads=hq, num_kv_heads=hkv, head_dim=D, dtype=dt, device=dev)
     n0 = L - 16 if cfg.bounded else L
     cache.prefill(torch.randn(B, hkv, n0, D, dtype=dt, device=dev), torch.randn(B, hkv, n0, D, dtype=dt, device=dev))
+    if args.exact_lists:
+        cache.static_lists = False
     step = cache.compiled_decode()
     q = torch.randn(B, hq, 1, D, dtype=dt, device=dev)
     k = torch.randn(B, hkv, 1, D, dtype=dt, device=dev)

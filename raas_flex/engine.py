@@ -30,8 +30,22 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
 
 from .config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, RaaSConfig
-from .masks import build_block_mask
+from .masks import all_partial_lists, build_block_mask
 from .policies import make_policy
+
+
+def default_kernel_options(device: torch.device, dtype: torch.dtype, block: int) -> dict | None:
+    """Flex decode kernel settings for the engine's packed-GQA layout.
+
+    On CUDA with 16-bit K/V: 64-key tiles, 3 pipeline stages, 2 warps. Measured on an H100 over a
+    full compacted buffer (benchmarks/tune_flex.py, results/tune_flex.md), flex's own default for
+    decoding (one stage, no prefetch) was 5-15% slower at B >= 8 for every shape tried; fp32 keeps
+    the default (three fp32 stages of 64 keys would not fit in shared memory at head_dim 256).
+    None elsewhere (CPU uses its own template).
+    """
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return {"BLOCK_N": min(64, block), "num_stages": 3, "num_warps": 2}
 
 
 @functools.cache
@@ -157,6 +171,15 @@ class PagedKVCache(nn.Module):
         buf("_tok_ar", torch.arange(self.ps, device=device))
         buf("_b_ix", torch.arange(B, device=device)[:, None].expand(B, H).contiguous())
         buf("_h_ix", torch.arange(H, device=device)[None, :].expand(B, H).contiguous())
+        # Block lists: a policy that attends to every resident page gets constant lists (every
+        # block partial); one that picks pages (quest) gets exact lists computed per step, so the
+        # kernel skips the pages it did not pick.
+        self.static_lists = not self.policy.narrows
+        # flex kernel options (a plain attribute: set it before compiling to try others)
+        self.kernel_options = default_kernel_options(device, dtype, self.block)
+        for name, t in zip(("_kv_num", "_kv_idx", "_full_num", "_full_idx"),
+                           all_partial_lists(B * H, S, self.block, device)):
+            buf(name, t)
         if device.type == "cuda":
             # CUDA graphs need stable addresses for state mutated inside the captured step.
             for t in self.buffers():
@@ -350,15 +373,19 @@ class PagedKVCache(nn.Module):
         # page table
         at = self._slot_ar == slot[..., None]  # [B, H, P]
         new = at & opened[..., None]
-        upd = at & write[..., None]
         new_id = (pos // ps)[:, None, None]
         self.page_id.copy_(torch.where(new, new_id, self.page_id))
         self.stamp.copy_(torch.where(new, self.step, self.stamp))
         self.pinned.copy_(self.pinned & ~new)
         self.score.copy_(torch.where(new, 0.0, self.score))
-        kn = k[:, :, 0, None, :].to(self.kmax.dtype)  # [B, H, 1, D]
-        self.kmax.copy_(torch.where(new[..., None], kn, torch.where(upd[..., None], torch.maximum(self.kmax, kn), self.kmax)))
-        self.kmin.copy_(torch.where(new[..., None], kn, torch.where(upd[..., None], torch.minimum(self.kmin, kn), self.kmin)))
+        # key bounds: only the written page's row changes (index_put_ of B*H rows, not a pass over
+        # the whole [B, H, P, D] tables)
+        kn = k[:, :, 0, :].to(self.kmax.dtype)  # [B, H, D]
+        ix = (self._b_ix, self._h_ix, slot)
+        old_max, old_min = self.kmax[ix], self.kmin[ix]
+        fresh, keep = opened[..., None], ~write[..., None]
+        self.kmax.index_put_(ix, torch.where(fresh, kn, torch.where(keep, old_max, torch.maximum(old_max, kn))))
+        self.kmin.index_put_(ix, torch.where(fresh, kn, torch.where(keep, old_min, torch.minimum(old_min, kn))))
         self.open_slot.copy_(torch.where(write, slot, self.open_slot))
         self.length.add_(1)
 
@@ -382,7 +409,8 @@ class PagedKVCache(nn.Module):
         # CPU compiles read self.valid as a graph input (see compiled_decode); a GPU graph gets
         # opaque copies so Inductor's flex lowering sees realized buffers.
         barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu"
-        block_mask = build_block_mask(self.valid, self.block, G, barrier=barrier)
+        lists = (self._kv_num, self._kv_idx, self._full_num, self._full_idx) if self.static_lists else None
+        block_mask = build_block_mask(self.valid, self.block, G, barrier=barrier, lists=lists)
         qp = q.reshape(B, H, G, D).reshape(bh, 1, G, D).to(self.k.dtype)
         kf = self.k.view(bh, 1, S, D)
         vf = self.v.view(bh, 1, S, D)
@@ -390,7 +418,7 @@ class PagedKVCache(nn.Module):
             fn = _compiled_flex()
         else:
             fn = flex_attention
-        out = fn(qp, kf, vf, block_mask=block_mask, scale=self.scale)
+        out = fn(qp, kf, vf, block_mask=block_mask, scale=self.scale, kernel_options=self.kernel_options)
         return out.view(B, H * G, 1, D).to(q.dtype)
 
     # -- importance ----------------------------------------------------------------------------
@@ -400,9 +428,16 @@ class PagedKVCache(nn.Module):
         sum_d max(q_d M_d, q_d m_d) = q+ . M + q- . m  (q+ = max(q, 0), q- = min(q, 0)), so it is
         two small matmuls instead of a [G, P, D] intermediate. Empty slots get -inf.
         """
-        qg = q.reshape(self.B, self.H, self.G, self.D).float()
-        s = qg.clamp(min=0) @ self.kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ self.kmin.float().transpose(-1, -2)
-        s = s.amax(2)
+        qg = q.reshape(self.B, self.H, self.G, 1, self.D).float()
+        kmax, kmin = self.kmax.float(), self.kmin.float()
+        # one reduction over D per query head of the group, combined with max: Inductor fuses
+        # these into a single pass over kmax/kmin (a batched matmul would need fp32 copies of the
+        # tables and a separate cuBLAS call)
+        s = None
+        for g in range(self.G):
+            qi = qg[:, :, g]  # [B, H, 1, D]
+            sg = (qi.clamp(min=0) * kmax + qi.clamp(max=0) * kmin).sum(-1)
+            s = sg if s is None else torch.maximum(s, sg)
         return torch.where(self.page_id >= 0, s, float("-inf"))
 
     def page_share(self, q: Tensor, valid: Tensor) -> Tensor:

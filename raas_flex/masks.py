@@ -72,18 +72,37 @@ def _(x: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
-def build_block_mask(valid: Tensor, block: int, q_len: int, *, barrier: bool = False) -> BlockMask:
+def all_partial_lists(bh: int, s: int, block: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Constant block lists that list every KV block as partial (mask_mod evaluated everywhere).
+
+    For a compacted buffer that the policy attends whole (raas, h2o, streaming), nearly every block
+    is full anyway: evaluating the one-byte-per-slot mask_mod in every block costs the kernel less
+    than computing exact lists costs the step (a sort and two reductions per row).
+    """
+    nb = s // block
+    num = torch.full((bh, 1, 1), nb, dtype=torch.int32, device=device)
+    idx = torch.arange(nb, dtype=torch.int32, device=device).expand(bh, 1, 1, nb).contiguous()
+    return num, idx, torch.zeros_like(num), idx.clone()
+
+
+def build_block_mask(valid: Tensor, block: int, q_len: int, *, barrier: bool = False,
+                     lists: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> BlockMask:
     """BlockMask over a compacted buffer for the packed-GQA decode layout (see module docstring).
 
     barrier: pass the validity and block lists through :func:`materialize` first (used when the
     step is compiled by Inductor for GPU inside a larger graph).
+    lists: precomputed (kv_num, kv_idx, full_num, full_idx) to use instead of exact lists computed
+    from ``valid`` (see :func:`all_partial_lists`); mask_mod stays exact either way.
     """
     bh, s = valid.shape
     if barrier:
         valid = materialize(valid)
-    kv_num, kv_idx, full_num, full_idx = block_lists(valid, block)
-    if barrier:
-        kv_num, kv_idx, full_num, full_idx = (materialize(t) for t in (kv_num, kv_idx, full_num, full_idx))
+    if lists is not None:
+        kv_num, kv_idx, full_num, full_idx = lists
+    else:
+        kv_num, kv_idx, full_num, full_idx = block_lists(valid, block)
+        if barrier:
+            kv_num, kv_idx, full_num, full_idx = (materialize(t) for t in (kv_num, kv_idx, full_num, full_idx))
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,

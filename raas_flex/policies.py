@@ -23,6 +23,7 @@ from .config import RaaSConfig
 
 class Policy:
     name = "base"
+    narrows = False  # True when attended_pages() may select a subset of the resident pages
 
     def __init__(self, config: RaaSConfig) -> None:
         self.config = config
@@ -128,6 +129,7 @@ class Quest(Policy):
     largest page bound, always including the open page."""
 
     name = "quest"
+    narrows = True
 
     def evictable(self, c) -> Tensor:
         return torch.zeros_like(c.pinned)

@@ -35,3 +35,48 @@ def test_generate_example_runs():
     assert "answer (80 tokens" in out
     # budget 48 tokens x 2 layers x 2 KV heads x head_dim 16 x fp32 x (K and V)
     assert f"{2 * 2 * 2 * 48 * 16 * 4 / 2**20:.3f} MiB allocated" in out
+
+
+def _bench_module(name):
+    import importlib
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.compiled
+def test_decode_step_smoke_all_policies_and_replot(tmp_path):
+    decode_step = _bench_module("decode_step")
+    rows = decode_step.main(["--smoke", "--out", str(tmp_path)])
+    row = rows[0]
+    for policy in ("raas", "h2o", "streaming", "quest"):
+        assert row[f"{policy}_err"] < 1e-5, policy
+    # quest keeps every token (O(N)); the bounded policies hold exactly the budget
+    assert row["quest_kv_bytes"] > row["raas_kv_bytes"] == row["h2o_kv_bytes"] == row["streaming_kv_bytes"]
+    # --replot redraws from a results file with timings (a synthetic one: timings come from GPUs)
+    fake = dict(meta=dict(device="test", torch="x", dtype="bf16"), rows=[
+        dict(B=8, Hq=32, Hkv=8, D=128, N=n, L=2048, raas=70.0, sdpa_L=30.0, sdpa_dense_N=n / 90, quest=300.0)
+        for n in (8192, 32768)])
+    src = tmp_path / "fake.json"
+    src.write_text(json.dumps(fake))
+    decode_step.main(["--replot", str(src)])
+    png = src.with_suffix(".png")
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_long_context_benchmark_smoke(tmp_path):
+    long_context = _bench_module("long_context")
+    rows = long_context.main(["--smoke", "--out", str(tmp_path)])
+    dense = [r for r in rows if r["mode"].startswith("dense")]
+    raas = [r for r in rows if r["mode"].startswith("raas")]
+    assert len(dense) == 1 and len(raas) == 1
+    assert dense[0]["ms_per_step"] > 0 and raas[0]["ms_per_step"] > 0
+    # the raas run decoded past the budget, so pages were evicted, and KV stayed at the budget
+    assert raas[0]["evictions"] > 0
+    assert raas[0]["decoded"] + raas[0]["prompt"] > 64
+    data = json.loads((tmp_path / "long_context_smoke.json").read_text())
+    assert data["rows"] == rows
+    assert "| raas budget=64 |" in (tmp_path / "long_context_smoke.md").read_text()
