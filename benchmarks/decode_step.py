@@ -157,7 +157,16 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
             row.update(cached[key])
             continue
         part = {}
-        time_policy(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra)
+        try:
+            time_policy(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra)
+        except Exception as e:  # a failing point is a result to report, not a reason to lose the grid
+            if not timed:
+                raise
+            part[policy] = None
+            part[f"{policy}_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+            tqdm.write(f"{policy} at B={B} {Hq}/{Hkv} N={N} L={L} failed: {part[f'{policy}_error']}")
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
         row.update(part)
         if bounded:
             cached[key] = part
@@ -234,16 +243,19 @@ def main(argv=None):
         torch=torch.__version__, device=torch.cuda.get_device_name() if timed else platform.processor() or "cpu",
         dtype=str(dtype), copy_bandwidth_TBps=bw / 1e12, time=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "smoke" if args.smoke else ("quick" if args.quick else "full")
+    partial = out / f"decode_step_{tag}.partial.json"
     rows, cached = [], {}
     for p in tqdm(points, desc="decode-step grid"):
         row = run_point(*p, policies, dtype, device, timed, bw, args.max_gb * 2**30, cached, baseline_budgets)
         rows.append(row)
         tqdm.write(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
+        partial.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))  # survives a crash or timeout
         if timed:
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "smoke" if args.smoke else ("quick" if args.quick else "full")
+    partial.unlink()
     (out / f"decode_step_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     table = markdown(rows, policies)
     (out / f"decode_step_{tag}.md").write_text(
