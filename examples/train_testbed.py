@@ -1,0 +1,374 @@
+"""Train a small Llama (or Qwen2) model from scratch on the reasoning testbed (raas_flex.testbed).
+
+    python examples/train_testbed.py --out runs/testbed            # one GPU, ~8 minutes (the shipped model)
+    python examples/train_testbed.py --smoke --out /tmp/tb          # CPU, seconds: a few steps, tiny model
+
+The model learns to write the whole chain of thought (>= 1,000 tokens) for a question it has not
+seen and to answer with the last three values; every step must be right for the answer to be. Loss
+is taken on the chain and the answer only (not the question). Training stops at the wall-clock
+budget ``--minutes`` (counted from the start of the script) or when the teacher-forced held-out
+sequence accuracy reaches ``--target``. Greedy decoding reproduces the reference chain exactly when
+every teacher-forced argmax is right, so "tf_seq_acc" (share of held-out sequences whose every
+chain token is predicted right) is a one-forward stand-in for the exact-answer accuracy; the real
+one (batched greedy ``generate``, dense) is measured at the end.
+
+Every evaluation overwrites ``--out`` with the current model (safetensors + config + tokenizer,
+loadable with ``from_pretrained``) and ``train_log.json`` (loss curve, evaluations, parameters,
+throughput, device, command), so a run stopped from outside still leaves a usable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from raas_flex.config import SUPPORTED_HEAD_DIMS  # noqa: E402
+from raas_flex.testbed import (  # noqa: E402
+    EOS,
+    LINE_WIDTH,
+    PAD,
+    VOCAB,
+    TaskSpec,
+    _encode,
+    build_tokenizer,
+    encode_batch,
+    parse_answer,
+    sample,
+    spec_dict,
+)
+
+ARCHS = ("llama", "qwen2")
+SMOKE = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, batch_size=4,
+             steps=3, eval_problems=4, gen_problems=2, min_lines=12, max_lines=14, lag=4)
+
+
+def build_model(arch: str, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
+                max_positions: int):
+    """A from-scratch causal LM over the testbed vocabulary (tied embeddings, RoPE, GQA)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r} is not supported; allowed: {', '.join(ARCHS)}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim={head_dim} is not supported by raas_flex; allowed: {SUPPORTED_HEAD_DIMS}")
+    if heads % kv_heads:
+        raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+    common = dict(
+        vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=max_positions, tie_word_embeddings=True, bos_token_id=1, eos_token_id=EOS,
+        pad_token_id=PAD, rms_norm_eps=1e-5, rope_theta=10000.0,
+    )
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**common, attention_bias=False))
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False, sliding_window=None))
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.bos_token_id = 1
+    return model
+
+
+class Batches:
+    """Training batches made by a background thread (numpy, vectorised) and handed over pinned."""
+
+    def __init__(self, seed: int, batch_size: int, spec: TaskSpec, pin: bool, depth: int = 6):
+        self.rng = np.random.default_rng(seed)
+        self.batch_size, self.spec, self.pin = batch_size, spec, pin
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _work(self):
+        while not self.stop.is_set():
+            ids, _ = encode_batch(self.rng, self.batch_size, self.spec, split="train")
+            t = torch.from_numpy(ids)
+            if self.pin:
+                t = t.pin_memory()
+            while not self.stop.is_set():
+                try:
+                    self.q.put(t, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def next(self) -> torch.Tensor:
+        return self.q.get()
+
+    def close(self):
+        self.stop.set()
+
+
+def loss_fn(model, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Mean cross-entropy on the chain, answer and </s> (tokens after the question, padding excluded)."""
+    logits = model(input_ids=ids[:, :-1]).logits
+    target = ids[:, 1:].clone()
+    target[:, : prompt_len - 1] = -100
+    target[target == PAD] = -100
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, chunk: int) -> dict:
+    """Per-token and per-sequence argmax accuracy on the chain under teacher forcing, and per line
+    column (the looked-up b and the computed value v are the hard ones)."""
+    model.eval()
+    tok_ok = tok_n = seq_ok = 0
+    col_ok = np.zeros(LINE_WIDTH)
+    col_n = np.zeros(LINE_WIDTH)
+    loss_sum = 0.0
+    for i in range(0, len(ids), chunk):
+        x = ids[i:i + chunk].to(device, non_blocking=True)
+        with amp():
+            logits = model(input_ids=x[:, :-1]).logits
+        target = x[:, 1:]
+        valid = target != PAD
+        valid[:, : prompt_len - 1] = False
+        pred = logits.argmax(-1)
+        ok = (pred == target) | ~valid
+        loss_sum += F.cross_entropy(logits.float()[valid], target[valid], reduction="sum").item()
+        tok_ok += (ok & valid).sum().item()
+        tok_n += valid.sum().item()
+        seq_ok += ok.all(-1).sum().item()
+        # columns of the chain's lines: target index t holds token t + 1
+        pos = torch.arange(target.shape[1], device=target.device) + 1 - prompt_len
+        col = torch.remainder(pos, LINE_WIDTH)
+        for c in range(LINE_WIDTH):
+            m = valid & (col == c)[None, :] & (pos >= 0)[None, :]
+            col_ok[c] += (ok & m).sum().item()
+            col_n[c] += m.sum().item()
+    model.train()
+    return {
+        "tf_loss": loss_sum / max(tok_n, 1),
+        "tf_token_acc": tok_ok / max(tok_n, 1),
+        "tf_seq_acc": seq_ok / len(ids),
+        "tf_b_acc": float(col_ok[6] / max(col_n[6], 1)),
+        "tf_v_acc": float(col_ok[8] / max(col_n[8], 1)),
+    }
+
+
+@torch.no_grad()
+def generate_eval(model, tok, spec: TaskSpec, n: int, seed: int, device, batch_size: int) -> dict:
+    """Exact-answer accuracy of dense greedy ``generate`` on ``n`` held-out problems."""
+    from raas_flex.testbed import dataset
+
+    model.eval()
+    problems = dataset(n, seed=seed, spec=spec)
+    correct, lengths, t0 = 0, [], time.perf_counter()
+    max_new = spec.cot_tokens(spec.max_lines) + 16
+    for i in range(0, n, batch_size):
+        chunk = problems[i:i + batch_size]
+        enc = tok([p.question for p in chunk], return_tensors="pt", padding=True).to(device)
+        out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+        new = out[:, enc.input_ids.shape[1]:].cpu()
+        for p, row in zip(chunk, new):
+            row = row.tolist()
+            length = row.index(EOS) + 1 if EOS in row else len(row)
+            lengths.append(length)
+            correct += parse_answer(tok.decode(row[:length], skip_special_tokens=True)) == p.answer
+    model.train()
+    return {"gen_problems": n, "gen_acc": correct / n, "gen_mean_len": float(np.mean(lengths)),
+            "gen_max_len": int(max(lengths)), "gen_seconds": time.perf_counter() - t0}
+
+
+def save(model, tok, out: Path, log: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "train_log.json").write_text(json.dumps(log, indent=1))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory (checkpoint, tokenizer, train_log.json)")
+    ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the training loop, from script start")
+    ap.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: time only)")
+    ap.add_argument("--target", type=float, default=1.0,
+                    help="stop once tf_seq_acc on the held-out set reaches this (default 1.0: every sequence right)")
+    ap.add_argument("--arch", default="llama", choices=ARCHS)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=32)
+    ap.add_argument("--intermediate", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=64, help="problems per step (each ~1.2k tokens)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to 5%% by the time budget)")
+    ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--eval-every", type=float, default=45.0, help="seconds between held-out evaluations")
+    ap.add_argument("--eval-problems", type=int, default=512, help="held-out problems for the teacher-forced eval")
+    ap.add_argument("--gen-problems", type=int, default=256, help="held-out problems for the final generate eval")
+    ap.add_argument("--min-lines", type=int, default=None)
+    ap.add_argument("--max-lines", type=int, default=None)
+    ap.add_argument("--lag", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on error)")
+    ap.add_argument("--smoke", action="store_true", help="tiny model and task, a few steps (CPU test)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            if k in ("min_lines", "max_lines", "lag"):
+                if getattr(args, k) is None:
+                    setattr(args, k, v)
+            else:
+                setattr(args, k, v)
+    for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "batch_size", "eval_problems"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.minutes <= 0:
+        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
+    if args.gen_problems < 0:
+        raise ValueError(f"--gen-problems must be >= 0, got {args.gen_problems}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    spec_kwargs = {k: getattr(args, k) for k in ("min_lines", "max_lines", "lag") if getattr(args, k) is not None}
+    spec = TaskSpec(**spec_kwargs)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    P = spec.prompt_tokens
+
+    model = build_model(args.arch, args.layers, args.hidden, args.heads, args.kv_heads, args.head_dim,
+                        args.intermediate, max_positions=max(2048, 2 * spec.seq_len)).to(device)
+    tok = build_tokenizer()
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if cuda else {}),
+    )
+
+    def amp():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    step_model = model
+    if args.compile:
+        step_model = torch.compile(model)
+
+    # held-out set for the teacher-forced eval (fixed; the generate eval uses another seed)
+    ev_ids = torch.from_numpy(_encode(*sample(np.random.default_rng(10_000 + args.seed), args.eval_problems, spec,
+                                               "heldout"), spec)[0])
+    batches = Batches(args.seed, args.batch_size, spec, pin=cuda)
+    budget_s = args.minutes * 60
+    log = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv) if argv is None else "train_testbed.py " + " ".join(argv),
+        "args": vars(args), "spec": spec_dict(spec), "params": n_params, "model_config": model.config.to_dict(),
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "seq_len": spec.seq_len, "prompt_tokens": P, "loss": [], "evals": [],
+    }
+    print(f"model: {args.arch} {args.layers}x{args.hidden} heads {args.heads}/{args.kv_heads} head_dim {args.head_dim}, "
+          f"{n_params / 1e6:.2f}M params; task: {spec}; device {log['device']}", flush=True)
+
+    step, tokens, last_eval, stop_reason = 0, 0, time.perf_counter(), "time"
+    t_loop = time.perf_counter()
+    bar = tqdm(total=round(budget_s), unit="s", desc="train", dynamic_ncols=True, disable=args.smoke,
+               mininterval=2.0 if sys.stderr.isatty() else 30.0)
+    loss_sum, loss_n = 0.0, 0
+    model.train()
+    while True:
+        now = time.perf_counter()
+        elapsed = now - T_START
+        if elapsed >= budget_s:
+            break
+        if args.steps is not None and step >= args.steps:
+            stop_reason = "steps"
+            break
+        # LR: linear warm-up, then cosine over the wall-clock budget down to 5% of the peak
+        frac = min(1.0, elapsed / budget_s)
+        lr = args.lr * (min(1.0, (step + 1) / args.warmup)) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids = batches.next().to(device, non_blocking=True)
+        with amp():
+            try:
+                loss = loss_fn(step_model, ids, P)
+            except Exception as e:  # a failed compile must not cost the run
+                if step_model is model:
+                    raise
+                print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing eager", flush=True)
+                step_model = model
+                loss = loss_fn(step_model, ids, P)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        step += 1
+        tokens += int((ids != PAD).sum())  # host sync once per step: cheap next to a step
+        loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
+        if step % 25 == 0 or step <= 3:
+            lv = (loss_sum / loss_n).item()  # mean over the steps since the last entry
+            loss_sum, loss_n = 0.0, 0
+            dt = time.perf_counter() - t_loop
+            log["loss"].append({"step": step, "t": round(time.perf_counter() - T_START, 2), "loss": lv,
+                                "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tokens / dt})
+            bar.set_postfix(step=step, loss=f"{lv:.4f}", tok_s=f"{tokens / dt:,.0f}")
+        bar.update(min(round(time.perf_counter() - T_START), round(budget_s)) - bar.n)
+        if time.perf_counter() - last_eval >= args.eval_every:
+            ev = teacher_forced_eval(model, ev_ids, P, device, amp, chunk=max(1, min(64, args.batch_size)))
+            ev.update(step=step, t=round(time.perf_counter() - T_START, 2), tokens=tokens)
+            log["evals"].append(ev)
+            tqdm.write(f"step {step} t={ev['t']:.0f}s " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()
+                                                                       if k.startswith("tf_")))
+            save(model, tok, out, log)
+            last_eval = time.perf_counter()
+            if ev["tf_seq_acc"] >= args.target:
+                stop_reason = "target"
+                break
+    bar.close()
+    batches.close()
+    train_s = time.perf_counter() - t_loop
+    log.update(steps=step, train_seconds=train_s, train_tokens=tokens, tokens_per_s=tokens / max(train_s, 1e-9),
+               stop_reason=stop_reason)
+    final = teacher_forced_eval(model, ev_ids, P, device, amp, chunk=max(1, min(64, args.batch_size)))
+    final.update(step=step, t=round(time.perf_counter() - T_START, 2), tokens=tokens)
+    log["evals"].append(final)
+    if args.gen_problems:
+        final.update(generate_eval(model, tok, spec, args.gen_problems, seed=20_000 + args.seed, device=device,
+                                   batch_size=256))
+    log["final"] = final
+    log["total_seconds"] = time.perf_counter() - T_START
+    save(model, tok, out, log)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"done: {step} steps, {tokens / 1e6:.1f}M tokens in {train_s:.0f}s ({log['tokens_per_s']:,.0f} tok/s); "
+          + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items())
+          + f"; saved {out} ({size / 2**20:.1f} MiB)", flush=True)
+    return log
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""A synthetic multi-step reasoning task with milestone and phoenix tokens, and its tokenizer.
+
+The question gives a lookup table ``T`` of ten digits, a seed digit ``v`` and a line count ``n``::
+
+    T:0>7,1>3,2>0,3>9,4>4,5>1,6>6,7>2,8>8,9>5;v=5;n=117
+
+The chain of thought computes ``v_1 .. v_n`` one fixed-width line each (10 characters, one token per
+character), then states the last three values and stops::
+
+    001:5+1=6        line 1..lag: b = T[a]        (the table, read from the question)
+    002:6+6=2
+    ...
+    011:3+6=9        otherwise:   b = v_{i-lag}   (the value written lag lines earlier)
+    ...
+    020:7+2=9        every phoenix_every-th line: b = T[a] again
+    ...
+    117:1+4=5
+    A:045            answer: v_{n-2} v_{n-1} v_n, then end of sequence
+
+with ``a = v_{i-1}`` and ``v_i = (a + b) mod 10`` on line ``i``. So:
+
+- **milestones**: each value is read by the next line and once more ``lag`` lines (``10 * lag``
+  tokens) later, and never again: a KV cache that keeps a recent window of a little more than
+  ``10 * lag`` tokens has everything the chain needs from the chain itself;
+- **phoenix tokens**: the question's table is read on the first ``lag`` lines and then on every
+  ``phoenix_every``-th line until the end, by content (the entry whose key is ``a``), more than a
+  thousand tokens after it was written. A cache that drops the prompt (StreamingLLM) loses it, and
+  with it the line count that says when to stop.
+
+With the default :class:`TaskSpec` the chain is 1,005..1,305 tokens (100..130 lines + ``A:xyz``) after
+a 53-token prompt (``<s>`` included). Every token of the chain is determined by the question, so a
+model that has learned the rule makes no error at all; one wrong value changes every later value,
+so exact-answer accuracy measures whether every step was right (chance: 1 in 1,000).
+
+Problems are split into train and held-out sets by a hash of (table, seed) (:func:`is_heldout`):
+:func:`encode_batch` with ``split="train"`` never produces a held-out question.
+
+    from raas_flex.testbed import build_tokenizer, dataset, encode_batch, write_jsonl
+    tok = build_tokenizer()                       # character level; save_pretrained / AutoTokenizer
+    problems = dataset(200, seed=0)               # held-out problems (dataclasses with .question ...)
+    write_jsonl(problems, "testbed.jsonl")        # {"question", "answer", "cot"} per line
+    ids, lengths = encode_batch(np.random.default_rng(0), 128)  # training batch, numpy, vectorised
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "BOS",
+    "DEFAULT_SPEC",
+    "EOS",
+    "PAD",
+    "VOCAB",
+    "Problem",
+    "TaskSpec",
+    "build_tokenizer",
+    "dataset",
+    "encode_batch",
+    "encode_text",
+    "is_heldout",
+    "make_problem",
+    "parse_answer",
+    "sample",
+    "write_jsonl",
+]
+
+# -- vocabulary ---------------------------------------------------------------------------------------
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+_CHARS = string.digits + "\n " + string.punctuation + string.ascii_lowercase + string.ascii_uppercase
+VOCAB: tuple[str, ...] = SPECIAL_TOKENS + tuple(_CHARS)  # 100 tokens; digits are ids 4..13
+_CHAR_ID = np.full(128, UNK, dtype=np.int64)  # ASCII -> token id, for vectorised encoding
+for _i, _c in enumerate(VOCAB[len(SPECIAL_TOKENS):], start=len(SPECIAL_TOKENS)):
+    _CHAR_ID[ord(_c)] = _i
+_DIGIT = _CHAR_ID[ord("0")] + np.arange(10)
+LINE_WIDTH = 10  # "iii:a+b=v\n"
+ANSWER_MARK = "A:"
+
+
+def build_tokenizer():
+    """Character-level ``transformers`` tokenizer (one token per character, ``<s>`` prepended).
+
+    Unknown characters map to ``<unk>``. ``save_pretrained(path)`` writes ``tokenizer.json`` so that
+    ``AutoTokenizer.from_pretrained(path)`` loads it back; decoding joins characters without spaces.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        clean_up_tokenization_spaces=False, model_max_length=8192,
+    )
+
+
+def encode_text(text: str, bos: bool = True) -> np.ndarray:
+    """Token ids of ``text`` exactly as :func:`build_tokenizer` encodes it (numpy, no tokenizer needed)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+    ids = np.where(codes < 128, _CHAR_ID[np.minimum(codes, 127)], UNK)
+    return np.concatenate([[BOS], ids]) if bos else ids
+
+
+# -- task ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskSpec:
+    """Shape of the task. Lines per problem are drawn uniformly from ``min_lines..max_lines``.
+
+    lag: line i reads the value of line i - lag (the milestone distance is ``10 * lag`` tokens).
+    phoenix_every: lines whose number is a multiple of it read the table instead.
+    heldout_mod: one (table, seed) pair in about ``heldout_mod`` is held out (:func:`is_heldout`).
+    """
+
+    min_lines: int = 100
+    max_lines: int = 130
+    lag: int = 10
+    phoenix_every: int = 10
+    answer_digits: int = 3
+    heldout_mod: int = 61
+
+    def __post_init__(self) -> None:
+        for name in ("min_lines", "max_lines", "lag", "phoenix_every", "answer_digits", "heldout_mod"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        if not 2 <= self.lag:
+            raise ValueError(f"lag={self.lag} must be >= 2 (lag 1 would read the line just written)")
+        if not 2 <= self.phoenix_every:
+            raise ValueError(f"phoenix_every={self.phoenix_every} must be >= 2")
+        if not 1 <= self.answer_digits <= 9:
+            raise ValueError(f"answer_digits={self.answer_digits} must be in 1..9")
+        if not max(self.lag, self.answer_digits) <= self.min_lines <= self.max_lines <= 999:
+            raise ValueError(
+                f"need max(lag, answer_digits) <= min_lines <= max_lines <= 999 (3-digit line numbers), got "
+                f"min_lines={self.min_lines}, max_lines={self.max_lines}, lag={self.lag}"
+            )
+        if self.heldout_mod < 2:
+            raise ValueError(f"heldout_mod={self.heldout_mod} must be >= 2")
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of every question, ``<s>`` included (the same for all problems)."""
+        return len(format_question(np.zeros(10, dtype=np.int64), 0, self.min_lines)) + 1
+
+    def cot_tokens(self, lines: int) -> int:
+        """Tokens after the prompt: the lines, ``A:`` and the answer, ``</s>`` excluded."""
+        return LINE_WIDTH * lines + len(ANSWER_MARK) + self.answer_digits
+
+    @property
+    def seq_len(self) -> int:
+        """Longest training sequence: prompt + longest chain + ``</s>``."""
+        return self.prompt_tokens + self.cot_tokens(self.max_lines) + 1
+
+    def reads_table(self, line: int) -> bool:
+        """Whether line ``line`` (1-based) reads the table (b = T[a]) rather than v_{line - lag}."""
+        return line <= self.lag or line % self.phoenix_every == 0
+
+
+DEFAULT_SPEC = TaskSpec()
+SPLITS = ("train", "heldout", "any")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem. ``values[i]`` is v_i (``values[0]`` the seed); ``question + cot`` is the full text."""
+
+    table: tuple[int, ...]
+    seed: int
+    lines: int
+    values: tuple[int, ...]
+    question: str
+    cot: str
+    answer: str
+
+    def to_json(self) -> dict:
+        return {"question": self.question, "answer": self.answer, "cot": self.cot}
+
+
+def format_question(table, seed: int, lines: int) -> str:
+    pairs = ",".join(f"{k}>{int(t)}" for k, t in enumerate(table))
+    return f"T:{pairs};v={int(seed)};n={int(lines):03d}\n"
+
+
+def is_heldout(table: np.ndarray, seed: np.ndarray, spec: TaskSpec = DEFAULT_SPEC) -> np.ndarray:
+    """bool [...]: whether (table [..., 10], seed [...]) belongs to the held-out split."""
+    table = np.asarray(table, dtype=np.int64)
+    key = table @ (10 ** np.arange(1, 11, dtype=np.int64)) + np.asarray(seed, dtype=np.int64)
+    return key % spec.heldout_mod == 0
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not supported; allowed: {', '.join(map(repr, SPLITS))}")
+
+
+def _check_count(name: str, n) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {n!r}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+
+
+def sample(rng: np.random.Generator, n: int, spec: TaskSpec = DEFAULT_SPEC, split: str = "train"):
+    """(table [n, 10], seed [n], lines [n]) drawn from ``rng``, restricted to ``split``."""
+    _check_count("n", n)
+    _check_split(split)
+    tables, seeds, lines, have = [], [], [], 0
+    while have < n:
+        m = max(2 * (n - have), 64) * (spec.heldout_mod if split == "heldout" else 1)
+        t = rng.integers(0, 10, size=(m, 10))
+        s = rng.integers(0, 10, size=m)
+        k = rng.integers(spec.min_lines, spec.max_lines + 1, size=m)
+        if split != "any":
+            keep = is_heldout(t, s, spec) == (split == "heldout")
+            t, s, k = t[keep], s[keep], k[keep]
+        tables.append(t)
+        seeds.append(s)
+        lines.append(k)
+        have += len(s)
+    return np.concatenate(tables)[:n], np.concatenate(seeds)[:n], np.concatenate(lines)[:n]
+
+
+def _run(table: np.ndarray, seed: np.ndarray, spec: TaskSpec):
+    """a, b, v [n, max_lines + 1] (index = line number; v[:, 0] is the seed) for every line up to max_lines."""
+    n, L = len(seed), spec.max_lines
+    v = np.zeros((n, L + 1), dtype=np.int64)
+    a = np.zeros_like(v)
+    b = np.zeros_like(v)
+    v[:, 0] = seed
+    rows = np.arange(n)
+    for i in range(1, L + 1):
+        a[:, i] = v[:, i - 1]
+        b[:, i] = table[rows, a[:, i]] if spec.reads_table(i) else v[:, i - spec.lag]
+        v[:, i] = (a[:, i] + b[:, i]) % 10
+    return a, b, v
+
+
+def encode_batch(rng: np.random.Generator, n: int, spec: TaskSpec = DEFAULT_SPEC, split: str = "train"):
+    """A batch of whole problems as token ids, vectorised (no tokenizer, no per-problem Python loop).
+
+    Returns ``(ids [n, spec.seq_len] int64, lengths [n])``: ``<s>`` question chain ``</s>``, right
+    padded with ``<pad>``; the first ``spec.prompt_tokens`` tokens are the question.
+    """
+    table, seed, lines = sample(rng, n, spec, split)
+    return _encode(table, seed, lines, spec)
+
+
+def _encode(table, seed, lines, spec: TaskSpec):
+    n, L, P = len(seed), spec.max_lines, spec.prompt_tokens
+    a, b, v = _run(table, seed, spec)
+    # question: fixed layout, only the digits change
+    q = encode_text(format_question(np.zeros(10, dtype=np.int64), 0, spec.min_lines))
+    ids = np.full((n, spec.seq_len), PAD, dtype=np.int64)
+    ids[:, :P] = q
+    dig = [i + 1 for i, c in enumerate(format_question(range(10), 0, 100)) if c.isdigit()]
+    # digit positions in the question (after <s>): keys 0..9 are constant; values, seed, count change
+    value_pos = [dig[2 * k + 1] for k in range(10)]
+    ids[:, value_pos] = _DIGIT[table]
+    ids[:, dig[20]] = _DIGIT[seed]
+    ids[:, dig[21:24]] = _DIGIT[np.stack([lines // 100, lines // 10 % 10, lines % 10], axis=1)]
+    # lines 1..max_lines, all of them (the tail past each problem's count is overwritten below)
+    num = np.arange(1, L + 1)
+    body = np.empty((n, L, LINE_WIDTH), dtype=np.int64)
+    body[:, :, 0] = _DIGIT[num // 100]
+    body[:, :, 1] = _DIGIT[num // 10 % 10]
+    body[:, :, 2] = _DIGIT[num % 10]
+    body[:, :, 3] = _CHAR_ID[ord(":")]
+    body[:, :, 4] = _DIGIT[a[:, 1:]]
+    body[:, :, 5] = _CHAR_ID[ord("+")]
+    body[:, :, 6] = _DIGIT[b[:, 1:]]
+    body[:, :, 7] = _CHAR_ID[ord("=")]
+    body[:, :, 8] = _DIGIT[v[:, 1:]]
+    body[:, :, 9] = _CHAR_ID[ord("\n")]
+    ids[:, P:P + L * LINE_WIDTH] = body.reshape(n, -1)
+    # answer: "A:" + last values + </s>, then padding
+    d = spec.answer_digits
+    tail = np.empty((n, len(ANSWER_MARK) + d + 1), dtype=np.int64)
+    tail[:, 0] = _CHAR_ID[ord("A")]
+    tail[:, 1] = _CHAR_ID[ord(":")]
+    tail[:, 2:2 + d] = _DIGIT[v[np.arange(n)[:, None], lines[:, None] - d + 1 + np.arange(d)]]
+    tail[:, -1] = EOS
+    start = P + LINE_WIDTH * lines
+    np.put_along_axis(ids, start[:, None] + np.arange(tail.shape[1]), tail, axis=1)
+    lengths = start + tail.shape[1]
+    ids[np.arange(spec.seq_len)[None, :] >= lengths[:, None]] = PAD
+    return ids, lengths
+
+
+def _problems(table, seed, lines, spec: TaskSpec) -> list[Problem]:
+    a, b, v = _run(table, seed, spec)
+    out = []
+    for j in range(len(seed)):
+        m = int(lines[j])
+        body = "".join(f"{i:03d}:{a[j, i]}+{b[j, i]}={v[j, i]}\n" for i in range(1, m + 1))
+        answer = "".join(str(x) for x in v[j, m - spec.answer_digits + 1:m + 1])
+        out.append(
+            Problem(
+                table=tuple(int(x) for x in table[j]), seed=int(seed[j]), lines=m,
+                values=tuple(int(x) for x in v[j, :m + 1]), question=format_question(table[j], seed[j], m),
+                cot=body + ANSWER_MARK + answer, answer=answer,
+            )
+        )
+    return out
+
+
+def make_problem(rng: np.random.Generator, spec: TaskSpec = DEFAULT_SPEC, split: str = "any") -> Problem:
+    """One problem drawn from ``rng`` (a ``numpy.random.Generator``)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    return _problems(*sample(rng, 1, spec, split), spec)[0]
+
+
+def dataset(n: int, seed: int = 0, spec: TaskSpec = DEFAULT_SPEC, split: str = "heldout") -> list[Problem]:
+    """``n`` problems, deterministic in ``seed``; held-out ones by default (never seen in training)."""
+    _check_count("n", n)
+    return _problems(*sample(np.random.default_rng(seed), n, spec, split), spec)
+
+
+def write_jsonl(problems, path) -> Path:
+    """Write ``{"question", "answer", "cot"}`` per line (the harness reads question and answer)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for p in problems:
+            f.write(json.dumps(p.to_json() if isinstance(p, Problem) else dict(p)) + "\n")
+    return path
+
+
+def parse_answer(text: str) -> str | None:
+    """The digits after the last ``A:`` marker of a generated chain, or None when there is none."""
+    i = text.rfind(ANSWER_MARK)
+    if i < 0:
+        return None
+    digits = ""
+    for c in text[i + len(ANSWER_MARK):]:
+        if not c.isdigit():
+            break
+        digits += c
+    return digits or None
+
+
+def spec_dict(spec: TaskSpec = DEFAULT_SPEC) -> dict:
+    return dataclasses.asdict(spec)

@@ -1,0 +1,417 @@
+"""The reasoning testbed (raas_flex.testbed), its training script and the accuracy harness.
+
+- Answer extraction and normalisation (examples and hypothesis round-trips).
+- The task generator, checked by an independent plain-Python reading of the text: every line obeys
+  the rule, values are milestones (read only by the next line and ``lag`` lines later), the table is
+  read again far into the chain (phoenix), the chain is >= 1,000 tokens, generation is deterministic
+  by seed, train and held-out splits are disjoint, the vectorised encoder equals the tokenizer.
+- ``benchmarks/accuracy.py`` end to end on a tiny random model (CPU): JSON, markdown, PNG, error
+  rows for budgets a policy cannot run, and identical outputs to dense when nothing is evicted.
+- ``examples/train_testbed.py --smoke`` trains a few steps and saves a checkpoint that loads with
+  ``from_pretrained`` and patches with raas_flex.
+- The shipped checkpoint (``models/testbed``), when present, solves held-out problems densely and
+  under raas at a quarter of the chain.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import raas_flex
+from raas_flex.config import SUPPORTED_HEAD_DIMS
+from raas_flex import testbed as tb
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "examples"))
+try:
+    import accuracy
+    import train_testbed
+finally:
+    del sys.path[:2]
+
+SHIPPED = ROOT / "models" / "testbed"
+LINE = re.compile(r"(\d{3}):(\d)\+(\d)=(\d)")
+
+
+# -- answer extraction ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so x = 3 and \\boxed{42}.", "42"),
+        ("first \\boxed{1} then \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
+        ("\\boxed{\\text{(A)} \\{x\\}}", "\\text{(A)} \\{x\\}"),
+        ("\\boxed{{a}{b{c}}}", "{a}{b{c}}"),
+        ("001:3+4=7\n002:7+1=8\nA:078", "078"),
+        ("The total is 1,234,567 dollars.", "1,234,567"),
+        ("it drops to -12.5 degrees", "-12.5"),
+        ("about 2/3 of them, i.e. 10 out of 15", "15"),
+        ("no digits here", None),
+        ("unclosed \\boxed{12 and then 7", "7"),
+        ("", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert accuracy.extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [("1,000", "1000"), ("1000.0", "1000"), ("\\frac{1}{2}", "0.5"), ("\\dfrac{2}{4}", "1/2"), ("$18", "18"),
+     ("50\\%", "50"), ("\\text{ 12 }", "12"), ("-\\frac{3}{6}", "-0.5"), ("\\frac12", "0.5"), ("x = 2", "x=2"),
+     ("\\left( 1, 2 \\right)", "(1,2)"), ("045", "45")],
+)
+def test_normalize_equal(a, b):
+    assert accuracy.answers_match(a, b)
+
+
+@pytest.mark.parametrize("a, b", [("12", "13"), ("1/2", "1/3"), ("(1,2)", "(2,1)"), ("x", "y"), (None, "1")])
+def test_normalize_different(a, b):
+    assert not accuracy.answers_match(a, b)
+
+
+def test_extract_answer_rejects_non_text():
+    with pytest.raises(TypeError, match="text must be a str"):
+        accuracy.extract_answer(12)
+
+
+@given(st.integers(-10**9, 10**9), st.text(alphabet="abc xyz.\n", max_size=30))
+def test_boxed_and_grouped_numbers_round_trip(n, filler):
+    for text in (f"{filler} \\boxed{{{n}}} {filler}", f"{filler} the answer is {n:,}", f"{filler} {n}.0 {filler}"):
+        assert accuracy.answers_match(accuracy.extract_answer(text), str(n)), text
+
+
+@given(st.integers(-999, 999), st.integers(1, 999))
+def test_fraction_round_trip(num, den):
+    gold = str(Fraction(num, den))
+    assert accuracy.answers_match(accuracy.extract_answer(f"so \\boxed{{\\frac{{{num}}}{{{den}}}}}"), gold)
+    assert accuracy.answers_match(accuracy.extract_answer(f"the ratio is {num}/{den}"), gold)
+
+
+@st.composite
+def balanced(draw, depth=0):
+    parts = draw(st.lists(st.one_of(st.text(alphabet="0123456789x+-^ \\ab", max_size=4),
+                                    st.just(None) if depth < 3 else st.nothing()), max_size=4))
+    return "".join(p if p is not None else "{" + draw(balanced(depth + 1)) + "}" for p in parts)
+
+
+@given(balanced(), balanced())
+def test_last_boxed_nested_round_trip(inner, other):
+    inner = inner.strip() or "0"
+    assert accuracy.extract_answer(f"\\boxed{{{other}}} then \\boxed{{{inner}}} done") == inner
+
+
+# -- the task ------------------------------------------------------------------------------------------------
+def check_chain(question: str, cot: str, spec: tb.TaskSpec = tb.DEFAULT_SPEC):
+    """Independent reading of one problem's text: returns (values, reads) where reads[i] is what line i
+    read as b: ("table", key) or ("value", j). Asserts every line obeys the rule."""
+    m = re.fullmatch(r"T:((?:\d>\d,){9}\d>\d);v=(\d);n=(\d{3})\n", question)
+    assert m, question
+    table = {int(k): int(v) for k, v in (kv.split(">") for kv in m.group(1).split(","))}
+    assert sorted(table) == list(range(10))
+    values, count = [int(m.group(2))], int(m.group(3))
+    lines = cot.split("\n")
+    assert len(lines) == count + 1
+    reads = {}
+    for i, line in enumerate(lines[:-1], start=1):
+        lm = LINE.fullmatch(line)
+        assert lm, line
+        num, a, b, v = map(int, lm.groups())
+        assert num == i and a == values[i - 1]
+        if i <= spec.lag or i % spec.phoenix_every == 0:
+            assert b == table[a], (i, line)
+            reads[i] = ("table", a)
+        else:
+            assert b == values[i - spec.lag], (i, line)
+            reads[i] = ("value", i - spec.lag)
+        assert v == (a + b) % 10
+        values.append(v)
+    assert lines[-1] == "A:" + "".join(map(str, values[-spec.answer_digits:]))
+    return values, reads
+
+
+def test_every_line_obeys_the_rule_and_chains_are_long():
+    tok = tb.build_tokenizer()
+    problems = tb.dataset(40, seed=3)
+    lengths = []
+    for p in problems:
+        values, _ = check_chain(p.question, p.cot)
+        assert list(p.values) == values and p.answer == p.cot[-3:]
+        n_cot = len(tok(p.cot, add_special_tokens=False).input_ids)
+        assert n_cot == len(p.cot) == tb.DEFAULT_SPEC.cot_tokens(p.lines)
+        lengths.append(n_cot)
+        assert len(tok(p.question).input_ids) == tb.DEFAULT_SPEC.prompt_tokens == 53
+    assert min(lengths) >= 1000
+    assert 1100 < np.mean(lengths) < 1210  # 100..130 lines of 10 tokens + "A:xyz"
+
+
+def test_values_are_milestones_and_the_table_is_phoenix():
+    spec = tb.DEFAULT_SPEC
+    for p in tb.dataset(20, seed=4):
+        values, reads = check_chain(p.question, p.cot)
+        readers = {j: [] for j in range(len(values))}
+        for i in range(1, p.lines + 1):
+            readers[i - 1].append(i)  # a = v_{i-1}
+            if reads[i][0] == "value":
+                readers[reads[i][1]].append(i)
+        for j, who in readers.items():
+            # milestone: read only by the next line and lag lines later, never after
+            assert set(who) <= {j + 1, j + spec.lag}, (j, who)
+            assert all(i - j <= spec.lag for i in who)
+        # phoenix: the question's table is read again on every phoenix line, the last one far
+        # (> 900 tokens) after the question
+        table_lines = [i for i, r in reads.items() if r[0] == "table"]
+        assert table_lines[:spec.lag] == list(range(1, spec.lag + 1))
+        assert table_lines[spec.lag:] == list(range(20, p.lines + 1, spec.phoenix_every))
+        assert max(table_lines) * tb.LINE_WIDTH > 900
+
+
+def test_generation_is_deterministic_by_seed():
+    a = [p.to_json() for p in tb.dataset(5, seed=7)]
+    assert a == [p.to_json() for p in tb.dataset(5, seed=7)]
+    assert a != [p.to_json() for p in tb.dataset(5, seed=8)]
+    x = tb.encode_batch(np.random.default_rng(1), 16)[0]
+    assert np.array_equal(x, tb.encode_batch(np.random.default_rng(1), 16)[0])
+    p, q = tb.make_problem(np.random.default_rng(2)), tb.make_problem(np.random.default_rng(2))
+    assert p == q
+
+
+def test_train_and_heldout_splits_are_disjoint():
+    spec = tb.DEFAULT_SPEC
+    held = tb.dataset(30, seed=0)
+    assert all(tb.is_heldout(np.array(p.table), p.seed) for p in held)
+    table, seed, lines = tb.sample(np.random.default_rng(0), 20_000, spec, "train")
+    assert not tb.is_heldout(table, seed).any()
+    assert ((spec.min_lines <= lines) & (lines <= spec.max_lines)).all()
+    # the train split is the complement: about 1 in heldout_mod random pairs is held out
+    t, s, _ = tb.sample(np.random.default_rng(1), 20_000, spec, "any")
+    assert 0.5 / spec.heldout_mod < tb.is_heldout(t, s).mean() < 2 / spec.heldout_mod
+
+
+@pytest.mark.parametrize("spec", [tb.DEFAULT_SPEC, tb.TaskSpec(min_lines=12, max_lines=30, lag=4, phoenix_every=5)])
+def test_vectorised_batches_equal_the_tokenized_text(spec):
+    tok = tb.build_tokenizer()
+    rng = np.random.default_rng(5)
+    table, seed, lines = tb.sample(rng, 12, spec, "train")
+    ids, lengths = tb._encode(table, seed, lines, spec)
+    assert ids.shape == (12, spec.seq_len)
+    for j, p in enumerate(tb._problems(table, seed, lines, spec)):
+        check_chain(p.question, p.cot, spec)
+        ref = tok(p.question + p.cot).input_ids + [tb.EOS]
+        assert ids[j, :lengths[j]].tolist() == ref
+        assert (ids[j, lengths[j]:] == tb.PAD).all()
+        assert tb.encode_text(p.question + p.cot).tolist() == ref[:-1]
+
+
+def test_tokenizer_round_trip_and_save_load(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = tb.build_tokenizer()
+    text = tb.dataset(1, seed=9)[0].question + "001:1+2=3\nA:{x} \\boxed{7}, Zz~"
+    ids = tok(text).input_ids
+    assert ids[0] == tb.BOS and len(ids) == len(text) + 1
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text).input_ids == ids and again.decode(ids, skip_special_tokens=True) == text
+    assert (again.pad_token_id, again.bos_token_id, again.eos_token_id) == (tb.PAD, tb.BOS, tb.EOS)
+    assert len(again) == len(tb.VOCAB) == 100
+    assert tok("é").input_ids == [tb.BOS, tb.UNK]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(lag=1), "lag=1"), (dict(min_lines=5, lag=10), "min_lines=5"), (dict(max_lines=1000), "max_lines=1000"),
+     (dict(min_lines=50, max_lines=40), "min_lines=50"), (dict(phoenix_every=1), "phoenix_every=1")],
+)
+def test_task_spec_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tb.TaskSpec(**kwargs)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(TypeError, match="lag must be an int"):
+        tb.TaskSpec(lag=2.5)
+    with pytest.raises(ValueError, match="split='test'"):
+        tb.dataset(3, split="test")
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        tb.dataset(0)
+    with pytest.raises(TypeError, match="numpy.random.Generator"):
+        tb.make_problem(3)
+    with pytest.raises(ValueError, match="--budgets: 'abc'"):
+        accuracy.parse_budgets("0.25,abc")
+    with pytest.raises(ValueError, match="'1.5' must be a fraction"):
+        accuracy.parse_budgets("1.5")
+    with pytest.raises(ValueError, match="'lru' is not supported"):
+        accuracy.parse_policies("raas,lru")
+
+
+def test_budgets_resolve_to_pages():
+    assert accuracy.parse_budgets("0.125, 0.25,512,1") == [0.125, 0.25, 512, 1.0]
+    assert accuracy.resolve_budget(0.25, 1150.0) == 288
+    assert accuracy.resolve_budget(0.125, 1150.0) == 144
+    assert accuracy.resolve_budget(500, None) == 496
+    assert accuracy.resolve_budget(3, None) == 32  # at least two pages
+    with pytest.raises(ValueError, match="dense output length"):
+        accuracy.resolve_budget(0.5, None)
+
+
+def test_diagnose_names_the_first_wrong_step():
+    spec = tb.DEFAULT_SPEC
+    p = tb.dataset(1, seed=11)[0]
+    lines = p.cot.split("\n")
+
+    def with_line(i, a=None, b=None, v=None, num=None):
+        n0, a0, b0, v0 = LINE.fullmatch(lines[i - 1]).groups()
+        new = list(lines)
+        new[i - 1] = f"{num or n0}:{a if a is not None else a0}+{b if b is not None else b0}={v if v is not None else v0}"
+        return "\n".join(new)
+
+    flip = lambda d: str((int(d) + 1) % 10)  # noqa: E731
+    b_of = lambda i: LINE.fullmatch(lines[i - 1]).group(3)  # noqa: E731
+    assert accuracy.diagnose(p.cot, p.cot, spec) == "correct_chain"
+    assert accuracy.diagnose(with_line(40, b=flip(b_of(40))), p.cot, spec) == "table"
+    assert accuracy.diagnose(with_line(5, b=flip(b_of(5))), p.cot, spec) == "table"
+    assert accuracy.diagnose(with_line(45, b=flip(b_of(45))), p.cot, spec) == "lag"
+    assert accuracy.diagnose(with_line(45, a="x"), p.cot, spec) == "format"
+    assert accuracy.diagnose(with_line(46, a=flip(LINE.fullmatch(lines[45]).group(2))), p.cot, spec) == "copy"
+    assert accuracy.diagnose(with_line(47, v=flip(LINE.fullmatch(lines[46]).group(4))), p.cot, spec) == "arith"
+    assert accuracy.diagnose("\n".join(lines[:-1] + ["101:1+1=2"]), p.cot, spec) == "stop"
+    assert accuracy.diagnose("\n".join(lines[:30] + ["A:123"]), p.cot, spec) == "early_stop"
+
+
+# -- the harness -----------------------------------------------------------------------------------------------
+SMALL_SPEC = dict(min_lines=12, max_lines=14, lag=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer Llama over the testbed vocabulary, saved with the testbed tokenizer."""
+    torch.manual_seed(0)
+    model = train_testbed.build_model("llama", 2, 64, 4, 2, 16, 128, max_positions=1024)
+    for p in model.parameters():  # well separated logits: greedy is stable across exact kernels
+        torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else None
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tb.build_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_harness_smoke_writes_json_markdown_and_plot(tiny_model_dir, tmp_path):
+    new = 16
+    report = accuracy.main([
+        "--model", str(tiny_model_dir), "--testbed", "3", "--testbed-min-lines", "12", "--testbed-max-lines", "14",
+        "--testbed-lag", "4", "--budgets", "48,96,0.5", "--max-new-tokens", str(new), "--batch-size", "2",
+        "--device", "cpu", "--save-text", "--out", str(tmp_path), "--name", "smoke",
+    ])
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    assert data["rows"] == json.loads(json.dumps(report["rows"]))
+    assert data["problems"] == 3 and data["torch"] == torch.__version__ and "--testbed 3" in data["command"]
+    assert data["mean_prompt_tokens"] == 53
+    rows = {(r["policy"], r["budget"]): r for r in data["rows"]}
+    # dense first, then 4 policies x 3 budgets (0.5 of the dense length rounds to at least 2 pages)
+    assert len(data["rows"]) == 13 and data["rows"][0]["policy"] == "dense"
+    dense = data["rows"][0]
+    assert data["reference_length"] == dense["mean_length"] <= new
+    assert accuracy.resolve_budget(0.5, dense["mean_length"]) in {b for _, b in rows}
+    # raas pins the 53-token prompt: a 48-token budget cannot hold it, an error row says so
+    assert "error" in rows[("raas", 48)] and "prompt" in rows[("raas", 48)]["error"]
+    # a 96-token budget holds prompt + 24 new tokens: nothing is evicted, every policy decodes like dense
+    for policy in ("raas", "quest", "h2o", "streaming"):
+        r = rows[(policy, 96)]
+        assert r["evictions"] == 0
+        assert [x["text"] for x in r["results"]] == [x["text"] for x in dense["results"]], policy
+        assert r["accuracy"] == dense["accuracy"] and 0 <= r["accuracy"] <= 1
+    # KV memory: bounded policies allocate exactly the budget (K and V, 2 layers, 2 KV heads, head_dim 16, fp32)
+    # so do h2o and streaming: every bounded policy stores the whole prompt first; quest keeps every page
+    for policy in ("h2o", "streaming"):
+        assert "error" in rows[(policy, 48)] and "prompt of 53 tokens" in rows[(policy, 48)]["error"]
+    assert rows[("quest", 48)]["evictions"] == 0 and "error" not in rows[("quest", 48)]
+    assert rows[("raas", 96)]["kv_bytes_per_seq"] == rows[("streaming", 96)]["kv_bytes_per_seq"] == 2 * 2 * 2 * 96 * 16 * 4
+    assert dense["kv_bytes_per_seq"] >= 2 * 2 * 2 * (53 + new - 1) * 16 * 4
+    for r in data["rows"]:
+        if "error" not in r:
+            assert all(x["length"] <= new for x in r["results"]) and r["max_length"] <= new
+            assert set(r["diagnosis"]) == set(accuracy.DIAGNOSES) and sum(r["diagnosis"].values()) == 3
+    md = (tmp_path / "smoke.md").read_text()
+    assert "| raas | 96 |" in md and "| dense | all |" in md and "error: ValueError" in md
+    png = (tmp_path / "smoke.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_harness_reads_jsonl_and_scores_answers(tiny_model_dir, tmp_path):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"question": "1+1=", "answer": 2}) + "\n\n" + json.dumps({"question": "x", "answer": "y"}) + "\n")
+    assert accuracy.load_problems(problems)[0]["answer"] == "2"
+    report = accuracy.main([
+        "--model", str(tiny_model_dir), "--problems", str(problems), "--policies", "dense,raas", "--budgets", "64",
+        "--max-new-tokens", "6", "--device", "cpu", "--out", str(tmp_path), "--save-text",
+    ])
+    assert [r["policy"] for r in report["rows"]] == ["dense", "raas"]
+    for r in report["rows"]:
+        for x in r["results"]:
+            assert x["correct"] == accuracy.answers_match(accuracy.extract_answer(x["text"]), x["gold"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"q": 1}) + "\n")
+    with pytest.raises(ValueError, match="'question' and 'answer'"):
+        accuracy.load_problems(bad)
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def test_train_smoke_saves_a_loadable_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log = train_testbed.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
+    assert log["steps"] == 3 and log["stop_reason"] == "steps"
+    assert all(np.isfinite(e["loss"]) for e in log["loss"]) and log["loss"][0]["loss"] > 3.0  # ~ln(100) at init
+    assert 0 <= log["final"]["gen_acc"] <= 1 and log["final"]["gen_problems"] == 2
+    saved = json.loads((tmp_path / "train_log.json").read_text())
+    assert saved["params"] == log["params"] and saved["command"].startswith("train_testbed.py --smoke")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert model.config.model_type == "llama" and model.config.head_dim in SUPPORTED_HEAD_DIMS
+    assert sum(p.numel() for p in model.parameters()) == log["params"]
+    assert (tmp_path / "model.safetensors").exists()
+    q = tb.dataset(1, seed=0, spec=tb.TaskSpec(**SMALL_SPEC))[0].question
+    ids = tok(q, return_tensors="pt").input_ids
+    with raas_flex.patched(model, budget=96, policy="raas"):
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert raas_flex.stats(model)["budget"] == 96
+    assert out.shape == (1, ids.shape[1] + 4) or (out[0, -1] == tb.EOS)
+
+
+def test_train_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="head_dim=24"):
+        train_testbed.main(["--smoke", "--out", str(tmp_path), "--head-dim", "24"])
+    with pytest.raises(ValueError, match="--minutes must be > 0"):
+        train_testbed.main(["--smoke", "--out", str(tmp_path), "--minutes", "0"])
+
+
+# -- the shipped checkpoint ------------------------------------------------------------------------------------
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="models/testbed is not in this checkout yet")
+def test_shipped_model_solves_heldout_problems():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(SHIPPED)
+    problems = tb.dataset(2, seed=123)
+    enc = tok([p.question for p in problems], return_tensors="pt")
+    new = tb.DEFAULT_SPEC.cot_tokens(tb.DEFAULT_SPEC.max_lines) + 8
+    out = model.generate(**enc, max_new_tokens=new, do_sample=False)
+    texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    assert texts == [p.cot for p in problems]
+    # under raas at a quarter of the chain (288 tokens, prompt pinned), one problem
+    with raas_flex.patched(model, budget=288, policy="raas"):
+        out = model.generate(**tok(problems[0].question, return_tensors="pt"), max_new_tokens=new, do_sample=False)
+        assert raas_flex.stats(model)["evictions"] > 0
+    assert tb.parse_answer(tok.decode(out[0], skip_special_tokens=True)) == problems[0].answer
