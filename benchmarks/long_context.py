@@ -139,8 +139,13 @@ def main(argv=None):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "long_context.partial.json"
+
     def emit(r):
         rows.append(r)
+        partial.write_text(json.dumps(rows, indent=1))  # survives a timeout
         tqdm.write(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
 
     B = args.batch
@@ -201,8 +206,7 @@ def main(argv=None):
                 device=torch.cuda.get_device_name() if device != "cpu" else "cpu", torch=torch.__version__,
                 transformers=__import__("transformers").__version__, arch=args.arch,
                 layers=cfg.num_hidden_layers, weights_gb=weights / 2**30, time=time.strftime("%Y-%m-%d %H:%M:%S"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    partial.unlink()
     tag = "smoke" if args.smoke else f"{args.arch}_B{B}"
     (out / f"long_context_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = ["| mode | B | context | ms/step | tokens/s | KV GB | peak GB | graphs compiled (timed run) | largest batch (KV fits) |",
