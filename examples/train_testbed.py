@@ -227,6 +227,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-lines", type=int, default=None)
     ap.add_argument("--lag", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None, help="start from this checkpoint (a previous --out) instead of scratch")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on error)")
     ap.add_argument("--smoke", action="store_true", help="tiny model and task, a few steps (CPU test)")
@@ -261,8 +262,14 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     P = spec.prompt_tokens
 
-    model = build_model(args.arch, args.layers, args.hidden, args.heads, args.kv_heads, args.head_dim,
-                        args.intermediate, max_positions=max(2048, 2 * spec.seq_len)).to(device)
+    if args.init:  # continue training a saved checkpoint (its architecture; the size flags are ignored)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(device)
+        model.set_attn_implementation("sdpa")
+    else:
+        model = build_model(args.arch, args.layers, args.hidden, args.heads, args.kv_heads, args.head_dim,
+                            args.intermediate, max_positions=max(2048, 2 * spec.seq_len)).to(device)
     tok = build_tokenizer()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]

@@ -390,9 +390,23 @@ def test_train_smoke_saves_a_loadable_checkpoint(tmp_path):
     assert out.shape == (1, ids.shape[1] + 4) or (out[0, -1] == tb.EOS)
 
 
+def test_train_continues_from_a_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    train_testbed.main(["--smoke", "--out", str(tmp_path / "a"), "--device", "cpu", "--gen-problems", "0"])
+    log = train_testbed.main(["--smoke", "--out", str(tmp_path / "b"), "--device", "cpu", "--gen-problems", "0",
+                              "--init", str(tmp_path / "a"), "--seed", "1"])
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and log["args"]["init"] == str(tmp_path / "a")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # trained further
+    assert all((a[k] - b[k]).abs().max() < 0.1 for k in a)  # from a's weights, not a fresh init
+
+
 def test_train_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="head_dim=24"):
-        train_testbed.main(["--smoke", "--out", str(tmp_path), "--head-dim", "24"])
+        train_testbed.main(["--out", str(tmp_path), "--device", "cpu", "--head-dim", "24"])
+    with pytest.raises(ValueError, match="arch='gpt2'"):
+        train_testbed.build_model("gpt2", 2, 64, 4, 2, 16, 128, 1024)
     with pytest.raises(ValueError, match="--minutes must be > 0"):
         train_testbed.main(["--smoke", "--out", str(tmp_path), "--minutes", "0"])
 
