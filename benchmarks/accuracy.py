@@ -483,7 +483,10 @@ def main(argv=None) -> dict:
     report["total_seconds"] = time.perf_counter() - t_all
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     (out / f"{args.name}.md").write_text(markdown(report))
-    plot(report, out / f"{args.name}.png")
+    try:
+        plot(report, out / f"{args.name}.png")
+    except ImportError as e:  # the JSON and markdown are written; the plot needs matplotlib (extra "plot")
+        print(f"no plot ({e}); pip install matplotlib, then re-plot from {args.name}.json with accuracy.plot")
     print(markdown(report))
     return report
 
