@@ -235,6 +235,22 @@ def build_prompts(tok, problems, prompt_format: str, instruction: str) -> list[l
     return prompts
 
 
+def parse_options(items) -> dict:
+    """['refresh=threshold', 'refresh_threshold=0.5'] -> {'refresh': 'threshold', 'refresh_threshold': 0.5}."""
+    import ast
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option must be KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
 def run_config(model, tok, prompts, problems, policy: str, budget: int, args, bar, spec) -> dict:
     """Generate every problem under (policy, budget); one row of results."""
     device = model.device
@@ -246,8 +262,10 @@ def run_config(model, tok, prompts, problems, policy: str, budget: int, args, ba
         gen.update(temperature=args.temperature, top_p=args.top_p)
     if args.compile == "off":
         gen["disable_compile"] = True
-    options = dict(page_size=args.page_size)
+    options = dict(page_size=args.page_size, **parse_options(args.option))
     row = {"policy": policy, "budget": budget, "problems": len(problems)}
+    if args.option:
+        row["options"] = parse_options(args.option)
     results, seconds, kv_per_seq, evictions = [], 0.0, 0, 0
     try:
         with raas_flex.patched(model, budget, policy=policy, **options):
@@ -378,6 +396,8 @@ def parse_args(argv=None):
     ap.add_argument("--budgets", default="0.125,0.25,0.5",
                     help="comma list: token counts, or fractions in (0,1] of the mean dense output length")
     ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra RaaSConfig option for every policy (repeatable), e.g. --option refresh_ratio=0.25")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="default: 1.25x the longest testbed chain, else 4096")

@@ -118,6 +118,9 @@ def main(argv=None):
     ap.add_argument("--raas-long", type=int, default=0, help="also decode raas up to this context, timing windows")
     ap.add_argument("--raas-batches", default="", help="extra raas batch sizes to run (e.g. the 8x dense batch)")
     ap.add_argument("--skip-dense", action="store_true")
+    ap.add_argument("--dense-reserve-gb", type=float, default=None,
+                    help="with --skip-dense: still allocation-check the largest dense batch at each context, "
+                         "reserving this much working memory (peak - weights - KV of an earlier dense run)")
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (checks the script, no timing claims)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -161,6 +164,15 @@ def main(argv=None):
             continue
         ms = median_ms(d[len(d) // 4:])
         kvb = kv_bytes_dense(cfg, B, N)
+        # generate keeps its static cache on the model for reuse: drop it before probing memory
+        for attr in ("_cache", "_static_cache"):
+            if hasattr(model, attr):
+                setattr(model, attr, None)
+        if device != "cpu":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
         per_seq = kv_bytes_dense(cfg, 1, N)
         emit(dict(mode="dense static compiled", B=B, N=N, ms_per_step=ms, tokens_per_s=B / ms * 1e3,
                   peak_gb=peak / 2**30, kv_gb=kvb / 2**30, **comp,
@@ -169,6 +181,11 @@ def main(argv=None):
         if device != "cpu":
             torch.cuda.empty_cache()
 
+    if args.skip_dense and args.dense_reserve_gb is not None and device != "cpu":
+        for N in contexts:
+            emit(dict(mode="dense static compiled (allocation check only)", B=0, N=N,
+                      reserve_gb=args.dense_reserve_gb, kv_gb_per_seq=kv_bytes_dense(cfg, 1, N) / 2**30,
+                      max_batch_kv_fits=largest_batch(kv_bytes_dense(cfg, 1, N), int(args.dense_reserve_gb * 2**30), device)))
     L, P0 = args.budget, args.raas_prompt
     raas_batches = [B] + [int(x) for x in args.raas_batches.split(",") if x]
     for b in tqdm(raas_batches, desc="raas batches"):
@@ -212,6 +229,9 @@ def main(argv=None):
     lines = ["| mode | B | context | ms/step | tokens/s | KV GB | peak GB | graphs compiled (timed run) | largest batch (KV fits) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "ms_per_step" not in r and "error" not in r:
+            lines.append(f"| {r['mode']} | - | {r['N']} | | | {r['kv_gb_per_seq']:.2f}/seq | | | {r['max_batch_kv_fits']} |")
+            continue
         if "error" in r:
             lines.append(f"| {r['mode']} | {r['B']} | {r.get('N', '-')} | {r['error']} | | | | | |")
             continue
