@@ -1,16 +1,19 @@
 """Generate with RaaS under a Hugging Face causal LM and report the KV memory it used.
 
-    python examples/generate.py                        # embedded default: a tiny Qwen2-shaped model
+    python examples/generate.py                        # embedded default: the reasoning testbed model
+    python examples/generate.py --model tiny           # a tiny random Qwen2-shaped model (mechanics only)
     python examples/generate.py --model Qwen/Qwen3-0.6B --prompt "..." --budget 1024 --new 4096
 
-The embedded default has random weights (no model hub is reachable where this project is tested),
-so its tokens carry no meaning: it shows the mechanics (the same tokens as dense attention while the
-budget holds everything, then a KV cache that stays at the budget however long the generation).
+The embedded default is models/testbed, a 3.8M-parameter Llama trained on raas_flex.testbed (long
+chains of thought over a lookup table; docs/accuracy.md). It solves a held-out problem densely, then
+under the chosen policy and budget, and prints both answers against the reference and the KV
+memory each used.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import time
 import warnings
 
@@ -31,11 +34,52 @@ def tiny_default_model():
     return Qwen2ForCausalLM(cfg).eval(), None
 
 
+TESTBED = Path(__file__).resolve().parents[1] / "models" / "testbed"
+
+
+def run_testbed(args, device) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raas_flex.testbed import DEFAULT_SPEC, dataset, parse_answer
+
+    if not (TESTBED / "config.json").exists():
+        raise SystemExit(f"the testbed model is missing at {TESTBED}; pass --model tiny or a hub id/path")
+    tok = AutoTokenizer.from_pretrained(TESTBED)
+    model = AutoModelForCausalLM.from_pretrained(TESTBED, dtype=torch.float32).to(device).eval()
+    problem = dataset(1, seed=args.problem_seed)[0]
+    enc = tok(problem.question, return_tensors="pt").to(device)
+    new = DEFAULT_SPEC.cot_tokens(DEFAULT_SPEC.max_lines) + 8
+    print(f"question ({enc.input_ids.shape[1]} tokens): {problem.question.strip()}")
+    print(f"reference: {len(problem.cot)}-token chain, answer {problem.answer}")
+    c = model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+    runs = [("dense", None)] if not args.no_dense else []
+    runs.append((args.policy, args.budget))
+    for name, budget in runs:
+        t0 = time.perf_counter()
+        if budget is None:
+            out = model.generate(**enc, max_new_tokens=new, do_sample=False)
+            kv = per_token * out.shape[1]
+        else:
+            with raas_flex.patched(model, budget=budget, policy=name):
+                out = model.generate(**enc, max_new_tokens=new, do_sample=False)
+                kv = raas_flex.stats(model)["kv_bytes"]
+        text = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        got = parse_answer(text)
+        label = name if budget is None else f"{name} budget={budget}"
+        print(f"{label:>22}: answer {got} ({'correct' if got == problem.answer else 'WRONG'}), "
+              f"{len(text)} tokens, {time.perf_counter() - t0:.1f} s, KV {kv / 2**20:.3f} MiB")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="hub id or local path (default: embedded tiny model)")
+    ap.add_argument("--model", default="testbed",
+                    help="'testbed' (default, models/testbed), 'tiny' (random weights), or a hub id / local path")
+    ap.add_argument("--problem-seed", type=int, default=7, help="testbed: which held-out problem")
+    ap.add_argument("--no-dense", action="store_true", help="testbed: skip the dense reference run")
     ap.add_argument("--prompt", default="Solve step by step: what is 17 * 23 + 5?")
-    ap.add_argument("--budget", type=int, default=64, help="KV token slots per sequence and head")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="KV token slots per sequence and head (default: 576, half a testbed chain; 64 for tiny)")
     ap.add_argument("--policy", default="raas", choices=raas_flex.POLICIES)
     ap.add_argument("--new", type=int, default=256, help="tokens to generate")
     args = ap.parse_args(argv)
@@ -43,7 +87,11 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # On CPU raas_flex runs flex_attention eagerly by design (compile_flex=None); torch warns about it.
     warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
-    if args.model is None:
+    if args.model == "testbed":
+        args.budget = 576 if args.budget is None else args.budget
+        return run_testbed(args, device)
+    args.budget = 64 if args.budget is None else args.budget
+    if args.model == "tiny":
         model, tok = tiny_default_model()
         input_ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
     else:
