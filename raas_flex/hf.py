@@ -162,6 +162,8 @@ def raas_attention(module, query, key, value, attention_mask, scaling=None, drop
             q = query.detach()
             engine.select(q)
             out = engine.attend_observe(q)  # [B, Hq, 1, D]
+            if runtime.tracer is not None:  # raas_flex.tracing block open (off: no op is added to the step)
+                runtime.tracer.on_decode(layer_idx, engine, q)
         return out.transpose(1, 2), None
     layer = runtime.take(layer_idx, key) if runtime is not None else None
     if layer is None:
@@ -236,6 +238,7 @@ class _Runtime:
         self.saved_attn: list[tuple[object, object]] = []
         self.saved_methods: dict[str, object] = {}
         self.attn_modules: list[nn.Module] = []
+        self.tracer = None  # raas_flex.trace.AttentionTrace while a raas_flex.tracing block is open
         self.configure(config)
 
     def configure(self, config: RaaSConfig) -> None:
@@ -460,6 +463,8 @@ class RaaSLayer(CacheLayerMixin):
             engine.prefill(torch.where(keep, key, 0), torch.where(keep, value, 0), real)
         except ValueError as e:
             raise ValueError(f"layer {self.layer_idx}, policy={cfg.policy!r}: {e}") from None
+        if self.cache._runtime.tracer is not None:
+            self.cache._runtime.tracer.on_prefill(self.layer_idx, engine)
         self.engine = engine
         self.capacity = None if cfg.bounded else engine.S
         self.prefill_len = n
@@ -602,6 +607,10 @@ def _make_generate(model: nn.Module, runtime: _Runtime, original):
     @functools.wraps(getattr(type(model), "generate"))
     def generate(*args, **kwargs):
         runtime.generation_cache = None
+        if runtime.tracer is not None:  # tracing copies to the host every step: decode eagerly
+            if kwargs.get("disable_compile", True) is not True:
+                raise ValueError("disable_compile=False cannot be used inside raas_flex.tracing (tracing runs eager)")
+            kwargs["disable_compile"] = True
         try:
             out = original(model_ref())(*args, **kwargs)
         finally:
@@ -706,6 +715,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     runtime.pool.clear()
     runtime.pending.clear()
     runtime.last_cache = runtime.generation_cache = None
+    runtime.tracer = None
     runtime.attn_modules = []
     _PATCHED.discard(model)
     if len(_PATCHED) == 0:
