@@ -29,7 +29,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.decode_step import copy_bandwidth, graph_time_us, tqdm  # noqa: E402
-from raas_flex.masks import block_lists, generate_slot_validity_mask, materialize  # noqa: E402
+from raas_flex.masks import all_partial_lists, block_lists, generate_slot_validity_mask, materialize  # noqa: E402
 
 POINTS = [(8, 32, 8, 2048), (32, 32, 8, 2048), (8, 28, 4, 2048), (1, 28, 4, 2048), (8, 32, 8, 4096)]
 # (BLOCK_N, num_stages, num_warps); None = flex's default for the device
@@ -37,13 +37,8 @@ KERNELS = [None, (64, 3, 2), (64, 3, 4), (64, 2, 4), (128, 3, 4), (128, 2, 8), (
 
 
 def make_lists(valid: torch.Tensor, block: int, how: str):
-    bh, s = valid.shape
-    nb = s // block
     if how == "static":
-        num = torch.full((bh, 1, 1), nb, dtype=torch.int32, device=valid.device)
-        idx = torch.arange(nb, dtype=torch.int32, device=valid.device).expand(bh, 1, 1, nb).contiguous()
-        zero = torch.zeros_like(num)
-        return num, idx, zero, idx.clone()
+        return all_partial_lists(valid.shape[0], valid.shape[1], block, valid.device)
     return block_lists(valid, block)
 
 

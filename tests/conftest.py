@@ -31,6 +31,29 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:flex_attention called without torch.compile:UserWarning")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module (small models on 2 cores: threads only add contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def unpatch_everything():
+    """Every test ends with no patched model, so registrations can be checked exactly."""
+    import gc
+
+    import raas_flex
+    from raas_flex import hf
+
+    yield
+    for model in list(hf._PATCHED):
+        raas_flex.unpatch(model)
+    gc.collect()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

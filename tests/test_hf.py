@@ -9,7 +9,6 @@ thread for this module (tiny ops; the CI machine has 2 contended cores).
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 
@@ -53,21 +52,7 @@ FAMILIES = {
 LAYERS, HKV, D = 2, 2, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _unpatch_everything():
-    """Every test starts and ends with no patched model, so registrations can be checked exactly."""
-    yield
-    for model in list(hf._PATCHED):
-        raas_flex.unpatch(model)
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("one_thread", "unpatch_everything")
 
 
 def make_model(family: str = "llama", seed: int = 0, **overrides):

@@ -7,7 +7,6 @@ synthetic maps built to show each pattern.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -31,20 +30,7 @@ PS, BUDGET, NEW = 8, 32, 60
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _unpatch_everything():
-    yield
-    for model in list(hf._PATCHED):
-        raas_flex.unpatch(model)
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("one_thread", "unpatch_everything")
 
 
 def make_model(family="qwen2", seed=3):
