@@ -3,6 +3,12 @@
     python examples/train_testbed.py --out runs/testbed            # one GPU, ~8 minutes (the shipped model)
     python examples/train_testbed.py --smoke --out /tmp/tb          # CPU, seconds: a few steps, tiny model
 
+``--window MIN MAX`` trains under windowed attention (:func:`raas_flex.testbed.window_mask`): each
+sequence of a batch sees its question plus its last W tokens, W drawn uniformly from MIN..MAX, except
+a share ``--full-frac`` of sequences that keep plain causal attention. The model then computes each
+step from the question and the recent lines, as the task allows, instead of from the whole chain, and
+still works with dense attention. The shipped model was trained this way (see its train_log.json).
+
 The model learns to write the whole chain of thought (>= 1,000 tokens) for a question it has not
 seen and to answer with the last three values; every step must be right for the answer to be. Loss
 is taken on the chain and the answer only (not the question). Training stops at the wall-clock
@@ -54,6 +60,7 @@ from raas_flex.testbed import (  # noqa: E402
     parse_answer,
     sample,
     spec_dict,
+    window_mask,
 )
 
 ARCHS = ("llama", "qwen2")
@@ -122,9 +129,25 @@ class Batches:
         self.stop.set()
 
 
-def loss_fn(model, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def draw_windows(gen: torch.Generator, n: int, window, full_frac: float, seq_len: int) -> torch.Tensor | None:
+    """Per-sequence attention windows for one batch (None: plain causal attention for every row)."""
+    if window is None:
+        return None
+    lo, hi = window
+    w = torch.randint(lo, hi + 1, (n,), generator=gen)
+    return torch.where(torch.rand(n, generator=gen) < full_frac, torch.full_like(w, seq_len), w)
+
+
+def attention_mask(windows: torch.Tensor | None, ids: torch.Tensor, prompt_len: int):
+    if windows is None:
+        return None
+    return window_mask(windows.to(ids.device), ids.shape[1], prompt_len)
+
+
+def loss_fn(model, ids: torch.Tensor, prompt_len: int, windows: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy on the chain, answer and </s> (tokens after the question, padding excluded)."""
-    logits = model(input_ids=ids[:, :-1]).logits
+    x = ids[:, :-1]
+    logits = model(input_ids=x, attention_mask=attention_mask(windows, x, prompt_len)).logits
     target = ids[:, 1:].clone()
     target[:, : prompt_len - 1] = -100
     target[target == PAD] = -100
@@ -132,9 +155,11 @@ def loss_fn(model, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, chunk: int) -> dict:
+def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, chunk: int,
+                        window: int | None = None) -> dict:
     """Per-token and per-sequence argmax accuracy on the chain under teacher forcing, and per line
-    column (the looked-up b and the computed value v are the hard ones)."""
+    column (the looked-up b and the computed value v are the hard ones). With ``window`` every
+    sequence sees only its question and its last ``window`` tokens."""
     model.eval()
     tok_ok = tok_n = seq_ok = 0
     col_ok = np.zeros(LINE_WIDTH)
@@ -142,8 +167,10 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
     loss_sum = 0.0
     for i in range(0, len(ids), chunk):
         x = ids[i:i + chunk].to(device, non_blocking=True)
+        inp = x[:, :-1]
+        windows = None if window is None else torch.full((len(x),), window, dtype=torch.long)
         with amp():
-            logits = model(input_ids=x[:, :-1]).logits
+            logits = model(input_ids=inp, attention_mask=attention_mask(windows, inp, prompt_len)).logits
         target = x[:, 1:]
         valid = target != PAD
         valid[:, : prompt_len - 1] = False
@@ -194,6 +221,17 @@ def generate_eval(model, tok, spec: TaskSpec, n: int, seed: int, device, batch_s
             "gen_max_len": int(max(lengths)), "gen_seconds": time.perf_counter() - t0}
 
 
+def evaluate(model, ids, prompt_len: int, device, amp, args) -> dict:
+    """Teacher-forced eval with dense attention and, when training windowed, with the smallest window
+    (keys suffixed ``_window``); training stops when both reach ``--target``."""
+    chunk = max(1, min(64, args.batch_size))
+    ev = teacher_forced_eval(model, ids, prompt_len, device, amp, chunk)
+    if args.window is not None:
+        win = teacher_forced_eval(model, ids, prompt_len, device, amp, chunk, window=args.window[0])
+        ev.update({f"{k}_window": v for k, v in win.items()})
+    return ev
+
+
 def save(model, tok, out: Path, log: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -207,7 +245,7 @@ def parse_args(argv=None):
     ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the training loop, from script start")
     ap.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: time only)")
     ap.add_argument("--target", type=float, default=1.0,
-                    help="stop once tf_seq_acc on the held-out set reaches this (default 1.0: every sequence right)")
+                    help="stop once tf_seq_acc on the held-out set reaches this (default 1.0: every sequence right; with --window, under the smallest window too)")
     ap.add_argument("--arch", default="llama", choices=ARCHS)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
@@ -226,6 +264,10 @@ def parse_args(argv=None):
     ap.add_argument("--min-lines", type=int, default=None)
     ap.add_argument("--max-lines", type=int, default=None)
     ap.add_argument("--lag", type=int, default=None)
+    ap.add_argument("--window", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                    help="train under windowed attention: question + last W tokens, W uniform in MIN..MAX")
+    ap.add_argument("--full-frac", type=float, default=0.25,
+                    help="with --window: share of sequences trained with plain causal attention")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", default=None, help="start from this checkpoint (a previous --out) instead of scratch")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -244,6 +286,10 @@ def parse_args(argv=None):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.minutes <= 0:
         raise ValueError(f"--minutes must be > 0, got {args.minutes}")
+    if args.window is not None and not 1 <= args.window[0] <= args.window[1]:
+        raise ValueError(f"--window MIN MAX needs 1 <= MIN <= MAX, got {args.window}")
+    if not 0.0 <= args.full_frac <= 1.0:
+        raise ValueError(f"--full-frac must be in [0, 1], got {args.full_frac}")
     if args.gen_problems < 0:
         raise ValueError(f"--gen-problems must be >= 0, got {args.gen_problems}")
     return args
@@ -282,6 +328,7 @@ def main(argv=None) -> dict:
     def amp():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
+    win_gen = torch.Generator().manual_seed(args.seed + 1)
     step_model = model
     if args.compile:
         step_model = torch.compile(model)
@@ -321,15 +368,16 @@ def main(argv=None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         ids = batches.next().to(device, non_blocking=True)
+        windows = draw_windows(win_gen, len(ids), args.window, args.full_frac, ids.shape[1])
         with amp():
             try:
-                loss = loss_fn(step_model, ids, P)
+                loss = loss_fn(step_model, ids, P, windows)
             except Exception as e:  # a failed compile must not cost the run
                 if step_model is model:
                     raise
                 print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing eager", flush=True)
                 step_model = model
-                loss = loss_fn(step_model, ids, P)
+                loss = loss_fn(step_model, ids, P, windows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -346,14 +394,14 @@ def main(argv=None) -> dict:
             bar.set_postfix(step=step, loss=f"{lv:.4f}", tok_s=f"{tokens / dt:,.0f}")
         bar.update(min(round(time.perf_counter() - T_START), round(budget_s)) - bar.n)
         if time.perf_counter() - last_eval >= args.eval_every:
-            ev = teacher_forced_eval(model, ev_ids, P, device, amp, chunk=max(1, min(64, args.batch_size)))
+            ev = evaluate(model, ev_ids, P, device, amp, args)
             ev.update(step=step, t=round(time.perf_counter() - T_START, 2), tokens=tokens)
             log["evals"].append(ev)
             tqdm.write(f"step {step} t={ev['t']:.0f}s " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()
                                                                        if k.startswith("tf_")))
             save(model, tok, out, log)
             last_eval = time.perf_counter()
-            if ev["tf_seq_acc"] >= args.target:
+            if min(ev["tf_seq_acc"], ev.get("tf_seq_acc_window", 1.0)) >= args.target:
                 stop_reason = "target"
                 break
     bar.close()
@@ -361,7 +409,7 @@ def main(argv=None) -> dict:
     train_s = time.perf_counter() - t_loop
     log.update(steps=step, train_seconds=train_s, train_tokens=tokens, tokens_per_s=tokens / max(train_s, 1e-9),
                stop_reason=stop_reason)
-    final = teacher_forced_eval(model, ev_ids, P, device, amp, chunk=max(1, min(64, args.batch_size)))
+    final = evaluate(model, ev_ids, P, device, amp, args)
     final.update(step=step, t=round(time.perf_counter() - T_START, 2), tokens=tokens)
     log["evals"].append(final)
     if args.gen_problems:

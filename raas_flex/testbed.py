@@ -68,6 +68,7 @@ __all__ = [
     "make_problem",
     "parse_answer",
     "sample",
+    "window_mask",
     "write_jsonl",
 ]
 
@@ -350,6 +351,39 @@ def parse_answer(text: str) -> str | None:
             break
         digits += c
     return digits or None
+
+
+def window_mask(windows, seq_len: int, prompt_tokens: int):
+    """Training attention mask that lets each sequence see only its question and a recent window.
+
+    ``windows``: int tensor ``[B]``; row ``b`` may attend from query ``i`` to key ``j`` when ``j <= i``
+    and either ``j < prompt_tokens`` (the question) or ``i - j < windows[b]`` (the last ``windows[b]``
+    tokens, the query itself included). A window ``>= seq_len`` is plain causal attention. Returns a
+    bool tensor ``[B, 1, seq_len, seq_len]`` (True = attend) on ``windows.device``, the 4D form
+    ``transformers`` passes to SDPA unchanged.
+
+    A model trained under these masks computes every step from the question and the last few lines,
+    which is the information flow the task has (see the module docstring); one trained on plain
+    causal attention is free to lean on the whole chain (for example to count lines).
+    """
+    import torch
+
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 1 or windows.dtype.is_floating_point:
+        raise TypeError(f"windows must be a 1-D integer tensor, got {windows!r}")
+    for name, value in (("seq_len", seq_len), ("prompt_tokens", prompt_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if seq_len < 1 or not 0 <= prompt_tokens <= seq_len:
+        raise ValueError(f"need seq_len >= 1 and 0 <= prompt_tokens <= seq_len, got seq_len={seq_len}, "
+                         f"prompt_tokens={prompt_tokens}")
+    if bool((windows < 1).any()):
+        raise ValueError(f"windows must all be >= 1, got min {int(windows.min())}")
+    pos = torch.arange(seq_len, device=windows.device)
+    dist = pos[:, None] - pos[None, :]  # query i - key j
+    causal = dist >= 0
+    recent = dist[None] < windows[:, None, None]
+    prompt = (pos < prompt_tokens)[None, None, :]
+    return (causal[None] & (recent | prompt))[:, None]
 
 
 def spec_dict(spec: TaskSpec = DEFAULT_SPEC) -> dict:

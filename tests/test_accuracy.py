@@ -368,6 +368,66 @@ def test_harness_reads_jsonl_and_scores_answers(tiny_model_dir, tmp_path):
 
 
 # -- training ------------------------------------------------------------------------------------------------
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    st.integers(1, 30),
+    st.data(),
+)
+def test_window_mask_matches_a_plain_rule(windows, seq_len, data):
+    prompt = data.draw(st.integers(0, seq_len))
+    mask = tb.window_mask(torch.tensor(windows), seq_len, prompt)
+    assert mask.shape == (len(windows), 1, seq_len, seq_len) and mask.dtype == torch.bool
+    for b, w in enumerate(windows):
+        for i in range(seq_len):
+            for j in range(seq_len):
+                assert bool(mask[b, 0, i, j]) == (j <= i and (j < prompt or i - j < w)), (b, i, j)
+
+
+def test_window_mask_rejects_bad_input():
+    with pytest.raises(TypeError, match="windows"):
+        tb.window_mask(torch.tensor([2.0]), 8, 2)
+    with pytest.raises(ValueError, match="windows must all be >= 1"):
+        tb.window_mask(torch.tensor([0, 3]), 8, 2)
+    with pytest.raises(ValueError, match="prompt_tokens=9"):
+        tb.window_mask(torch.tensor([3]), 8, 9)
+    with pytest.raises(TypeError, match="seq_len"):
+        tb.window_mask(torch.tensor([3]), 8.0, 2)
+
+
+def test_windowed_training_masks_the_model():
+    """A windowed row sees only its question and recent tokens: logits at a position do not change
+    when a token outside every window of the earlier positions changes, and a window as long as the
+    sequence is plain causal attention."""
+    model = train_testbed.build_model("llama", 1, 64, 4, 2, 16, 128, max_positions=256).eval()
+    ids = torch.randint(4, 90, (1, 60))
+    P, W = 5, 12
+    windows = train_testbed.draw_windows(torch.Generator().manual_seed(0), 1, (W, W), 0.0, 60)
+    assert windows.tolist() == [W]
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        same = model(input_ids=ids, attention_mask=train_testbed.attention_mask(torch.tensor([60]), ids, P)).logits
+        masked = model(input_ids=ids, attention_mask=train_testbed.attention_mask(windows, ids, P)).logits
+        changed = ids.clone()
+        changed[0, 20] = 3 if ids[0, 20] != 3 else 4  # outside the window of positions >= 20 + W (1 layer)
+        masked2 = model(input_ids=changed, attention_mask=train_testbed.attention_mask(windows, changed, P)).logits
+    torch.testing.assert_close(same, full)
+    assert not torch.allclose(masked[0, 40:], full[0, 40:])
+    torch.testing.assert_close(masked2[0, 20 + W:], masked[0, 20 + W:])
+    assert not torch.allclose(masked2[0, 20:20 + W], masked[0, 20:20 + W])
+    # the draw: full_frac 1 gives every row the whole sequence
+    assert train_testbed.draw_windows(torch.Generator(), 4, (W, 2 * W), 1.0, 60).tolist() == [60] * 4
+
+
+def test_train_smoke_with_windows_evaluates_both(tmp_path):
+    log = train_testbed.main(["--smoke", "--out", str(tmp_path), "--device", "cpu", "--gen-problems", "0",
+                              "--window", "20", "40"])
+    assert "tf_seq_acc_window" in log["final"] and log["args"]["window"] == [20, 40]
+    with pytest.raises(ValueError, match="--window"):
+        train_testbed.main(["--smoke", "--out", str(tmp_path), "--window", "40", "20"])
+    with pytest.raises(ValueError, match="--full-frac"):
+        train_testbed.main(["--smoke", "--out", str(tmp_path), "--window", "20", "40", "--full-frac", "1.5"])
+
+
 def test_train_smoke_saves_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
