@@ -80,3 +80,36 @@ def test_long_context_benchmark_smoke(tmp_path):
     data = json.loads((tmp_path / "long_context_smoke.json").read_text())
     assert data["rows"] == rows
     assert "| raas budget=64 |" in (tmp_path / "long_context_smoke.md").read_text()
+
+
+def test_importance_scores_are_exact_shares_and_upper_bounds():
+    """page_scores: shares are the softmax mass per page (they sum to 1 for one query head per KV
+    head), and the bound is >= every key's q.k on its page (Quest's guarantee), for partial pages too."""
+    import torch
+
+    ir = _bench_module("importance_recall")
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 50, 8, dtype=torch.float64), torch.randn(2, 50, 8, dtype=torch.float64)
+    for t in (0, 15, 16, 37, 49):
+        share, bound = ir.page_scores(q, k, t, page=16, scale=1.0)
+        assert share.shape == bound.shape == (2, t // 16 + 1)
+        torch.testing.assert_close(share.sum(-1), torch.ones(2, dtype=torch.float64))
+        dots = torch.einsum("hd,htd->ht", q[:, t], k[:, : t + 1])
+        for p in range(t // 16 + 1):
+            assert (bound[:, p] >= dots[:, p * 16:(p + 1) * 16].amax(-1) - 1e-12).all()
+    assert ir.rank_of(torch.tensor([0.5, 0.9, 0.5, 0.1]), 2) == 2  # ties count against the entry
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "testbed" / "config.json").exists(), reason="no shipped testbed model")
+def test_importance_recall_runs_on_the_shipped_model(tmp_path):
+    ir = _bench_module("importance_recall")
+    res = ir.main(["--model", str(ROOT / "models" / "testbed"), "--problems", "1", "--every", "7",
+                   "--out", str(tmp_path), "--name", "ir"])
+    assert res["reads"] > 5 and len(res["layers"]) == 4
+    for row in res["layers"]:
+        for est in ("attention", "bound"):
+            tops = [row[f"{est}_top{k}"] for k in res["ks"]]
+            assert tops == sorted(tops) and 0 <= tops[0] and tops[-1] <= 1
+    # the first layer has a head that puts (nearly) all its attention on the page it must read
+    assert res["layers"][0]["mean_share_on_needed_page"] > 0.9 and res["layers"][0]["attention_top4"] == 1.0
+    assert "| 0 |" in (tmp_path / "ir.md").read_text()
