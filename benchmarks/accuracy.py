@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import raas_flex  # noqa: E402
-from raas_flex.config import POLICIES  # noqa: E402
+from raas_flex.config import POLICIES, parse_options  # noqa: E402
 from raas_flex import testbed  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -233,22 +233,6 @@ def build_prompts(tok, problems, prompt_format: str, instruction: str) -> list[l
         else:
             prompts.append(tok(p["question"]).input_ids)
     return prompts
-
-
-def parse_options(items) -> dict:
-    """['refresh=threshold', 'refresh_threshold=0.5'] -> {'refresh': 'threshold', 'refresh_threshold': 0.5}."""
-    import ast
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option must be KEY=VALUE, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def run_config(model, tok, prompts, problems, policy: str, budget: int, args, bar, spec) -> dict:

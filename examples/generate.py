@@ -3,6 +3,8 @@
     python examples/generate.py                        # embedded default: the reasoning testbed model
     python examples/generate.py --model tiny           # a tiny random Qwen2-shaped model (mechanics only)
     python examples/generate.py --model Qwen/Qwen3-0.6B --prompt "..." --budget 1024 --new 4096
+    python examples/generate.py --budget 288 --option importance=attention \
+        --option refresh=threshold --option refresh_threshold=0.01   # RaaS's threshold variant
 
 The embedded default is models/testbed, a 3.8M-parameter Llama trained on raas_flex.testbed (long
 chains of thought over a lookup table; docs/accuracy.md). It solves a held-out problem densely, then
@@ -20,6 +22,7 @@ import warnings
 import torch
 
 import raas_flex
+from raas_flex.config import parse_options
 
 
 def tiny_default_model():
@@ -61,12 +64,13 @@ def run_testbed(args, device) -> None:
             out = model.generate(**enc, max_new_tokens=new, do_sample=False)
             kv = per_token * out.shape[1]
         else:
-            with raas_flex.patched(model, budget=budget, policy=name):
+            with raas_flex.patched(model, budget=budget, policy=name, **args.options):
                 out = model.generate(**enc, max_new_tokens=new, do_sample=False)
                 kv = raas_flex.stats(model)["kv_bytes"]
         text = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
         got = parse_answer(text)
-        label = name if budget is None else f"{name} budget={budget}"
+        label = name if budget is None else f"{name} budget={budget}" + "".join(
+            f" {k}={v}" for k, v in args.options.items())
         print(f"{label:>22}: answer {got} ({'correct' if got == problem.answer else 'WRONG'}), "
               f"{len(text)} tokens, {time.perf_counter() - t0:.1f} s, KV {kv / 2**20:.3f} MiB")
 
@@ -81,8 +85,11 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=None,
                     help="KV token slots per sequence and head (default: 576, half a testbed chain; 64 for tiny)")
     ap.add_argument("--policy", default="raas", choices=raas_flex.POLICIES)
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra RaaSConfig option (repeatable), e.g. --option refresh_ratio=0.25")
     ap.add_argument("--new", type=int, default=256, help="tokens to generate")
     args = ap.parse_args(argv)
+    args.options = parse_options(args.option)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # On CPU raas_flex runs flex_attention eagerly by design (compile_flex=None); torch warns about it.
@@ -104,7 +111,7 @@ def main(argv=None):
     input_ids = input_ids.to(device)
     gen = dict(max_new_tokens=args.new, do_sample=False, min_new_tokens=args.new if tok is None else 0)
 
-    with raas_flex.patched(model, budget=args.budget, policy=args.policy):
+    with raas_flex.patched(model, budget=args.budget, policy=args.policy, **args.options):
         t0 = time.perf_counter()
         out = model.generate(input_ids, **gen)
         dt = time.perf_counter() - t0

@@ -167,3 +167,26 @@ class RaaSConfig:
 
     def replace(self, **changes) -> "RaaSConfig":
         return dataclasses.replace(self, **changes)
+
+
+def parse_options(items) -> dict:
+    """Command-line ``KEY=VALUE`` strings -> RaaSConfig keyword arguments.
+
+    Values are read as Python literals where they parse (``0.5``, ``True``, ``None``) and kept as
+    strings otherwise: ``["refresh=threshold", "refresh_threshold=0.01"]`` ->
+    ``{"refresh": "threshold", "refresh_threshold": 0.01}``. RaaSConfig validates them.
+    """
+    import ast
+
+    out = {}
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"options must be 'KEY=VALUE' strings, got {item!r}")
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"option must be KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out

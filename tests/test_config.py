@@ -233,3 +233,20 @@ def test_prefill_rejects(make, exc, text):
     c = cache_for()
     with pytest.raises(exc, match=m(text)):
         c.prefill(*make())
+
+
+def test_parse_options_reads_literals_and_names_bad_items():
+    from raas_flex.config import parse_options
+
+    assert parse_options(["refresh=threshold", "refresh_threshold=0.01", "compile_flex=None", "block_size=64"]) == {
+        "refresh": "threshold", "refresh_threshold": 0.01, "compile_flex": None, "block_size": 64}
+    assert parse_options([]) == {}
+    with pytest.raises(ValueError, match="KEY=VALUE, got 'refresh'"):
+        parse_options(["refresh"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_options(["=3"])
+    with pytest.raises(TypeError, match="KEY=VALUE"):
+        parse_options([3])
+    # the parsed values go through RaaSConfig's own validation
+    with pytest.raises(ValueError, match="refresh_ratio"):
+        RaaSConfig(budget=256, **parse_options(["refresh_ratio=2.0"]))

@@ -29,7 +29,8 @@ def test_decode_step_benchmark_smoke(tmp_path):
 
 def test_generate_example_runs():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "generate.py"), "--model", "tiny", "--new", "80", "--budget", "48"],
+        [sys.executable, str(ROOT / "examples" / "generate.py"), "--model", "tiny", "--new", "80", "--budget", "48",
+         "--option", "refresh_ratio=0.34"],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout
     assert "answer (80 tokens" in out
