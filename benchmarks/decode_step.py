@@ -3,7 +3,9 @@
 For each grid point (batch B, heads Hq/Hkv, head dim 128, context N, budget L) it times, by
 CUDA-graph replay of the compiled step (median over chunks of replays, CUDA events):
 
-    raas / h2o / streaming   full engine step over an L-slot compacted buffer (O(L) memory)
+    raas / h2o / streaming   full engine step over an L-slot compacted buffer (O(L) memory);
+                             on CUDA with the fused Triton bookkeeping kernels (raas_flex.kernels)
+    raas_torch               raas with fused=False: the same step with the torch bookkeeping code
     quest                    full engine step over an N-token buffer attending to L tokens
     sdpa_dense_N             F.scaled_dot_product_attention over N cached tokens (today's dense decode)
     sdpa_L                   SDPA over a dense L-token buffer: the ideal for a compacted cache
@@ -100,7 +102,10 @@ def reference(cache: PagedKVCache, q: torch.Tensor, rows: int = 2) -> torch.Tens
 
 def make_cache(policy, B, Hq, Hkv, D, N, L, dtype, device, extra_steps):
     ps = 16
-    cfg = RaaSConfig(budget=L, policy=policy, page_size=ps, pin_prompt=False,
+    fused = None
+    if policy == "raas_torch":
+        policy, fused = "raas", False
+    cfg = RaaSConfig(budget=L, policy=policy, page_size=ps, pin_prompt=False, fused=fused,
                      max_length=(N + extra_steps) if policy in ("quest", "dense") else None)
     cache = PagedKVCache(cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
                          dtype=dtype, device=device, max_length=cfg.max_length)
@@ -189,6 +194,8 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
 
 def markdown(rows, policies) -> str:
     cols = ["B", "Hq/Hkv", "N", "L", "floor_L", "sdpa_L", *policies, "sdpa_dense_N", "raas/sdpa_L", "sdpa_N/raas"]
+    if "raas_torch" in policies:
+        cols.append("raas_torch/raas")
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     f = lambda x: "-" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))
     for r in rows:
@@ -197,6 +204,8 @@ def markdown(rows, policies) -> str:
                 *[r.get(p) for p in policies], r.get("sdpa_dense_N"),
                 (raas / r["sdpa_L"]) if raas and r.get("sdpa_L") else None,
                 (r["sdpa_dense_N"] / raas) if raas and r.get("sdpa_dense_N") else None]
+        if "raas_torch" in policies:
+            vals.append((r["raas_torch"] / raas) if raas and r.get("raas_torch") else None)
         out.append("| " + " | ".join(f(v) for v in vals) + " |")
     return "\n".join(out)
 
@@ -205,7 +214,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two small grid points")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU-sized run, checks only (no timing)")
-    ap.add_argument("--policies", default="raas,h2o,streaming,quest")
+    ap.add_argument("--policies", default="raas,h2o,streaming,quest",
+                    help="comma list of raas, raas_torch (raas with fused=False), h2o, streaming, quest")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--max-gb", type=float, default=30.0, help="skip points whose KV exceeds this")
@@ -215,7 +225,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.replot:
         data = json.loads(Path(args.replot).read_text())
-        pols = [p for p in ("raas", "h2o", "streaming", "quest") if any(p in r for r in data["rows"])]
+        pols = [p for p in ("raas", "raas_torch", "h2o", "streaming", "quest") if any(p in r for r in data["rows"])]
         print(markdown(data["rows"], pols))
         print("wrote", plot(data["rows"], data["meta"], Path(args.replot).with_suffix(".png")))
         return data["rows"]

@@ -26,11 +26,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--exact-lists", action="store_true", help="compute exact block lists every step")
+    ap.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
+                    help="bookkeeping by the fused Triton kernels (on), the torch code (off) or where supported (auto)")
     args = ap.parse_args(argv)
     hq, hkv = map(int, args.heads.split("/"))
     B, D, L, dev, dt = args.batch, 128, args.budget, "cuda", torch.bfloat16
+    fused = {"auto": None, "on": True, "off": False}[args.fused]
     cfg = RaaSConfig(budget=L, policy=args.policy, pin_prompt=False, block_size=args.block_size,
-                     max_length=L * 2 if args.policy in ("quest", "dense") else None)
+                     max_length=L * 2 if args.policy in ("quest", "dense") else None, fused=fused)
     cache = PagedKVCache(cfg, batch_size=B, num_heads=hq, num_kv_heads=hkv, head_dim=D, dtype=dt, device=dev)
     n0 = L - 16 if cfg.bounded else L
     cache.prefill(torch.randn(B, hkv, n0, D, dtype=dt, device=dev), torch.randn(B, hkv, n0, D, dtype=dt, device=dev))
@@ -47,8 +50,12 @@ def main(argv=None):
         for _ in range(args.steps):
             step(q, k, v)
         torch.cuda.synchronize()
-    print(f"policy={args.policy} B={B} heads={hq}/{hkv} L={L} block={cache.block}: per-step kernel times (us)")
+    print(f"policy={args.policy} B={B} heads={hq}/{hkv} L={L} block={cache.block} fused={cache.fused}: "
+          f"per-step kernel times (us, {args.steps} steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    from decode_step import graph_time_us  # same folder
+
+    print(f"whole step, CUDA-graph replay median: {graph_time_us(lambda: step(q, k, v)):.1f} us")
 
 
 if __name__ == "__main__":

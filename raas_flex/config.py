@@ -52,6 +52,10 @@ class RaaSConfig:
     compile_flex: run flex_attention compiled when the step itself is not being compiled.
         None means: compiled on CUDA, eager on CPU (eager flex applies mask_mod densely, which is
         exact but slow; CPU compiles take tens of seconds per shape).
+    fused: do the step's bookkeeping with the hand-fused Triton kernels of :mod:`raas_flex.kernels`
+        (one append kernel, one observe kernel) instead of the torch code. None means: fused where
+        supported (CUDA, Triton installed, policy raas/streaming/h2o, 16/32-bit K/V); True raises
+        ValueError where unsupported; False always runs the torch code (the reference).
     """
 
     budget: int
@@ -67,6 +71,7 @@ class RaaSConfig:
     max_length: int | None = None
     block_size: int | None = None
     compile_flex: bool | None = None
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
@@ -118,6 +123,8 @@ class RaaSConfig:
             _check_int("block_size", self.block_size, low=1)
         if self.compile_flex is not None and not isinstance(self.compile_flex, bool):
             raise TypeError(f"compile_flex must be True, False or None, got {self.compile_flex!r}")
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise TypeError(f"fused must be True, False or None, got {self.fused!r}")
 
     # -- derived quantities -------------------------------------------------------------------
     @property

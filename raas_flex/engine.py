@@ -18,6 +18,10 @@ graphs:
 A decode step appends one token per sequence (opening a page, evicting one if the buffer is full),
 attends over the resident tokens with flex_attention, then lets the policy observe the query
 (RaaS refreshes the timestamps of the most important pages).
+
+On CUDA the append (with the validity mask) and the RaaS observe run as two hand-fused Triton
+kernels (:mod:`raas_flex.kernels`, switch: :attr:`PagedKVCache.fused`); the torch code below is the
+reference they match and the path on CPU and for the other policies.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
 
+from . import kernels
 from .config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, RaaSConfig
 from .masks import all_partial_lists, build_block_mask
 from .policies import make_policy
@@ -95,6 +100,11 @@ class PagedKVCache(nn.Module):
         dtype, device: of the K/V buffers.
         scale: softmax scale (default head_dim ** -0.5).
         max_length: tokens per sequence for the O(N) policies (overrides config.max_length).
+
+    Attribute ``fused`` (from ``config.fused``, settable before compiling): True runs the step's
+    bookkeeping with the Triton kernels of :mod:`raas_flex.kernels`, False with the torch code.
+    ``fused_observe`` says whether the policy's observe is fused too (raas with importance="bound"
+    and refresh="topk"); otherwise only the append is.
     """
 
     def __init__(
@@ -173,19 +183,62 @@ class PagedKVCache(nn.Module):
         buf("_h_ix", torch.arange(H, device=device)[None, :].expand(B, H).contiguous())
         # Block lists: a policy that attends to every resident page gets constant lists (every
         # block partial); one that picks pages (quest) gets exact lists computed per step, so the
-        # kernel skips the pages it did not pick.
+        # kernel skips the pages it did not pick. (A plain attribute, set before compiling. The
+        # fused kernels ignore it: their append kernel writes exact lists at no extra pass, which
+        # lets flex skip mask_mod in full blocks.)
         self.static_lists = not self.policy.narrows
         # flex kernel options (a plain attribute: set it before compiling to try others)
         self.kernel_options = default_kernel_options(device, dtype, self.block)
         for name, t in zip(("_kv_num", "_kv_idx", "_full_num", "_full_idx"),
                            all_partial_lists(B * H, S, self.block, device)):
             buf(name, t)
+        # fused kernels: support is fixed by config, device and dtype; their buffers (scratch,
+        # counters, exact block lists) exist only where they can run
+        self._fused_reason = kernels.unsupported_reason(config, device, dtype)
+        if self._fused_reason is None:
+            buf("_imp", torch.zeros(B, H, P, dtype=torch.float32, device=device))  # observe: bounds
+            buf("_ticket", torch.zeros(1, dtype=torch.int32, device=device))  # append: finish count
+            buf("_obs_count", torch.zeros(B * H, dtype=torch.int32, device=device))  # observe: per row
+            # exact block lists written by the append kernel (flex skips mask_mod in full blocks)
+            for name, t in zip(("_fkv_num", "_fkv_idx", "_ffull_num", "_ffull_idx"),
+                               all_partial_lists(B * H, S, self.block, device)):
+                buf(name, t)
+        self.fused = config.fused
         if device.type == "cuda":
             # CUDA graphs need stable addresses for state mutated inside the captured step.
             for t in self.buffers():
                 torch._dynamo.mark_static_address(t)
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def fused(self) -> bool:
+        """Whether the step's bookkeeping runs as the fused Triton kernels (see :mod:`raas_flex.kernels`).
+
+        Set it to True, False or None (None: fused where supported). True where unsupported raises
+        ValueError with the reason. Set it before compiling: a compiled step keeps the path it was
+        traced with until it recompiles.
+        """
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool | None) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"fused must be True, False or None, got {value!r} ({type(value).__name__})")
+        if value is None:
+            value = self._fused_reason is None
+        elif value and self._fused_reason is not None:
+            raise ValueError(
+                f"fused=True is not supported for this cache: {self._fused_reason}; "
+                "use fused=False (torch code) or fused=None (fused where supported)"
+            )
+        self._fused = value
+        self._fused_observe = value and kernels.observe_fusable(self.config)
+
+    @property
+    def fused_observe(self) -> bool:
+        """Whether the policy's observe step runs as the fused kernel (raas, bound importance, top-k)."""
+        return self._fused_observe
+
     @property
     def kv_bytes(self) -> int:
         """Bytes allocated for K and V (what the budget bounds)."""
@@ -228,6 +281,9 @@ class PagedKVCache(nn.Module):
             t.zero_()
         self.pinned.zero_()
         self.overflow.zero_()
+        if self._fused_reason is None:
+            self._ticket.zero_()
+            self._obs_count.zero_()
 
     # -- prefill -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -313,13 +369,22 @@ class PagedKVCache(nn.Module):
         self.select(q)
 
     def select(self, q: Tensor) -> None:
-        """Fill ``self.valid`` with the slots query ``q`` attends this step (after :meth:`append`)."""
+        """Fill ``self.valid`` with the slots query ``q`` attends this step (after :meth:`append`).
+
+        Fused: nothing to do, the append kernel already wrote ``valid`` (the fused policies attend
+        to every resident page, so the mask does not depend on ``q``)."""
+        if self._fused:
+            return
         self.valid.copy_(self.valid_slots(q).view(self.B * self.H, self.S))
 
     def attend_observe(self, q: Tensor) -> Tensor:
         """Second half of a step: attention over ``self.valid``, then the policy's update."""
         out = self.attend(q)
-        self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
+        if self._fused_observe:
+            kernels.fused_observe(q, self.page_id, self.stamp, self.score, self.kmax, self.kmin,
+                                  self.step, self._imp, self._obs_count, self.config.refresh_pages)
+        else:
+            self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
         return out
 
     def compiled_decode(self, **compile_kwargs):
@@ -341,8 +406,14 @@ class PagedKVCache(nn.Module):
         return decode
 
     def append(self, k: Tensor, v: Tensor) -> None:
-        """Write one token per sequence, opening a page (and evicting one) when needed."""
+        """Write one token per sequence, opening a page (and evicting one) when needed.
+
+        Fused: one kernel does all of it and also fills ``self.valid`` (see :mod:`raas_flex.kernels`).
+        """
         B, H, P, ps = self.B, self.H, self.P, self.ps
+        if self._fused:
+            self._fused_append(k, v)
+            return
         self.step.add_(1)
         pos = self.length  # [B]
         off = (pos % ps)[:, None]  # [B, 1]
@@ -389,6 +460,24 @@ class PagedKVCache(nn.Module):
         self.open_slot.copy_(torch.where(write, slot, self.open_slot))
         self.length.add_(1)
 
+    def _fused_append(self, k: Tensor, v: Tensor) -> None:
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (self.B, self.H, self.D) or t.shape[2] < 1:
+                raise ValueError(
+                    f"{name} must be [batch_size={self.B}, num_kv_heads={self.H}, 1, head_dim={self.D}], "
+                    f"got {tuple(t.shape)}"
+                )
+            if t.device != self.k.device:
+                raise ValueError(f"{name} is on {t.device}, the cache on {self.k.device}")
+        cfg = self.config
+        recent = cfg.budget_pages - cfg.budget_pages // 2  # h2o's protected recent pages
+        kernels.fused_append(
+            k, v, self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
+            self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
+            self._fkv_num, self._fkv_idx, self._ffull_num, self._ffull_idx,
+            kernels.APPEND_POLICIES[cfg.policy], cfg.sink_pages, recent, self.block,
+        )
+
     def token_valid(self) -> Tensor:
         """bool [B, Hkv, P, page_size]: slot holds a written token of a resident page."""
         logical = self.page_id[..., None] * self.ps + self._tok_ar  # [B, H, P, ps]
@@ -408,8 +497,14 @@ class PagedKVCache(nn.Module):
         bh = B * H
         # CPU compiles read self.valid as a graph input (see compiled_decode); a GPU graph gets
         # opaque copies so Inductor's flex lowering sees realized buffers.
-        barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu"
-        lists = (self._kv_num, self._kv_idx, self._full_num, self._full_idx) if self.static_lists else None
+        # (fused: ``valid`` is the output of a Triton kernel, always a realized buffer: no copy)
+        barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu" and not self._fused
+        if self._fused:  # exact lists, written by the append kernel
+            lists = (self._fkv_num, self._fkv_idx, self._ffull_num, self._ffull_idx)
+        elif self.static_lists:
+            lists = (self._kv_num, self._kv_idx, self._full_num, self._full_idx)
+        else:
+            lists = None
         block_mask = build_block_mask(self.valid, self.block, G, barrier=barrier, lists=lists)
         qp = q.reshape(B, H, G, D).reshape(bh, 1, G, D).to(self.k.dtype)
         kf = self.k.view(bh, 1, S, D)

@@ -1,0 +1,314 @@
+"""The fused Triton bookkeeping kernels (raas_flex.kernels) against the torch code they replace.
+
+Two caches with the same config, one with ``fused=False`` (the torch reference) and one with
+``fused=True``, take the same prompt and the same decode inputs:
+
+- "resync" runs copy the reference's state into the fused cache before every step, then compare the
+  state after it: page ids, pinned flags, open slot, lengths, step, evictions, overflow, K/V buffers,
+  key max/min and the validity mask must be identical; scores close (the page bound is an fp32
+  reduction whose order differs between Inductor and the kernel); stamps identical except where two
+  pages' bounds differ by rounding only at the top-k boundary (checked); outputs within bf16
+  tolerance. Inputs are random normals.
+- "exact" runs never resync and use small integer-valued inputs, so every bound is an exactly
+  representable sum whatever the order: the whole trajectory (hundreds of steps, frequent exact
+  ties in the bounds and eviction keys) must match bit for bit, scores included.
+
+GPU tests run eagerly, compiled with fullgraph=True and with mode="reduce-overhead" (no CUDA-graph
+skips), under ``error_on_recompile``. They need CUDA and are skipped without it. On CPU the switch's
+validation is tested, and, when Triton is installed, a short run through Triton's interpreter (in a
+subprocess, since TRITON_INTERPRET must be set before Triton loads); CI has no Triton and skips it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from raas_flex import PagedKVCache, RaaSConfig, kernels, masks
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+STATE = ("k", "v", "page_id", "stamp", "pinned", "score", "kmax", "kmin", "open_slot", "length", "step",
+         "evictions", "overflow")
+EXACT = ("page_id", "pinned", "open_slot", "length", "step", "evictions", "overflow", "k", "v", "kmax", "kmin",
+         "valid")
+
+
+def make_pair(policy, *, B, Hq, Hkv, D, budget, ps, dtype, device, **kw):
+    cfg = RaaSConfig(budget=budget, page_size=ps, policy=policy, **kw)
+    mk = lambda fused: PagedKVCache(cfg.replace(fused=fused), batch_size=B, num_heads=Hq, num_kv_heads=Hkv,
+                                    head_dim=D, dtype=dtype, device=device)
+    return mk(False), mk(True)
+
+
+class Inputs:
+    """Prompt and decode inputs on the device: normals, or integers in [-3, 3] (exact in bf16)."""
+
+    def __init__(self, B, Hq, Hkv, D, *, dtype, device, integer, seed):
+        self.B, self.Hq, self.H, self.D = B, Hq, Hkv, D
+        self.dtype, self.device, self.integer = dtype, device, integer
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def rand(self, *shape):
+        if self.integer:
+            x = torch.randint(-3, 4, shape, generator=self.gen).float()
+        else:
+            x = torch.randn(*shape, generator=self.gen)
+        return x.to(self.device, self.dtype)
+
+    def prompt(self, lens):
+        n = max(max(lens), 1)
+        mask = torch.arange(n)[None, :] >= (n - torch.tensor(lens))[:, None]  # left padding
+        return self.rand(self.B, self.H, n, self.D), self.rand(self.B, self.H, n, self.D), mask.to(self.device)
+
+    def step(self):
+        return self.rand(self.B, self.Hq, 1, self.D), self.rand(self.B, self.H, 1, self.D), self.rand(self.B, self.H, 1, self.D)
+
+
+def assert_same_step(ref, fus, out_ref, out_fus, *, exact: bool, tol) -> None:
+    """The fused cache made the same state change as the reference (see module doc)."""
+    for name in EXACT:
+        a, b = getattr(ref, name), getattr(fus, name)
+        assert torch.equal(a, b), f"{name} differs:\n{a}\n{b}"
+    if exact:
+        assert torch.equal(ref.score, fus.score), "score differs"
+        assert torch.equal(ref.stamp, fus.stamp), f"stamp differs:\n{ref.stamp}\n{fus.stamp}"
+    else:
+        torch.testing.assert_close(fus.score, ref.score, rtol=1e-4, atol=1e-3)
+        assert_stamps_near_tie(ref, fus)
+    if fus.fused:  # exact block lists from the append kernel
+        want = masks.block_lists(ref.valid, fus.block)
+        got = (fus._fkv_num, fus._fkv_idx, fus._ffull_num, fus._ffull_idx)
+        for name, a, b in zip(("kv_num", "kv_idx", "full_num", "full_idx"), want, got):
+            assert torch.equal(a, b), f"block list {name} differs:\n{a}\n{b}"
+    torch.testing.assert_close(out_fus, out_ref, **tol)
+
+
+def assert_stamps_near_tie(ref, fus) -> None:
+    """Stamps may differ only at pages whose importance equals, up to rounding, the k-th largest of
+    their row (top-k rule) or the threshold (threshold rule): there the two fp32 computations can
+    decide differently."""
+    diff = ref.stamp != fus.stamp
+    if not diff.any():
+        return
+    cfg = ref.config
+    assert cfg.policy == "raas", f"stamps differ under {cfg.policy}"
+    score, page_id = ref.score.cpu(), ref.page_id.cpu()
+    if cfg.refresh == "threshold":
+        for b, h, p in diff.nonzero().tolist():
+            assert abs(score[b, h, p].item() - cfg.refresh_threshold) <= 1e-5, (b, h, p, score[b, h, p].item())
+        return
+    K = cfg.refresh_pages
+    for b, h in {(b, h) for b, h, _ in diff.nonzero().tolist()}:
+        res = page_id[b, h] >= 0
+        s = score[b, h][res].sort(descending=True).values
+        assert len(s) > K, "every resident page is refreshed: stamps cannot differ"
+        kth, tol = s[K - 1].item(), 1e-4 * (s.abs().max().item() + 1)
+        for p in diff[b, h].nonzero().flatten().tolist():
+            assert abs(score[b, h, p].item() - kth) <= tol, (
+                f"stamp of page slot {p} (row {b}, head {h}) differs and its bound {score[b, h, p].item()} "
+                f"is not at the top-{K} boundary {kth}")
+
+
+@contextlib.contextmanager
+def no_recompiles(*caches):
+    ptrs = [{n: t.data_ptr() for n, t in c.named_buffers()} for c in caches]
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield
+    assert counters["stats"]["unique_graphs"] == graphs, "a step compiled a new graph"
+    assert [{n: t.data_ptr() for n, t in c.named_buffers()} for c in caches] == ptrs, "a buffer moved"
+
+
+def twin_run(policy, *, B, Hq, Hkv, D, budget, ps, lens, steps, mode, integer, dtype=torch.bfloat16,
+             device="cuda", seed=0, warm=3, lists_in_regs=True, **kw):
+    """Run the reference and fused caches side by side; ``integer`` = exact mode (no resync).
+    ``lists_in_regs=False`` makes the append kernel count block occupancy by reading ``valid`` back
+    (its path for large rows) instead of from registers."""
+    if not lists_in_regs:
+        saved = kernels.LISTS_IN_REGS_MAX
+        kernels.LISTS_IN_REGS_MAX = 0
+        try:
+            return twin_run(policy, B=B, Hq=Hq, Hkv=Hkv, D=D, budget=budget, ps=ps, lens=lens, steps=steps, mode=mode,
+                            integer=integer, dtype=dtype, device=device, seed=seed, warm=warm, **kw)
+        finally:
+            kernels.LISTS_IN_REGS_MAX = saved
+    torch._dynamo.reset()
+    ref, fus = make_pair(policy, B=B, Hq=Hq, Hkv=Hkv, D=D, budget=budget, ps=ps, dtype=dtype, device=device, **kw)
+    assert fus.fused and not ref.fused
+    assert fus.fused_observe == kernels.observe_fusable(ref.config)
+    inp = Inputs(B, Hq, Hkv, D, dtype=dtype, device=device, integer=integer, seed=seed)
+    prompt = inp.prompt(lens)
+    ref.prefill(*prompt)
+    fus.prefill(*prompt)
+    if mode == "eager":
+        fns = (ref.decode, fus.decode)
+    else:
+        kwargs = {} if mode == "default" else dict(mode=mode)
+        fns = (ref.compiled_decode(**kwargs), fus.compiled_decode(**kwargs))
+    graphed = mode == "reduce-overhead"
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+
+    def one_step():
+        if not integer:  # resync: both start the step from the reference's state
+            for name in STATE:
+                getattr(fus, name).copy_(getattr(ref, name))
+        q, k, v = inp.step()
+        outs = []
+        for fn in fns:
+            if graphed:
+                torch.compiler.cudagraph_mark_step_begin()
+            outs.append(fn(q, k, v).clone())  # CUDA-graph outputs are overwritten by the next replay
+        if device != "cpu":
+            torch.cuda.synchronize()
+        assert_same_step(ref, fus, *outs, exact=integer, tol=tol)
+
+    for _ in range(warm):  # compiles, records the CUDA graphs
+        one_step()
+    skips = counters["inductor"]["cudagraph_skips"]
+    ctx = no_recompiles(ref, fus) if mode != "eager" else contextlib.nullcontext()
+    with ctx:
+        for _ in range(steps):
+            one_step()
+    assert counters["inductor"]["cudagraph_skips"] == skips, "the step was not CUDA-graphed"
+    return ref, fus
+
+
+# -- the switch (CPU; needs neither CUDA nor Triton) ------------------------------------------------
+def _cpu_cache(**kw):
+    return PagedKVCache(RaaSConfig(budget=32, page_size=8, **kw), batch_size=1, num_heads=2, num_kv_heads=1,
+                        head_dim=16)
+
+
+@pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter makes CPU caches fusable")
+def test_fused_switch_on_cpu():
+    c = _cpu_cache()
+    assert c.fused is False and c.fused_observe is False  # None: fused only where supported
+    assert _cpu_cache(fused=False).fused is False
+    with pytest.raises(ValueError, match=r"fused=True is not supported for this cache: (device='cpu'|triton)"):
+        _cpu_cache(fused=True)
+    with pytest.raises(ValueError, match="fused=True is not supported"):
+        c.fused = True
+    assert c.fused is False
+    with pytest.raises(TypeError, match="fused must be True, False or None, got 'yes'"):
+        c.fused = "yes"
+    with pytest.raises(TypeError, match="fused must be True, False or None, got 1"):
+        RaaSConfig(budget=32, fused=1)
+    c.fused = None
+    assert c.fused is False
+
+
+def test_unsupported_reasons():
+    cfg = RaaSConfig(budget=32, page_size=8)
+    if not kernels.HAS_TRITON:
+        assert kernels.unsupported_reason(cfg, torch.device("cuda"), torch.bfloat16) == "triton is not installed"
+        return
+    cuda = torch.device("cuda")
+    assert kernels.unsupported_reason(cfg, cuda, torch.bfloat16) is None
+    assert "policy='quest'" in kernels.unsupported_reason(cfg.replace(policy="quest", max_length=64), cuda, torch.bfloat16)
+    assert "dtype=float64" in kernels.unsupported_reason(cfg, cuda, torch.float64)
+    assert kernels.observe_fusable(cfg)
+    assert not kernels.observe_fusable(cfg.replace(importance="attention", refresh="threshold"))
+    assert not kernels.observe_fusable(cfg.replace(policy="h2o"))
+
+
+INTERPRETER_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path[:0] = [{tests!r}]
+    import test_kernels as t
+    cases = [
+        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[3, 26], integer=True,
+                      block_size=8)),
+        ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=24, ps=8, lens=[10], integer=False, pin_prompt=False,
+                      lists_in_regs=False)),
+        ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
+        ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
+    ]
+    for policy, kw in cases:
+        ref, fus = t.twin_run(policy, steps=40, mode="eager", dtype=torch.float32, device="cpu", **kw)
+        print(policy, "ok", ref.evictions.sum().item(), bool(ref.overflow))
+""")
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
+def test_interpreter_matches_torch_on_cpu():
+    """The kernels' logic through Triton's CPU interpreter: raas (exact and resync), streaming, and
+    h2o with pinned prompt pages (it overflows)."""
+    tests = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT.format(tests=tests)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
+    assert len(lines) == 4 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+
+
+# -- GPU -------------------------------------------------------------------------------------------
+# (id, policy, shape and budget, prompt lengths, extra config). Page counts 8, 33, 128 and 256; G of
+# 1, 3, 4, 7; prompts near the budget (eviction starts within ~ps steps) mixed with short ones.
+GPU_CASES = [
+    ("raas-P8-G3", "raas", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=16), [20, 100], {}),
+    ("raas-P33-G7", "raas", dict(B=3, Hq=7, Hkv=1, D=128, budget=528, ps=16), [1, 300, 505], dict(pin_prompt=False)),
+    ("raas-P128-G4", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
+     [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False)),
+    ("raas-P256-G7", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000], {}),
+    ("raas-P34-r0.1-ps8", "raas", dict(B=2, Hq=4, Hkv=4, D=128, budget=272, ps=8), [262, 100],
+     dict(refresh_ratio=0.1, pin_prompt=False, lists_in_regs=False)),
+    ("raas-attention-P8", "raas", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=16), [20, 110],
+     dict(importance="attention", refresh="threshold", refresh_threshold=0.01, pin_prompt=False)),
+    ("streaming-P16", "streaming", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=8), [40, 118], dict(sink_tokens=10)),
+    ("h2o-P16", "h2o", dict(B=2, Hq=6, Hkv=2, D=64, budget=256, ps=16), [60, 238], {}),
+]
+MODES = ["eager", "default", "reduce-overhead"]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_gpu_fused_matches_torch_resync(case, mode):
+    """Random bf16 inputs, state resynced every step: 70 steps, evictions in every case."""
+    _, policy, shape, lens, kw = case
+    ref, _ = twin_run(policy, **shape, lens=lens, steps=70, mode=mode, integer=False, **kw)
+    assert ref.evictions.sum().item() > 0
+
+
+# (h2o is left out: its scores are softmax shares computed by torch in both graphs, not exact sums)
+EXACT_CASES = [c for c in GPU_CASES if c[0] in ("raas-P8-G3", "raas-P33-G7", "raas-P128-G4", "streaming-P16")]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("case", EXACT_CASES, ids=[c[0] for c in EXACT_CASES])
+def test_gpu_fused_matches_torch_exact(case, mode):
+    """Integer inputs, no resync: 300 steps bit-identical page tables and scores (exact ties)."""
+    _, policy, shape, lens, kw = case
+    ref, fus = twin_run(policy, **shape, lens=lens, steps=300, mode=mode, integer=True, **kw)
+    assert ref.evictions.sum().item() > 0
+    assert not bool(fus.overflow)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_fused_switch():
+    cfg = RaaSConfig(budget=64, page_size=16)
+    make = lambda c: PagedKVCache(c, batch_size=1, num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
+                                  device="cuda")
+    assert make(cfg).fused and make(cfg).fused_observe
+    assert make(cfg.replace(policy="h2o")).fused and not make(cfg.replace(policy="h2o")).fused_observe
+    quest = cfg.replace(policy="quest", max_length=128, fused=None)
+    assert not make(quest).fused
+    with pytest.raises(ValueError, match="fused=True is not supported for this cache: policy='quest'"):
+        make(quest.replace(fused=True))
+    c = make(cfg)
+    with pytest.raises(ValueError, match=r"k must be \[batch_size=1, num_kv_heads=1, 1, head_dim=64\]"):
+        c.append(torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16, device="cuda"),
+                 torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16, device="cuda"))
