@@ -147,6 +147,11 @@ class RaaSConfig:
         return self.policy == "raas"
 
     @property
+    def recent_pages(self) -> int:
+        """H2O: the most recent pages protected from eviction (half the budget, rounded up)."""
+        return self.budget_pages - self.budget_pages // 2
+
+    @property
     def refresh_pages(self) -> int:
         return int(self.refresh_ratio * self.budget_pages)
 

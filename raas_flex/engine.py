@@ -470,12 +470,11 @@ class PagedKVCache(nn.Module):
             if t.device != self.k.device:
                 raise ValueError(f"{name} is on {t.device}, the cache on {self.k.device}")
         cfg = self.config
-        recent = cfg.budget_pages - cfg.budget_pages // 2  # h2o's protected recent pages
         kernels.fused_append(
             k, v, self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
             self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
             self._fkv_num, self._fkv_idx, self._ffull_num, self._ffull_idx,
-            kernels.APPEND_POLICIES[cfg.policy], cfg.sink_pages, recent, self.block,
+            kernels.APPEND_POLICIES[cfg.policy], cfg.sink_pages, cfg.recent_pages, self.block,
         )
 
     def token_valid(self) -> Tensor:

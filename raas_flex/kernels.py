@@ -79,10 +79,6 @@ OBSERVE_PAGES = 16  # pages per program of the observe kernel (at least; more fo
 LISTS_IN_REGS_MAX = 8192  # append: block counts from registers up to this many (block, page) pairs
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 if HAS_TRITON:
     # (module-level constants a jitted kernel reads must be tl.constexpr)
     _I64_MAX = tl.constexpr(9223372036854775807)
@@ -320,10 +316,10 @@ if HAS_TRITON:
             open_slot, length, step, evictions, overflow, valid, ticket,
             kv_num, kv_idx, full_num, full_idx,
             B=B, H=H, P=P, D=D, PS=ps,
-            BLOCK_P=_pow2(P), BLOCK_PS=_pow2(ps), BLOCK_B=_pow2(B),
+            BLOCK_P=triton.next_power_of_2(P), BLOCK_PS=triton.next_power_of_2(ps), BLOCK_B=triton.next_power_of_2(B),
             POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
-            KB=block, NB=nb, BLOCK_KB=_pow2(block), BLOCK_NB=_pow2(nb),
-            LISTS_IN_REGS=_pow2(nb) * _pow2(P) <= LISTS_IN_REGS_MAX,
+            KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
+            LISTS_IN_REGS=triton.next_power_of_2(nb) * triton.next_power_of_2(P) <= LISTS_IN_REGS_MAX,
             num_warps=4,
         )
 
@@ -338,7 +334,7 @@ if HAS_TRITON:
         kernel leaves them 0). Each row's pages are split over programs of OBSERVE_PAGES pages."""
         B, H, P, D = kmax.shape
         G = q.shape[1] // H
-        block_p = _pow2(P)
+        block_p = triton.next_power_of_2(P)
         bp = min(block_p, max(OBSERVE_PAGES, 2048 // D))
         nsplit = -(-P // bp)
         bj = min(block_p, max(1, 2048 // block_p))  # rank tile [BLOCK_P, BJ] of <= 2048 pairs

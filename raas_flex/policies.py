@@ -113,7 +113,7 @@ class H2O(Policy):
     name = "h2o"
 
     def evictable(self, c) -> Tensor:
-        recent = self.config.budget_pages - self.config.budget_pages // 2
+        recent = self.config.recent_pages
         newest = c.length // c.ps  # logical page being opened when one is needed
         return c.page_id <= (newest[:, None, None] - recent)
 

@@ -35,9 +35,9 @@ from transformers.modeling_utils import AttentionInterface
 
 import raas_flex
 from raas_flex import hf
+from hf_batches import PAD, VOCAB, greedy, prompts
 
 POLICIES = ("raas", "quest", "h2o", "streaming", "dense")
-VOCAB, PAD = 128, 0
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, initializer_range=0.1,
@@ -64,22 +64,6 @@ def make_model(family: str = "llama", seed: int = 0, **overrides):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = PAD
     return model
-
-
-def prompts(lengths, seed: int = 1):
-    """Left-padded batch of random prompts: (input_ids, attention_mask)."""
-    g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.full((len(lengths), n), PAD, dtype=torch.long)
-    mask = torch.zeros(len(lengths), n, dtype=torch.long)
-    for i, length in enumerate(lengths):
-        ids[i, n - length:] = torch.randint(3, VOCAB, (length,), generator=g)
-        mask[i, n - length:] = 1
-    return ids, mask
-
-
-def greedy(model, ids, mask, new: int, **kwargs):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **kwargs)
 
 
 def registered() -> bool:

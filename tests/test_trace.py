@@ -21,11 +21,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+import hf_batches
 import raas_flex
 from raas_flex import hf, plots
 from raas_flex.trace import AttentionTrace, classify_heads, classify_map, summary_table
 
-VOCAB, PAD, LAYERS, HKV, G = 128, 0, 2, 2, 2
+LAYERS, HKV, G = 2, 2, 2
+VOCAB, PAD = hf_batches.VOCAB, hf_batches.PAD
 PS, BUDGET, NEW = 8, 32, 60
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,18 +53,11 @@ def make_model(family="qwen2", seed=3):
 
 
 def prompts(lengths, seed=4):
-    g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.full((len(lengths), n), PAD, dtype=torch.long)
-    mask = torch.zeros(len(lengths), n, dtype=torch.long)
-    for i, length in enumerate(lengths):
-        ids[i, n - length:] = torch.randint(3, VOCAB, (length,), generator=g)
-        mask[i, n - length:] = 1
-    return ids, mask
+    return hf_batches.prompts(lengths, seed)
 
 
 def greedy(model, ids, mask, new=NEW, **kwargs):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **kwargs)
+    return hf_batches.greedy(model, ids, mask, new, **kwargs)
 
 
 def traced(model, ids, mask, new=NEW, **options):

@@ -1,0 +1,24 @@
+"""Batches for the transformers-integration tests (test_hf.py, test_trace.py): left-padded random
+prompts over a 128-token vocabulary with pad id 0, and greedy generation."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB, PAD = 128, 0
+
+
+def prompts(lengths, seed: int = 1):
+    """Left-padded batch of random prompts: (input_ids, attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.full((len(lengths), n), PAD, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        ids[i, n - length:] = torch.randint(3, VOCAB, (length,), generator=g)
+        mask[i, n - length:] = 1
+    return ids, mask
+
+
+def greedy(model, ids, mask, new: int, **kwargs):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **kwargs)
