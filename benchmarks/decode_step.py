@@ -100,15 +100,34 @@ def reference(cache: PagedKVCache, q: torch.Tensor, rows: int = 2) -> torch.Tens
     return F.scaled_dot_product_attention(q[:b].double(), k, v, attn_mask=valid, scale=cache.scale)
 
 
+VARIANTS = {  # name -> (policy, fused, observe_in_append)
+    "raas_torch": ("raas", False, True),  # the torch bookkeeping code (the fused kernels' reference)
+    "raas_split": ("raas", None, False),  # fused, the observe as its own kernel after the attention
+}
+
+
+def parse_variant(name: str):
+    """'raas', 'raas_split', 'h2o', ... optionally with '+skvN' (flex kernel option SPLIT_KV=N)."""
+    base, _, opt = name.partition("+")
+    policy, fused, in_append = VARIANTS.get(base, (base, None, True))
+    kernel_options = {}
+    if opt:
+        if not (opt.startswith("skv") and opt[3:].isdigit()):
+            raise ValueError(f"policy variant {name!r}: the suffix must be +skvN (SPLIT_KV=N), got +{opt}")
+        kernel_options["SPLIT_KV"] = int(opt[3:])
+    return policy, fused, in_append, kernel_options
+
+
 def make_cache(policy, B, Hq, Hkv, D, N, L, dtype, device, extra_steps):
     ps = 16
-    fused = None
-    if policy == "raas_torch":
-        policy, fused = "raas", False
+    policy, fused, in_append, kopts = parse_variant(policy)
     cfg = RaaSConfig(budget=L, policy=policy, page_size=ps, pin_prompt=False, fused=fused,
                      max_length=(N + extra_steps) if policy in ("quest", "dense") else None)
     cache = PagedKVCache(cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
                          dtype=dtype, device=device, max_length=cfg.max_length)
+    cache.observe_in_append = in_append
+    if kopts:
+        cache.kernel_options = {**(cache.kernel_options or {}), **kopts}
     n0 = N if policy in ("quest", "dense") else L - ps  # bounded: full buffer, evicting every page
     k = torch.randn(B, Hkv, n0, D, dtype=dtype, device=device)
     v = torch.randn(B, Hkv, n0, D, dtype=dtype, device=device)
@@ -149,8 +168,8 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
     extra = 400
     q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device)
     for policy in policies:
-        bounded = policy not in ("quest", "dense")
-        if policy != "raas" and baseline_budgets and L not in baseline_budgets:
+        bounded = parse_variant(policy)[0] not in ("quest", "dense")
+        if not policy.startswith("raas") and baseline_budgets and L not in baseline_budgets:
             row[policy] = None  # baselines only at the budgets asked for (keeps the full grid short)
             continue
         kv_tokens = L if bounded else N + extra
@@ -196,6 +215,8 @@ def markdown(rows, policies) -> str:
     cols = ["B", "Hq/Hkv", "N", "L", "floor_L", "sdpa_L", *policies, "sdpa_dense_N", "raas/sdpa_L", "sdpa_N/raas"]
     if "raas_torch" in policies:
         cols.append("raas_torch/raas")
+    variants = [p for p in policies if p.startswith("raas") and p != "raas"]
+    cols += [f"{p}/sdpa_L" for p in variants]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     f = lambda x: "-" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))
     for r in rows:
@@ -206,6 +227,7 @@ def markdown(rows, policies) -> str:
                 (r["sdpa_dense_N"] / raas) if raas and r.get("sdpa_dense_N") else None]
         if "raas_torch" in policies:
             vals.append((r["raas_torch"] / raas) if raas and r.get("raas_torch") else None)
+        vals += [(r[p] / r["sdpa_L"]) if r.get(p) and r.get("sdpa_L") else None for p in variants]
         out.append("| " + " | ".join(f(v) for v in vals) + " |")
     return "\n".join(out)
 
@@ -215,12 +237,17 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two small grid points")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU-sized run, checks only (no timing)")
     ap.add_argument("--policies", default="raas,h2o,streaming,quest",
-                    help="comma list of raas, raas_torch (raas with fused=False), h2o, streaming, quest")
+                    help="comma list of raas, raas_split (fused, observe as its own kernel), raas_torch (raas with "
+                         "fused=False), h2o, streaming, quest; any of them with +skvN sets flex's SPLIT_KV=N")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--max-gb", type=float, default=30.0, help="skip points whose KV exceeds this")
     ap.add_argument("--baseline-budgets", default="2048",
                     help="budgets at which h2o/streaming/quest are measured (raas: every budget); 'all' for every one")
+    ap.add_argument("--shapes", default=None, help="B/Hq/Hkv list, e.g. 8/32/8,32/28/4 (default: the full grid)")
+    ap.add_argument("--contexts", default=None, help="contexts N, e.g. 8192,32768 (default: 8k, 32k, 128k)")
+    ap.add_argument("--budgets", default=None, help="budgets L, e.g. 1024,2048 (default: 1k, 2k, 4k)")
+    ap.add_argument("--tag", default=None, help="results file tag (default: full / quick / smoke)")
     ap.add_argument("--replot", metavar="JSON", help="redraw the table and plot from a results JSON and exit")
     args = ap.parse_args(argv)
     if args.replot:
@@ -240,9 +267,14 @@ def main(argv=None):
         if not torch.cuda.is_available():
             ap.error("needs CUDA (use --smoke on CPU)")
         device, dtype, timed = "cuda", getattr(torch, args.dtype), True
+        ints = lambda text: [int(x) for x in text.split(",") if x]
         grid = [(1, 28, 4), (8, 32, 8)] if args.quick else FULL_GRID
-        ctxs = [8192, 32768] if args.quick else CONTEXTS
-        buds = [2048] if args.quick else BUDGETS
+        if args.shapes:
+            grid = [tuple(int(x) for x in sh.split("/")) for sh in args.shapes.split(",")]
+            if any(len(g) != 3 for g in grid):
+                ap.error(f"--shapes must be B/Hq/Hkv items, got {args.shapes!r}")
+        ctxs = ints(args.contexts) if args.contexts else ([8192, 32768] if args.quick else CONTEXTS)
+        buds = ints(args.budgets) if args.budgets else ([2048] if args.quick else BUDGETS)
         points = [(B, Hq, Hkv, 128, N, L) for (B, Hq, Hkv) in grid for N in ctxs for L in buds]
     torch._dynamo.config.cache_size_limit = 4096
     if hasattr(torch._dynamo.config, "recompile_limit"):
@@ -255,7 +287,7 @@ def main(argv=None):
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "smoke" if args.smoke else ("quick" if args.quick else "full")
+    tag = args.tag or ("smoke" if args.smoke else ("quick" if args.quick else "full"))
     partial = out / f"decode_step_{tag}.partial.json"
     rows, cached = [], {}
     for p in tqdm(points, desc="decode-step grid"):

@@ -204,6 +204,10 @@ class PagedKVCache(nn.Module):
                                all_partial_lists(B * H, S, self.block, device)):
                 buf(name, t)
         self.fused = config.fused
+        # fused observe: in decode(), run it inside the append kernel (one launch for the step's
+        # bookkeeping) rather than as its own kernel after the attention (plain attribute, set
+        # before compiling; the transformers path appends before it sees q and always splits)
+        self.observe_in_append = True
         if device.type == "cuda":
             # CUDA graphs need stable addresses for state mutated inside the captured step.
             for t in self.buffers():
@@ -360,6 +364,10 @@ class PagedKVCache(nn.Module):
         state updated in place: safe to torch.compile(fullgraph=True) and capture in CUDA graphs
         on GPU. Use :meth:`compiled_decode` to get it compiled the right way for the device.
         """
+        if self._fused_observe and self.observe_in_append:
+            # one bookkeeping kernel for the whole step (append, then the observe of q), then flex
+            self._fused_append(k, v, q)
+            return self.attend(q)
         self.prepare(q, k, v)
         return self.attend_observe(q)
 
@@ -460,7 +468,11 @@ class PagedKVCache(nn.Module):
         self.open_slot.copy_(torch.where(write, slot, self.open_slot))
         self.length.add_(1)
 
-    def _fused_append(self, k: Tensor, v: Tensor) -> None:
+    def _fused_append(self, k: Tensor, v: Tensor, q: Tensor | None = None) -> None:
+        """The append kernel; with ``q`` also the RaaS observe of q in the same launch."""
+        if q is not None and (q.dim() != 4 or tuple(q.shape) != (self.B, self.Hq, 1, self.D)):
+            raise ValueError(f"q must be [batch_size={self.B}, num_heads={self.Hq}, 1, head_dim={self.D}], "
+                             f"got {tuple(q.shape)}")
         for name, t in (("k", k), ("v", v)):
             if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (self.B, self.H, self.D) or t.shape[2] < 1:
                 raise ValueError(
@@ -470,12 +482,15 @@ class PagedKVCache(nn.Module):
             if t.device != self.k.device:
                 raise ValueError(f"{name} is on {t.device}, the cache on {self.k.device}")
         cfg = self.config
-        kernels.fused_append(
-            k, v, self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
-            self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
-            self._fkv_num, self._fkv_idx, self._ffull_num, self._ffull_idx,
-            kernels.APPEND_POLICIES[cfg.policy], cfg.sink_pages, cfg.recent_pages, self.block,
-        )
+        state = (self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
+                 self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
+                 self._fkv_num, self._fkv_idx, self._ffull_num, self._ffull_idx)
+        if q is not None:
+            kernels.fused_append_observe(q, k, v, *state, self._imp, cfg.sink_pages, cfg.recent_pages, self.block,
+                                         cfg.refresh_pages)
+        else:
+            kernels.fused_append(k, v, *state, kernels.APPEND_POLICIES[cfg.policy], cfg.sink_pages,
+                                 cfg.recent_pages, self.block)
 
     def token_valid(self) -> Tensor:
         """bool [B, Hkv, P, page_size]: slot holds a written token of a resident page."""

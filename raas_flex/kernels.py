@@ -77,6 +77,8 @@ def observe_fusable(config) -> bool:
 # Tuning (module attributes, read when a kernel is launched or traced):
 OBSERVE_PAGES = 16  # pages per program of the observe kernel (at least; more for small head_dim)
 LISTS_IN_REGS_MAX = 8192  # append: block counts from registers up to this many (block, page) pairs
+APPEND_BOUND_ELEMS = 4096  # append with observe: key-bound elements per chunk of the bound loop
+APPEND_OBSERVE_WARPS = 8  # append with observe: warps per program
 
 
 if HAS_TRITON:
@@ -85,16 +87,65 @@ if HAS_TRITON:
     _F32_MAX = tl.constexpr(3.4028234663852886e38)
 
     @triton.jit
+    def _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                     b, h, base, c0, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BP: tl.constexpr):
+        """Quest's bound of the BP pages c0.. of one row: sum_d max(q_d M_d, q_d m_d) = q+ . M + q- . m,
+        max over the G query heads of the KV head, -inf for empty slots. Stored to the scratch row
+        ``imp`` (the ranking reads the whole row back) and, -inf/nan as 0, to ``score``."""
+        d = tl.arange(0, D)
+        pp = c0 + tl.arange(0, BP)
+        m = pp < P
+        off2 = (base + pp)[:, None] * D + d[None, :]
+        kmax = tl.load(kmax_ptr + off2, mask=m[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+        kmin = tl.load(kmin_ptr + off2, mask=m[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+        pidc = tl.load(page_id_ptr + base + pp, mask=m, other=-1, cache_modifier=".cg")
+        best = tl.full([BP], float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            qv = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + d * sqd).to(tl.float32)
+            s = tl.sum(tl.maximum(qv, 0.0)[None, :] * kmax + tl.minimum(qv, 0.0)[None, :] * kmin, 1)
+            best = tl.maximum(best, s)
+        imp = tl.where(pidc >= 0, best, float("-inf"))
+        tl.store(imp_ptr + base + pp, imp, mask=m)
+        sc = tl.where(imp != imp, 0.0, imp)
+        sc = tl.where(sc == float("-inf"), 0.0, sc)
+        sc = tl.where(sc == float("inf"), _F32_MAX, sc)
+        tl.store(score_ptr + base + pp, sc, mask=m)
+
+    @triton.jit
+    def _refresh_top(imp, pid, i, in_row, stamp_ptr, base, step_now,
+                     P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Stamp the top REFRESH resident pages of a row (imp, pid: [BLOCK_P] over slots i) with
+        step_now. Order: larger importance first, equal importance to the lower slot (the stable
+        descending rank of the torch code). One in-register sort of a composite int64 key
+        (order-preserving image of the fp32 importance, -0.0 folded into 0.0, then the slot
+        reversed): a page is in the top REFRESH exactly when its key is >= the REFRESH-th largest."""
+        resident = (pid >= 0) & in_row
+        if REFRESH >= P:
+            refresh = resident
+        else:
+            v = tl.where(imp == 0.0, 0.0, imp)
+            bits = v.to(tl.int32, bitcast=True)
+            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+            key = ordered * 4294967296 + (BLOCK_P - 1 - i).to(tl.int64)
+            key = tl.where(in_row, key, -_I64_MAX - 1)
+            srt = tl.sort(key, descending=True)
+            kth = tl.sum(tl.where(i == REFRESH - 1, srt, 0), 0)
+            refresh = resident & (key >= kth)
+        tl.store(stamp_ptr + base + i, tl.zeros([BLOCK_P], tl.int64) + step_now, mask=refresh)
+
+    @triton.jit
     def _append_kernel(
         kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd,
         k_ptr, v_ptr, page_id_ptr, stamp_ptr, pinned_ptr, score_ptr, kmax_ptr, kmin_ptr,
         open_slot_ptr, length_ptr, step_ptr, evictions_ptr, overflow_ptr, valid_ptr, ticket_ptr,
         kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+        q_ptr, sqb, sqh, sqd, imp_ptr,
         B: tl.constexpr, H: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
         POLICY: tl.constexpr, SINK_PAGES: tl.constexpr, RECENT_PAGES: tl.constexpr,
         KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr,
         LISTS_IN_REGS: tl.constexpr,
+        OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr,
     ):
         row = tl.program_id(0)
         b = row // H
@@ -213,6 +264,15 @@ if HAS_TRITON:
         tl.store(full_num_ptr + row64, n_full)
         tl.store(kv_num_ptr + row64, n_part)
 
+        if OBSERVE:  # RaaS observe of this step's query, for this row (see fused_append_observe)
+            tl.debug_barrier()  # the key-bound row and page-table entry stored above are complete
+            for c0 in tl.static_range(0, BLOCK_P, BPC):
+                _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                             b, h, base, c0, G, P, D, BPC)
+            tl.debug_barrier()  # the row of bounds is complete
+            a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
+            _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P)
+
         # The last program to finish advances the per-sequence lengths and the step counter: every
         # program has read them by now (the barrier orders this program's loads before its ticket).
         tl.debug_barrier()
@@ -227,7 +287,7 @@ if HAS_TRITON:
         q_ptr, sqb, sqh, sqd,
         page_id_ptr, stamp_ptr, score_ptr, kmax_ptr, kmin_ptr, step_ptr, imp_ptr, count_ptr,
         H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, REFRESH: tl.constexpr,
-        BLOCK_P: tl.constexpr, BP: tl.constexpr, BJ: tl.constexpr, NSPLIT: tl.constexpr,
+        BLOCK_P: tl.constexpr, BP: tl.constexpr, NSPLIT: tl.constexpr,
     ):
         row = tl.program_id(0)
         chunk = tl.program_id(1)
@@ -235,28 +295,8 @@ if HAS_TRITON:
         h = row % H
         row64 = row.to(tl.int64)
         base = row64 * P
-        d = tl.arange(0, D)
-
-        # Quest's bound for this program's BP pages: sum_d max(q_d M_d, q_d m_d) = q+ . M + q- . m,
-        # max over the G query heads of this KV head; -inf for empty slots. Written to the scratch
-        # row `imp` (the rank reads the whole row back) and, with nan_to_num, to `score`.
-        pp = chunk * BP + tl.arange(0, BP)
-        m = pp < P
-        off2 = (base + pp)[:, None] * D + d[None, :]
-        kmax = tl.load(kmax_ptr + off2, mask=m[:, None], other=0.0).to(tl.float32)
-        kmin = tl.load(kmin_ptr + off2, mask=m[:, None], other=0.0).to(tl.float32)
-        pidc = tl.load(page_id_ptr + base + pp, mask=m, other=-1)
-        best = tl.full([BP], float("-inf"), tl.float32)
-        for g in tl.static_range(G):
-            qv = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + d * sqd).to(tl.float32)
-            s = tl.sum(tl.maximum(qv, 0.0)[None, :] * kmax + tl.minimum(qv, 0.0)[None, :] * kmin, 1)
-            best = tl.maximum(best, s)
-        imp = tl.where(pidc >= 0, best, float("-inf"))
-        tl.store(imp_ptr + base + pp, imp, mask=m)
-        sc = tl.where(imp != imp, 0.0, imp)
-        sc = tl.where(sc == float("-inf"), 0.0, sc)
-        sc = tl.where(sc == float("inf"), _F32_MAX, sc)
-        tl.store(score_ptr + base + pp, sc, mask=m)
+        _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                     b, h, base, chunk * BP, G, P, D, BP)
 
         # The program that finishes its row last ranks the row: its ticket (acq_rel, after a
         # barrier over this program's stores) orders every other program's scratch stores before
@@ -268,24 +308,40 @@ if HAS_TRITON:
             ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
             last = ticket == NSPLIT - 1
         if last:
-            # stable descending rank: pages with a larger bound, or an equal one at a lower slot,
-            # come first; the top REFRESH resident pages get the current step as their stamp
             i = tl.arange(0, BLOCK_P)
             in_row = i < P
             a = tl.load(imp_ptr + base + i, mask=in_row, other=float("-inf"), cache_modifier=".cg")
-            rank = tl.zeros([BLOCK_P], tl.int32)
-            for j0 in range(0, BLOCK_P, BJ):
-                j = j0 + tl.arange(0, BJ)
-                bj = tl.load(imp_ptr + base + j, mask=j < P, other=float("-inf"), cache_modifier=".cg")
-                before = (bj[None, :] > a[:, None]) | ((bj[None, :] == a[:, None]) & (j[None, :] < i[:, None]))
-                before = before & (j[None, :] < P)
-                rank += tl.sum(before.to(tl.int32), 1)
             pid = tl.load(page_id_ptr + base + i, mask=in_row, other=-1)
-            refresh = (pid >= 0) & (rank < REFRESH) & in_row
-            step_now = tl.load(step_ptr)
-            tl.store(stamp_ptr + base + i, tl.zeros([BLOCK_P], tl.int64) + step_now, mask=refresh)
+            _refresh_top(a, pid, i, in_row, stamp_ptr, base, tl.load(step_ptr), P, REFRESH, BLOCK_P)
             if NSPLIT > 1:
                 tl.store(count_ptr + row64, 0)
+
+    def _launch_append(k_new, v_new, k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot,
+                       length, step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx,
+                       policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0):
+        B, H, S, D = k_cache.shape
+        P = page_id.shape[-1]
+        ps = S // P
+        nb = S // block
+        observe = q is not None
+        qq = q if observe else k_new  # (not read without OBSERVE)
+        block_p = triton.next_power_of_2(P)
+        wrap_triton(_append_kernel)[(B * H,)](
+            k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
+            v_new.stride(0), v_new.stride(1), v_new.stride(3),
+            k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin,
+            open_slot, length, step, evictions, overflow, valid, ticket,
+            kv_num, kv_idx, full_num, full_idx,
+            qq, qq.stride(0), qq.stride(1), qq.stride(3), imp if observe else score,
+            B=B, H=H, P=P, D=D, PS=ps,
+            BLOCK_P=block_p, BLOCK_PS=triton.next_power_of_2(ps), BLOCK_B=triton.next_power_of_2(B),
+            POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
+            KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
+            LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX,
+            OBSERVE=observe, G=(q.shape[1] // H) if observe else 1, REFRESH=refresh_pages,
+            BPC=min(block_p, max(16, APPEND_BOUND_ELEMS // D)),
+            num_warps=APPEND_OBSERVE_WARPS if observe else 4,
+        )
 
     @triton_op(
         "raas_flex::fused_append",
@@ -305,23 +361,33 @@ if HAS_TRITON:
         flex block lists for KV blocks of ``block`` slots: kv_num/kv_idx (partial blocks) and
         full_num/full_idx (full blocks), laid out as masks.block_lists returns them. ``ticket`` is
         an int32 [1] counter that must be 0 at launch (the kernel leaves it 0)."""
-        B, H, S, D = k_cache.shape
-        P = page_id.shape[-1]
-        ps = S // P
-        nb = S // block
-        wrap_triton(_append_kernel)[(B * H,)](
-            k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
-            v_new.stride(0), v_new.stride(1), v_new.stride(3),
-            k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin,
-            open_slot, length, step, evictions, overflow, valid, ticket,
-            kv_num, kv_idx, full_num, full_idx,
-            B=B, H=H, P=P, D=D, PS=ps,
-            BLOCK_P=triton.next_power_of_2(P), BLOCK_PS=triton.next_power_of_2(ps), BLOCK_B=triton.next_power_of_2(B),
-            POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
-            KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
-            LISTS_IN_REGS=triton.next_power_of_2(nb) * triton.next_power_of_2(P) <= LISTS_IN_REGS_MAX,
-            num_warps=4,
-        )
+        _launch_append(k_new, v_new, k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot,
+                       length, step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx,
+                       policy, sink_pages, recent_pages, block)
+
+    @triton_op(
+        "raas_flex::fused_append_observe",
+        mutates_args={"k_cache", "v_cache", "page_id", "stamp", "pinned", "score", "kmax", "kmin",
+                      "open_slot", "length", "step", "evictions", "overflow", "valid", "ticket",
+                      "kv_num", "kv_idx", "full_num", "full_idx", "imp"},
+    )
+    def fused_append_observe(
+        q: Tensor, k_new: Tensor, v_new: Tensor,
+        k_cache: Tensor, v_cache: Tensor, page_id: Tensor, stamp: Tensor, pinned: Tensor, score: Tensor,
+        kmax: Tensor, kmin: Tensor, open_slot: Tensor, length: Tensor, step: Tensor, evictions: Tensor,
+        overflow: Tensor, valid: Tensor, ticket: Tensor,
+        kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor, imp: Tensor,
+        sink_pages: int, recent_pages: int, block: int, refresh_pages: int,
+    ) -> None:
+        """:func:`fused_append` (raas) and then, in the same program per row, the RaaS observe of
+        q [B, Hq, 1, D] (Quest's bound over the row after the append, top ``refresh_pages``
+        refreshed): the whole bookkeeping of a step in one launch. The observe needs nothing the
+        attention computes, so doing it before the attention gives the state of the torch order
+        (append, attend, observe). imp: fp32 [B, Hkv, P] scratch."""
+        _launch_append(k_new, v_new, k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot,
+                       length, step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx,
+                       APPEND_POLICIES["raas"], sink_pages, recent_pages, block,
+                       q=q, imp=imp, refresh_pages=refresh_pages)
 
     @triton_op("raas_flex::fused_observe", mutates_args={"stamp", "score", "imp", "count"})
     def fused_observe(
@@ -337,11 +403,10 @@ if HAS_TRITON:
         block_p = triton.next_power_of_2(P)
         bp = min(block_p, max(OBSERVE_PAGES, 2048 // D))
         nsplit = -(-P // bp)
-        bj = min(block_p, max(1, 2048 // block_p))  # rank tile [BLOCK_P, BJ] of <= 2048 pairs
         wrap_triton(_observe_kernel)[(B * H, nsplit)](
             q, q.stride(0), q.stride(1), q.stride(3),
             page_id, stamp, score, kmax, kmin, step, imp, count,
             H=H, G=G, P=P, D=D, REFRESH=refresh_pages,
-            BLOCK_P=block_p, BP=bp, BJ=bj, NSPLIT=nsplit,
+            BLOCK_P=block_p, BP=bp, NSPLIT=nsplit,
             num_warps=4,
         )
