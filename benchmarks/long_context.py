@@ -9,22 +9,46 @@ Real architecture shapes with random weights (no hub access needed), bf16, greed
             tokens whatever the context, so its step cost does not depend on N once the buffer is
             full; the script decodes past the point where every step evicts and times those steps
             (with --raas-long, along a long decode, to show the time stays flat as N grows).
+            --raas-batches adds batch sizes: integers, or "<k>x" = k times the largest dense batch
+            whose KV fits at the largest dense context measured in this run (e.g. 8x).
+    quest   raas_flex.patch(model, budget=L, policy="quest", max_length=N + margin) with
+            --quest-contexts: keeps every token (O(N) memory like dense) and attends to the top
+            L/page_size pages each step. Same prompt (N - steps tokens) and the same timed steps
+            at context ~N as dense. The prompt goes through the model in ONE forward: a RaaSCache
+            takes the whole prompt at once (a second prompt chunk raises NotImplementedError in
+            RaaSLayer.attend), so generate's prefill_chunk_size cannot be used; the row says so.
 
 Reports ms per decode step, tokens/s (batch / step time), peak GPU memory, KV bytes, compile
-counts after warm-up, and the largest batch whose KV fits in GPU memory at each context.
+counts (warm-up and timed run), the largest batch whose KV fits in GPU memory, the wall time of
+each measurement, and a ratio section (raas / quest against dense at each dense context, rows of
+this run only).
 
-    python benchmarks/long_context.py --arch llama-3.1-8b --batch 8 --contexts 8192,32768 --budget 2048
+Robustness (one long call on a GPU): with --deadline-s, each measurement is first estimated from
+earlier ones (same kind, scaled by size; quest from dense at the nearest context) and skipped
+(`skipped: "deadline"` row) if it cannot finish in time; the first measurement always runs. An
+exception in one measurement (OOM or other) becomes an error row, and compile/CUDA-graph state
+is reset (torch._dynamo.reset, cudagraph trees reset, gc, empty_cache) before the next one; the
+same reset runs between measurement kinds. Rows go to long_context.partial.json as they come;
+the results JSON and markdown are written at the end, also after an interrupt or SIGTERM.
+
+    python benchmarks/long_context.py --arch llama-3.1-8b --batch 8 --contexts 32768 --budget 2048 \\
+        --raas-batches 8x --quest-contexts 32768 --deadline-s 510
     python benchmarks/long_context.py --smoke     # tiny CPU run used by the tests (no timing claims)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
+import shlex
+import signal
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -36,8 +60,28 @@ from benchmarks.hf_generate import ARCHS, build  # noqa: E402
 try:
     from tqdm import tqdm
 except ImportError:  # pragma: no cover
-    def tqdm(x, **_):
-        return x
+    class tqdm:  # minimal stand-in: no bar, rows still printed
+        def __init__(self, *a, **k):
+            pass
+
+        def set_postfix_str(self, *a, **k):
+            pass
+
+        def update(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+        @staticmethod
+        def write(s):
+            print(s, flush=True)
+
+# estimates of a measurement's duration are multiplied by this before comparing with the time left
+DEADLINE_SAFETY = 1.25
+QUEST_PREFILL_NOTE = ("one forward over the whole prompt: a RaaSCache takes the prompt in one piece (a second prompt "
+                      "chunk raises NotImplementedError in RaaSLayer.attend), so generate's prefill_chunk_size "
+                      "cannot be used; dense uses --prefill-chunk")
 
 
 class StepTimes:
@@ -69,11 +113,12 @@ def kv_bytes_dense(cfg, batch: int, tokens: int, itemsize: int = 2) -> int:
     return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * tokens * hd * itemsize
 
 
-def largest_batch(bytes_per_seq: int, reserve: int, device) -> int:
+def largest_batch(bytes_per_seq: int, reserve: int, device) -> int | None:
     """Largest batch whose KV can actually be allocated next to the model and `reserve` bytes of
-    working memory (activations, workspace): allocation-checked, not only computed."""
+    working memory (activations, workspace): allocation-checked, not only computed. None on CPU
+    (not measured)."""
     if device == "cpu":
-        return -1
+        return None
     free, _ = torch.cuda.mem_get_info()
     b = max(int((free - reserve) // bytes_per_seq), 0)
     while b > 0:
@@ -94,19 +139,154 @@ def generate_timed(model, ids, new, device, **kw):
     clock = StepTimes(sync=device != "cpu")
     g0 = counters_now()
     if device != "cpu":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          logits_processor=LogitsProcessorList([clock]), **kw)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    t = time.perf_counter() - t
     g1 = counters_now()
     peak = torch.cuda.max_memory_allocated() if device != "cpu" else 0
-    return out, clock.deltas(), dict(graphs_compiled=g1[0] - g0[0], cudagraph_skips=g1[1] - g0[1]), peak
+    comp = dict(graphs_compiled=g1[0] - g0[0], cudagraph_skips=g1[1] - g0[1])
+    return out, clock.deltas(), comp, peak, t
+
+
+def warm_up(model, ids, new, device, **kw):
+    """The untimed first generate (compile, CUDA-graph recording, allocator): seconds and graphs compiled."""
+    g0 = counters_now()
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, counters_now()[0] - g0[0]
 
 
 def median_ms(d: list[float]) -> float:
     return statistics.median(d) * 1e3 if d else float("nan")
 
 
+def drop_static_cache(model) -> None:
+    # generate may keep its static cache on the model for reuse: drop it before probing memory
+    for attr in ("_cache", "_static_cache"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+
+
+def is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    s = f"{type(e).__name__}: {e}".lower()
+    return "out of memory" in s or "outofmemory" in s
+
+
+def reset_state(model, device) -> None:
+    """Forget compiled code and CUDA-graph trees and give memory back: after a failed measurement
+    (an OOM during CUDA-graph recording leaves the tree inconsistent: the next compiled run then
+    fails with an AssertionError in dealloc_current_path_weakrefs) and between measurement kinds."""
+    drop_static_cache(model)
+    for attr in ("_compiled_call", "_last_compile_config"):  # transformers' torch.compile wrapper of __call__
+        model.__dict__.pop(attr, None)
+    torch._dynamo.reset()
+    try:
+        from torch._inductor import cudagraph_trees
+
+        cudagraph_trees.reset_cudagraph_trees()
+    except Exception:  # pragma: no cover - nothing to reset
+        pass
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# -- raas batch specs ----------------------------------------------------------------------------
+def parse_raas_batches(spec: str) -> list[tuple[str, float]]:
+    """'64,8x' -> [("abs", 64), ("mul", 8.0)]. Raises ValueError on anything else."""
+    items = []
+    for tok in (t.strip() for t in spec.split(",")):
+        if not tok:
+            continue
+        try:
+            if tok.lower().endswith("x"):
+                k = float(tok[:-1])
+                if not (k > 0 and math.isfinite(k)):
+                    raise ValueError
+                items.append(("mul", k))
+            else:
+                n = int(tok)
+                if n < 1:
+                    raise ValueError
+                items.append(("abs", n))
+        except ValueError:
+            raise ValueError(f"--raas-batches item {tok!r}: use a positive integer batch or '<k>x' (k times the "
+                             "largest dense batch whose KV fits at the largest dense context), e.g. 64,8x") from None
+    return items
+
+
+def spec_text(item: tuple[str, float]) -> str:
+    kind, v = item
+    return str(int(v)) if kind == "abs" else f"{v:g}x"
+
+
+def resolve_batch(item: tuple[str, float], rows: list[dict]) -> tuple[int, dict | None]:
+    """Batch size of a --raas-batches item and, for '<k>x', the dense row it was derived from.
+    Raises LookupError when no dense row of this run has an allocation-checked largest batch."""
+    kind, v = item
+    if kind == "abs":
+        return int(v), None
+    dense = [r for r in rows if r.get("kind") in ("dense", "dense-alloc") and "N" in r]
+    usable = [r for r in dense if isinstance(r.get("max_batch_kv_fits"), int) and r["max_batch_kv_fits"] >= 1]
+    if not usable:
+        why = "no dense row of this run has max_batch_kv_fits >= 1"
+        if any(r.get("max_batch_kv_fits") is None and "ms_per_step" in r for r in dense):
+            why += " (the allocation check needs CUDA; on CPU it is not measured)"
+        raise LookupError(f"{spec_text(item)}: {why}")
+    src = max(usable, key=lambda r: (r["N"], r.get("kind") == "dense"))
+    fits = src["max_batch_kv_fits"]
+    b = int(round(v * fits))
+    derived = dict(spec=spec_text(item), multiplier=v, dense_mode=src["mode"], dense_N=src["N"],
+                   dense_B=src.get("B"), dense_max_batch_kv_fits=fits,
+                   largest_dense_context_of_run=max(r["N"] for r in dense) == src["N"])
+    if b < 1:
+        raise LookupError(f"{spec_text(item)} of the dense largest batch {fits} is {b}")
+    return b, derived
+
+
+# -- deadline -------------------------------------------------------------------------------------
+def estimate_s(kind: str, size: float, done: list[dict], weights: int, kv_seq: int) -> tuple[float | None, str]:
+    """Seconds a measurement is expected to take, from finished measurements of this run, and a note
+    on where the estimate came from. dense/quest at context N: the nearest earlier one of the same
+    kind (quest: else dense, same prompt and steps) with its warm-up + timed generate scaled by N;
+    raas at batch b: the nearest earlier raas run with its timed generate scaled by the bytes a step
+    reads (weights + KV) and the steps decoded. A kind with nothing comparable yet: the shortest
+    earlier measurement (each kind compiles its own graphs), or None when nothing ran yet."""
+    ok = [r for r in done if "wall_s" in r and "t_timed_s" in r]
+    same = [r for r in ok if r["kind"] == kind]
+    if not same and kind == "quest":
+        same = [r for r in ok if r["kind"] == "dense"]
+    if not same:
+        if not ok:
+            return None, "nothing measured yet"
+        return min(r["wall_s"] for r in ok), f"no earlier {kind} measurement: shortest earlier measurement"
+    if kind in ("dense", "quest"):
+        ref = min(same, key=lambda r: abs(math.log(size / r["N"])))
+        ratio = size / ref["N"]
+        work = 2 * ref["t_timed_s"]  # warm-up and timed generate each prefill and decode
+        src = f"{ref['kind']} N={ref['N']}"
+    else:
+        b, new = size
+        ref = min(same, key=lambda r: abs(math.log(b / r["B"])))
+        ratio = (weights + kv_seq * b) / (weights + kv_seq * ref["B"]) * new / ref["decoded"]
+        work = ref["t_timed_s"]
+        src = f"raas B={ref['B']}"
+    return max(ref["wall_s"] + (ratio - 1) * work, 0.0), f"{src} ({ref['wall_s']:.0f} s) scaled x{ratio:.2f}"
+
+
 def main(argv=None):
+    t_start = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="llama-3.1-8b", choices=sorted(ARCHS))
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
@@ -116,15 +296,33 @@ def main(argv=None):
     ap.add_argument("--raas-prompt", type=int, default=1024, help="prompt tokens for the raas runs (pinned)")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps per measurement")
     ap.add_argument("--raas-long", type=int, default=0, help="also decode raas up to this context, timing windows")
-    ap.add_argument("--raas-batches", default="", help="extra raas batch sizes to run (e.g. the 8x dense batch)")
+    ap.add_argument("--raas-batches", default="",
+                    help="extra raas batch sizes: integers and/or '<k>x' = k times the largest dense batch whose KV "
+                         "fits at the largest dense context of this run (e.g. 128 or 8x)")
+    ap.add_argument("--quest-contexts", default="", help="quest contexts N (comma separated; none by default)")
+    ap.add_argument("--quest-budget", type=int, default=None, help="tokens quest attends to (default: --budget)")
+    ap.add_argument("--quest-margin", type=int, default=64, help="quest max_length = N + this")
+    ap.add_argument("--order", default="dense,raas,quest",
+                    help="measurement kinds in the order they run; a kind left out is not run (e.g. 'quest')")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="skip (row with skipped='deadline') each measurement that is not expected to finish within "
+                         "this many seconds of the script's start; the first measurement always runs")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--dense-reserve-gb", type=float, default=None,
                     help="with --skip-dense: still allocation-check the largest dense batch at each context, "
                          "reserving this much working memory (peak - weights - KV of an earlier dense run)")
-    ap.add_argument("--prefill-chunk", type=int, default=4096)
+    ap.add_argument("--prefill-chunk", type=int, default=4096, help="dense prefill chunk (0: one forward)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (checks the script, no timing claims)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
+    try:
+        raas_items = parse_raas_batches(args.raas_batches)
+    except ValueError as e:
+        ap.error(str(e))
+    order = [k.strip() for k in args.order.split(",") if k.strip()]
+    if sorted(order) != sorted(set(order)) or not set(order) <= {"dense", "raas", "quest"}:
+        ap.error(f"--order {args.order!r}: a permutation of some of dense,raas,quest")
+    quest_contexts = [int(x) for x in args.quest_contexts.split(",") if x.strip()]
     if args.smoke:
         device, dtype = "cpu", torch.float32
         args.layers, args.batch, args.budget, args.raas_prompt, args.steps = 2, 2, 64, 16, 4
@@ -140,7 +338,10 @@ def main(argv=None):
     cfg = model.config
     gen = torch.Generator(device).manual_seed(1)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    rows = []
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    rows: list[dict] = []
+    B, L, P0 = args.batch, args.budget, args.raas_prompt
+    Lq = args.quest_budget or L
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,62 +352,65 @@ def main(argv=None):
         partial.write_text(json.dumps(rows, indent=1))  # survives a timeout
         tqdm.write(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
 
-    B = args.batch
-    for N in ([] if args.skip_dense else tqdm(contexts, desc="dense contexts")):
+    phase = {"name": ""}
+
+    # -- one measurement per kind -----------------------------------------------------------------
+    def run_dense(N):
         ids = torch.randint(100, 1000, (B, N - args.steps), device=device, generator=gen)
-        kw = dict(cache_implementation="static", prefill_chunk_size=args.prefill_chunk)
-        try:
-            model.generate(ids, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False, **kw)
-            _, d, comp, peak = generate_timed(model, ids, args.steps, device, **kw)
-        except torch.OutOfMemoryError as e:
-            emit(dict(mode="dense static compiled", B=B, N=N, error=f"OOM: {str(e)[:120]}"))
-            torch.cuda.empty_cache()
-            continue
-        ms = median_ms(d[len(d) // 4:])
-        kvb = kv_bytes_dense(cfg, B, N)
-        # generate keeps its static cache on the model for reuse: drop it before probing memory
-        for attr in ("_cache", "_static_cache"):
-            if hasattr(model, attr):
-                setattr(model, attr, None)
-        if device != "cpu":
-            import gc
-
-            gc.collect()
-            torch.cuda.empty_cache()
-        per_seq = kv_bytes_dense(cfg, 1, N)
-        emit(dict(mode="dense static compiled", B=B, N=N, ms_per_step=ms, tokens_per_s=B / ms * 1e3,
-                  peak_gb=peak / 2**30, kv_gb=kvb / 2**30, **comp,
-                  max_batch_kv_fits=largest_batch(per_seq, max(peak - weights - kvb, 0), device)))
+        kw = dict(cache_implementation="static", prefill_chunk_size=args.prefill_chunk or None)
+        phase["name"] = "warm-up"
+        t_warm, g_warm = warm_up(model, ids, args.steps, device, **kw)
+        phase["name"] = "timed"
+        _, d, comp, peak, t_timed = generate_timed(model, ids, args.steps, device, **kw)
         del ids
-        if device != "cpu":
-            torch.cuda.empty_cache()
+        ms = median_ms(d[len(d) // 4:])
+        kvb = kv_bytes_dense(cfg, B, N, itemsize)
+        # probe as a fresh process would see the GPU: without this run's static cache and CUDA-graph pools
+        reset_state(model, device)
+        phase["name"] = "largest-batch check"
+        fits = largest_batch(kv_bytes_dense(cfg, 1, N, itemsize), max(peak - weights - kvb, 0), device)
+        return dict(prompt=N - args.steps, steps=args.steps, prefill_chunk=args.prefill_chunk or None,
+                    ms_per_step=ms, tokens_per_s=B / ms * 1e3, peak_gb=peak / 2**30, kv_gb=kvb / 2**30, **comp,
+                    graphs_compiled_warmup=g_warm, max_batch_kv_fits=fits, t_warmup_s=t_warm, t_timed_s=t_timed)
 
-    if args.skip_dense and args.dense_reserve_gb is not None and device != "cpu":
-        for N in contexts:
-            emit(dict(mode="dense static compiled (allocation check only)", B=0, N=N,
-                      reserve_gb=args.dense_reserve_gb, kv_gb_per_seq=kv_bytes_dense(cfg, 1, N) / 2**30,
-                      max_batch_kv_fits=largest_batch(kv_bytes_dense(cfg, 1, N), int(args.dense_reserve_gb * 2**30), device)))
-    L, P0 = args.budget, args.raas_prompt
-    raas_batches = [B] + [int(x) for x in args.raas_batches.split(",") if x]
-    for b in tqdm(raas_batches, desc="raas batches"):
+    def run_quest(N):
+        ids = torch.randint(100, 1000, (B, N - args.steps), device=device, generator=gen)
+        max_length = N + args.quest_margin
+        with raas_flex.patched(model, budget=Lq, policy="quest", max_length=max_length):
+            phase["name"] = "warm-up (one-forward prefill + decode)"
+            t_warm, g_warm = warm_up(model, ids, args.steps, device)
+            phase["name"] = "timed"
+            _, d, comp, peak, t_timed = generate_timed(model, ids, args.steps, device)
+            st = raas_flex.stats(model)
+        del ids
+        ms = median_ms(d[len(d) // 4:])
+        lay = st["layers"][0]
+        return dict(prompt=N - args.steps, steps=args.steps, max_length=max_length, slots=lay["slots"],
+                    tokens_kept=max(lay["tokens"]), attended_tokens=Lq, prefill=QUEST_PREFILL_NOTE,
+                    ms_per_step=ms, tokens_per_s=B / ms * 1e3, peak_gb=peak / 2**30, kv_gb=st["kv_bytes"] / 2**30,
+                    state_gb=st["state_bytes"] / 2**30, evictions=st["evictions"], **comp,
+                    graphs_compiled_warmup=g_warm, t_warmup_s=t_warm, t_timed_s=t_timed)
+
+    def raas_new(b):
+        fill = L - P0 + 32  # decode until every step evicts (buffer full), then time `steps` steps
+        return fill + args.steps if not (args.raas_long and b == B) else max(args.raas_long - P0, fill + args.steps)
+
+    def run_raas(b):
         ids = torch.randint(100, 1000, (b, P0), device=device, generator=gen)
-        # decode until every step evicts (buffer full), then time `steps` steps
-        fill = L - P0 + 32
-        new = fill + args.steps if not (args.raas_long and b == B) else max(args.raas_long - P0, fill + args.steps)
+        new = raas_new(b)
         with raas_flex.patched(model, budget=L):
-            try:
-                model.generate(ids, max_new_tokens=48, min_new_tokens=48, do_sample=False)  # compile + graphs
-                _, d, comp, peak = generate_timed(model, ids, new, device)
-                st = raas_flex.stats(model)
-            except torch.OutOfMemoryError as e:
-                emit(dict(mode=f"raas budget={L}", B=b, error=f"OOM: {str(e)[:120]}"))
-                torch.cuda.empty_cache()
-                continue
+            phase["name"] = "warm-up"
+            t_warm, g_warm = warm_up(model, ids, 48, device)  # compile + graphs
+            phase["name"] = "timed"
+            _, d, comp, peak, t_timed = generate_timed(model, ids, new, device)
+            st = raas_flex.stats(model)
+        del ids
         # d[i] is the time of decode step i+1, at context P0 + i + 2
         full = [x for i, x in enumerate(d) if P0 + i + 2 > L + 16]
         ms = median_ms(full[-args.steps:])
-        row = dict(mode=f"raas budget={L}", B=b, prompt=P0, decoded=new, ms_per_step=ms, tokens_per_s=b / ms * 1e3,
-                   peak_gb=peak / 2**30, kv_gb=st["kv_bytes"] / 2**30, evictions=st["evictions"], **comp)
+        row = dict(prompt=P0, decoded=new, ms_per_step=ms, tokens_per_s=b / ms * 1e3, peak_gb=peak / 2**30,
+                   kv_gb=st["kv_bytes"] / 2**30, state_gb=st["state_bytes"] / 2**30, evictions=st["evictions"],
+                   **comp, graphs_compiled_warmup=g_warm, t_warmup_s=t_warm, t_timed_s=t_timed)
         if args.raas_long and b == B:
             windows = {}
             for lo in sorted({L + 256, (P0 + new) // 2, P0 + new - 512}):
@@ -214,33 +418,207 @@ def main(argv=None):
                 if w:
                     windows[f"ctx_{lo}-{lo + 512}"] = median_ms(w)
             row["ms_per_step_by_context"] = windows
-        emit(row)
-        if device != "cpu":
-            row["max_batch_kv_fits"] = largest_batch(st["kv_bytes"] // b, max(peak - weights - st["kv_bytes"], 0), device)
-        del ids
+        reset_state(model, device)  # probe without this run's CUDA-graph pools
+        phase["name"] = "largest-batch check"
+        row["max_batch_kv_fits"] = largest_batch(st["kv_bytes"] // b, max(peak - weights - st["kv_bytes"], 0), device)
+        return row
 
-    meta = dict(command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-                device=torch.cuda.get_device_name() if device != "cpu" else "cpu", torch=torch.__version__,
-                transformers=__import__("transformers").__version__, arch=args.arch,
-                layers=cfg.num_hidden_layers, weights_gb=weights / 2**30, time=time.strftime("%Y-%m-%d %H:%M:%S"))
-    partial.unlink()
-    tag = "smoke" if args.smoke else f"{args.arch}_B{B}"
-    (out / f"long_context_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    lines = ["| mode | B | context | ms/step | tokens/s | KV GB | peak GB | graphs compiled (timed run) | largest batch (KV fits) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    # -- the plan ---------------------------------------------------------------------------------
+    plan: list[tuple[str, object]] = []
+    for kind in order:
+        if kind == "dense":
+            if not args.skip_dense:
+                plan += [("dense", N) for N in contexts]
+            elif args.dense_reserve_gb is not None and device != "cpu":
+                plan += [("dense-alloc", N) for N in contexts]
+        elif kind == "raas":
+            plan += [("raas", item) for item in [("abs", B)] + raas_items]
+        else:
+            plan += [("quest", N) for N in quest_contexts]
+    raas_kv_seq = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * L * (
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) * itemsize
+
+    def elapsed():
+        return time.perf_counter() - t_start
+
+    interrupted = stop = None
+    old_term = None
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        old_term = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        old_term = None
+
+    measured = 0
+    last_kind = None
+    bar = tqdm(total=len(plan), desc="measurements", file=sys.stderr)
+    try:
+        for kind, x in plan:
+            bar.set_postfix_str(f"{kind} {x if kind != 'raas' else spec_text(x)}", refresh=True)
+            if kind == "dense-alloc":
+                per_seq = kv_bytes_dense(cfg, 1, x, itemsize)
+                emit(dict(mode="dense static compiled (allocation check only)", kind="dense-alloc", B=0, N=x,
+                          reserve_gb=args.dense_reserve_gb, kv_gb_per_seq=per_seq / 2**30,
+                          max_batch_kv_fits=largest_batch(per_seq, int(args.dense_reserve_gb * 2**30), device)))
+                bar.update()
+                continue
+            if kind == "dense":
+                base, size, fn = dict(mode="dense static compiled", kind="dense", B=B, N=x), x, lambda: run_dense(x)
+            elif kind == "quest":
+                base, size, fn = dict(mode=f"quest budget={Lq}", kind="quest", B=B, N=x, budget=Lq), x, lambda: run_quest(x)
+            else:
+                base = dict(mode=f"raas budget={L}", kind="raas", batch_spec=spec_text(x))
+                try:
+                    b, derived = resolve_batch(x, rows)
+                except LookupError as e:
+                    emit(dict(base, B=None, error=str(e), error_type="batch spec unresolved"))
+                    bar.update()
+                    continue
+                base["B"] = b
+                if derived is not None:
+                    base["derived_from"] = derived
+                size, fn = (b, raas_new(b)), (lambda b=b: run_raas(b))
+            # deadline: can it finish?
+            if args.deadline_s is not None and measured > 0:
+                est, how = estimate_s(kind, size, rows, weights, raas_kv_seq)
+                left = args.deadline_s - elapsed()
+                need = None if est is None else est * DEADLINE_SAFETY
+                if left <= 0 or (need is not None and need > left):
+                    emit(dict(base, skipped="deadline", estimate_s=need, estimate_from=how, time_left_s=left,
+                              deadline_s=args.deadline_s))
+                    bar.update()
+                    continue
+            if last_kind is not None and kind != last_kind:
+                try:
+                    reset_state(model, device)  # each kind compiles its own graphs: start from a clean slate
+                except Exception as e:  # pragma: no cover - e.g. a sticky CUDA error; the measurement will say
+                    tqdm.write(f"reset before {kind} failed: {type(e).__name__}: {e}")
+            last_kind = kind
+            phase["name"] = "setup"
+            t0 = time.perf_counter()
+            failure = None
+            try:
+                row = dict(base, **fn())
+            except Exception as e:  # recorded, not hidden; the run goes on
+                oom = is_oom(e)
+                failure = dict(base, error=("OOM: " if oom else "") + f"{type(e).__name__}: {str(e)[:300]}",
+                               error_type=type(e).__name__, oom=oom, phase=phase["name"],
+                               traceback=traceback.format_exc(limit=-4)[-1500:])
+                if kind == "quest":
+                    failure["prefill"] = QUEST_PREFILL_NOTE
+                del e
+            measured += 1
+            if failure is not None:
+                try:
+                    reset_state(model, device)
+                    failure["state_reset"] = True
+                except Exception as e:  # pragma: no cover - e.g. a sticky CUDA error
+                    failure["state_reset"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+                failure["wall_s"] = time.perf_counter() - t0
+                emit(failure)
+            else:
+                row["wall_s"] = time.perf_counter() - t0
+                emit(row)
+            bar.update()
+    except (KeyboardInterrupt, SystemExit) as e:
+        interrupted, stop = f"{type(e).__name__}({getattr(e, 'code', '')}) during {phase['name'] or 'setup'}", e
+        tqdm.write(f"interrupted: {interrupted}; writing the results so far")
+    finally:
+        bar.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+        meta = dict(
+            command=shlex.join(["python", os.path.relpath(__file__)] + list(argv if argv is not None else sys.argv[1:])),
+            device=torch.cuda.get_device_name() if device != "cpu" else "cpu",
+            gpu_memory_gb=torch.cuda.get_device_properties(0).total_memory / 2**30 if device != "cpu" else None,
+            torch=torch.__version__, cuda=torch.version.cuda, transformers=__import__("transformers").__version__,
+            python=sys.version.split()[0], arch=args.arch, layers=cfg.num_hidden_layers, weights_gb=weights / 2**30,
+            batch=B, budget=L, quest_budget=Lq, steps=args.steps, order=order, deadline_s=args.deadline_s,
+            wall_s=elapsed(), interrupted=interrupted, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+        ratios = ratio_rows(rows)
+        tag = "smoke" if args.smoke else f"{args.arch}_B{B}"
+        (out / f"long_context_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows, ratios=ratios), indent=1))
+        md = markdown(meta, rows, ratios, L)
+        (out / f"long_context_{tag}.md").write_text(md)
+        partial.unlink(missing_ok=True)
+        print(md)
+    if stop is not None:
+        raise stop  # the results are written; still end the way the interrupt asked
+    return rows
+
+
+def ratio_rows(rows: list[dict]) -> list[dict]:
+    """raas and quest rows against each measured dense context of this run: tokens/s ratio
+    (other / dense) and KV ratio (dense / other)."""
+    dense = [r for r in rows if r.get("kind") == "dense" and "tokens_per_s" in r]
+    others = [r for r in rows if r.get("kind") in ("raas", "quest") and "tokens_per_s" in r]
+    out = []
+    for d in dense:
+        for o in others:
+            if o["kind"] == "quest" and o["N"] != d["N"]:
+                continue
+            out.append(dict(dense_N=d["N"], dense_B=d["B"], dense_tokens_per_s=d["tokens_per_s"], dense_kv_gb=d["kv_gb"],
+                            mode=o["mode"], B=o["B"], batch_spec=o.get("batch_spec"), tokens_per_s=o["tokens_per_s"],
+                            kv_gb=o["kv_gb"], tokens_per_s_ratio=o["tokens_per_s"] / d["tokens_per_s"],
+                            kv_ratio_dense_over=d["kv_gb"] / o["kv_gb"]))
+    return out
+
+
+def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int) -> str:
+    lines = ["| mode | B | context | ms/step | tokens/s | KV GB | peak GB | graphs compiled (timed run) | "
+             "largest batch (KV fits) | wall s | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "ms_per_step" not in r and "error" not in r:
-            lines.append(f"| {r['mode']} | - | {r['N']} | | | {r['kv_gb_per_seq']:.2f}/seq | | | {r['max_batch_kv_fits']} |")
+        b = r.get("B")
+        b = "-" if b is None else b
+        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
+        note = ""
+        if r.get("derived_from"):
+            df = r["derived_from"]
+            note = f"{df['spec']} of dense largest batch {df['dense_max_batch_kv_fits']} at N={df['dense_N']}"
+        if r.get("kind") == "quest":
+            note = (note + "; " if note else "") + "prompt in one forward (no chunked prefill)"
+        if meta.get("device") != "cpu" and r.get("graphs_compiled_warmup") == 0:
+            note = (note + "; " if note else "") + "no graph compiled in its warm-up (decode eager, or graphs reused)"
+        if "skipped" in r:
+            est = "?" if r.get("estimate_s") is None else f"{r['estimate_s']:.0f}"
+            lines.append(f"| {r['mode']} | {b} | {r.get('N', '-')} | skipped: {r['skipped']} | | | | | | | "
+                         f"needs ~{est} s ({r['estimate_from']}), {r['time_left_s']:.0f} s left; {note} |")
             continue
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['B']} | {r.get('N', '-')} | {r['error']} | | | | | |")
+            lines.append(f"| {r['mode']} | {b} | {r.get('N', '-')} | error | | | | | | {wall} | "
+                         f"{r['phase'] + ': ' if r.get('phase') else ''}{r['error'][:160]}"
+                         f"{'; state reset' if r.get('state_reset') is True else ''}"
+                         f"{'; ' + note if note else ''} |")
+            continue
+        if "ms_per_step" not in r:
+            lines.append(f"| {r['mode']} | - | {r['N']} | | | {r['kv_gb_per_seq']:.2f}/seq | | | "
+                         f"{r['max_batch_kv_fits']} | | |")
             continue
         ctx = r.get("N", f"any >= {L} (flat)")
-        lines.append(f"| {r['mode']} | {r['B']} | {ctx} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['kv_gb']:.2f} | {r['peak_gb']:.1f} | {r['graphs_compiled']} | {r.get('max_batch_kv_fits', '-')} |")
-    (out / f"long_context_{tag}.md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return rows
+        fits = r.get("max_batch_kv_fits")
+        lines.append(f"| {r['mode']} | {b} | {ctx} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['kv_gb']:.2f} | {r['peak_gb']:.1f} | {r['graphs_compiled']} | {'-' if fits is None else fits} | "
+                     f"{wall} | {note} |")
+    lines += ["", "ratio (rows of this run only): tokens/s of the row / tokens/s of dense at that context, and "
+              "KV of dense / KV of the row", "",
+              "| dense context | dense B | dense tokens/s | vs | B | tokens/s | tokens/s ratio | dense KV GB | KV GB | "
+              "KV ratio (dense / row) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for q in ratios:
+        lines.append(f"| {q['dense_N']} | {q['dense_B']} | {q['dense_tokens_per_s']:.0f} | {q['mode']} | {q['B']} | "
+                     f"{q['tokens_per_s']:.0f} | {q['tokens_per_s_ratio']:.2f}x | {q['dense_kv_gb']:.2f} | "
+                     f"{q['kv_gb']:.2f} | {q['kv_ratio_dense_over']:.1f}x |")
+    if not ratios:
+        lines.append("| (no dense row and raas/quest row both measured in this run) | | | | | | | | | |")
+    head = ", ".join(f"{k}={meta[k]}" for k in ("device", "torch", "transformers", "arch", "layers") if k in meta)
+    return (f"{head}\n\ncommand: `{meta['command']}`\n\nwall time: {meta['wall_s']:.0f} s"
+            f"{' (interrupted: ' + meta['interrupted'] + ')' if meta.get('interrupted') else ''}\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def _tiny(device):

@@ -68,19 +68,105 @@ def test_decode_step_smoke_all_policies_and_replot(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_long_context_benchmark_smoke(tmp_path):
+def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
+    import torch
+
     long_context = _bench_module("long_context")
-    rows = long_context.main(["--smoke", "--out", str(tmp_path)])
-    dense = [r for r in rows if r["mode"].startswith("dense")]
-    raas = [r for r in rows if r["mode"].startswith("raas")]
-    assert len(dense) == 1 and len(raas) == 1
-    assert dense[0]["ms_per_step"] > 0 and raas[0]["ms_per_step"] > 0
+    # '8x' parsing and resolution against this run's dense rows
+    assert long_context.parse_raas_batches("128, 8x,0.5x") == [("abs", 128), ("mul", 8.0), ("mul", 0.5)]
+    for bad in ("0", "x", "-2x", "8y"):
+        with pytest.raises(ValueError, match="--raas-batches"):
+            long_context.parse_raas_batches(bad)
+    dense_rows = [dict(kind="dense", mode="dense static compiled", B=8, N=n, ms_per_step=1.0, max_batch_kv_fits=f)
+                  for n, f in ((8192, 100), (32768, 27))]
+    b, derived = long_context.resolve_batch(("mul", 8.0), dense_rows)
+    assert b == 216 and derived["dense_N"] == 32768 and derived["dense_max_batch_kv_fits"] == 27
+    with pytest.raises(LookupError, match="allocation check needs CUDA"):
+        long_context.resolve_batch(("mul", 8.0), [dict(dense_rows[0], max_batch_kv_fits=None)])
+
+    # deadline estimates: quest from dense at the nearest context (warm-up + timed generate scale with N),
+    # a bigger raas batch from the raas run (timed generate scales with the bytes a step reads)
+    done = [dict(kind="dense", N=8192, wall_s=100.0, t_timed_s=10.0),
+            dict(kind="raas", B=8, decoded=1120, wall_s=120.0, t_timed_s=15.0)]
+    assert long_context.estimate_s("quest", 32768, done, 16, 1)[0] == pytest.approx(100 + 3 * 20)
+    assert long_context.estimate_s("raas", (216, 1120), done, 16, 1)[0] == pytest.approx(120 + (232 / 24 - 1) * 15)
+    assert long_context.estimate_s("quest", 8192, [], 16, 1)[0] is None  # nothing ran yet
+    assert long_context.estimate_s("quest", 8192, done[1:], 16, 1)[0] == 120  # nothing comparable: the shortest
+
+    # The allocation-checked largest batch needs CUDA; on CPU pretend the dense KV fits once more so
+    # that 8x resolves (8 x 1 = 8). A simulated OOM in the quest run at N=80 must become an error row,
+    # reset the compile state, and not stop the run.
+    monkeypatch.setattr(long_context, "largest_batch", lambda *a, **k: 1)
+    warm_up, resets = long_context.warm_up, []
+
+    def warm_up_oom_at_80(model, ids, new, device, **kw):
+        if ids.shape[1] == 80 - 4 and "cache_implementation" not in kw:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return warm_up(model, ids, new, device, **kw)
+
+    monkeypatch.setattr(long_context, "warm_up", warm_up_oom_at_80)
+    reset = long_context.reset_state
+    monkeypatch.setattr(long_context, "reset_state", lambda *a: (resets.append(1), reset(*a)))
+    rows = long_context.main(["--smoke", "--out", str(tmp_path), "--raas-batches", "8x",
+                              "--quest-contexts", "80,96"])
+    dense = [r for r in rows if r["kind"] == "dense"]
+    raas = [r for r in rows if r["kind"] == "raas"]
+    quest = [r for r in rows if r["kind"] == "quest"]
+    assert [r["kind"] for r in rows] == ["dense", "raas", "raas", "quest", "quest"]
+    assert dense[0]["ms_per_step"] > 0 and dense[0]["max_batch_kv_fits"] == 1
+    for r in raas + dense + quest[1:]:
+        assert "error" not in r and "skipped" not in r, r
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["wall_s"] > 0 and r["kv_gb"] > 0
     # the raas run decoded past the budget, so pages were evicted, and KV stayed at the budget
-    assert raas[0]["evictions"] > 0
+    assert raas[0]["B"] == 2 and raas[0]["evictions"] > 0
     assert raas[0]["decoded"] + raas[0]["prompt"] > 64
+    assert raas[1]["batch_spec"] == "8x" and raas[1]["B"] == 8
+    assert raas[1]["derived_from"]["dense_max_batch_kv_fits"] == 1 and raas[1]["derived_from"]["dense_N"] == 96
+    assert raas[1]["kv_gb"] == pytest.approx(4 * raas[0]["kv_gb"])  # KV is budget x batch
+    assert raas[1]["evictions"] == 4 * raas[0]["evictions"]
+    # quest N=80: the simulated OOM is a row; quest N=96 then ran: every token kept, none evicted,
+    # prompt of N - steps tokens in one forward
+    oom = quest[0]
+    assert oom["N"] == 80 and oom["oom"] and oom["error"].startswith("OOM: ") and oom["state_reset"] is True
+    assert "warm-up" in oom["phase"] and "one forward" in oom["prefill"]
+    ok = quest[1]
+    assert ok["N"] == 96 and ok["prompt"] == 92 and ok["tokens_kept"] == 95 and ok["evictions"] == 0
+    assert ok["slots"] >= 96 and ok["attended_tokens"] == 64 and "one forward" in ok["prefill"]
+    assert ok["kv_gb"] > dense[0]["kv_gb"] * 0.99  # O(N): at least what dense keeps
+    assert len(resets) >= 3  # dense -> raas, raas -> quest, after the OOM
     data = json.loads((tmp_path / "long_context_smoke.json").read_text())
     assert data["rows"] == rows
-    assert "| raas budget=64 |" in (tmp_path / "long_context_smoke.md").read_text()
+    meta = data["meta"]
+    assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["wall_s"] > 0
+    assert "--raas-batches 8x" in meta["command"] and meta["transformers"] and meta["interrupted"] is None
+    # ratios: every measured raas/quest row against the dense context (quest only at its own N)
+    ratios = data["ratios"]
+    assert [(q["mode"], q["B"]) for q in ratios] == [("raas budget=64", 2), ("raas budget=64", 8), ("quest budget=64", 2)]
+    for q, r in zip(ratios, raas + quest[1:]):
+        assert q["dense_N"] == 96
+        assert q["tokens_per_s_ratio"] == pytest.approx(r["tokens_per_s"] / dense[0]["tokens_per_s"])
+        assert q["kv_ratio_dense_over"] == pytest.approx(dense[0]["kv_gb"] / r["kv_gb"])
+    md = (tmp_path / "long_context_smoke.md").read_text()
+    assert "| raas budget=64 |" in md and "| quest budget=64 |" in md and "KV ratio (dense / row)" in md
+    assert "8x of dense largest batch 1 at N=96" in md
+    assert not (tmp_path / "long_context.partial.json").exists()
+
+    # a deadline already passed: the first measurement runs, every later one is a skip row; without the
+    # patched probe, 8x cannot resolve on CPU and says why
+    monkeypatch.undo()
+    out2 = tmp_path / "deadline"
+    rows = long_context.main(["--smoke", "--out", str(out2), "--deadline-s", "0.001", "--raas-batches", "3,8x",
+                              "--quest-contexts", "96"])
+    assert [r["kind"] for r in rows] == ["dense", "raas", "raas", "raas", "quest"]
+    assert rows[0]["ms_per_step"] > 0 and rows[0]["max_batch_kv_fits"] is None
+    skipped = [r for r in rows if "skipped" in r]
+    assert [(r["kind"], r["B"]) for r in skipped] == [("raas", 2), ("raas", 3), ("quest", 2)]
+    for r in skipped:
+        assert r["skipped"] == "deadline" and r["time_left_s"] < 0 and "ms_per_step" not in r
+    assert "allocation check needs CUDA" in rows[3]["error"] and rows[3]["batch_spec"] == "8x"
+    data = json.loads((out2 / "long_context_smoke.json").read_text())
+    assert data["rows"] == rows and data["meta"]["deadline_s"] == 0.001 and data["ratios"] == []
+    assert "skipped: deadline" in (out2 / "long_context_smoke.md").read_text()
 
 
 def test_importance_scores_are_exact_shares_and_upper_bounds():
