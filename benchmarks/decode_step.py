@@ -106,15 +106,21 @@ VARIANTS = {  # name -> (policy, fused, observe_in_append)
 }
 
 
+KERNEL_OPTION_TOKENS = {"skv": "SPLIT_KV", "bn": "BLOCK_N", "w": "num_warps", "s": "num_stages"}
+
+
 def parse_variant(name: str):
-    """'raas', 'raas_split', 'h2o', ... optionally with '+skvN' (flex kernel option SPLIT_KV=N)."""
-    base, _, opt = name.partition("+")
+    """'raas', 'raas_split', 'h2o', ... optionally with flex kernel options as '+' tokens: skvN
+    (SPLIT_KV), bnN (BLOCK_N), wN (num_warps), sN (num_stages), e.g. 'raas+skv8+bn128'."""
+    base, *opts = name.split("+")
     policy, fused, in_append = VARIANTS.get(base, (base, None, True))
     kernel_options = {}
-    if opt:
-        if not (opt.startswith("skv") and opt[3:].isdigit()):
-            raise ValueError(f"policy variant {name!r}: the suffix must be +skvN (SPLIT_KV=N), got +{opt}")
-        kernel_options["SPLIT_KV"] = int(opt[3:])
+    for opt in opts:
+        prefix = opt.rstrip("0123456789")
+        if prefix not in KERNEL_OPTION_TOKENS or prefix == opt:
+            raise ValueError(f"policy variant {name!r}: +{opt} is not one of "
+                             f"{', '.join(t + 'N' for t in KERNEL_OPTION_TOKENS)}")
+        kernel_options[KERNEL_OPTION_TOKENS[prefix]] = int(opt[len(prefix):])
     return policy, fused, in_append, kernel_options
 
 
@@ -238,7 +244,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny CPU-sized run, checks only (no timing)")
     ap.add_argument("--policies", default="raas,h2o,streaming,quest",
                     help="comma list of raas, raas_split (fused, observe as its own kernel), raas_torch (raas with "
-                         "fused=False), h2o, streaming, quest; any of them with +skvN sets flex's SPLIT_KV=N")
+                         "fused=False), h2o, streaming, quest; any of them with flex kernel options: +skvN (SPLIT_KV), "
+                         "+bnN (BLOCK_N), +wN (num_warps), +sN (num_stages)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--max-gb", type=float, default=30.0, help="skip points whose KV exceeds this")

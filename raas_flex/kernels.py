@@ -77,8 +77,11 @@ def observe_fusable(config) -> bool:
 # Tuning (module attributes, read when a kernel is launched or traced):
 OBSERVE_PAGES = 16  # pages per program of the observe kernel (at least; more for small head_dim)
 LISTS_IN_REGS_MAX = 8192  # append: block counts from registers up to this many (block, page) pairs
-APPEND_BOUND_ELEMS = 4096  # append with observe: key-bound elements per chunk of the bound loop
-APPEND_OBSERVE_WARPS = 8  # append with observe: warps per program
+APPEND_BOUND_ELEMS = 8192  # append with observe: key-bound elements per chunk of the bound loop
+APPEND_OBSERVE_WARPS = 4  # append with observe: warps per program
+BOUND_DOT = True  # page bounds as matrix products (False: element-wise products and reductions)
+RANK_METHODS = {"sort64": 0, "sort32": 1, "bisect": 2}
+RANK_METHOD = "sort32"  # how the top-k refresh finds the k-th largest bound (see _refresh_top)
 
 
 if HAS_TRITON:
@@ -88,49 +91,95 @@ if HAS_TRITON:
 
     @triton.jit
     def _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                     b, h, base, c0, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BP: tl.constexpr):
+                     b, h, base, c0, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BP: tl.constexpr,
+                     DOT: tl.constexpr):
         """Quest's bound of the BP pages c0.. of one row: sum_d max(q_d M_d, q_d m_d) = q+ . M + q- . m,
         max over the G query heads of the KV head, -inf for empty slots. Stored to the scratch row
-        ``imp`` (the ranking reads the whole row back) and, -inf/nan as 0, to ``score``."""
+        ``imp`` (the ranking reads the whole row back) and, -inf/nan as 0, to ``score``.
+
+        DOT: the G x BP bounds as two matrix products (q+ and q- exact in the query dtype, products
+        exact in fp32, fp32 accumulation; fp32 operands use exact fp32 arithmetic, not tf32).
+        Otherwise an element-wise product and a reduction over D per query head."""
         d = tl.arange(0, D)
         pp = c0 + tl.arange(0, BP)
         m = pp < P
         off2 = (base + pp)[:, None] * D + d[None, :]
-        kmax = tl.load(kmax_ptr + off2, mask=m[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
-        kmin = tl.load(kmin_ptr + off2, mask=m[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+        kmax = tl.load(kmax_ptr + off2, mask=m[:, None], other=0.0, cache_modifier=".cg")
+        kmin = tl.load(kmin_ptr + off2, mask=m[:, None], other=0.0, cache_modifier=".cg")
         pidc = tl.load(page_id_ptr + base + pp, mask=m, other=-1, cache_modifier=".cg")
-        best = tl.full([BP], float("-inf"), tl.float32)
-        for g in tl.static_range(G):
-            qv = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + d * sqd).to(tl.float32)
-            s = tl.sum(tl.maximum(qv, 0.0)[None, :] * kmax + tl.minimum(qv, 0.0)[None, :] * kmin, 1)
-            best = tl.maximum(best, s)
+        if DOT:
+            BG: tl.constexpr = 16 if G <= 16 else triton.next_power_of_2(G)
+            gg = tl.arange(0, BG)
+            qt = tl.load(q_ptr + b * sqb + (h * G + gg)[:, None] * sqh + d[None, :] * sqd,
+                         mask=(gg < G)[:, None], other=0.0)
+            if qt.dtype == kmax.dtype and kmax.dtype != tl.float32:
+                qp = tl.maximum(qt, 0.0).to(kmax.dtype)
+                qn = tl.minimum(qt, 0.0).to(kmax.dtype)
+                s = tl.dot(qp, tl.trans(kmax)) + tl.dot(qn, tl.trans(kmin))
+            else:
+                qf = qt.to(tl.float32)
+                s = tl.dot(tl.maximum(qf, 0.0), tl.trans(kmax.to(tl.float32)), input_precision="ieee")
+                s += tl.dot(tl.minimum(qf, 0.0), tl.trans(kmin.to(tl.float32)), input_precision="ieee")
+            best = tl.max(tl.where((gg < G)[:, None], s, float("-inf")), 0)
+        else:
+            kmax = kmax.to(tl.float32)
+            kmin = kmin.to(tl.float32)
+            best = tl.full([BP], float("-inf"), tl.float32)
+            for g in tl.static_range(G):
+                qv = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + d * sqd).to(tl.float32)
+                sg = tl.sum(tl.maximum(qv, 0.0)[None, :] * kmax + tl.minimum(qv, 0.0)[None, :] * kmin, 1)
+                best = tl.maximum(best, sg)
         imp = tl.where(pidc >= 0, best, float("-inf"))
         tl.store(imp_ptr + base + pp, imp, mask=m)
         sc = tl.where(imp != imp, 0.0, imp)
         sc = tl.where(sc == float("-inf"), 0.0, sc)
         sc = tl.where(sc == float("inf"), _F32_MAX, sc)
         tl.store(score_ptr + base + pp, sc, mask=m)
+        return imp
 
     @triton.jit
     def _refresh_top(imp, pid, i, in_row, stamp_ptr, base, step_now,
-                     P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr):
+                     P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, RANK: tl.constexpr):
         """Stamp the top REFRESH resident pages of a row (imp, pid: [BLOCK_P] over slots i) with
         step_now. Order: larger importance first, equal importance to the lower slot (the stable
-        descending rank of the torch code). One in-register sort of a composite int64 key
-        (order-preserving image of the fp32 importance, -0.0 folded into 0.0, then the slot
-        reversed): a page is in the top REFRESH exactly when its key is >= the REFRESH-th largest."""
+        descending rank of the torch code).
+
+        The importance goes to an order-preserving int32 image (-0.0 folded into 0.0). RANK 0: one
+        in-register sort of int64 keys (image, then the slot reversed); a page is in the top REFRESH
+        exactly when its key is >= the REFRESH-th largest. RANK 1: sort the int32 images to get the
+        REFRESH-th largest value t; pages above t are in, and of the pages equal to t the lowest
+        slots fill what is left (a prefix count). RANK 2: the same t by a 32-step bitwise search of
+        counts instead of a sort."""
         resident = (pid >= 0) & in_row
         if REFRESH >= P:
             refresh = resident
         else:
             v = tl.where(imp == 0.0, 0.0, imp)
             bits = v.to(tl.int32, bitcast=True)
-            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-            key = ordered * 4294967296 + (BLOCK_P - 1 - i).to(tl.int64)
-            key = tl.where(in_row, key, -_I64_MAX - 1)
-            srt = tl.sort(key, descending=True)
-            kth = tl.sum(tl.where(i == REFRESH - 1, srt, 0), 0)
-            refresh = resident & (key >= kth)
+            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+            if RANK == 0:
+                key = ordered.to(tl.int64) * 4294967296 + (BLOCK_P - 1 - i).to(tl.int64)
+                key = tl.where(in_row, key, -_I64_MAX - 1)
+                srt = tl.sort(key, descending=True)
+                kth = tl.sum(tl.where(i == REFRESH - 1, srt, 0), 0)
+                refresh = resident & (key >= kth)
+            else:
+                low = tl.where(in_row, ordered, -2147483647 - 1)
+                if RANK == 1:
+                    srt = tl.sort(low, descending=True)
+                    t = tl.sum(tl.where(i == REFRESH - 1, srt, 0), 0)
+                else:  # largest t with count(low >= t) >= REFRESH, built bit by bit on the unsigned image
+                    u = (low ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)
+                    tu = tl.zeros([], tl.uint32)
+                    for bit in tl.static_range(31, -1, -1):
+                        cand = tu | (1 << bit)
+                        if tl.sum((u >= cand).to(tl.int32), 0) >= REFRESH:
+                            tu = cand
+                    t = (tu.to(tl.int32, bitcast=True)) ^ (-2147483647 - 1)
+                above = in_row & (low > t)
+                tie = in_row & (low == t)
+                need = REFRESH - tl.sum(above.to(tl.int32), 0)
+                refresh = resident & (above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)))
         tl.store(stamp_ptr + base + i, tl.zeros([BLOCK_P], tl.int64) + step_now, mask=refresh)
 
     @triton.jit
@@ -146,6 +195,7 @@ if HAS_TRITON:
         KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr,
         LISTS_IN_REGS: tl.constexpr,
         OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr,
+        DOT: tl.constexpr, RANK: tl.constexpr,
     ):
         row = tl.program_id(0)
         b = row // H
@@ -266,12 +316,16 @@ if HAS_TRITON:
 
         if OBSERVE:  # RaaS observe of this step's query, for this row (see fused_append_observe)
             tl.debug_barrier()  # the key-bound row and page-table entry stored above are complete
-            for c0 in tl.static_range(0, BLOCK_P, BPC):
-                _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                             b, h, base, c0, G, P, D, BPC)
-            tl.debug_barrier()  # the row of bounds is complete
-            a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
-            _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P)
+            if BPC == BLOCK_P:  # the whole row in one chunk: its bounds stay in registers
+                a = _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                                 b, h, base, 0, G, P, D, BPC, DOT)
+            else:  # chunks through the scratch row
+                for c0 in tl.static_range(0, BLOCK_P, BPC):
+                    _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                                 b, h, base, c0, G, P, D, BPC, DOT)
+                tl.debug_barrier()  # the row of bounds is complete
+                a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
+            _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P, RANK)
 
         # The last program to finish advances the per-sequence lengths and the step counter: every
         # program has read them by now (the barrier orders this program's loads before its ticket).
@@ -287,7 +341,7 @@ if HAS_TRITON:
         q_ptr, sqb, sqh, sqd,
         page_id_ptr, stamp_ptr, score_ptr, kmax_ptr, kmin_ptr, step_ptr, imp_ptr, count_ptr,
         H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, REFRESH: tl.constexpr,
-        BLOCK_P: tl.constexpr, BP: tl.constexpr, NSPLIT: tl.constexpr,
+        BLOCK_P: tl.constexpr, BP: tl.constexpr, NSPLIT: tl.constexpr, DOT: tl.constexpr, RANK: tl.constexpr,
     ):
         row = tl.program_id(0)
         chunk = tl.program_id(1)
@@ -296,7 +350,7 @@ if HAS_TRITON:
         row64 = row.to(tl.int64)
         base = row64 * P
         _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                     b, h, base, chunk * BP, G, P, D, BP)
+                     b, h, base, chunk * BP, G, P, D, BP, DOT)
 
         # The program that finishes its row last ranks the row: its ticket (acq_rel, after a
         # barrier over this program's stores) orders every other program's scratch stores before
@@ -312,7 +366,7 @@ if HAS_TRITON:
             in_row = i < P
             a = tl.load(imp_ptr + base + i, mask=in_row, other=float("-inf"), cache_modifier=".cg")
             pid = tl.load(page_id_ptr + base + i, mask=in_row, other=-1)
-            _refresh_top(a, pid, i, in_row, stamp_ptr, base, tl.load(step_ptr), P, REFRESH, BLOCK_P)
+            _refresh_top(a, pid, i, in_row, stamp_ptr, base, tl.load(step_ptr), P, REFRESH, BLOCK_P, RANK)
             if NSPLIT > 1:
                 tl.store(count_ptr + row64, 0)
 
@@ -339,7 +393,7 @@ if HAS_TRITON:
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
             LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX,
             OBSERVE=observe, G=(q.shape[1] // H) if observe else 1, REFRESH=refresh_pages,
-            BPC=min(block_p, max(16, APPEND_BOUND_ELEMS // D)),
+            BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), DOT=BOUND_DOT, RANK=RANK_METHODS[RANK_METHOD],
             num_warps=APPEND_OBSERVE_WARPS if observe else 4,
         )
 
@@ -401,12 +455,12 @@ if HAS_TRITON:
         B, H, P, D = kmax.shape
         G = q.shape[1] // H
         block_p = triton.next_power_of_2(P)
-        bp = min(block_p, max(OBSERVE_PAGES, 2048 // D))
+        bp = max(16, min(block_p, max(OBSERVE_PAGES, 2048 // D)))  # (tl.dot needs >= 16)
         nsplit = -(-P // bp)
         wrap_triton(_observe_kernel)[(B * H, nsplit)](
             q, q.stride(0), q.stride(1), q.stride(3),
             page_id, stamp, score, kmax, kmin, step, imp, count,
             H=H, G=G, P=P, D=D, REFRESH=refresh_pages,
-            BLOCK_P=block_p, BP=bp, NSPLIT=nsplit,
+            BLOCK_P=block_p, BP=bp, NSPLIT=nsplit, DOT=BOUND_DOT, RANK=RANK_METHODS[RANK_METHOD],
             num_warps=4,
         )

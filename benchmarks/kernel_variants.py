@@ -1,0 +1,121 @@
+"""Time the fused bookkeeping kernel's variants on their own (CUDA-graph replay), one shape at a time.
+
+For each shape (B, Hq/Hkv, budget L; head_dim 128, bf16, buffer full so every page evicts) it times
+
+    append            the append kernel alone (what policies without a fused observe run)
+    append+observe    the append kernel with the RaaS observe inside (what engine.decode runs),
+                      for every combination of the module knobs of raas_flex.kernels:
+                      BOUND_DOT (page bounds as matrix products or element-wise), RANK_METHOD
+                      (sort64 / sort32 / bisect), APPEND_OBSERVE_WARPS, APPEND_BOUND_ELEMS
+    observe (split)   the observe as its own kernel, per BOUND_DOT x RANK_METHOD
+
+and checks each variant's state change against the torch bookkeeping code from the same state
+(stamps that differ are counted; they may differ only at exact top-k ties of rounding).
+
+    python benchmarks/kernel_variants.py --shapes 8/32/8/2048,8/28/4/2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raas_flex import PagedKVCache, RaaSConfig, kernels  # noqa: E402
+from benchmarks.decode_step import graph_time_us  # noqa: E402
+
+STATE = ("k", "v", "page_id", "stamp", "pinned", "score", "kmax", "kmin", "open_slot", "length", "step",
+         "evictions", "overflow")
+KNOBS = ("BOUND_DOT", "RANK_METHOD", "APPEND_OBSERVE_WARPS", "APPEND_BOUND_ELEMS")
+
+
+def pair(B, Hq, Hkv, L, dtype, device):
+    cfg = RaaSConfig(budget=L, page_size=16, pin_prompt=False)
+    mk = lambda fused: PagedKVCache(cfg.replace(fused=fused), batch_size=B, num_heads=Hq, num_kv_heads=Hkv,
+                                    head_dim=128, dtype=dtype, device=device)
+    ref, fus = mk(False), mk(True)
+    k = torch.randn(B, Hkv, L - 16, 128, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    ref.prefill(k, v)
+    return ref, fus
+
+
+def stamp_mismatch(ref, fus, q, k, v) -> int:
+    for n in STATE:
+        getattr(fus, n).copy_(getattr(ref, n))
+    fus._fused_append(k, v, q)
+    ref.append(k, v)
+    ref.policy.observe(ref, q, ref.valid_slots(q))
+    torch.cuda.synchronize()
+    assert torch.equal(ref.page_id, fus.page_id) and torch.equal(ref.k, fus.k), "append state differs"
+    return int((ref.stamp != fus.stamp).sum())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="8/32/8/2048,8/28/4/2048,32/32/8/4096", help="B/Hq/Hkv/L list")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--elems", default="4096,16384", help="APPEND_BOUND_ELEMS values")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs CUDA")
+    dev, dt = "cuda", torch.bfloat16
+    saved = {n: getattr(kernels, n) for n in KNOBS}
+    rows = []
+    for spec in args.shapes.split(","):
+        B, Hq, Hkv, L = (int(x) for x in spec.split("/"))
+        torch.manual_seed(0)
+        ref, fus = pair(B, Hq, Hkv, L, dt, dev)
+        q = torch.randn(B, Hq, 1, 128, dtype=dt, device=dev)
+        kn = torch.randn(B, Hkv, 1, 128, dtype=dt, device=dev)
+        vn = torch.randn_like(kn)
+        base = dict(B=B, Hq=Hq, Hkv=Hkv, L=L)
+        rows.append(dict(base, kernel="append", us=graph_time_us(lambda: fus._fused_append(kn, vn))))
+        combos = itertools.product([True, False], list(kernels.RANK_METHODS), [int(x) for x in args.warps.split(",")],
+                                   [int(x) for x in args.elems.split(",")])
+        for dot, rank, warps, elems in combos:
+            kernels.BOUND_DOT, kernels.RANK_METHOD = dot, rank
+            kernels.APPEND_OBSERVE_WARPS, kernels.APPEND_BOUND_ELEMS = warps, elems
+            r = dict(base, kernel="append+observe", dot=dot, rank=rank, warps=warps, elems=elems)
+            try:
+                r["stamp_mismatch"] = stamp_mismatch(ref, fus, q, kn, vn)
+                r["us"] = graph_time_us(lambda: fus._fused_append(kn, vn, q))
+            except Exception as e:  # a variant that does not compile is a result, not a crash
+                r["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        for dot, rank in itertools.product([True, False], list(kernels.RANK_METHODS)):
+            kernels.BOUND_DOT, kernels.RANK_METHOD = dot, rank
+            r = dict(base, kernel="observe (split)", dot=dot, rank=rank)
+            try:
+                r["us"] = graph_time_us(lambda: kernels.fused_observe(
+                    q, fus.page_id, fus.stamp, fus.score, fus.kmax, fus.kmin, fus.step, fus._imp, fus._obs_count,
+                    fus.config.refresh_pages))
+            except Exception as e:
+                r["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+            rows.append(r)
+        for n, val in saved.items():
+            setattr(kernels, n, val)
+        del ref, fus
+        torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds, CUDA-graph replay median\n")
+    print("| B | heads | L | kernel | dot | rank | warps | elems | us | stamp mismatches |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        us = f"{r['us']:.1f}" if "us" in r else r.get("error", "")
+        print(f"| {r['B']} | {r['Hq']}/{r['Hkv']} | {r['L']} | {r['kernel']} | {r.get('dot', '')} | {r.get('rank', '')} "
+              f"| {r.get('warps', '')} | {r.get('elems', '')} | {us} | {r.get('stamp_mismatch', '')} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                                  rows=rows), indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
