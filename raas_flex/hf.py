@@ -566,9 +566,18 @@ class RaaSCache(Cache):
 
 
 # -- generate hooks ------------------------------------------------------------------------------------
+def generate_cache_key(model: nn.Module) -> str:
+    """The name under which ``generate`` keeps the cache in its model kwargs: ``"cache"`` from
+    transformers 5.24 on (``past_key_values`` there is a deprecated alias renamed on the way in),
+    ``"past_key_values"`` before. Read from the model's forward signature."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _make_prepare_cache(model: nn.Module, runtime: _Runtime, original):
     model_ref = weakref.ref(model)
     sig = inspect.signature(original(model))
+    key = generate_cache_key(model)
 
     @functools.wraps(getattr(type(model), "_prepare_cache_for_generation"))
     def _prepare_cache_for_generation(*args, **kwargs):
@@ -576,7 +585,7 @@ def _make_prepare_cache(model: nn.Module, runtime: _Runtime, original):
         gen_config = bound.arguments["generation_config"]
         model_kwargs = bound.arguments["model_kwargs"]
         max_cache_length = bound.arguments["max_cache_length"]
-        user_cache = model_kwargs.get("past_key_values")
+        user_cache = model_kwargs.get(key)
         uses_raas = isinstance(user_cache, RaaSCache) or (
             user_cache is None and gen_config.use_cache is not False and gen_config.cache_implementation is None
         )
@@ -593,7 +602,7 @@ def _make_prepare_cache(model: nn.Module, runtime: _Runtime, original):
         if uses_raas:
             cache = RaaSCache(model_ref())
             cache.prepare_generation(max_cache_length)
-            model_kwargs["past_key_values"] = cache
+            model_kwargs[key] = cache
             runtime.generation_cache = cache
             return None
         return original(model_ref())(*args, **kwargs)

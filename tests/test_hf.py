@@ -9,6 +9,7 @@ thread for this module (tiny ops; the CI machine has 2 contended cores).
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -593,3 +594,20 @@ def test_bad_options_are_refused(options, exc, match):
     with pytest.raises(exc, match=match):
         raas_flex.patch(model, **options)
     assert_pristine(model)
+
+
+def test_generate_sizes_a_user_cache_under_any_kwarg_name():
+    """generate keeps the cache under 'cache' from transformers 5.24 on ('past_key_values' before):
+    a RaaSCache the user passes must be the one generate sizes and decodes with, whatever the name."""
+    model = make_model("llama", seed=1)
+    raas_flex.patch(model, budget=16, page_size=8, policy="quest")
+    ids, mask = prompts([10, 7], seed=2)
+    cache = raas_flex.RaaSCache(model)
+    sized = []
+    orig = cache.prepare_generation
+    cache.prepare_generation = lambda n: (sized.append(n), orig(n))[1]
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert sized == [ids.shape[1] + 10 - 1]
+    assert cache.get_seq_length() == out.shape[1] - 1
+    expected = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    assert hf.generate_cache_key(model) == expected
