@@ -200,3 +200,21 @@ def test_importance_recall_runs_on_the_shipped_model(tmp_path):
     # the first layer has a head that puts (nearly) all its attention on the page it must read
     assert res["layers"][0]["mean_share_on_needed_page"] > 0.9 and res["layers"][0]["attention_top4"] == 1.0
     assert "| 0 |" in (tmp_path / "ir.md").read_text()
+
+
+def test_kernel_variants_smoke(tmp_path):
+    """Every knob combination of the fused kernels through Triton's CPU interpreter, against the torch
+    bookkeeping from the same state (the script raises if a variant's append state differs)."""
+    pytest.importorskip("triton", reason="the kernels run on CPU only through Triton's interpreter")
+    import os
+
+    out = tmp_path / "kv.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_variants.py"), "--smoke", "--out", str(out)],
+                         env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    combos = [r for r in rows if r["kernel"] == "append+observe"]
+    assert len(combos) == 2 * 3  # BOUND_DOT x RANK_METHOD (one warps/elems setting)
+    # random normal bounds: no exact ties at the top-k boundary, so every variant's stamps match
+    assert all(r["stamp_mismatch"] == 0 for r in combos), combos
+    assert sum(r["kernel"] == "observe (split)" for r in rows) == 6
