@@ -19,9 +19,10 @@ A decode step appends one token per sequence (opening a page, evicting one if th
 attends over the resident tokens with flex_attention, then lets the policy observe the query
 (RaaS refreshes the timestamps of the most important pages).
 
-On CUDA the append (with the validity mask) and the RaaS observe run as two hand-fused Triton
-kernels (:mod:`raas_flex.kernels`, switch: :attr:`PagedKVCache.fused`); the torch code below is the
-reference they match and the path on CPU and for the other policies.
+On CUDA the append (with the validity mask and block lists) and the RaaS observe run as one
+hand-fused Triton kernel per step (:mod:`raas_flex.kernels`, switches: :attr:`PagedKVCache.fused`,
+``observe_in_append``); the torch code below is the reference they match and the path on CPU and for
+the other policies.
 """
 
 from __future__ import annotations

@@ -2,19 +2,30 @@
 
 The torch code in :mod:`raas_flex.engine` and :mod:`raas_flex.policies` is the reference: it runs
 everywhere and Inductor turns it into about fourteen small kernels per step. On CUDA the same state
-changes are done here by two kernels, so that a RaaS step is
+changes are done here, by one launch per step in :meth:`PagedKVCache.decode`:
 
-    fused_append   one program per (sequence, KV head) row: slot choice (first free page slot, else
-                   the evictable page with the smallest key, ties to the lower slot), token write,
-                   page-table entry of an opened page, key max/min row update, open slot, eviction
-                   counter, overflow flag, the row of the slot-validity mask that flex's mask_mod
-                   reads and exact flex block lists (full blocks skip mask_mod in the flex kernel);
-                   the last program to finish advances ``length`` and ``step``
-    flex_attention (unchanged)
-    fused_observe  programs of OBSERVE_PAGES pages each: Quest's page bound (max over the query
-                   heads of a KV head) and the score write; the last program of each row ranks the
-                   row (stable descending rank, ties to the lower slot) and refreshes the stamps of
-                   the top ``refresh_pages`` resident pages
+    fused_append_observe   one program per (sequence, KV head) row: slot choice (first free page
+                           slot, else the evictable page with the smallest key, ties to the lower
+                           slot), token write, page-table entry of an opened page, key max/min row
+                           update, open slot, eviction counter, overflow flag, the row of the
+                           slot-validity mask that flex's mask_mod reads and exact flex block lists
+                           (full blocks skip mask_mod in the flex kernel); then the RaaS observe of
+                           the step's query for the row: Quest's page bound (max over the query heads
+                           of the KV head, as two small matrix products), the score write, the
+                           REFRESH-th largest bound by an in-register sort and the refresh of the top
+                           ``refresh_pages`` resident pages (stable descending order, ties to the
+                           lower slot). The last program to finish advances ``length`` and ``step``.
+    flex_attention         (unchanged)
+
+The observe reads only the query and the key bounds after the append, so running it before the
+attention leaves the state of the torch order (append, attend, observe). Where the query is not known
+at append time (transformers appends in ``Cache.update``), ``fused_append`` (the same kernel without
+the observe) runs first and ``fused_observe`` (programs of OBSERVE_PAGES pages each, the last program
+of a row ranks it) after the attention.
+
+Tuning knobs are module attributes read when a kernel is launched or traced (BOUND_DOT, RANK_METHOD,
+APPEND_OBSERVE_WARPS, APPEND_BOUND_ELEMS, OBSERVE_PAGES, LISTS_IN_REGS_MAX);
+``benchmarks/kernel_variants.py`` times and checks every combination.
 
 Both are registered with :func:`torch.library.triton_op`, with every buffer they write declared in
 ``mutates_args``, so they run eagerly, inside ``torch.compile(fullgraph=True)`` graphs (Inductor
@@ -22,7 +33,7 @@ calls the kernels directly and orders them by their mutations) and under CUDA gr
 fixed grid, allocate nothing and never synchronise with the host.
 
 Coverage: the append kernel serves the bounded policies that attend to every resident page
-(raas, streaming, h2o); the observe kernel serves raas with ``importance="bound"`` and
+(raas, streaming, h2o); the observe (in the append kernel or on its own) serves raas with ``importance="bound"`` and
 ``refresh="topk"`` (the threshold rule needs ``importance="attention"``, i.e. a softmax over the
 whole buffer, which stays in torch). :func:`unsupported_reason` says why a cache cannot use them.
 
