@@ -148,15 +148,21 @@ def time_policy(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, row, extra=40
     cache = make_cache(policy, B, Hq, Hkv, D, N, L, dtype, device, extra)
     step = cache.compiled_decode()
     # correctness of the compiled step against float64, on fresh inputs, over a few steps
+    from torch._dynamo.utils import counters
+
     errs = []
-    for _ in range(3):
+    graphs = None
+    for i in range(3):
         qq = torch.randn_like(q)
         out = step(qq, torch.randn_like(kn), torch.randn_like(vn))
+        if i == 0:  # warm-up done: from here on a new graph would be a recompile
+            graphs = counters["stats"]["unique_graphs"]
         ref = reference(cache, qq)
         errs.append(((out[: ref.shape[0]].double() - ref).norm() / ref.norm()).item())
     row[f"{policy}_err"] = max(errs)
     if timed:
         row[policy] = graph_time_us(lambda: step(q, kn, vn))
+    row[f"{policy}_graphs_after_warmup"] = counters["stats"]["unique_graphs"] - graphs
     row[f"{policy}_kv_bytes"] = cache.kv_bytes
     cache.check()
     del step, cache
@@ -307,6 +313,8 @@ def main(argv=None):
     partial.unlink()
     (out / f"decode_step_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     table = markdown(rows, policies)
+    recompiles = sum(v for r in rows for k, v in r.items() if k.endswith("_graphs_after_warmup"))
+    table += f"\n\nGraphs compiled after each step's warm-up (checks and timed replays, all points): {recompiles}"
     (out / f"decode_step_{tag}.md").write_text(
         f"Decode step, one layer, microseconds (CUDA-graph replay median). {meta}\n\n{table}\n")
     print(table)

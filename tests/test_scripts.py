@@ -23,6 +23,8 @@ def test_decode_step_benchmark_smoke(tmp_path):
     row = rows[0]
     # the compiled engine step matched the float64 reference inside the script
     assert row["raas_err"] < 1e-5
+    assert row["raas_graphs_after_warmup"] == 0  # the later steps reuse the compiled graph(s)
+    assert "after each step's warm-up (checks and timed replays, all points): 0" in (tmp_path / "decode_step_smoke.md").read_text()
     assert row["raas_kv_bytes"] == 2 * 2 * 2 * 64 * 16 * 4  # K+V, B=2, Hkv=2, budget 64, D=16, fp32
     assert "| raas |" in (tmp_path / "decode_step_smoke.md").read_text().replace("raas/sdpa_L", "")
 
