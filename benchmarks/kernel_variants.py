@@ -5,9 +5,12 @@ For each shape (B, Hq/Hkv, budget L; head_dim 128, bf16, buffer full so every pa
     append            the append kernel alone (what policies without a fused observe run)
     append+observe    the append kernel with the RaaS observe inside (what engine.decode runs),
                       for every combination of the module knobs of raas_flex.kernels:
-                      BOUND_DOT (page bounds as matrix products or element-wise), RANK_METHOD
-                      (sort64 / sort32 / bisect), APPEND_OBSERVE_WARPS, APPEND_BOUND_ELEMS
-    observe (split)   the observe as its own kernel, per BOUND_DOT x RANK_METHOD
+                      BOUND_DOT (page bounds as matrix products or element-wise),
+                      APPEND_OBSERVE_WARPS, APPEND_BOUND_ELEMS
+    observe (split)   the observe as its own kernel, per BOUND_DOT
+
+(results/h200/kernel_variants_h200.log also has two ways of ranking that were removed after it:
+a sort of int64 keys, no faster, and a bitwise search, slower.)
 
 and checks each variant's state change against the torch bookkeeping code from the same state
 (stamps that differ are counted; they may differ only at exact top-k ties of rounding).
@@ -32,7 +35,7 @@ from benchmarks.decode_step import graph_time_us  # noqa: E402
 
 STATE = ("k", "v", "page_id", "stamp", "pinned", "score", "kmax", "kmin", "open_slot", "length", "step",
          "evictions", "overflow")
-KNOBS = ("BOUND_DOT", "RANK_METHOD", "APPEND_OBSERVE_WARPS", "APPEND_BOUND_ELEMS")
+KNOBS = ("BOUND_DOT", "APPEND_OBSERVE_WARPS", "APPEND_BOUND_ELEMS")
 
 
 def pair(B, Hq, Hkv, L, dtype, device, D=128):
@@ -90,12 +93,12 @@ def main(argv=None):
         base = dict(B=B, Hq=Hq, Hkv=Hkv, L=L)
         time_us = graph_time_us if timed else (lambda fn: (fn(), float("nan"))[1])  # smoke: run once, no timing
         rows.append(dict(base, kernel="append", us=time_us(lambda: fus._fused_append(kn, vn))))
-        combos = itertools.product([True, False], list(kernels.RANK_METHODS), [int(x) for x in args.warps.split(",")],
+        combos = itertools.product([True, False], [int(x) for x in args.warps.split(",")],
                                    [int(x) for x in args.elems.split(",")])
-        for dot, rank, warps, elems in combos:
-            kernels.BOUND_DOT, kernels.RANK_METHOD = dot, rank
+        for dot, warps, elems in combos:
+            kernels.BOUND_DOT = dot
             kernels.APPEND_OBSERVE_WARPS, kernels.APPEND_BOUND_ELEMS = warps, elems
-            r = dict(base, kernel="append+observe", dot=dot, rank=rank, warps=warps, elems=elems)
+            r = dict(base, kernel="append+observe", dot=dot, warps=warps, elems=elems)
             try:
                 r["stamp_mismatch"] = stamp_mismatch(ref, fus, q, kn, vn)
                 r["us"] = time_us(lambda: fus._fused_append(kn, vn, q))
@@ -105,9 +108,9 @@ def main(argv=None):
                 r["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
             rows.append(r)
             print(json.dumps(r), flush=True)
-        for dot, rank in itertools.product([True, False], list(kernels.RANK_METHODS)):
-            kernels.BOUND_DOT, kernels.RANK_METHOD = dot, rank
-            r = dict(base, kernel="observe (split)", dot=dot, rank=rank)
+        for dot in (True, False):
+            kernels.BOUND_DOT = dot
+            r = dict(base, kernel="observe (split)", dot=dot)
             try:
                 r["us"] = time_us(lambda: kernels.fused_observe(
                     q, fus.page_id, fus.stamp, fus.score, fus.kmax, fus.kmin, fus.step, fus._imp, fus._obs_count,
@@ -123,11 +126,11 @@ def main(argv=None):
         torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name() if timed else "cpu (Triton interpreter, no timing)"
     print(f"\n{device_name}, torch {torch.__version__}; microseconds, CUDA-graph replay median\n")
-    print("| B | heads | L | kernel | dot | rank | warps | elems | us | stamp mismatches |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| B | heads | L | kernel | dot | warps | elems | us | stamp mismatches |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         us = f"{r['us']:.1f}" if "us" in r else r.get("error", "")
-        print(f"| {r['B']} | {r['Hq']}/{r['Hkv']} | {r['L']} | {r['kernel']} | {r.get('dot', '')} | {r.get('rank', '')} "
+        print(f"| {r['B']} | {r['Hq']}/{r['Hkv']} | {r['L']} | {r['kernel']} | {r.get('dot', '')} "
               f"| {r.get('warps', '')} | {r.get('elems', '')} | {us} | {r.get('stamp_mismatch', '')} |")
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=device_name, torch=torch.__version__,

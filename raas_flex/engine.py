@@ -471,9 +471,12 @@ class PagedKVCache(nn.Module):
 
     def _fused_append(self, k: Tensor, v: Tensor, q: Tensor | None = None) -> None:
         """The append kernel; with ``q`` also the RaaS observe of q in the same launch."""
-        if q is not None and (q.dim() != 4 or tuple(q.shape) != (self.B, self.Hq, 1, self.D)):
-            raise ValueError(f"q must be [batch_size={self.B}, num_heads={self.Hq}, 1, head_dim={self.D}], "
-                             f"got {tuple(q.shape)}")
+        if q is not None:
+            if q.dim() != 4 or tuple(q.shape) != (self.B, self.Hq, 1, self.D):
+                raise ValueError(f"q must be [batch_size={self.B}, num_heads={self.Hq}, 1, head_dim={self.D}], "
+                                 f"got {tuple(q.shape)}")
+            if q.device != self.k.device:
+                raise ValueError(f"q is on {q.device}, the cache on {self.k.device}")
         for name, t in (("k", k), ("v", v)):
             if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (self.B, self.H, self.D) or t.shape[2] < 1:
                 raise ValueError(

@@ -23,7 +23,7 @@ at append time (transformers appends in ``Cache.update``), ``fused_append`` (the
 the observe) runs first and ``fused_observe`` (programs of OBSERVE_PAGES pages each, the last program
 of a row ranks it) after the attention.
 
-Tuning knobs are module attributes read when a kernel is launched or traced (BOUND_DOT, RANK_METHOD,
+Tuning knobs are module attributes read when a kernel is launched or traced (BOUND_DOT,
 APPEND_OBSERVE_WARPS, APPEND_BOUND_ELEMS, OBSERVE_PAGES, LISTS_IN_REGS_MAX);
 ``benchmarks/kernel_variants.py`` times and checks every combination.
 
@@ -91,8 +91,6 @@ LISTS_IN_REGS_MAX = 8192  # append: block counts from registers up to this many 
 APPEND_BOUND_ELEMS = 8192  # append with observe: key-bound elements per chunk of the bound loop
 APPEND_OBSERVE_WARPS = 4  # append with observe: warps per program
 BOUND_DOT = True  # page bounds as matrix products (False: element-wise products and reductions)
-RANK_METHODS = {"sort64": 0, "sort32": 1, "bisect": 2}
-RANK_METHOD = "sort32"  # how the top-k refresh finds the k-th largest bound (see _refresh_top)
 
 
 if HAS_TRITON:
@@ -150,17 +148,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _refresh_top(imp, pid, i, in_row, stamp_ptr, base, step_now,
-                     P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, RANK: tl.constexpr):
+                     P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr):
         """Stamp the top REFRESH resident pages of a row (imp, pid: [BLOCK_P] over slots i) with
         step_now. Order: larger importance first, equal importance to the lower slot (the stable
         descending rank of the torch code).
 
-        The importance goes to an order-preserving int32 image (-0.0 folded into 0.0). RANK 0: one
-        in-register sort of int64 keys (image, then the slot reversed); a page is in the top REFRESH
-        exactly when its key is >= the REFRESH-th largest. RANK 1: sort the int32 images to get the
-        REFRESH-th largest value t; pages above t are in, and of the pages equal to t the lowest
-        slots fill what is left (a prefix count). RANK 2: the same t by a 32-step bitwise search of
-        counts instead of a sort."""
+        The importance goes to an order-preserving int32 image (-0.0 folded into 0.0); one
+        in-register sort of the images gives the REFRESH-th largest value t. Pages above t are in,
+        and of the pages equal to t the lowest slots fill what is left (a prefix count). (A sort of
+        int64 keys with the slot in the low bits, and a 32-step bitwise search for t, measured no
+        faster and slower on an H200: results/h200/kernel_variants_h200.log.)"""
         resident = (pid >= 0) & in_row
         if REFRESH >= P:
             refresh = resident
@@ -168,29 +165,13 @@ if HAS_TRITON:
             v = tl.where(imp == 0.0, 0.0, imp)
             bits = v.to(tl.int32, bitcast=True)
             ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-            if RANK == 0:
-                key = ordered.to(tl.int64) * 4294967296 + (BLOCK_P - 1 - i).to(tl.int64)
-                key = tl.where(in_row, key, -_I64_MAX - 1)
-                srt = tl.sort(key, descending=True)
-                kth = tl.sum(tl.where(i == REFRESH - 1, srt, 0), 0)
-                refresh = resident & (key >= kth)
-            else:
-                low = tl.where(in_row, ordered, -2147483647 - 1)
-                if RANK == 1:
-                    srt = tl.sort(low, descending=True)
-                    t = tl.sum(tl.where(i == REFRESH - 1, srt, 0), 0)
-                else:  # largest t with count(low >= t) >= REFRESH, built bit by bit on the unsigned image
-                    u = (low ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)
-                    tu = tl.zeros([], tl.uint32)
-                    for bit in tl.static_range(31, -1, -1):
-                        cand = tu | (1 << bit)
-                        if tl.sum((u >= cand).to(tl.int32), 0) >= REFRESH:
-                            tu = cand
-                    t = (tu.to(tl.int32, bitcast=True)) ^ (-2147483647 - 1)
-                above = in_row & (low > t)
-                tie = in_row & (low == t)
-                need = REFRESH - tl.sum(above.to(tl.int32), 0)
-                refresh = resident & (above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)))
+            low = tl.where(in_row, ordered, -2147483647 - 1)
+            srt = tl.sort(low, descending=True)
+            t = tl.sum(tl.where(i == REFRESH - 1, srt, 0), 0)
+            above = in_row & (low > t)
+            tie = in_row & (low == t)
+            need = REFRESH - tl.sum(above.to(tl.int32), 0)
+            refresh = resident & (above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)))
         tl.store(stamp_ptr + base + i, tl.zeros([BLOCK_P], tl.int64) + step_now, mask=refresh)
 
     @triton.jit
@@ -206,7 +187,7 @@ if HAS_TRITON:
         KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr,
         LISTS_IN_REGS: tl.constexpr,
         OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr,
-        DOT: tl.constexpr, RANK: tl.constexpr,
+        DOT: tl.constexpr,
     ):
         row = tl.program_id(0)
         b = row // H
@@ -336,7 +317,7 @@ if HAS_TRITON:
                                  b, h, base, c0, G, P, D, BPC, DOT)
                 tl.debug_barrier()  # the row of bounds is complete
                 a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
-            _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P, RANK)
+            _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P)
 
         # The last program to finish advances the per-sequence lengths and the step counter: every
         # program has read them by now (the barrier orders this program's loads before its ticket).
@@ -352,7 +333,7 @@ if HAS_TRITON:
         q_ptr, sqb, sqh, sqd,
         page_id_ptr, stamp_ptr, score_ptr, kmax_ptr, kmin_ptr, step_ptr, imp_ptr, count_ptr,
         H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, REFRESH: tl.constexpr,
-        BLOCK_P: tl.constexpr, BP: tl.constexpr, NSPLIT: tl.constexpr, DOT: tl.constexpr, RANK: tl.constexpr,
+        BLOCK_P: tl.constexpr, BP: tl.constexpr, NSPLIT: tl.constexpr, DOT: tl.constexpr,
     ):
         row = tl.program_id(0)
         chunk = tl.program_id(1)
@@ -377,7 +358,7 @@ if HAS_TRITON:
             in_row = i < P
             a = tl.load(imp_ptr + base + i, mask=in_row, other=float("-inf"), cache_modifier=".cg")
             pid = tl.load(page_id_ptr + base + i, mask=in_row, other=-1)
-            _refresh_top(a, pid, i, in_row, stamp_ptr, base, tl.load(step_ptr), P, REFRESH, BLOCK_P, RANK)
+            _refresh_top(a, pid, i, in_row, stamp_ptr, base, tl.load(step_ptr), P, REFRESH, BLOCK_P)
             if NSPLIT > 1:
                 tl.store(count_ptr + row64, 0)
 
@@ -404,7 +385,7 @@ if HAS_TRITON:
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
             LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX,
             OBSERVE=observe, G=(q.shape[1] // H) if observe else 1, REFRESH=refresh_pages,
-            BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), DOT=BOUND_DOT, RANK=RANK_METHODS[RANK_METHOD],
+            BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), DOT=BOUND_DOT,
             num_warps=APPEND_OBSERVE_WARPS if observe else 4,
         )
 
@@ -472,6 +453,6 @@ if HAS_TRITON:
             q, q.stride(0), q.stride(1), q.stride(3),
             page_id, stamp, score, kmax, kmin, step, imp, count,
             H=H, G=G, P=P, D=D, REFRESH=refresh_pages,
-            BLOCK_P=block_p, BP=bp, NSPLIT=nsplit, DOT=BOUND_DOT, RANK=RANK_METHODS[RANK_METHOD],
+            BLOCK_P=block_p, BP=bp, NSPLIT=nsplit, DOT=BOUND_DOT,
             num_warps=4,
         )

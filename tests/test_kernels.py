@@ -329,18 +329,16 @@ def test_gpu_fused_switch():
 RANK_SCRIPT = textwrap.dedent("""
     import sys, torch, triton, triton.language as tl
     from hypothesis import given, settings, strategies as st
-    from raas_flex import kernels
     from raas_flex.kernels import _refresh_top
     from raas_flex.policies import descending_rank
 
     @triton.jit
-    def probe(imp_ptr, pid_ptr, stamp_ptr, P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr,
-              RANK: tl.constexpr):
+    def probe(imp_ptr, pid_ptr, stamp_ptr, P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr):
         i = tl.arange(0, BLOCK_P)
         in_row = i < P
         imp = tl.load(imp_ptr + i, mask=in_row, other=float("-inf"))
         pid = tl.load(pid_ptr + i, mask=in_row, other=-1)
-        _refresh_top(imp, pid, i, in_row, stamp_ptr, 0, 7, P, REFRESH, BLOCK_P, RANK)
+        _refresh_top(imp, pid, i, in_row, stamp_ptr, 0, 7, P, REFRESH, BLOCK_P)
 
     # few distinct values, so ties (and -0.0 against 0.0) are frequent
     VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-30, -1e-30, 3e38, -3e38])
@@ -352,15 +350,13 @@ RANK_SCRIPT = textwrap.dedent("""
         vals = data.draw(st.lists(VALUES, min_size=P, max_size=P), label="importance")
         resident = data.draw(st.lists(st.booleans(), min_size=P, max_size=P), label="resident")
         refresh = data.draw(st.integers(1, P + 2), label="refresh_pages")
-        rank = data.draw(st.sampled_from(sorted(kernels.RANK_METHODS)), label="rank")
         res = torch.tensor(resident)
         imp = torch.where(res, torch.tensor(vals, dtype=torch.float32), float("-inf"))  # as the kernels store it
         pid = torch.where(res, torch.arange(P), -1)
         stamp = torch.zeros(P, dtype=torch.int64)
-        probe[(1,)](imp, pid, stamp, P=P, REFRESH=refresh, BLOCK_P=triton.next_power_of_2(P),
-                    RANK=kernels.RANK_METHODS[rank])
+        probe[(1,)](imp, pid, stamp, P=P, REFRESH=refresh, BLOCK_P=triton.next_power_of_2(P))
         want = torch.where(res & (descending_rank(imp) < refresh), 7, 0)
-        assert torch.equal(stamp, want), (rank, imp.tolist(), resident, refresh, stamp.tolist(), want.tolist())
+        assert torch.equal(stamp, want), (imp.tolist(), resident, refresh, stamp.tolist(), want.tolist())
 
     check()
     print("rank ok")
@@ -369,7 +365,7 @@ RANK_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
 def test_interpreter_topk_refresh_matches_descending_rank():
-    """Property: the kernels' top-k refresh (each RANK_METHOD) stamps exactly the resident pages whose
+    """Property: the kernels' top-k refresh stamps exactly the resident pages whose
     stable descending rank (torch reference) is below refresh_pages, on rows full of exact ties,
     +-0.0, huge magnitudes and empty slots."""
     env = dict(os.environ, TRITON_INTERPRET="1")
