@@ -7,7 +7,7 @@ For each shape (B, Hq/Hkv, budget L; head_dim 128, bf16, buffer full so every pa
                       for every combination of the module knobs of raas_flex.kernels:
                       BOUND_DOT (page bounds as matrix products or element-wise),
                       APPEND_OBSERVE_WARPS, APPEND_BOUND_ELEMS
-    observe (split)   the observe as its own kernel, per BOUND_DOT
+    observe (split)   the observe as its own kernel, per OBSERVE_DOT
 
 (results/h200/kernel_variants_h200.log also has two ways of ranking that were removed after it:
 a sort of int64 keys, no faster, and a bitwise search, slower.)
@@ -35,7 +35,7 @@ from benchmarks.decode_step import graph_time_us  # noqa: E402
 
 STATE = ("k", "v", "page_id", "stamp", "pinned", "score", "kmax", "kmin", "open_slot", "length", "step",
          "evictions", "overflow")
-KNOBS = ("BOUND_DOT", "APPEND_OBSERVE_WARPS", "APPEND_BOUND_ELEMS")
+KNOBS = ("BOUND_DOT", "OBSERVE_DOT", "APPEND_OBSERVE_WARPS", "APPEND_BOUND_ELEMS")
 
 
 def pair(B, Hq, Hkv, L, dtype, device, D=128):
@@ -109,7 +109,7 @@ def main(argv=None):
             rows.append(r)
             print(json.dumps(r), flush=True)
         for dot in (True, False):
-            kernels.BOUND_DOT = dot
+            kernels.OBSERVE_DOT = dot
             r = dict(base, kernel="observe (split)", dot=dot)
             try:
                 r["us"] = time_us(lambda: kernels.fused_observe(

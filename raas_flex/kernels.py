@@ -23,7 +23,7 @@ at append time (transformers appends in ``Cache.update``), ``fused_append`` (the
 the observe) runs first and ``fused_observe`` (programs of OBSERVE_PAGES pages each, the last program
 of a row ranks it) after the attention.
 
-Tuning knobs are module attributes read when a kernel is launched or traced (BOUND_DOT,
+Tuning knobs are module attributes read when a kernel is launched or traced (BOUND_DOT, OBSERVE_DOT,
 APPEND_OBSERVE_WARPS, APPEND_BOUND_ELEMS, OBSERVE_PAGES, LISTS_IN_REGS_MAX);
 ``benchmarks/kernel_variants.py`` times and checks every combination.
 
@@ -90,7 +90,8 @@ OBSERVE_PAGES = 16  # pages per program of the observe kernel (at least; more fo
 LISTS_IN_REGS_MAX = 8192  # append: block counts from registers up to this many (block, page) pairs
 APPEND_BOUND_ELEMS = 8192  # append with observe: key-bound elements per chunk of the bound loop
 APPEND_OBSERVE_WARPS = 4  # append with observe: warps per program
-BOUND_DOT = True  # page bounds as matrix products (False: element-wise products and reductions)
+BOUND_DOT = True  # append with observe: page bounds as matrix products (False: element-wise)
+OBSERVE_DOT = False  # the observe as its own kernel: the same choice (element-wise measured faster there)
 
 
 if HAS_TRITON:
@@ -453,6 +454,6 @@ if HAS_TRITON:
             q, q.stride(0), q.stride(1), q.stride(3),
             page_id, stamp, score, kmax, kmin, step, imp, count,
             H=H, G=G, P=P, D=D, REFRESH=refresh_pages,
-            BLOCK_P=block_p, BP=bp, NSPLIT=nsplit, DOT=BOUND_DOT,
+            BLOCK_P=block_p, BP=bp, NSPLIT=nsplit, DOT=OBSERVE_DOT,
             num_warps=4,
         )
