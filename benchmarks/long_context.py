@@ -261,16 +261,16 @@ def estimate_s(kind: str, size: float, done: list[dict], weights: int, kv_seq: i
     on where the estimate came from. dense/quest at context N: the nearest earlier one of the same
     kind (quest: else dense, same prompt and steps) with its warm-up + timed generate scaled by N;
     raas at batch b: the nearest earlier raas run with its timed generate scaled by the bytes a step
-    reads (weights + KV) and the steps decoded. A kind with nothing comparable yet: the shortest
-    earlier measurement (each kind compiles its own graphs), or None when nothing ran yet."""
+    reads (weights + KV) and the steps decoded. A kind with nothing comparable yet: None (no
+    estimate, so it runs). A guess from another kind was tried and was wrong both ways on the H200
+    (each kind compiles its own graphs, and a warm on-disk compile cache makes later ones faster):
+    it skipped a 93 s raas run on a 237 s guess and a 100 s dense run on a 173 s one."""
     ok = [r for r in done if "wall_s" in r and "t_timed_s" in r]
     same = [r for r in ok if r["kind"] == kind]
     if not same and kind == "quest":
         same = [r for r in ok if r["kind"] == "dense"]
     if not same:
-        if not ok:
-            return None, "nothing measured yet"
-        return min(r["wall_s"] for r in ok), f"no earlier {kind} measurement: shortest earlier measurement"
+        return None, ("nothing measured yet" if not ok else f"no earlier {kind} measurement to scale from")
     if kind in ("dense", "quest"):
         ref = min(same, key=lambda r: abs(math.log(size / r["N"])))
         ratio = size / ref["N"]

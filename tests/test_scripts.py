@@ -93,7 +93,10 @@ def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
     assert long_context.estimate_s("quest", 32768, done, 16, 1)[0] == pytest.approx(100 + 3 * 20)
     assert long_context.estimate_s("raas", (216, 1120), done, 16, 1)[0] == pytest.approx(120 + (232 / 24 - 1) * 15)
     assert long_context.estimate_s("quest", 8192, [], 16, 1)[0] is None  # nothing ran yet
-    assert long_context.estimate_s("quest", 8192, done[1:], 16, 1)[0] == 120  # nothing comparable: the shortest
+    # nothing comparable (no dense or quest yet): no guess from raas, so a deadline that has time left runs it
+    est, how = long_context.estimate_s("quest", 8192, done[1:], 16, 1)
+    assert est is None and "no earlier quest" in how
+    assert long_context.estimate_s("dense", 8192, done[1:], 16, 1)[0] is None
 
     # The allocation-checked largest batch needs CUDA; on CPU pretend the dense KV fits once more so
     # that 8x resolves (8 x 1 = 8). A simulated OOM in the quest run at N=80 must become an error row,
