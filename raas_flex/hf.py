@@ -426,6 +426,13 @@ class RaaSLayer(CacheLayerMixin):
         if not self.prefilled:
             return self._prefill(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         n = query.shape[2]
+        if self.final_len is None and self.cache._runtime.owns(self) and int(self.engine.step) == 0:
+            # a second prompt piece before any decode step: generate's chunked prefill
+            raise NotImplementedError(
+                f"RaaSCache takes the whole prompt in one forward; got a second prompt piece of {n} tokens after "
+                f"{self.prefill_len} (generate's prefill_chunk_size splits the prompt). Pass prefill_chunk_size=None, "
+                "or a prefill_chunk_size at least the padded prompt length"
+            )
         raise NotImplementedError(
             f"RaaSCache decodes one token per row per forward after the prompt; got {n} new tokens for a cache "
             f"holding {self.seen}. Use a new RaaSCache (or none: generate creates one) for each generate call"

@@ -312,6 +312,20 @@ def test_beam_search_is_refused():
         model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2)
 
 
+def test_chunked_prefill_is_refused_with_what_to_do():
+    """generate's prefill_chunk_size hands the prompt over in pieces; the cache takes it in one forward, so
+    the second piece is refused with the option to change (not the per-step message), and a chunk size
+    that covers the prompt works and matches the unchunked generation."""
+    model = make_model("llama")
+    raas_flex.patch(model, budget=32, page_size=8)
+    ids, mask = prompts([12, 9])
+    with pytest.raises(NotImplementedError, match=r"second prompt piece of 4 tokens after 8 .*prefill_chunk_size=None"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, prefill_chunk_size=8)
+    whole = greedy(model, ids, mask, 4)
+    covered = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, prefill_chunk_size=12)
+    assert torch.equal(covered, whole)
+
+
 # -- torch.compile of the decode forward ------------------------------------------------------------------------
 def _decode_by_hand(model, forward, ids, mask, steps, max_length):
     """Eager prompt through a new RaaSCache, then ``steps`` greedy decode steps through ``forward`` with the
