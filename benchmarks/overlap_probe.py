@@ -62,12 +62,6 @@ def main(argv=None):
         obs()
         return attend(q)
 
-    for prio in (-1, 0):
-        for pages in (16, 64, 128):
-            kernels.SIDE_STREAM_PRIORITY, kernels.OBSERVE_PAGES = prio, pages
-            print(f"fork, attend, join with side priority {prio}, {pages} pages per observe program: "
-                  f"{graph_time_us(fork_attend_join):.1f} us; observe alone {graph_time_us(obs):.1f} us")
-    kernels.SIDE_STREAM_PRIORITY, kernels.OBSERVE_PAGES = -1, 16
     for name, fn in [("attend alone", lambda: attend(q)), ("observe alone", obs), ("observe then attend", serial),
                      ("fork, attend, join (eager ops around compiled attend)", fork_attend_join),
                      ("compiled step (stream)", lambda: step(q, k, v))]:

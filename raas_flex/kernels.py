@@ -92,7 +92,6 @@ APPEND_BOUND_ELEMS = 8192  # append with observe: key-bound elements per chunk o
 APPEND_OBSERVE_WARPS = 4  # append with observe: warps per program
 BOUND_DOT = True  # append with observe: page bounds as matrix products (False: element-wise)
 OBSERVE_DOT = False  # the observe as its own kernel: the same choice (element-wise measured faster there)
-SIDE_STREAM_PRIORITY = -1  # observe_fork's stream (CUDA: lower is more urgent; -1 high, 0 normal)
 
 
 if HAS_TRITON:
@@ -475,16 +474,15 @@ if HAS_TRITON:
     # keeps it after the attention. Under CUDA-graph capture the fork and join become edges of the
     # captured graph (the side stream joins the capture through the fork's event). Off CUDA (the
     # Triton interpreter) the fork runs the observe in place and the join does nothing.
-    _SIDE_STREAMS: dict[tuple[int, int], "torch.cuda.Stream"] = {}
+    _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
 
     def side_stream(device: torch.device) -> "torch.cuda.Stream":
         """The high-priority stream the observe runs on beside the attention (one per CUDA device,
         created at first use)."""
         index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (index, SIDE_STREAM_PRIORITY)
-        stream = _SIDE_STREAMS.get(key)
+        stream = _SIDE_STREAMS.get(index)
         if stream is None:
-            stream = _SIDE_STREAMS[key] = torch.cuda.Stream(device=index, priority=SIDE_STREAM_PRIORITY)
+            stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1)
         return stream
 
     @torch.library.custom_op("raas_flex::observe_fork", mutates_args={"stamp", "score", "imp", "count"})
