@@ -100,11 +100,9 @@ def reference(cache: PagedKVCache, q: torch.Tensor, rows: int = 2) -> torch.Tens
     return F.scaled_dot_product_attention(q[:b].double(), k, v, attn_mask=valid, scale=cache.scale)
 
 
-VARIANTS = {  # name -> (policy, fused, observe_in_append, observe_stream)
-    "raas_torch": ("raas", False, True, False),  # the torch bookkeeping code (the fused kernels' reference)
-    "raas_split": ("raas", None, False, False),  # fused, the observe as its own kernel after the attention
-    "raas_serial": ("raas", None, True, False),  # fused, the observe inside the append kernel
-    "raas_stream": ("raas", None, True, True),  # fused, the observe on a side stream beside the attention
+VARIANTS = {  # name -> (policy, fused, observe_in_append)
+    "raas_torch": ("raas", False, True),  # the torch bookkeeping code (the fused kernels' reference)
+    "raas_split": ("raas", None, False),  # fused, the observe as its own kernel after the attention
 }
 
 
@@ -115,7 +113,7 @@ def parse_variant(name: str):
     """'raas', 'raas_split', 'h2o', ... optionally with flex kernel options as '+' tokens: skvN
     (SPLIT_KV), bnN (BLOCK_N), wN (num_warps), sN (num_stages), e.g. 'raas+skv8+bn128'."""
     base, *opts = name.split("+")
-    policy, fused, in_append, stream = VARIANTS.get(base, (base, None, True, None))
+    policy, fused, in_append = VARIANTS.get(base, (base, None, True))
     kernel_options = {}
     for opt in opts:
         prefix = opt.rstrip("0123456789")
@@ -123,19 +121,17 @@ def parse_variant(name: str):
             raise ValueError(f"policy variant {name!r}: +{opt} is not one of "
                              f"{', '.join(t + 'N' for t in KERNEL_OPTION_TOKENS)}")
         kernel_options[KERNEL_OPTION_TOKENS[prefix]] = int(opt[len(prefix):])
-    return policy, fused, in_append, stream, kernel_options
+    return policy, fused, in_append, kernel_options
 
 
 def make_cache(policy, B, Hq, Hkv, D, N, L, dtype, device, extra_steps):
     ps = 16
-    policy, fused, in_append, stream, kopts = parse_variant(policy)
+    policy, fused, in_append, kopts = parse_variant(policy)
     cfg = RaaSConfig(budget=L, policy=policy, page_size=ps, pin_prompt=False, fused=fused,
                      max_length=(N + extra_steps) if policy in ("quest", "dense") else None)
     cache = PagedKVCache(cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
                          dtype=dtype, device=device, max_length=cfg.max_length)
     cache.observe_in_append = in_append
-    if stream is not None:  # (None: the cache's default)
-        cache.observe_stream = stream
     if kopts:
         cache.kernel_options = {**(cache.kernel_options or {}), **kopts}
     n0 = N if policy in ("quest", "dense") else L - ps  # bounded: full buffer, evicting every page
@@ -253,9 +249,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two small grid points")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU-sized run, checks only (no timing)")
     ap.add_argument("--policies", default="raas,h2o,streaming,quest",
-                    help="comma list of raas (the cache's defaults), raas_split (fused, observe as its own kernel after "
-                         "the attention), raas_serial (observe inside the append kernel), raas_stream (observe on a side "
-                         "stream beside the attention), raas_torch (raas with fused=False), h2o, streaming, quest; any of them with flex kernel options: +skvN (SPLIT_KV), "
+                    help="comma list of raas, raas_split (fused, observe as its own kernel), raas_torch (raas with "
+                         "fused=False), h2o, streaming, quest; any of them with flex kernel options: +skvN (SPLIT_KV), "
                          "+bnN (BLOCK_N), +wN (num_warps), +sN (num_stages)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))

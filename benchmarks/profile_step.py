@@ -28,9 +28,8 @@ def main(argv=None):
     ap.add_argument("--exact-lists", action="store_true", help="compute exact block lists every step")
     ap.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                     help="bookkeeping by the fused Triton kernels (on), the torch code (off) or where supported (auto)")
-    ap.add_argument("--observe", choices=["append", "split", "stream"], default="append",
-                    help="fused raas observe inside the append kernel (append), as its own kernel after the "
-                         "attention (split) or on a side stream beside the attention (stream)")
+    ap.add_argument("--observe", choices=["append", "split"], default="append",
+                    help="fused raas observe inside the append kernel (append) or as its own kernel (split)")
     ap.add_argument("--split-kv", type=int, default=None, help="flex kernel option SPLIT_KV")
     args = ap.parse_args(argv)
     hq, hkv = map(int, args.heads.split("/"))
@@ -42,7 +41,6 @@ def main(argv=None):
     n0 = L - 16 if cfg.bounded else L
     cache.prefill(torch.randn(B, hkv, n0, D, dtype=dt, device=dev), torch.randn(B, hkv, n0, D, dtype=dt, device=dev))
     cache.observe_in_append = args.observe == "append"
-    cache.observe_stream = args.observe == "stream"
     if args.split_kv is not None:
         cache.kernel_options = {**(cache.kernel_options or {}), "SPLIT_KV": args.split_kv}
     if args.exact_lists:

@@ -209,10 +209,6 @@ class PagedKVCache(nn.Module):
         # bookkeeping) rather than as its own kernel after the attention (plain attribute, set
         # before compiling; the transformers path appends before it sees q and always splits)
         self.observe_in_append = True
-        # fused observe on CUDA: run it on a side stream at the same time as the attention
-        # (kernels.observe_fork / observe_join); overrides observe_in_append. Plain attribute, set
-        # before compiling.
-        self.observe_stream = False
         if device.type == "cuda":
             # CUDA graphs need stable addresses for state mutated inside the captured step.
             for t in self.buffers():
@@ -369,7 +365,7 @@ class PagedKVCache(nn.Module):
         state updated in place: safe to torch.compile(fullgraph=True) and capture in CUDA graphs
         on GPU. Use :meth:`compiled_decode` to get it compiled the right way for the device.
         """
-        if self._fused_observe and self.observe_in_append and not self.observe_stream:
+        if self._fused_observe and self.observe_in_append:
             # one bookkeeping kernel for the whole step (append, then the observe of q), then flex
             self._fused_append(k, v, q)
             return self.attend(q)
@@ -392,14 +388,6 @@ class PagedKVCache(nn.Module):
 
     def attend_observe(self, q: Tensor) -> Tensor:
         """Second half of a step: attention over ``self.valid``, then the policy's update."""
-        if self._fused_observe and self.observe_stream:
-            # the observe on a side stream, concurrent with the attention (see kernels.observe_fork)
-            obs = (self.stamp, self.score, self._imp, self._obs_count)
-            kernels.observe_fork(q, self.page_id, self.stamp, self.score, self.kmax, self.kmin, self.step,
-                                 self._imp, self._obs_count, self.config.refresh_pages)
-            out = self.attend(q)
-            kernels.observe_join(out, q, *obs)
-            return out
         out = self.attend(q)
         if self._fused_observe:
             kernels.fused_observe(q, self.page_id, self.stamp, self.score, self.kmax, self.kmin,

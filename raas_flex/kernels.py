@@ -445,75 +445,15 @@ if HAS_TRITON:
 
         imp: fp32 [B, Hkv, P] scratch. count: int32 [B * Hkv] per-row counters, 0 at launch (the
         kernel leaves them 0). Each row's pages are split over programs of OBSERVE_PAGES pages."""
-        _launch_observe(wrap_triton(_observe_kernel), q, page_id, stamp, score, kmax, kmin, step, imp, count,
-                        refresh_pages)
-
-    def _launch_observe(kernel, q, page_id, stamp, score, kmax, kmin, step, imp, count, refresh_pages):
         B, H, P, D = kmax.shape
         G = q.shape[1] // H
         block_p = triton.next_power_of_2(P)
         bp = max(16, min(block_p, max(OBSERVE_PAGES, 2048 // D)))  # (tl.dot needs >= 16)
         nsplit = -(-P // bp)
-        kernel[(B * H, nsplit)](
+        wrap_triton(_observe_kernel)[(B * H, nsplit)](
             q, q.stride(0), q.stride(1), q.stride(3),
             page_id, stamp, score, kmax, kmin, step, imp, count,
             H=H, G=G, P=P, D=D, REFRESH=refresh_pages,
             BLOCK_P=block_p, BP=bp, NSPLIT=nsplit, DOT=OBSERVE_DOT,
             num_warps=4,
         )
-
-    # -- the observe on a side stream, beside the attention ----------------------------------------
-    # The observe reads the query and the key bounds and writes stamps and scores; the attention reads
-    # K, V and the block lists. Neither needs the other, so on CUDA ``observe_fork`` launches the
-    # observe kernel on a second stream (which first waits for everything queued so far on the
-    # current stream, i.e. the append) and returns at once; the attention is then queued on the
-    # current stream and the two run at the same time. ``observe_join`` makes the current stream
-    # wait for the side stream. Both are opaque custom ops (a stream switch cannot be traced into an
-    # Inductor graph), declared as mutating what the observe writes, so compiled graphs keep every
-    # later reader of those buffers after the join; the join also takes the attention output, which
-    # keeps it after the attention. Under CUDA-graph capture the fork and join become edges of the
-    # captured graph (the side stream joins the capture through the fork's event). Off CUDA (the
-    # Triton interpreter) the fork runs the observe in place and the join does nothing.
-    _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
-
-    def side_stream(device: torch.device) -> "torch.cuda.Stream":
-        """The high-priority stream the observe runs on beside the attention (one per CUDA device,
-        created at first use)."""
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = _SIDE_STREAMS.get(index)
-        if stream is None:
-            stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1)
-        return stream
-
-    @torch.library.custom_op("raas_flex::observe_fork", mutates_args={"stamp", "score", "imp", "count"})
-    def observe_fork(
-        q: Tensor, page_id: Tensor, stamp: Tensor, score: Tensor, kmax: Tensor, kmin: Tensor,
-        step: Tensor, imp: Tensor, count: Tensor, refresh_pages: int,
-    ) -> None:
-        """:func:`fused_observe`, launched on :func:`side_stream` after the work queued so far on the
-        current stream (on CPU: run in place). Must be followed by :func:`observe_join` on the same
-        buffers before anything reads stamp, score, imp or count."""
-        if q.device.type != "cuda":
-            _launch_observe(_observe_kernel, q, page_id, stamp, score, kmax, kmin, step, imp, count, refresh_pages)
-            return
-        side = side_stream(q.device)
-        side.wait_stream(torch.cuda.current_stream(q.device))
-        with torch.cuda.stream(side):
-            _launch_observe(_observe_kernel, q, page_id, stamp, score, kmax, kmin, step, imp, count, refresh_pages)
-
-    @observe_fork.register_fake
-    def _(q, page_id, stamp, score, kmax, kmin, step, imp, count, refresh_pages):
-        return None
-
-    @torch.library.custom_op("raas_flex::observe_join", mutates_args={"stamp", "score", "imp", "count"})
-    def observe_join(after: Tensor, q: Tensor, stamp: Tensor, score: Tensor, imp: Tensor, count: Tensor) -> None:
-        """The current stream waits for the observe queued by :func:`observe_fork`. ``after`` (the
-        attention output) and ``q`` are only read for ordering and lifetime: the join comes after
-        ``after`` is computed, and ``q``, which the side stream reads, stays allocated until the
-        current stream has waited for it."""
-        if q.device.type == "cuda":
-            torch.cuda.current_stream(q.device).wait_stream(side_stream(q.device))
-
-    @observe_join.register_fake
-    def _(after, q, stamp, score, imp, count):
-        return None

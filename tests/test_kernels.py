@@ -128,8 +128,7 @@ def no_recompiles(*caches):
 
 
 def twin_run(policy, *, B, Hq, Hkv, D, budget, ps, lens, steps, mode, integer, dtype=torch.bfloat16,
-             device="cuda", seed=0, warm=3, lists_in_regs=True, observe_in_append=True, observe_stream=False,
-             **kw):
+             device="cuda", seed=0, warm=3, lists_in_regs=True, observe_in_append=True, **kw):
     """Run the reference and fused caches side by side; ``integer`` = exact mode (no resync).
     ``lists_in_regs=False`` makes the append kernel count block occupancy by reading ``valid`` back
     (its path for large rows) instead of from registers."""
@@ -139,14 +138,13 @@ def twin_run(policy, *, B, Hq, Hkv, D, budget, ps, lens, steps, mode, integer, d
         try:
             return twin_run(policy, B=B, Hq=Hq, Hkv=Hkv, D=D, budget=budget, ps=ps, lens=lens, steps=steps, mode=mode,
                             integer=integer, dtype=dtype, device=device, seed=seed, warm=warm,
-                            observe_in_append=observe_in_append, observe_stream=observe_stream, **kw)
+                            observe_in_append=observe_in_append, **kw)
         finally:
             kernels.LISTS_IN_REGS_MAX = saved
     torch._dynamo.reset()
     ref, fus = make_pair(policy, B=B, Hq=Hq, Hkv=Hkv, D=D, budget=budget, ps=ps, dtype=dtype, device=device, **kw)
     assert fus.fused and not ref.fused
     fus.observe_in_append = observe_in_append
-    fus.observe_stream = observe_stream
     assert fus.fused_observe == kernels.observe_fusable(ref.config)
     inp = Inputs(B, Hq, Hkv, D, dtype=dtype, device=device, integer=integer, seed=seed)
     prompt = inp.prompt(lens)
@@ -234,8 +232,6 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                       lists_in_regs=False)),
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[3, 26], integer=True,
                       block_size=8, observe_in_append=False)),
-        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[3, 26], integer=True,
-                      block_size=8, observe_stream=True)),
         ("raas", dict(B=1, Hq=3, Hkv=1, D=16, budget=64, ps=4, lens=[50], integer=True, refresh_ratio=0.25)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
@@ -249,8 +245,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
 def test_interpreter_matches_torch_on_cpu():
     """The kernels' logic through Triton's CPU interpreter: raas (exact and resync; observe inside
-    the append kernel, as its own kernel, and through the side-stream ops, which run it in place on
-    CPU), streaming, and h2o with pinned prompt pages (it
+    the append kernel and as its own kernel), streaming, and h2o with pinned prompt pages (it
     overflows)."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -258,14 +253,13 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 7 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 6 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
 # (id, policy, shape and budget, prompt lengths, extra config). Page counts 8, 33, 128 and 256; G of
 # 1, 3, 4, 7; prompts near the budget (eviction starts within ~ps steps) mixed with short ones.
-# raas cases run the observe inside the append kernel unless marked "split" (its own kernel after the
-# attention) or "stream" (its own kernel on a side stream, concurrent with the attention).
+# raas cases run the observe inside the append kernel unless marked "split" (its own kernel).
 GPU_CASES = [
     ("raas-P8-G3", "raas", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=16), [20, 100], {}),
     ("raas-P33-G7", "raas", dict(B=3, Hq=7, Hkv=1, D=128, budget=528, ps=16), [1, 300, 505], dict(pin_prompt=False)),
@@ -276,10 +270,6 @@ GPU_CASES = [
      [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False, observe_in_append=False)),
     ("raas-P256-G7-split", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000],
      dict(observe_in_append=False)),
-    ("raas-P128-G4-stream", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
-     [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False, observe_stream=True)),
-    ("raas-P256-G7-stream", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000],
-     dict(observe_stream=True)),
     ("raas-P34-r0.1-ps8", "raas", dict(B=2, Hq=4, Hkv=4, D=128, budget=272, ps=8), [262, 100],
      dict(refresh_ratio=0.1, pin_prompt=False, lists_in_regs=False)),
     ("raas-attention-P8", "raas", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=16), [20, 110],
@@ -303,7 +293,7 @@ def test_gpu_fused_matches_torch_resync(case, mode):
 
 # (h2o is left out: its scores are softmax shares computed by torch in both graphs, not exact sums)
 EXACT_CASES = [c for c in GPU_CASES if c[0] in ("raas-P8-G3", "raas-P33-G7", "raas-P128-G4", "raas-P128-G4-split",
-                                                 "raas-P128-G4-stream", "streaming-P16")]
+                                                 "streaming-P16")]
 
 
 @pytest.mark.gpu

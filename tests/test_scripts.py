@@ -70,16 +70,6 @@ def test_decode_step_smoke_all_policies_and_replot(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_decode_step_variant_names():
-    """Variant names pick the observe placement the timing is labelled with, and bad tokens are refused."""
-    ds = _bench_module("decode_step")
-    assert ds.parse_variant("raas") == ("raas", None, True, None, {})
-    assert ds.parse_variant("raas_serial") == ("raas", None, True, False, {})
-    assert ds.parse_variant("raas_stream+skv4") == ("raas", None, True, True, {"SPLIT_KV": 4})
-    assert ds.parse_variant("raas_split")[2:4] == (False, False)
-    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN"):
-        ds.parse_variant("raas+xyz4")
-
 def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
     import torch
 
