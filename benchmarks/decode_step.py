@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
+import torch._inductor.config
 import torch.nn.functional as F
 
 try:
@@ -111,22 +112,31 @@ KERNEL_OPTION_TOKENS = {"skv": "SPLIT_KV", "bn": "BLOCK_N", "w": "num_warps", "s
 
 def parse_variant(name: str):
     """'raas', 'raas_split', 'h2o', ... optionally with flex kernel options as '+' tokens: skvN
-    (SPLIT_KV), bnN (BLOCK_N), wN (num_warps), sN (num_stages), e.g. 'raas+skv8+bn128'."""
+    (SPLIT_KV), bnN (BLOCK_N), wN (num_warps), sN (num_stages), e.g. 'raas+skv8+bn128'; and '+pdl'
+    (Inductor's programmatic dependent launch, ``config.triton.enable_pdl``, where the torch has it).
+    Returns (policy, fused, observe_in_append, kernel_options, inductor_config)."""
     base, *opts = name.split("+")
     policy, fused, in_append = VARIANTS.get(base, (base, None, True))
-    kernel_options = {}
+    kernel_options, inductor = {}, {}
     for opt in opts:
+        if opt == "pdl":
+            if not hasattr(torch._inductor.config.triton, "enable_pdl"):
+                # (config.patch of a missing key is not an error on every torch: refuse it here)
+                raise ValueError(f"policy variant {name!r}: +pdl needs torch._inductor.config.triton.enable_pdl, "
+                                 f"which torch {torch.__version__} does not have")
+            inductor["triton.enable_pdl"] = True
+            continue
         prefix = opt.rstrip("0123456789")
         if prefix not in KERNEL_OPTION_TOKENS or prefix == opt:
             raise ValueError(f"policy variant {name!r}: +{opt} is not one of "
-                             f"{', '.join(t + 'N' for t in KERNEL_OPTION_TOKENS)}")
+                             f"{', '.join(t + 'N' for t in KERNEL_OPTION_TOKENS)}, pdl")
         kernel_options[KERNEL_OPTION_TOKENS[prefix]] = int(opt[len(prefix):])
-    return policy, fused, in_append, kernel_options
+    return policy, fused, in_append, kernel_options, inductor
 
 
 def make_cache(policy, B, Hq, Hkv, D, N, L, dtype, device, extra_steps):
     ps = 16
-    policy, fused, in_append, kopts = parse_variant(policy)
+    policy, fused, in_append, kopts, _ = parse_variant(policy)
     cfg = RaaSConfig(budget=L, policy=policy, page_size=ps, pin_prompt=False, fused=fused,
                      max_length=(N + extra_steps) if policy in ("quest", "dense") else None)
     cache = PagedKVCache(cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
@@ -194,7 +204,8 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
             continue
         part = {}
         try:
-            time_policy(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra)
+            with torch._inductor.config.patch(parse_variant(policy)[4]):  # (compiles happen in here)
+                time_policy(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra)
         except Exception as e:  # a failing point is a result to report, not a reason to lose the grid
             if not timed:
                 raise
@@ -251,7 +262,7 @@ def main(argv=None):
     ap.add_argument("--policies", default="raas,h2o,streaming,quest",
                     help="comma list of raas, raas_split (fused, observe as its own kernel), raas_torch (raas with "
                          "fused=False), h2o, streaming, quest; any of them with flex kernel options: +skvN (SPLIT_KV), "
-                         "+bnN (BLOCK_N), +wN (num_warps), +sN (num_stages)")
+                         "+bnN (BLOCK_N), +wN (num_warps), +sN (num_stages); +pdl: Inductor's programmatic dependent launch")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--max-gb", type=float, default=30.0, help="skip points whose KV exceeds this")

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch._inductor.config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,6 +71,20 @@ def test_decode_step_smoke_all_policies_and_replot(tmp_path):
     png = src.with_suffix(".png")
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
+
+def test_decode_step_variant_names():
+    """Variant names set what the timing is labelled with; bad tokens are refused, not ignored."""
+    ds = _bench_module("decode_step")
+    assert ds.parse_variant("raas") == ("raas", None, True, {}, {})
+    assert ds.parse_variant("raas_split+skv4") == ("raas", None, False, {"SPLIT_KV": 4}, {})
+    if hasattr(torch._inductor.config.triton, "enable_pdl"):
+        assert ds.parse_variant("raas+pdl")[4] == {"triton.enable_pdl": True}
+    else:  # (torch 2.11 has no such switch, and config.patch would not say so)
+        with pytest.raises(ValueError, match=r"\+pdl needs torch._inductor.config.triton.enable_pdl"):
+            ds.parse_variant("raas+pdl")
+    assert ds.parse_variant("raas_torch")[:3] == ("raas", False, True)
+    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, pdl"):
+        ds.parse_variant("raas+xyz4")
 
 def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
     import torch
