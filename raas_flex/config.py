@@ -9,6 +9,7 @@ from dataclasses import dataclass
 POLICIES = ("raas", "quest", "h2o", "streaming", "dense")
 REFRESH_RULES = ("topk", "threshold")
 IMPORTANCE = ("bound", "attention")
+ATTENTION_KERNELS = ("flex", "triton")
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -56,6 +57,12 @@ class RaaSConfig:
         (one append kernel, one observe kernel) instead of the torch code. None means: fused where
         supported (CUDA, Triton installed, policy raas/streaming/h2o, 16/32-bit K/V); True raises
         ValueError where unsupported; False always runs the torch code (the reference).
+    attention: the decode step's attention kernel. "flex" (default): flex_attention over the
+        compacted buffer with the block mask of its valid slots. "triton" (experimental, CUDA or the
+        Triton interpreter; policy raas with importance="bound", refresh="topk" and fused kernels):
+        one Triton kernel does the attention over the same slots and the step's observe, with the
+        split-KV combine inside the kernel. It is checked against flex and the torch reference by
+        the tests; its speed has not been measured yet (see README, Performance).
     """
 
     budget: int
@@ -72,6 +79,7 @@ class RaaSConfig:
     block_size: int | None = None
     compile_flex: bool | None = None
     fused: bool | None = None
+    attention: str = "flex"
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
@@ -125,6 +133,16 @@ class RaaSConfig:
             raise TypeError(f"compile_flex must be True, False or None, got {self.compile_flex!r}")
         if self.fused is not None and not isinstance(self.fused, bool):
             raise TypeError(f"fused must be True, False or None, got {self.fused!r}")
+        _check_choice("attention", self.attention, ATTENTION_KERNELS)
+        if self.attention == "triton":
+            if self.policy != "raas" or self.importance != "bound" or self.refresh != "topk":
+                raise ValueError(
+                    "attention='triton' runs the RaaS observe with Quest's bound and top-k refresh inside the "
+                    f"attention kernel: it needs policy='raas', importance='bound', refresh='topk'; got "
+                    f"policy={self.policy!r}, importance={self.importance!r}, refresh={self.refresh!r}"
+                )
+            if self.fused is False:
+                raise ValueError("attention='triton' needs the fused kernels; got fused=False")
 
     # -- derived quantities -------------------------------------------------------------------
     @property

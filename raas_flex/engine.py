@@ -205,6 +205,7 @@ class PagedKVCache(nn.Module):
                                all_partial_lists(B * H, S, self.block, device)):
                 buf(name, t)
         self.fused = config.fused
+        self.attention = config.attention
         # fused observe: in decode(), run it inside the append kernel (one launch for the step's
         # bookkeeping) rather than as its own kernel after the attention (plain attribute, set
         # before compiling; the transformers path appends before it sees q and always splits)
@@ -236,8 +237,30 @@ class PagedKVCache(nn.Module):
                 f"fused=True is not supported for this cache: {self._fused_reason}; "
                 "use fused=False (torch code) or fused=None (fused where supported)"
             )
+        observe = value and kernels.observe_fusable(self.config)
+        if not observe and getattr(self, "_attention", "flex") == "triton":
+            raise ValueError(f"fused={value!r} leaves no fused observe for attention='triton'; set attention='flex' first")
         self._fused = value
-        self._fused_observe = value and kernels.observe_fusable(self.config)
+        self._fused_observe = observe
+
+    @property
+    def attention(self) -> str:
+        """The decode step's attention kernel: "flex" or "triton" (see RaaSConfig.attention). Settable
+        before compiling; "triton" raises ValueError where the fused observe cannot run."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, value: str) -> None:
+        if value not in ("flex", "triton"):
+            raise ValueError(f"attention={value!r} is not supported; allowed: 'flex', 'triton'")
+        if value == "triton":
+            if not self._fused_observe:
+                why = self._fused_reason or "the fused observe serves policy='raas' with importance='bound', refresh='topk'"
+                raise ValueError(f"attention='triton' is not supported for this cache: {why}"
+                                 + ("" if self._fused else " (or the cache has fused=False)"))
+            if self.D & (self.D - 1):
+                raise ValueError(f"attention='triton' needs a power-of-two head_dim, got {self.D}")
+        self._attention = value
 
     @property
     def fused_observe(self) -> bool:
@@ -365,6 +388,9 @@ class PagedKVCache(nn.Module):
         state updated in place: safe to torch.compile(fullgraph=True) and capture in CUDA graphs
         on GPU. Use :meth:`compiled_decode` to get it compiled the right way for the device.
         """
+        if self._attention == "triton":  # the append kernel, then attention and observe in one kernel
+            self._fused_append(k, v)
+            return self.attend_observe(q)
         if self._fused_observe and self.observe_in_append:
             # one bookkeeping kernel for the whole step (append, then the observe of q), then flex
             self._fused_append(k, v, q)
@@ -388,6 +414,10 @@ class PagedKVCache(nn.Module):
 
     def attend_observe(self, q: Tensor) -> Tensor:
         """Second half of a step: attention over ``self.valid``, then the policy's update."""
+        if self._attention == "triton":
+            return kernels.fused_attend_observe(q, self.k, self.v, self.valid, self.page_id, self.stamp, self.score,
+                                                self.kmax, self.kmin, self.step, self._imp, self._obs_count,
+                                                self.scale, self.config.refresh_pages)
         out = self.attend(q)
         if self._fused_observe:
             kernels.fused_observe(q, self.page_id, self.stamp, self.score, self.kmax, self.kmin,

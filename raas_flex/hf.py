@@ -248,7 +248,9 @@ class _Runtime:
         self.last_cache = None
 
     def layer_config(self, config: RaaSConfig, layer_idx: int) -> RaaSConfig:
-        return config.replace(policy="dense") if layer_idx < config.dense_layers else config
+        if layer_idx < config.dense_layers:  # (attention="triton" serves raas layers only)
+            return config.replace(policy="dense", attention="flex")
+        return config
 
     def decode_engine(self, layer_idx, key: Tensor) -> PagedKVCache | None:
         """The engine whose K buffer ``key`` is: RaaSLayer.update returns it for a decode step."""

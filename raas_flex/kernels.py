@@ -92,6 +92,12 @@ APPEND_BOUND_ELEMS = 8192  # append with observe: key-bound elements per chunk o
 APPEND_OBSERVE_WARPS = 4  # append with observe: warps per program
 BOUND_DOT = True  # append with observe: page bounds as matrix products (False: element-wise)
 OBSERVE_DOT = False  # the observe as its own kernel: the same choice (element-wise measured faster there)
+# attention="triton" (fused_attend_observe): slots per tile, programs per row (None: about two per SM),
+# warps and pipeline stages per program. Not tuned: no GPU measurement of this kernel yet.
+ATTEND_BLOCK_N = 64
+ATTEND_SPLIT: int | None = None
+ATTEND_WARPS = 4
+ATTEND_STAGES = 2
 
 
 if HAS_TRITON:
@@ -363,6 +369,95 @@ if HAS_TRITON:
             if NSPLIT > 1:
                 tl.store(count_ptr + row64, 0)
 
+    @triton.jit
+    def _attend_observe_kernel(
+        q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, valid_ptr,
+        page_id_ptr, stamp_ptr, score_ptr, kmax_ptr, kmin_ptr, step_ptr, imp_ptr, count_ptr,
+        acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2,
+        H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+        REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BG: tl.constexpr, BLOCK_N: tl.constexpr,
+        TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr, BP: tl.constexpr, DOT: tl.constexpr,
+    ):
+        """Attention of the G query heads of one (sequence, KV head) row over the slots marked in
+        ``valid`` (program (row, split) takes TILES tiles of BLOCK_N slots), and Quest's bounds of
+        PAGES pages of the row; the program that finishes its row last combines the row's partial
+        softmax results into the output and runs the top-k refresh (as in _observe_kernel)."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        b = row // H
+        h = row % H
+        row64 = row.to(tl.int64)
+        base = row64 * P
+        d = tl.arange(0, D)
+        gg = tl.arange(0, BG)
+        gm = gg < G
+        q = tl.load(q_ptr + b * sqb + (h * G + gg)[:, None] * sqh + d[None, :] * sqd, mask=gm[:, None], other=0.0)
+        q = q.to(k_ptr.dtype.element_ty)
+        m_i = tl.full([BG], float("-inf"), tl.float32)
+        l_i = tl.zeros([BG], tl.float32)
+        acc = tl.zeros([BG, D], tl.float32)
+        nn = tl.arange(0, BLOCK_N)
+        for t in range(TILES):
+            cols = (split * TILES + t) * BLOCK_N + nn
+            inb = cols < S
+            off = (row64 * S + cols)[:, None] * D + d[None, :]
+            kt = tl.load(k_ptr + off, mask=inb[:, None], other=0.0)
+            vt = tl.load(v_ptr + off, mask=inb[:, None], other=0.0)
+            ok = tl.load(valid_ptr + row64 * S + cols, mask=inb, other=0) != 0
+            if k_ptr.dtype.element_ty == tl.float32:
+                sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(kt))
+            sc = tl.where(ok[None, :], sc * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            pr = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            if v_ptr.dtype.element_ty == tl.float32:
+                pv = tl.dot(pr, vt, input_precision="ieee")
+            else:
+                pv = tl.dot(pr.to(v_ptr.dtype.element_ty), vt)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        part = row64 * SPLIT + split
+        tl.store(ml_ptr + (part * 2) * BG + gg, m_i)
+        tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l_i)
+        tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc)
+        # this program's share of the observe: bounds of pages split*PAGES .. (BP >= PAGES; a page
+        # past the share is written by its own program too, with the same value)
+        _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                     b, h, base, split * PAGES, G, P, D, BP, DOT)
+
+        tl.debug_barrier()
+        if SPLIT == 1:
+            last = True
+        else:
+            ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
+            last = ticket == SPLIT - 1
+        if last:
+            g_m = tl.full([BG], float("-inf"), tl.float32)
+            for sp in range(SPLIT):
+                g_m = tl.maximum(g_m, tl.load(ml_ptr + ((row64 * SPLIT + sp) * 2) * BG + gg, cache_modifier=".cg"))
+            g_safe = tl.where(g_m == float("-inf"), 0.0, g_m)
+            tot = tl.zeros([BG], tl.float32)
+            o = tl.zeros([BG, D], tl.float32)
+            for sp in range(SPLIT):
+                pp = row64 * SPLIT + sp
+                w = tl.exp2(tl.load(ml_ptr + (pp * 2) * BG + gg, cache_modifier=".cg") - g_safe)
+                tot += w * tl.load(ml_ptr + (pp * 2 + 1) * BG + gg, cache_modifier=".cg")
+                o += w[:, None] * tl.load(acc_ptr + (pp * BG + gg)[:, None] * D + d[None, :], cache_modifier=".cg")
+            o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
+            tl.store(out_ptr + b * sob + (h * G + gg)[:, None] * soh + d[None, :] * sod,
+                     o.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+            i = tl.arange(0, BLOCK_P)
+            in_row = i < P
+            a = tl.load(imp_ptr + base + i, mask=in_row, other=float("-inf"), cache_modifier=".cg")
+            pid = tl.load(page_id_ptr + base + i, mask=in_row, other=-1)
+            _refresh_top(a, pid, i, in_row, stamp_ptr, base, tl.load(step_ptr), P, REFRESH, BLOCK_P)
+            if SPLIT > 1:
+                tl.store(count_ptr + row64, 0)
+
     def _launch_append(k_new, v_new, k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot,
                        length, step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx,
                        policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0):
@@ -457,3 +552,50 @@ if HAS_TRITON:
             BLOCK_P=block_p, BP=bp, NSPLIT=nsplit, DOT=OBSERVE_DOT,
             num_warps=4,
         )
+
+    def attend_split(rows: int, tiles: int, device: torch.device) -> int:
+        """Programs per row of :func:`fused_attend_observe`: ATTEND_SPLIT if set, else about two per
+        SM over all rows (a power of two, at most one per tile); 4 on CPU (the interpreter)."""
+        if ATTEND_SPLIT is not None:
+            want = ATTEND_SPLIT
+        elif device.type == "cuda":
+            want = max(1, 2 * torch.cuda.get_device_properties(device).multi_processor_count // rows)
+        else:
+            want = 4
+        split = 1
+        while split * 2 <= min(want, tiles):
+            split *= 2
+        return split
+
+    @triton_op("raas_flex::fused_attend_observe", mutates_args={"stamp", "score", "imp", "count"})
+    def fused_attend_observe(
+        q: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, page_id: Tensor, stamp: Tensor, score: Tensor,
+        kmax: Tensor, kmin: Tensor, step: Tensor, imp: Tensor, count: Tensor, scale: float, refresh_pages: int,
+    ) -> Tensor:
+        """Attention of q [B, Hq, 1, D] over the slots marked in ``valid`` [B * Hkv, S] of k_cache /
+        v_cache [B, Hkv, S, D] (exact softmax, split over programs, combined by the last program of
+        each row) together with the RaaS observe of q (Quest's bound, top ``refresh_pages`` refreshed),
+        in one launch: the attention kernel of ``PagedKVCache.attention = "triton"``. Returns
+        [B, Hq, 1, D] in q's dtype. imp: fp32 [B, Hkv, P] scratch; count: int32 [B * Hkv], 0 at launch
+        (left 0)."""
+        B, H, S, D = k_cache.shape
+        P = page_id.shape[-1]
+        G = q.shape[1] // H
+        tiles = -(-S // ATTEND_BLOCK_N)
+        split = attend_split(B * H, tiles, q.device)
+        pages = -(-P // split)
+        dot = OBSERVE_DOT and pages >= 16
+        bg = max(16, triton.next_power_of_2(G))
+        acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
+        out = torch.empty(B, H * G, 1, D, dtype=q.dtype, device=q.device)
+        wrap_triton(_attend_observe_kernel)[(B * H, split)](
+            q, q.stride(0), q.stride(1), q.stride(3), k_cache, v_cache, valid,
+            page_id, stamp, score, kmax, kmin, step, imp, count,
+            acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * 1.4426950408889634,
+            H=H, G=G, P=P, D=D, S=S, REFRESH=refresh_pages, BLOCK_P=triton.next_power_of_2(P), BG=bg,
+            BLOCK_N=ATTEND_BLOCK_N, TILES=-(-tiles // split), SPLIT=split, PAGES=pages,
+            BP=max(16 if dot else 1, triton.next_power_of_2(pages)), DOT=dot,
+            num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
+        )
+        return out

@@ -128,23 +128,36 @@ def no_recompiles(*caches):
 
 
 def twin_run(policy, *, B, Hq, Hkv, D, budget, ps, lens, steps, mode, integer, dtype=torch.bfloat16,
-             device="cuda", seed=0, warm=3, lists_in_regs=True, observe_in_append=True, **kw):
+             device="cuda", seed=0, warm=3, lists_in_regs=True, observe_in_append=True, attention="flex",
+             attend_block_n=None, **kw):
     """Run the reference and fused caches side by side; ``integer`` = exact mode (no resync).
     ``lists_in_regs=False`` makes the append kernel count block occupancy by reading ``valid`` back
-    (its path for large rows) instead of from registers."""
+    (its path for large rows) instead of from registers. ``attention="triton"`` runs the fused cache's
+    attention (and observe) in kernels.fused_attend_observe, with ``attend_block_n`` slots per tile."""
+    if attend_block_n is not None:
+        saved = kernels.ATTEND_BLOCK_N
+        kernels.ATTEND_BLOCK_N = attend_block_n
+        try:
+            return twin_run(policy, B=B, Hq=Hq, Hkv=Hkv, D=D, budget=budget, ps=ps, lens=lens, steps=steps, mode=mode,
+                            integer=integer, dtype=dtype, device=device, seed=seed, warm=warm,
+                            lists_in_regs=lists_in_regs, observe_in_append=observe_in_append, attention=attention,
+                            **kw)
+        finally:
+            kernels.ATTEND_BLOCK_N = saved
     if not lists_in_regs:
         saved = kernels.LISTS_IN_REGS_MAX
         kernels.LISTS_IN_REGS_MAX = 0
         try:
             return twin_run(policy, B=B, Hq=Hq, Hkv=Hkv, D=D, budget=budget, ps=ps, lens=lens, steps=steps, mode=mode,
                             integer=integer, dtype=dtype, device=device, seed=seed, warm=warm,
-                            observe_in_append=observe_in_append, **kw)
+                            observe_in_append=observe_in_append, attention=attention, **kw)
         finally:
             kernels.LISTS_IN_REGS_MAX = saved
     torch._dynamo.reset()
     ref, fus = make_pair(policy, B=B, Hq=Hq, Hkv=Hkv, D=D, budget=budget, ps=ps, dtype=dtype, device=device, **kw)
     assert fus.fused and not ref.fused
     fus.observe_in_append = observe_in_append
+    fus.attention = attention
     assert fus.fused_observe == kernels.observe_fusable(ref.config)
     inp = Inputs(B, Hq, Hkv, D, dtype=dtype, device=device, integer=integer, seed=seed)
     prompt = inp.prompt(lens)
@@ -233,6 +246,10 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[3, 26], integer=True,
                       block_size=8, observe_in_append=False)),
         ("raas", dict(B=1, Hq=3, Hkv=1, D=16, budget=64, ps=4, lens=[50], integer=True, refresh_ratio=0.25)),
+        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[3, 58], integer=True, attention="triton",
+                      attend_block_n=16, pin_prompt=False)),
+        ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
+                      attend_block_n=16, pin_prompt=False)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
     ]
@@ -245,7 +262,8 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
 def test_interpreter_matches_torch_on_cpu():
     """The kernels' logic through Triton's CPU interpreter: raas (exact and resync; observe inside
-    the append kernel and as its own kernel), streaming, and h2o with pinned prompt pages (it
+    the append kernel and as its own kernel; attention="triton" with its output split over 4 and 2
+    programs per row), streaming, and h2o with pinned prompt pages (it
     overflows)."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -253,13 +271,14 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 6 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 8 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
 # (id, policy, shape and budget, prompt lengths, extra config). Page counts 8, 33, 128 and 256; G of
 # 1, 3, 4, 7; prompts near the budget (eviction starts within ~ps steps) mixed with short ones.
-# raas cases run the observe inside the append kernel unless marked "split" (its own kernel).
+# raas cases run the observe inside the append kernel unless marked "split" (its own kernel) or
+# "triton" (attention="triton": attention and observe in kernels.fused_attend_observe).
 GPU_CASES = [
     ("raas-P8-G3", "raas", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=16), [20, 100], {}),
     ("raas-P33-G7", "raas", dict(B=3, Hq=7, Hkv=1, D=128, budget=528, ps=16), [1, 300, 505], dict(pin_prompt=False)),
@@ -270,6 +289,12 @@ GPU_CASES = [
      [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False, observe_in_append=False)),
     ("raas-P256-G7-split", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000],
      dict(observe_in_append=False)),
+    ("raas-P128-G4-triton", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
+     [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False, attention="triton")),
+    ("raas-P256-G7-triton", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000],
+     dict(attention="triton")),
+    ("raas-P33-G7-triton", "raas", dict(B=3, Hq=7, Hkv=1, D=128, budget=528, ps=16), [1, 300, 505],
+     dict(pin_prompt=False, attention="triton")),
     ("raas-P34-r0.1-ps8", "raas", dict(B=2, Hq=4, Hkv=4, D=128, budget=272, ps=8), [262, 100],
      dict(refresh_ratio=0.1, pin_prompt=False, lists_in_regs=False)),
     ("raas-attention-P8", "raas", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=16), [20, 110],
@@ -293,7 +318,7 @@ def test_gpu_fused_matches_torch_resync(case, mode):
 
 # (h2o is left out: its scores are softmax shares computed by torch in both graphs, not exact sums)
 EXACT_CASES = [c for c in GPU_CASES if c[0] in ("raas-P8-G3", "raas-P33-G7", "raas-P128-G4", "raas-P128-G4-split",
-                                                 "streaming-P16")]
+                                                 "raas-P128-G4-triton", "raas-P33-G7-triton", "streaming-P16")]
 
 
 @pytest.mark.gpu
