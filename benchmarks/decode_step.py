@@ -101,9 +101,10 @@ def reference(cache: PagedKVCache, q: torch.Tensor, rows: int = 2) -> torch.Tens
     return F.scaled_dot_product_attention(q[:b].double(), k, v, attn_mask=valid, scale=cache.scale)
 
 
-VARIANTS = {  # name -> (policy, fused, observe_in_append)
-    "raas_torch": ("raas", False, True),  # the torch bookkeeping code (the fused kernels' reference)
-    "raas_split": ("raas", None, False),  # fused, the observe as its own kernel after the attention
+VARIANTS = {  # name -> (policy, fused, observe_in_append, attention)
+    "raas_torch": ("raas", False, True, "flex"),  # the torch bookkeeping code (the fused kernels' reference)
+    "raas_split": ("raas", None, False, "flex"),  # fused, the observe as its own kernel after the attention
+    "raas_triton": ("raas", None, True, "triton"),  # append kernel, then attention + observe in one kernel
 }
 
 
@@ -114,9 +115,9 @@ def parse_variant(name: str):
     """'raas', 'raas_split', 'h2o', ... optionally with flex kernel options as '+' tokens: skvN
     (SPLIT_KV), bnN (BLOCK_N), wN (num_warps), sN (num_stages), e.g. 'raas+skv8+bn128'; and '+pdl'
     (Inductor's programmatic dependent launch, ``config.triton.enable_pdl``, where the torch has it).
-    Returns (policy, fused, observe_in_append, kernel_options, inductor_config)."""
+    Returns (policy, fused, observe_in_append, attention, kernel_options, inductor_config)."""
     base, *opts = name.split("+")
-    policy, fused, in_append = VARIANTS.get(base, (base, None, True))
+    policy, fused, in_append, attention = VARIANTS.get(base, (base, None, True, "flex"))
     kernel_options, inductor = {}, {}
     for opt in opts:
         if opt == "pdl":
@@ -131,13 +132,13 @@ def parse_variant(name: str):
             raise ValueError(f"policy variant {name!r}: +{opt} is not one of "
                              f"{', '.join(t + 'N' for t in KERNEL_OPTION_TOKENS)}, pdl")
         kernel_options[KERNEL_OPTION_TOKENS[prefix]] = int(opt[len(prefix):])
-    return policy, fused, in_append, kernel_options, inductor
+    return policy, fused, in_append, attention, kernel_options, inductor
 
 
 def make_cache(policy, B, Hq, Hkv, D, N, L, dtype, device, extra_steps):
     ps = 16
-    policy, fused, in_append, kopts, _ = parse_variant(policy)
-    cfg = RaaSConfig(budget=L, policy=policy, page_size=ps, pin_prompt=False, fused=fused,
+    policy, fused, in_append, attention, kopts, _ = parse_variant(policy)
+    cfg = RaaSConfig(budget=L, policy=policy, page_size=ps, pin_prompt=False, fused=fused, attention=attention,
                      max_length=(N + extra_steps) if policy in ("quest", "dense") else None)
     cache = PagedKVCache(cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
                          dtype=dtype, device=device, max_length=cfg.max_length)
@@ -204,7 +205,7 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
             continue
         part = {}
         try:
-            with torch._inductor.config.patch(parse_variant(policy)[4]):  # (compiles happen in here)
+            with torch._inductor.config.patch(parse_variant(policy)[5]):  # (compiles happen in here)
                 time_policy(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra)
         except Exception as e:  # a failing point is a result to report, not a reason to lose the grid
             if not timed:
@@ -260,7 +261,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two small grid points")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU-sized run, checks only (no timing)")
     ap.add_argument("--policies", default="raas,h2o,streaming,quest",
-                    help="comma list of raas, raas_split (fused, observe as its own kernel), raas_torch (raas with "
+                    help="comma list of raas, raas_split (fused, observe as its own kernel), raas_triton (attention and "
+                         "observe in one Triton kernel: attention='triton'), raas_torch (raas with "
                          "fused=False), h2o, streaming, quest; any of them with flex kernel options: +skvN (SPLIT_KV), "
                          "+bnN (BLOCK_N), +wN (num_warps), +sN (num_stages); +pdl: Inductor's programmatic dependent launch")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

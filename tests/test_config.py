@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from raas_flex import POLICIES, PagedKVCache, RaaSConfig
+from raas_flex import POLICIES, PagedKVCache, RaaSConfig, kernels
 from reference import RefCache
 
 D = 16
@@ -62,6 +62,10 @@ CONFIG_ERRORS = [
     (dict(budget=32, max_length=True), TypeError, "max_length must be an int, got True"),
     (dict(budget=32, block_size=0), ValueError, "block_size must be >= 1, got 0"),
     (dict(budget=32, compile_flex="yes"), TypeError, "compile_flex must be True, False or None, got 'yes'"),
+    (dict(budget=32, attention="sdpa"), ValueError, "attention='sdpa' is not supported; allowed: 'flex', 'triton'"),
+    (dict(budget=32, attention="triton", policy="h2o"), ValueError, "got policy='h2o', importance='bound'"),
+    (dict(budget=32, attention="triton", importance="attention"), ValueError, "needs policy='raas', importance='bound'"),
+    (dict(budget=32, attention="triton", fused=False), ValueError, "attention='triton' needs the fused kernels; got fused=False"),
 ]
 
 
@@ -250,3 +254,20 @@ def test_parse_options_reads_literals_and_names_bad_items():
     # the parsed values go through RaaSConfig's own validation
     with pytest.raises(ValueError, match="refresh_ratio"):
         RaaSConfig(budget=256, **parse_options(["refresh_ratio=2.0"]))
+
+
+@pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter makes CPU caches fusable")
+def test_triton_attention_is_refused_where_the_fused_observe_cannot_run():
+    """attention='triton' on a CPU cache (no fused kernels there) fails loudly, naming why; the
+    attribute keeps its value; fused=False under attention='triton' is refused too."""
+    mk = lambda **kw: PagedKVCache(RaaSConfig(budget=32, page_size=8, **kw), batch_size=1, num_heads=2,
+                                   num_kv_heads=1, head_dim=16)
+    with pytest.raises(ValueError, match=r"attention='triton' is not supported for this cache: (device='cpu'|triton)"):
+        mk(attention="triton")
+    c = mk()
+    assert c.attention == "flex"
+    with pytest.raises(ValueError, match="attention='triton' is not supported for this cache"):
+        c.attention = "triton"
+    with pytest.raises(ValueError, match="attention='fast' is not supported; allowed: 'flex', 'triton'"):
+        c.attention = "fast"
+    assert c.attention == "flex"

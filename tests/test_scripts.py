@@ -75,10 +75,11 @@ def test_decode_step_smoke_all_policies_and_replot(tmp_path):
 def test_decode_step_variant_names():
     """Variant names set what the timing is labelled with; bad tokens are refused, not ignored."""
     ds = _bench_module("decode_step")
-    assert ds.parse_variant("raas") == ("raas", None, True, {}, {})
-    assert ds.parse_variant("raas_split+skv4") == ("raas", None, False, {"SPLIT_KV": 4}, {})
+    assert ds.parse_variant("raas") == ("raas", None, True, "flex", {}, {})
+    assert ds.parse_variant("raas_split+skv4") == ("raas", None, False, "flex", {"SPLIT_KV": 4}, {})
+    assert ds.parse_variant("raas_triton")[3] == "triton"
     if hasattr(torch._inductor.config.triton, "enable_pdl"):
-        assert ds.parse_variant("raas+pdl")[4] == {"triton.enable_pdl": True}
+        assert ds.parse_variant("raas+pdl")[5] == {"triton.enable_pdl": True}
     else:  # (torch 2.11 has no such switch, and config.patch would not say so)
         with pytest.raises(ValueError, match=r"\+pdl needs torch._inductor.config.triton.enable_pdl"):
             ds.parse_variant("raas+pdl")
