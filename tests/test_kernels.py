@@ -246,15 +246,16 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[3, 26], integer=True,
                       block_size=8, observe_in_append=False)),
         ("raas", dict(B=1, Hq=3, Hkv=1, D=16, budget=64, ps=4, lens=[50], integer=True, refresh_ratio=0.25)),
-        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[3, 58], integer=True, attention="triton",
-                      attend_block_n=16, pin_prompt=False)),
+        ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
+                      attend_block_n=16, pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
-                      attend_block_n=16, pin_prompt=False)),
+                      attend_block_n=16, pin_prompt=False, steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
     ]
     for policy, kw in cases:
-        ref, fus = t.twin_run(policy, steps=40, mode="eager", dtype=torch.float32, device="cpu", **kw)
+        steps = kw.pop("steps", 40)
+        ref, fus = t.twin_run(policy, steps=steps, mode="eager", dtype=torch.float32, device="cpu", **kw)
         print(policy, "ok", ref.evictions.sum().item(), bool(ref.overflow))
 """)
 
