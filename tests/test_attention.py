@@ -324,17 +324,20 @@ GPU_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat1
 # Packed-GQA layout: G = 3 and G = 7 are not powers of two. page_size 16 keeps KV blocks >= 16.
 GPU_HEADS = [pytest.param((6, 2), id="G3"), pytest.param((7, 1), id="G7")]
 GPU_DEVICE = "cuda"  # a module constant so the GPU code path can be dry-run elsewhere
-GPU_CONFIGS = {
-    "raas": dict(budget=64, ps=16),
-    "quest": dict(budget=64, ps=16, max_length=256),
+GPU_CONFIGS = {  # test name -> (policy, config)
+    "raas": ("raas", dict(budget=64, ps=16)),
+    "raas-triton": ("raas", dict(budget=64, ps=16, attention="triton")),  # attention + observe in one kernel
+    "quest": ("quest", dict(budget=64, ps=16, max_length=256)),
 }
+GPU_POLICIES = list(GPU_CONFIGS)
 
 
 def gpu_run(policy, heads, dtype, *, compile_mode, steps=60, lens=(20, 45), seed=3):
     torch._dynamo.reset()  # every GPU test compiles its own graphs from scratch
     Hq, Hkv = heads
     seq = Seq(2, Hq, Hkv, lens, dtype=dtype, device=GPU_DEVICE, seed=seed, head_dim=64)
-    cache = make_cache(policy, **GPU_CONFIGS[policy], B=2, Hq=Hq, Hkv=Hkv, head_dim=64, dtype=dtype, device=GPU_DEVICE)
+    base, cfg = GPU_CONFIGS[policy]
+    cache = make_cache(base, **cfg, B=2, Hq=Hq, Hkv=Hkv, head_dim=64, dtype=dtype, device=GPU_DEVICE)
     cache.prefill(*seq.prompt())
     if compile_mode is None:
         fn = cache.decode
@@ -353,7 +356,7 @@ def gpu_run(policy, heads, dtype, *, compile_mode, steps=60, lens=(20, 45), seed
             assert_step(cache, seq, q, out, GPU_TOL[dtype])
     assert counters["inductor"]["cudagraph_skips"] == skips, "the step was not CUDA-graphed"
     cache.check()
-    if policy == "raas":
+    if base == "raas":
         assert cache.evictions.min().item() > 0
     return cache
 
@@ -361,7 +364,7 @@ def gpu_run(policy, heads, dtype, *, compile_mode, steps=60, lens=(20, 45), seed
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("policy", ["raas", "quest"])
+@pytest.mark.parametrize("policy", GPU_POLICIES)
 def test_gpu_eager_matches_float64_reference(policy, dtype):
     gpu_run(policy, (6, 2), dtype, compile_mode=None)
 
@@ -370,7 +373,7 @@ def test_gpu_eager_matches_float64_reference(policy, dtype):
 @requires_cuda
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("heads", GPU_HEADS)
-@pytest.mark.parametrize("policy", ["raas", "quest"])
+@pytest.mark.parametrize("policy", GPU_POLICIES)
 def test_gpu_compiled_matches_float64_reference(policy, heads, dtype):
     gpu_run(policy, heads, dtype, compile_mode="default")
 
@@ -378,12 +381,12 @@ def test_gpu_compiled_matches_float64_reference(policy, heads, dtype):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("policy", ["raas", "quest"])
+@pytest.mark.parametrize("policy", GPU_POLICIES)
 def test_gpu_cuda_graph_step(policy, dtype):
     """mode="reduce-overhead": 200 (raas) / 150 (quest, bounded by its max_length) replayed steps
     with page opens and evictions, no recompiles, buffers static, output equal to the float64
     reference at every step."""
-    steps = 200 if policy == "raas" else 150
+    steps = 150 if policy == "quest" else 200
     cache = gpu_run(policy, (6, 2), dtype, compile_mode="reduce-overhead", steps=steps)
     assert cache.page_state().length.min().item() >= 20 + 3 + steps
 
@@ -391,12 +394,14 @@ def test_gpu_cuda_graph_step(policy, dtype):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("policy", ["raas", "quest"])
+@pytest.mark.parametrize("policy", GPU_POLICIES)
 def test_gpu_budget_covering_sequence_is_dense_causal(policy, dtype):
     torch._dynamo.reset()
     Hq, Hkv = 6, 2
     seq = Seq(2, Hq, Hkv, [10, 30], dtype=dtype, device=GPU_DEVICE, seed=5, head_dim=64)
-    cache = make_cache(policy, budget=64, ps=16, B=2, Hq=Hq, Hkv=Hkv, head_dim=64, dtype=dtype, device=GPU_DEVICE, max_length=64)
+    base, cfg = GPU_CONFIGS[policy]
+    cfg = {**cfg, "max_length": 64}
+    cache = make_cache(base, **cfg, B=2, Hq=Hq, Hkv=Hkv, head_dim=64, dtype=dtype, device=GPU_DEVICE)
     cache.prefill(*seq.prompt())
     fn = cache.compiled_decode()
     outs = [fn(*seq.next()).clone() for _ in range(64 - 30)]
