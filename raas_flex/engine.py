@@ -388,8 +388,10 @@ class PagedKVCache(nn.Module):
         state updated in place: safe to torch.compile(fullgraph=True) and capture in CUDA graphs
         on GPU. Use :meth:`compiled_decode` to get it compiled the right way for the device.
         """
-        if self._attention == "triton":  # the append kernel, then attention and observe in one kernel
-            self._fused_append(k, v)
+        if self._attention == "triton":
+            if self.observe_in_append:  # the whole step in one kernel
+                return self._fused_append(k, v, q, attend=True)
+            self._fused_append(k, v)  # the append kernel, then attention and observe in one kernel
             return self.attend_observe(q)
         if self._fused_observe and self.observe_in_append:
             # one bookkeeping kernel for the whole step (append, then the observe of q), then flex
@@ -499,8 +501,9 @@ class PagedKVCache(nn.Module):
         self.open_slot.copy_(torch.where(write, slot, self.open_slot))
         self.length.add_(1)
 
-    def _fused_append(self, k: Tensor, v: Tensor, q: Tensor | None = None) -> None:
-        """The append kernel; with ``q`` also the RaaS observe of q in the same launch."""
+    def _fused_append(self, k: Tensor, v: Tensor, q: Tensor | None = None, attend: bool = False) -> Tensor | None:
+        """The append kernel; with ``q`` also the RaaS observe of q in the same launch; with
+        ``attend`` the attention too (kernels.fused_step), whose output it returns."""
         if q is not None:
             if q.dim() != 4 or tuple(q.shape) != (self.B, self.Hq, 1, self.D):
                 raise ValueError(f"q must be [batch_size={self.B}, num_heads={self.Hq}, 1, head_dim={self.D}], "
@@ -519,6 +522,9 @@ class PagedKVCache(nn.Module):
         state = (self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
                  self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
                  self._fkv_num, self._fkv_idx, self._ffull_num, self._ffull_idx)
+        if attend:
+            return kernels.fused_step(q, k, v, *state, self._imp, self._obs_count, self.scale, cfg.refresh_pages,
+                                      self.block)
         if q is not None:
             kernels.fused_append_observe(q, k, v, *state, self._imp, cfg.sink_pages, cfg.recent_pages, self.block,
                                          cfg.refresh_pages)

@@ -182,6 +182,45 @@ if HAS_TRITON:
         tl.store(stamp_ptr + base + i, tl.zeros([BLOCK_P], tl.int64) + step_now, mask=refresh)
 
     @triton.jit
+    def _write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row, n_p,
+                           S: tl.constexpr, PS: tl.constexpr, BLOCK_PS: tl.constexpr, KB: tl.constexpr,
+                           NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr,
+                           LISTS_IN_REGS: tl.constexpr):
+        """Row ``row64`` of the slot-validity mask (the first n_p[p] slots of page slot p are valid)
+        and its exact flex block lists (see masks.block_lists)."""
+        tt = tl.arange(0, BLOCK_PS)
+        vmask = in_row[:, None] & (tt[None, :] < PS)
+        tl.store(valid_ptr + row64 * S + p[:, None] * PS + tt[None, :], tt[None, :] < n_p[:, None], mask=vmask)
+
+        # exact block lists of the row for flex (same layout as masks.block_lists): blocks of KB
+        # slots whose every slot is valid are "full" (the kernel skips mask_mod there), blocks with
+        # some valid slots "partial"; listed blocks first, in order, then the others.
+        nb = tl.arange(0, BLOCK_NB)
+        in_nb = nb < NB
+        if LISTS_IN_REGS:  # valid slots per block = overlap of [nb*KB, +KB) with each [p*PS, +n_p)
+            lo = tl.maximum(nb[:, None] * KB, p[None, :] * PS)
+            hi = tl.minimum(nb[:, None] * KB + KB, p[None, :] * PS + n_p[None, :])
+            cnt = tl.sum(tl.maximum(hi - lo, 0).to(tl.int32), 1)
+        else:  # large rows: read the row of `valid` back
+            tl.debug_barrier()  # the row stored above is complete
+            jb = tl.arange(0, BLOCK_KB)
+            vb = tl.load(valid_ptr + row64 * S + nb[:, None] * KB + jb[None, :],
+                         mask=in_nb[:, None] & (jb[None, :] < KB), other=0, cache_modifier=".cg")
+            cnt = tl.sum(vb.to(tl.int32), 1)
+        full = (cnt == KB) & in_nb
+        part = (cnt > 0) & (cnt < KB) & in_nb
+        n_full = tl.sum(full.to(tl.int32), 0)
+        n_part = tl.sum(part.to(tl.int32), 0)
+        c_full = tl.cumsum(full.to(tl.int32), 0)
+        c_part = tl.cumsum(part.to(tl.int32), 0)
+        pos_full = tl.where(full, c_full - 1, n_full + nb - c_full)
+        pos_part = tl.where(part, c_part - 1, n_part + nb - c_part)
+        tl.store(full_idx_ptr + row64 * NB + pos_full, nb, mask=in_nb)
+        tl.store(kv_idx_ptr + row64 * NB + pos_part, nb, mask=in_nb)
+        tl.store(full_num_ptr + row64, n_full)
+        tl.store(kv_num_ptr + row64, n_part)
+
+    @triton.jit
     def _append_kernel(
         kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd,
         k_ptr, v_ptr, page_id_ptr, stamp_ptr, pinned_ptr, score_ptr, kmax_ptr, kmin_ptr,
@@ -281,37 +320,8 @@ if HAS_TRITON:
         # first n_p slots of page slot p, n_p = its written tokens
         pid_new = tl.where(opened & (p == slot), new_id, pid)
         n_p = tl.where(pid_new >= 0, tl.minimum(tl.maximum(pos + 1 - pid_new * PS, 0), PS), 0)
-        tt = tl.arange(0, BLOCK_PS)
-        vmask = in_row[:, None] & (tt[None, :] < PS)
-        tl.store(valid_ptr + row64 * S + p[:, None] * PS + tt[None, :], tt[None, :] < n_p[:, None], mask=vmask)
-
-        # exact block lists of the row for flex (same layout as masks.block_lists): blocks of KB
-        # slots whose every slot is valid are "full" (the kernel skips mask_mod there), blocks with
-        # some valid slots "partial"; listed blocks first, in order, then the others.
-        nb = tl.arange(0, BLOCK_NB)
-        in_nb = nb < NB
-        if LISTS_IN_REGS:  # valid slots per block = overlap of [nb*KB, +KB) with each [p*PS, +n_p)
-            lo = tl.maximum(nb[:, None] * KB, p[None, :] * PS)
-            hi = tl.minimum(nb[:, None] * KB + KB, p[None, :] * PS + n_p[None, :])
-            cnt = tl.sum(tl.maximum(hi - lo, 0).to(tl.int32), 1)
-        else:  # large rows: read the row of `valid` back
-            tl.debug_barrier()  # the row stored above is complete
-            jb = tl.arange(0, BLOCK_KB)
-            vb = tl.load(valid_ptr + row64 * S + nb[:, None] * KB + jb[None, :],
-                         mask=in_nb[:, None] & (jb[None, :] < KB), other=0, cache_modifier=".cg")
-            cnt = tl.sum(vb.to(tl.int32), 1)
-        full = (cnt == KB) & in_nb
-        part = (cnt > 0) & (cnt < KB) & in_nb
-        n_full = tl.sum(full.to(tl.int32), 0)
-        n_part = tl.sum(part.to(tl.int32), 0)
-        c_full = tl.cumsum(full.to(tl.int32), 0)
-        c_part = tl.cumsum(part.to(tl.int32), 0)
-        pos_full = tl.where(full, c_full - 1, n_full + nb - c_full)
-        pos_part = tl.where(part, c_part - 1, n_part + nb - c_part)
-        tl.store(full_idx_ptr + row64 * NB + pos_full, nb, mask=in_nb)
-        tl.store(kv_idx_ptr + row64 * NB + pos_part, nb, mask=in_nb)
-        tl.store(full_num_ptr + row64, n_full)
-        tl.store(kv_num_ptr + row64, n_part)
+        _write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row, n_p,
+                           S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
 
         if OBSERVE:  # RaaS observe of this step's query, for this row (see fused_append_observe)
             tl.debug_barrier()  # the key-bound row and page-table entry stored above are complete
@@ -458,6 +468,190 @@ if HAS_TRITON:
             if SPLIT > 1:
                 tl.store(count_ptr + row64, 0)
 
+    @triton.jit
+    def _step_kernel(
+        q_ptr, sqb, sqh, sqd, kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd,
+        k_ptr, v_ptr, page_id_ptr, stamp_ptr, pinned_ptr, score_ptr, kmax_ptr, kmin_ptr,
+        open_slot_ptr, length_ptr, step_ptr, evictions_ptr, overflow_ptr, valid_ptr, ticket_ptr, count_ptr,
+        kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, imp_ptr,
+        acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2,
+        B: tl.constexpr, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
+        REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
+        BG: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr,
+        BP: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr,
+        LISTS_IN_REGS: tl.constexpr,
+    ):
+        """A whole raas decode step (append, attention, observe) for program (row, split).
+
+        Every program of a row makes the append's decision itself, from the state before the step
+        (slot, eviction, the written page's new key bounds), and attends over its TILES tiles of the
+        row as they will be after the append (the new token from registers; the victim page's old
+        tokens masked out). Its owner writes the new token to the buffer; each program computes
+        Quest's bounds of PAGES pages. The program that finishes its row last (a per-row ticket,
+        taken once every program of the row has read the old state) combines the output, writes
+        the row's page-table entry, key bounds, open slot, counters, validity row and block lists,
+        and refreshes the top REFRESH pages; the last row to finish advances lengths and step."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        b = row // H
+        h = row % H
+        S: tl.constexpr = P * PS
+        row64 = row.to(tl.int64)
+        base = row64 * P
+        d = tl.arange(0, D)
+
+        # -- the append's decision (the same in every program of the row) -----------------------------
+        step_new = tl.load(step_ptr) + 1
+        pos = tl.load(length_ptr + b)
+        open_old = tl.load(open_slot_ptr + row64)
+        kk = tl.load(kn_ptr + b * skb + h * skh + d * skd).to(k_ptr.dtype.element_ty)
+        vv = tl.load(vn_ptr + b * svb + h * svh + d * svd).to(v_ptr.dtype.element_ty)
+        optr = (base + open_old) * D + d
+        old_max = tl.load(kmax_ptr + optr).to(tl.float32)
+        old_min = tl.load(kmin_ptr + optr).to(tl.float32)
+        p = tl.arange(0, BLOCK_P)
+        in_row = p < P
+        pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
+        pinned = tl.load(pinned_ptr + base + p, mask=in_row, other=0).to(tl.int1)
+        stamp = tl.load(stamp_ptr + base + p, mask=in_row, other=0)
+        off = pos % PS
+        need = off == 0
+        resident = (pid >= 0) & in_row
+        free = (pid < 0) & in_row
+        has_free = tl.max(free.to(tl.int32), 0) > 0
+        first_free = tl.min(tl.where(free, p, BLOCK_P), 0)
+        evictable = resident & (pinned == 0)
+        victim = tl.argmin(tl.where(evictable, stamp * 4294967296 + pid, _I64_MAX), 0)
+        can_evict = tl.max(evictable.to(tl.int32), 0) > 0
+        ok = has_free | can_evict
+        opened = need & ok
+        write = (need == 0) | ok
+        slot = tl.where(opened, tl.where(has_free, first_free, victim).to(tl.int64), open_old)
+        new_id = pos // PS
+        t = slot * PS + off
+        kf = kk.to(tl.float32)
+        new_max = tl.where(opened, kf, tl.where(write, tl.maximum(old_max, kf), old_max)).to(kmax_ptr.dtype.element_ty)
+        new_min = tl.where(opened, kf, tl.where(write, tl.minimum(old_min, kf), old_min)).to(kmin_ptr.dtype.element_ty)
+
+        # -- attention over this program's tiles, as after the append --------------------------------
+        gg = tl.arange(0, BG)
+        gm = gg < G
+        q = tl.load(q_ptr + b * sqb + (h * G + gg)[:, None] * sqh + d[None, :] * sqd, mask=gm[:, None], other=0.0)
+        q = q.to(k_ptr.dtype.element_ty)
+        m_i = tl.full([BG], float("-inf"), tl.float32)
+        l_i = tl.zeros([BG], tl.float32)
+        acc = tl.zeros([BG, D], tl.float32)
+        nn = tl.arange(0, BLOCK_N)
+        for ti in range(TILES):
+            cols = (split * TILES + ti) * BLOCK_N + nn
+            inb = cols < S
+            pc = cols // PS
+            pidc = tl.load(page_id_ptr + base + pc, mask=inb, other=-1)
+            pidc = tl.where(opened & (pc == slot), new_id, pidc)
+            ncol = tl.where(pidc >= 0, tl.minimum(tl.maximum(pos + 1 - pidc * PS, 0), PS), 0)
+            okc = inb & ((cols % PS) < ncol)
+            offs = (row64 * S + cols)[:, None] * D + d[None, :]
+            is_new = (cols == t)[:, None]
+            kt = tl.where(is_new, kk[None, :], tl.load(k_ptr + offs, mask=inb[:, None], other=0.0))
+            vt = tl.where(is_new, vv[None, :], tl.load(v_ptr + offs, mask=inb[:, None], other=0.0))
+            if k_ptr.dtype.element_ty == tl.float32:
+                sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(kt))
+            sc = tl.where(okc[None, :], sc * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            pr = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            if v_ptr.dtype.element_ty == tl.float32:
+                pv = tl.dot(pr, vt, input_precision="ieee")
+            else:
+                pv = tl.dot(pr.to(v_ptr.dtype.element_ty), vt)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        part = row64 * SPLIT + split
+        tl.store(ml_ptr + (part * 2) * BG + gg, m_i)
+        tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l_i)
+        tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc)
+        # the token write, by the program whose tiles hold slot t (after an overflow the token
+        # overwrites the open page's first slot, as in the append kernel)
+        mine = (d * 0 + t // (TILES * BLOCK_N)) == split  # (a [D] mask: the interpreter wants no broadcast)
+        tl.store(k_ptr + (row64 * S + t) * D + d, kk, mask=mine)
+        tl.store(v_ptr + (row64 * S + t) * D + d, vv, mask=mine)
+
+        # -- Quest's bound of this program's pages, as after the append -------------------------------
+        pp = split * PAGES + tl.arange(0, BP)
+        mp = pp < P
+        off2 = (base + pp)[:, None] * D + d[None, :]
+        is_slot = (pp == slot)[:, None]
+        kmx = tl.where(is_slot, new_max[None, :], tl.load(kmax_ptr + off2, mask=mp[:, None], other=0.0)).to(tl.float32)
+        kmn = tl.where(is_slot, new_min[None, :], tl.load(kmin_ptr + off2, mask=mp[:, None], other=0.0)).to(tl.float32)
+        pidp = tl.load(page_id_ptr + base + pp, mask=mp, other=-1)
+        pidp = tl.where(opened & (pp == slot), new_id, pidp)
+        best = tl.full([BP], float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            qv = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + d * sqd).to(tl.float32)
+            sg = tl.sum(tl.maximum(qv, 0.0)[None, :] * kmx + tl.minimum(qv, 0.0)[None, :] * kmn, 1)
+            best = tl.maximum(best, sg)
+        imp = tl.where(pidp >= 0, best, float("-inf"))
+        tl.store(imp_ptr + base + pp, imp, mask=mp)
+        scr = tl.where(imp != imp, 0.0, imp)
+        scr = tl.where(scr == float("-inf"), 0.0, scr)
+        scr = tl.where(scr == float("inf"), _F32_MAX, scr)
+        tl.store(score_ptr + base + pp, scr, mask=mp)
+
+        # -- the last program of the row: output, the append's writes, the refresh ----------------------
+        tl.debug_barrier()
+        if SPLIT == 1:
+            last = True
+        else:
+            ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
+            last = ticket == SPLIT - 1
+        if last:
+            g_m = tl.full([BG], float("-inf"), tl.float32)
+            for sp in range(SPLIT):
+                g_m = tl.maximum(g_m, tl.load(ml_ptr + ((row64 * SPLIT + sp) * 2) * BG + gg, cache_modifier=".cg"))
+            g_safe = tl.where(g_m == float("-inf"), 0.0, g_m)
+            tot = tl.zeros([BG], tl.float32)
+            o = tl.zeros([BG, D], tl.float32)
+            for sp in range(SPLIT):
+                pq = row64 * SPLIT + sp
+                w = tl.exp2(tl.load(ml_ptr + (pq * 2) * BG + gg, cache_modifier=".cg") - g_safe)
+                tot += w * tl.load(ml_ptr + (pq * 2 + 1) * BG + gg, cache_modifier=".cg")
+                o += w[:, None] * tl.load(acc_ptr + (pq * BG + gg)[:, None] * D + d[None, :], cache_modifier=".cg")
+            o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
+            tl.store(out_ptr + b * sob + (h * G + gg)[:, None] * soh + d[None, :] * sod,
+                     o.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+
+            tl.store(overflow_ptr, 1, mask=write == 0)
+            ev = tl.load(evictions_ptr + row64)
+            tl.store(evictions_ptr + row64, ev + (opened & (has_free == 0)).to(tl.int64))
+            tl.store(page_id_ptr + base + slot, new_id, mask=opened)
+            tl.store(stamp_ptr + base + slot, step_new, mask=opened)
+            tl.store(pinned_ptr + base + slot, 0, mask=opened)
+            tl.store(kmax_ptr + (base + slot) * D + d, new_max)
+            tl.store(kmin_ptr + (base + slot) * D + d, new_min)
+            tl.store(open_slot_ptr + row64, tl.where(write, slot, open_old))
+            pid_new = tl.where(opened & (p == slot), new_id, pid)
+            n_p = tl.where(pid_new >= 0, tl.minimum(tl.maximum(pos + 1 - pid_new * PS, 0), PS), 0)
+            _write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row, n_p,
+                               S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
+            tl.debug_barrier()  # this program's score and imp stores are complete
+            a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
+            _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P)
+            if SPLIT > 1:
+                tl.store(count_ptr + row64, 0)
+            # the last row to finish advances the lengths and the step (every program has read them)
+            tl.debug_barrier()
+            done = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+            if done == B * H - 1:
+                bb = tl.arange(0, BLOCK_B)
+                lens = tl.load(length_ptr + bb, mask=bb < B, other=0, cache_modifier=".cg")
+                tl.store(length_ptr + bb, lens + 1, mask=bb < B)
+                tl.store(step_ptr, step_new)
+                tl.store(ticket_ptr, 0)
+
     def _launch_append(k_new, v_new, k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot,
                        length, step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx,
                        policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0):
@@ -596,6 +790,54 @@ if HAS_TRITON:
             H=H, G=G, P=P, D=D, S=S, REFRESH=refresh_pages, BLOCK_P=triton.next_power_of_2(P), BG=bg,
             BLOCK_N=ATTEND_BLOCK_N, TILES=-(-tiles // split), SPLIT=split, PAGES=pages,
             BP=max(16 if dot else 1, triton.next_power_of_2(pages)), DOT=dot,
+            num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
+        )
+        return out
+
+    @triton_op(
+        "raas_flex::fused_step",
+        mutates_args={"k_cache", "v_cache", "page_id", "stamp", "pinned", "score", "kmax", "kmin",
+                      "open_slot", "length", "step", "evictions", "overflow", "valid", "ticket", "count",
+                      "kv_num", "kv_idx", "full_num", "full_idx", "imp"},
+    )
+    def fused_step(
+        q: Tensor, k_new: Tensor, v_new: Tensor,
+        k_cache: Tensor, v_cache: Tensor, page_id: Tensor, stamp: Tensor, pinned: Tensor, score: Tensor,
+        kmax: Tensor, kmin: Tensor, open_slot: Tensor, length: Tensor, step: Tensor, evictions: Tensor,
+        overflow: Tensor, valid: Tensor, ticket: Tensor,
+        kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor, imp: Tensor, count: Tensor,
+        scale: float, refresh_pages: int, block: int,
+    ) -> Tensor:
+        """A whole raas decode step in one launch: :func:`fused_append_observe`'s state changes plus
+        the attention of q [B, Hq, 1, D] over the row after the append (see _step_kernel). Returns
+        [B, Hq, 1, D] in q's dtype. ``count`` and ``ticket``: zero at launch, left zero."""
+        B, H, S, D = k_cache.shape
+        P = page_id.shape[-1]
+        ps = S // P
+        G = q.shape[1] // H
+        nb = S // block
+        block_p = triton.next_power_of_2(P)
+        tiles = -(-S // ATTEND_BLOCK_N)
+        split = attend_split(B * H, tiles, q.device)
+        pages = -(-P // split)
+        bg = max(16, triton.next_power_of_2(G))
+        acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
+        out = torch.empty(B, H * G, 1, D, dtype=q.dtype, device=q.device)
+        wrap_triton(_step_kernel)[(B * H, split)](
+            q, q.stride(0), q.stride(1), q.stride(3),
+            k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
+            v_new.stride(0), v_new.stride(1), v_new.stride(3),
+            k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin,
+            open_slot, length, step, evictions, overflow, valid, ticket, count,
+            kv_num, kv_idx, full_num, full_idx, imp,
+            acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * 1.4426950408889634,
+            B=B, H=H, G=G, P=P, D=D, PS=ps, REFRESH=refresh_pages,
+            BLOCK_P=block_p, BLOCK_PS=triton.next_power_of_2(ps), BLOCK_B=triton.next_power_of_2(B), BG=bg,
+            BLOCK_N=ATTEND_BLOCK_N, TILES=-(-tiles // split), SPLIT=split, PAGES=pages,
+            BP=triton.next_power_of_2(pages),
+            KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
+            LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX,
             num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
         )
         return out

@@ -250,6 +250,8 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                       attend_block_n=16, pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
                       attend_block_n=16, pin_prompt=False, steps=20)),
+        ("raas", dict(B=2, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[5, 28], integer=True, attention="triton",
+                      attend_block_n=16, observe_in_append=False, steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
     ]
@@ -263,8 +265,9 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
 def test_interpreter_matches_torch_on_cpu():
     """The kernels' logic through Triton's CPU interpreter: raas (exact and resync; observe inside
-    the append kernel and as its own kernel; attention="triton" with its output split over 4 and 2
-    programs per row), streaming, and h2o with pinned prompt pages (it
+    the append kernel and as its own kernel; attention="triton": the whole step in one kernel, split
+    over 4 and 2 programs per row, and the append kernel followed by the attention + observe kernel),
+    streaming, and h2o with pinned prompt pages (it
     overflows)."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -272,14 +275,15 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 8 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 9 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
 # (id, policy, shape and budget, prompt lengths, extra config). Page counts 8, 33, 128 and 256; G of
 # 1, 3, 4, 7; prompts near the budget (eviction starts within ~ps steps) mixed with short ones.
 # raas cases run the observe inside the append kernel unless marked "split" (its own kernel) or
-# "triton" (attention="triton": attention and observe in kernels.fused_attend_observe).
+# "triton" (attention="triton": the whole step in kernels.fused_step; with "split", the append kernel and
+# then kernels.fused_attend_observe, the transformers path).
 GPU_CASES = [
     ("raas-P8-G3", "raas", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=16), [20, 100], {}),
     ("raas-P33-G7", "raas", dict(B=3, Hq=7, Hkv=1, D=128, budget=528, ps=16), [1, 300, 505], dict(pin_prompt=False)),
@@ -296,6 +300,8 @@ GPU_CASES = [
      dict(attention="triton")),
     ("raas-P33-G7-triton", "raas", dict(B=3, Hq=7, Hkv=1, D=128, budget=528, ps=16), [1, 300, 505],
      dict(pin_prompt=False, attention="triton")),
+    ("raas-P128-G4-triton-split", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
+     [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False, attention="triton", observe_in_append=False)),
     ("raas-P34-r0.1-ps8", "raas", dict(B=2, Hq=4, Hkv=4, D=128, budget=272, ps=8), [262, 100],
      dict(refresh_ratio=0.1, pin_prompt=False, lists_in_regs=False)),
     ("raas-attention-P8", "raas", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=16), [20, 110],
