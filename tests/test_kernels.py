@@ -250,7 +250,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                       attend_block_n=16, pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
                       attend_block_n=16, pin_prompt=False, steps=20)),
-        ("raas", dict(B=2, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[5, 28], integer=True, attention="triton",
+        ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28], integer=True, attention="triton",
                       attend_block_n=16, observe_in_append=False, steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
