@@ -17,6 +17,14 @@ changes are done here, by one launch per step in :meth:`PagedKVCache.decode`:
                            lower slot). The last program to finish advances ``length`` and ``step``.
     flex_attention         (unchanged)
 
+With ``attention="triton"`` (experimental; see RaaSConfig) the attention leaves flex too:
+
+    fused_step             the whole step, one launch: programs (row, split) each decide the append
+                           from the pre-step state, attend over their slice of the row as it is after
+                           the append and bound their share of its pages; each row's last program
+                           combines the output and does the row's writes and the refresh
+    fused_attend_observe   attention + observe after a separate append (the transformers path)
+
 The observe reads only the query and the key bounds after the append, so running it before the
 attention leaves the state of the torch order (append, attend, observe). Where the query is not known
 at append time (transformers appends in ``Cache.update``), ``fused_append`` (the same kernel without
