@@ -299,6 +299,8 @@ def main(argv=None):
     ap.add_argument("--raas-batches", default="",
                     help="extra raas batch sizes: integers and/or '<k>x' = k times the largest dense batch whose KV "
                          "fits at the largest dense context of this run (e.g. 128 or 8x)")
+    ap.add_argument("--raas-attention", default="flex", choices=["flex", "triton"],
+                    help="RaaSConfig.attention of the raas runs (triton: experimental, see README)")
     ap.add_argument("--quest-contexts", default="", help="quest contexts N (comma separated; none by default)")
     ap.add_argument("--quest-budget", type=int, default=None, help="tokens quest attends to (default: --budget)")
     ap.add_argument("--quest-margin", type=int, default=64, help="quest max_length = N + this")
@@ -398,7 +400,7 @@ def main(argv=None):
     def run_raas(b):
         ids = torch.randint(100, 1000, (b, P0), device=device, generator=gen)
         new = raas_new(b)
-        with raas_flex.patched(model, budget=L):
+        with raas_flex.patched(model, budget=L, attention=args.raas_attention):
             phase["name"] = "warm-up"
             t_warm, g_warm = warm_up(model, ids, 48, device)  # compile + graphs
             phase["name"] = "timed"
@@ -470,7 +472,8 @@ def main(argv=None):
             elif kind == "quest":
                 base, size, fn = dict(mode=f"quest budget={Lq}", kind="quest", B=B, N=x, budget=Lq), x, lambda: run_quest(x)
             else:
-                base = dict(mode=f"raas budget={L}", kind="raas", batch_spec=spec_text(x))
+                tag = "" if args.raas_attention == "flex" else f" attention={args.raas_attention}"
+                base = dict(mode=f"raas budget={L}{tag}", kind="raas", batch_spec=spec_text(x))
                 try:
                     b, derived = resolve_batch(x, rows)
                 except LookupError as e:
