@@ -106,6 +106,7 @@ ATTEND_BLOCK_N = 64
 ATTEND_SPLIT: int | None = None
 ATTEND_WARPS = 4
 ATTEND_STAGES = 2
+ATTEND_BOUND_ELEMS = 8192  # key-bound elements per chunk of their bound loop
 
 
 if HAS_TRITON:
@@ -394,7 +395,8 @@ if HAS_TRITON:
         acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2,
         H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
         REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BG: tl.constexpr, BLOCK_N: tl.constexpr,
-        TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr, BP: tl.constexpr, DOT: tl.constexpr,
+        TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr, BP: tl.constexpr, BPC: tl.constexpr,
+        DOT: tl.constexpr,
     ):
         """Attention of the G query heads of one (sequence, KV head) row over the slots marked in
         ``valid`` (program (row, split) takes TILES tiles of BLOCK_N slots), and Quest's bounds of
@@ -444,8 +446,9 @@ if HAS_TRITON:
         tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc)
         # this program's share of the observe: bounds of pages split*PAGES .. (BP >= PAGES; a page
         # past the share is written by its own program too, with the same value)
-        _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                     b, h, base, split * PAGES, G, P, D, BP, DOT)
+        for c0 in tl.static_range(0, BP, BPC):
+            _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                         b, h, base, split * PAGES + c0, G, P, D, BPC, DOT)
 
         tl.debug_barrier()
         if SPLIT == 1:
@@ -486,8 +489,8 @@ if HAS_TRITON:
         B: tl.constexpr, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
         REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
         BG: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr,
-        BP: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr,
-        LISTS_IN_REGS: tl.constexpr,
+        BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
+        BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -588,26 +591,29 @@ if HAS_TRITON:
         tl.store(k_ptr + (row64 * S + t) * D + d, kk, mask=mine)
         tl.store(v_ptr + (row64 * S + t) * D + d, vv, mask=mine)
 
-        # -- Quest's bound of this program's pages, as after the append -------------------------------
-        pp = split * PAGES + tl.arange(0, BP)
-        mp = pp < P
-        off2 = (base + pp)[:, None] * D + d[None, :]
-        is_slot = (pp == slot)[:, None]
-        kmx = tl.where(is_slot, new_max[None, :], tl.load(kmax_ptr + off2, mask=mp[:, None], other=0.0)).to(tl.float32)
-        kmn = tl.where(is_slot, new_min[None, :], tl.load(kmin_ptr + off2, mask=mp[:, None], other=0.0)).to(tl.float32)
-        pidp = tl.load(page_id_ptr + base + pp, mask=mp, other=-1)
-        pidp = tl.where(opened & (pp == slot), new_id, pidp)
-        best = tl.full([BP], float("-inf"), tl.float32)
-        for g in tl.static_range(G):
-            qv = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + d * sqd).to(tl.float32)
-            sg = tl.sum(tl.maximum(qv, 0.0)[None, :] * kmx + tl.minimum(qv, 0.0)[None, :] * kmn, 1)
-            best = tl.maximum(best, sg)
-        imp = tl.where(pidp >= 0, best, float("-inf"))
-        tl.store(imp_ptr + base + pp, imp, mask=mp)
-        scr = tl.where(imp != imp, 0.0, imp)
-        scr = tl.where(scr == float("-inf"), 0.0, scr)
-        scr = tl.where(scr == float("inf"), _F32_MAX, scr)
-        tl.store(score_ptr + base + pp, scr, mask=mp)
+        # -- Quest's bound of this program's pages, as after the append (chunks of BPC pages) ----------
+        for c0 in tl.static_range(0, BP, BPC):
+            pp = split * PAGES + c0 + tl.arange(0, BPC)
+            mp = pp < P
+            off2 = (base + pp)[:, None] * D + d[None, :]
+            is_slot = (pp == slot)[:, None]
+            kmx = tl.where(is_slot, new_max[None, :], tl.load(kmax_ptr + off2, mask=mp[:, None], other=0.0))
+            kmn = tl.where(is_slot, new_min[None, :], tl.load(kmin_ptr + off2, mask=mp[:, None], other=0.0))
+            kmx = kmx.to(tl.float32)
+            kmn = kmn.to(tl.float32)
+            pidp = tl.load(page_id_ptr + base + pp, mask=mp, other=-1)
+            pidp = tl.where(opened & (pp == slot), new_id, pidp)
+            best = tl.full([BPC], float("-inf"), tl.float32)
+            for g in tl.static_range(G):
+                qv = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + d * sqd).to(tl.float32)
+                sg = tl.sum(tl.maximum(qv, 0.0)[None, :] * kmx + tl.minimum(qv, 0.0)[None, :] * kmn, 1)
+                best = tl.maximum(best, sg)
+            imp = tl.where(pidp >= 0, best, float("-inf"))
+            tl.store(imp_ptr + base + pp, imp, mask=mp)
+            scr = tl.where(imp != imp, 0.0, imp)
+            scr = tl.where(scr == float("-inf"), 0.0, scr)
+            scr = tl.where(scr == float("inf"), _F32_MAX, scr)
+            tl.store(score_ptr + base + pp, scr, mask=mp)
 
         # -- the last program of the row: output, the append's writes, the refresh ----------------------
         tl.debug_barrier()
@@ -755,6 +761,11 @@ if HAS_TRITON:
             num_warps=4,
         )
 
+    def _bound_chunk_pages(bp: int, D: int) -> int:
+        """Pages per chunk of the bound loop: at most ATTEND_BOUND_ELEMS key-bound elements (a power of two)."""
+        most = max(1, ATTEND_BOUND_ELEMS // D)
+        return min(bp, 1 << (most.bit_length() - 1))
+
     def attend_split(rows: int, tiles: int, device: torch.device) -> int:
         """Programs per row of :func:`fused_attend_observe`: ATTEND_SPLIT if set, else about two per
         SM over all rows (a power of two, at most one per tile); 4 on CPU (the interpreter)."""
@@ -786,7 +797,9 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        dot = OBSERVE_DOT and pages >= 16
+        bp = triton.next_power_of_2(pages)
+        bpc = _bound_chunk_pages(bp, D)
+        dot = OBSERVE_DOT and bpc >= 16
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
@@ -797,7 +810,7 @@ if HAS_TRITON:
             acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * 1.4426950408889634,
             H=H, G=G, P=P, D=D, S=S, REFRESH=refresh_pages, BLOCK_P=triton.next_power_of_2(P), BG=bg,
             BLOCK_N=ATTEND_BLOCK_N, TILES=-(-tiles // split), SPLIT=split, PAGES=pages,
-            BP=max(16 if dot else 1, triton.next_power_of_2(pages)), DOT=dot,
+            BP=bp, BPC=bpc, DOT=dot,
             num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
         )
         return out
@@ -843,7 +856,7 @@ if HAS_TRITON:
             B=B, H=H, G=G, P=P, D=D, PS=ps, REFRESH=refresh_pages,
             BLOCK_P=block_p, BLOCK_PS=triton.next_power_of_2(ps), BLOCK_B=triton.next_power_of_2(B), BG=bg,
             BLOCK_N=ATTEND_BLOCK_N, TILES=-(-tiles // split), SPLIT=split, PAGES=pages,
-            BP=triton.next_power_of_2(pages),
+            BP=triton.next_power_of_2(pages), BPC=_bound_chunk_pages(triton.next_power_of_2(pages), D),
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
             LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX,
             num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,

@@ -129,21 +129,24 @@ def no_recompiles(*caches):
 
 def twin_run(policy, *, B, Hq, Hkv, D, budget, ps, lens, steps, mode, integer, dtype=torch.bfloat16,
              device="cuda", seed=0, warm=3, lists_in_regs=True, observe_in_append=True, attention="flex",
-             attend_block_n=None, **kw):
+             knobs=None, **kw):
     """Run the reference and fused caches side by side; ``integer`` = exact mode (no resync).
     ``lists_in_regs=False`` makes the append kernel count block occupancy by reading ``valid`` back
     (its path for large rows) instead of from registers. ``attention="triton"`` runs the fused cache's
-    attention (and observe) in kernels.fused_attend_observe, with ``attend_block_n`` slots per tile."""
-    if attend_block_n is not None:
-        saved = kernels.ATTEND_BLOCK_N
-        kernels.ATTEND_BLOCK_N = attend_block_n
+    attention (and observe) in kernels.fused_step / fused_attend_observe; ``knobs`` sets kernels
+    module attributes (tuning knobs) for the run."""
+    if knobs:
+        saved = {name: getattr(kernels, name) for name in knobs}
+        for name, value in knobs.items():
+            setattr(kernels, name, value)
         try:
             return twin_run(policy, B=B, Hq=Hq, Hkv=Hkv, D=D, budget=budget, ps=ps, lens=lens, steps=steps, mode=mode,
                             integer=integer, dtype=dtype, device=device, seed=seed, warm=warm,
                             lists_in_regs=lists_in_regs, observe_in_append=observe_in_append, attention=attention,
                             **kw)
         finally:
-            kernels.ATTEND_BLOCK_N = saved
+            for name, value in saved.items():
+                setattr(kernels, name, value)
     if not lists_in_regs:
         saved = kernels.LISTS_IN_REGS_MAX
         kernels.LISTS_IN_REGS_MAX = 0
@@ -247,11 +250,11 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                       block_size=8, observe_in_append=False)),
         ("raas", dict(B=1, Hq=3, Hkv=1, D=16, budget=64, ps=4, lens=[50], integer=True, refresh_ratio=0.25)),
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
-                      attend_block_n=16, pin_prompt=False, steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16), pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
-                      attend_block_n=16, pin_prompt=False, steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32), pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28], integer=True, attention="triton",
-                      attend_block_n=16, observe_in_append=False, steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32), observe_in_append=False, steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
     ]
