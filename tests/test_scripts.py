@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch._inductor.config
 
+from raas_flex import kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -240,3 +242,18 @@ def test_kernel_variants_smoke(tmp_path):
     # random normal bounds: no exact ties at the top-k boundary, so every variant's stamps match
     assert all(r["stamp_mismatch"] == 0 for r in combos), combos
     assert sum(r["kernel"] == "observe (split)" for r in rows) == 2
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
+def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
+    """The resource report compiles a kernel for sm_90 on this CPU machine and reads back its
+    registers; an unknown kernel name is refused."""
+    kr = _bench_module("kernel_resources")
+    out = tmp_path / "res.json"
+    rows = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "64", "--page-size", "8",
+                    "--split", "2", "--kernels", "_observe_kernel", "--out", str(out)])
+    assert [r["kernel"] for r in rows] == ["_observe_kernel"]
+    assert 0 < rows[0]["registers"] <= 255 and rows[0]["grid"] == [2, 1]
+    assert json.loads(out.read_text())["rows"][0]["registers"] == rows[0]["registers"]
+    with pytest.raises(SystemExit):
+        kr.main(["--kernels", "_nope"])

@@ -1,0 +1,182 @@
+"""Compile the Triton kernels of raas_flex for an NVIDIA GPU without one, and report their resources.
+
+Every kernel is launched through its own op (``kernels.fused_step`` and the others) on CPU tensors
+of the requested shape, with the launch intercepted: the arguments and compile-time constants it
+would have used are compiled ahead of time for the chosen architecture (Triton's own ptxas), and
+``cuobjdump`` reads registers, stack (register spills) and static shared memory per thread block.
+It catches code that does not compile for the GPU, and shows register pressure before a GPU run.
+It measures no speed.
+
+    python benchmarks/kernel_resources.py --batch 8 --heads 32/8 --budget 2048 --split 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raas_flex import kernels  # noqa: E402
+from raas_flex.masks import all_partial_lists  # noqa: E402
+
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
+                torch.int32: "i32", torch.bool: "i1"}
+OPTIONS = ("num_warps", "num_stages")
+
+
+class Capture:
+    """Stands in for ``wrap_triton``: records each launch (kernel, positional args, keywords)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, fn):
+        def at_grid(grid):
+            def launch(*args, **kw):
+                self.launches.append((fn, grid, args, kw))
+            return launch
+
+        class Launcher:
+            def __getitem__(self, grid):
+                return at_grid(grid)
+
+        return Launcher()
+
+
+def compile_launch(fn, args, kw, arch: int):
+    """Compile one captured launch for sm_<arch>; returns its resource usage."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(fn.fn).parameters)
+    constexprs = {k: v for k, v in kw.items() if k not in OPTIONS}
+    values = dict(zip(names, args))
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        v = values[name]
+        if isinstance(v, torch.Tensor):
+            signature[name] = "*" + TRITON_TYPES[v.dtype]
+        elif isinstance(v, bool):
+            signature[name] = "i1"
+        elif isinstance(v, int):
+            signature[name] = "i64" if abs(v) >= 2**31 else "i32"
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.fn.__name__}: argument {name} of type {type(v).__name__} is not handled")
+    options = {k: kw[k] for k in OPTIONS if k in kw}
+    t0 = time.time()
+    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                              options=options)
+    seconds = time.time() - t0
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        dump = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", dump)
+    if m is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage for {fn.fn.__name__}:\n{dump[-500:]}")
+    reg, stack, shared, local = map(int, m.groups())
+    return dict(kernel=fn.fn.__name__, registers=reg, stack_bytes=stack, shared_bytes=shared, local_bytes=local,
+                warps=options.get("num_warps"), compile_s=round(seconds, 1))
+
+
+def launches(B, Hq, Hkv, D, L, ps, dtype, split):
+    """Call every op once on CPU tensors (raas state of one layer) and capture the launches."""
+    P, S = L // ps, L
+    block = min(128, S)
+    G = Hq // Hkv
+    t = lambda *shape, dt=dtype: torch.zeros(*shape, dtype=dt)
+    q, kn, vn = t(B, Hq, 1, D), t(B, Hkv, 1, D), t(B, Hkv, 1, D)
+    k, v = t(B, Hkv, S, D), t(B, Hkv, S, D)
+    page_id = torch.full((B, Hkv, P), -1, dtype=torch.int64)
+    stamp, pinned, score = t(B, Hkv, P, dt=torch.int64), t(B, Hkv, P, dt=torch.bool), t(B, Hkv, P, dt=torch.float32)
+    kmax, kmin = t(B, Hkv, P, D), t(B, Hkv, P, D)
+    open_slot, length, step = t(B, Hkv, dt=torch.int64), t(B, dt=torch.int64), t((), dt=torch.int64)
+    evictions, overflow = t(B, Hkv, dt=torch.int64), t((), dt=torch.bool)
+    valid = t(B * Hkv, S, dt=torch.bool)
+    ticket, count = t(1, dt=torch.int32), t(B * Hkv, dt=torch.int32)
+    imp = t(B, Hkv, P, dt=torch.float32)
+    lists = all_partial_lists(B * Hkv, S, block, torch.device("cpu"))
+    state = (k, v, page_id, stamp, pinned, score, kmax, kmin, open_slot, length, step, evictions, overflow, valid,
+             ticket, *lists)
+    refresh = max(1, P // 2)
+    scale = D**-0.5
+    capture = Capture()
+    saved = kernels.wrap_triton, kernels.ATTEND_SPLIT
+    kernels.wrap_triton, kernels.ATTEND_SPLIT = capture, split
+    try:
+        kernels.fused_append_observe(q, kn, vn, *state, imp, 0, 0, block, refresh)
+        kernels.fused_observe(q, page_id, stamp, score, kmax, kmin, step, imp, count, refresh)
+        kernels.fused_attend_observe(q, k, v, valid, page_id, stamp, score, kmax, kmin, step, imp, count, scale,
+                                     refresh)
+        kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block)
+    finally:
+        kernels.wrap_triton, kernels.ATTEND_SPLIT = saved
+    assert G * Hkv == Hq
+    return capture.launches
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", default="32/8", help="Hq/Hkv")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--split", type=int, default=4,
+                    help="programs per row of the attention kernels (on a GPU: about 2 * SMs / (batch * Hkv))")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--kernels", default=None,
+                    help="comma list of kernel names to compile (default: all: _append_kernel, _observe_kernel, "
+                         "_attend_observe_kernel, _step_kernel)")
+    ap.add_argument("--out", default=None, help="write the table as JSON here")
+    args = ap.parse_args(argv)
+    if not kernels.HAS_TRITON:
+        raise SystemExit("kernel_resources.py needs triton installed")
+    hq, hkv = map(int, args.heads.split("/"))
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    captured = launches(args.batch, hq, hkv, args.head_dim, args.budget, args.page_size, dtype, args.split)
+    known = [fn.fn.__name__ for fn, *_ in captured]
+    wanted = known if args.kernels is None else [k.strip() for k in args.kernels.split(",") if k.strip()]
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        ap.error(f"--kernels: unknown {', '.join(unknown)}; allowed: {', '.join(known)}")
+    for fn, grid, a, kw in captured:
+        if fn.fn.__name__ not in wanted:
+            continue
+        r = compile_launch(fn, a, kw, args.arch)
+        r["grid"] = list(grid)
+        rows.append(r)
+        print(f"{r['kernel']:<24} grid {str(tuple(grid)):<12} warps {r['warps']}  registers {r['registers']:>3}  "
+              f"stack {r['stack_bytes']:>4} B  shared {r['shared_bytes']:>6} B  ({r['compile_s']} s)")
+    if args.out:
+        meta = dict(command="python benchmarks/kernel_resources.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    arch=args.arch, torch=torch.__version__)
+        Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
