@@ -173,7 +173,8 @@ def main(argv=None):
               f"stack {r['stack_bytes']:>4} B  shared {r['shared_bytes']:>6} B  ({r['compile_s']} s)")
     if args.out:
         meta = dict(command="python benchmarks/kernel_resources.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    arch=args.arch, torch=torch.__version__)
+                    arch=args.arch, torch=torch.__version__, triton=__import__("triton").__version__,
+                    note="compiled on a CPU machine (no GPU): resources only, no speed")
         Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return rows
 
