@@ -493,8 +493,9 @@ def test_shipped_model_solves_heldout_problems():
     assert st["evictions"] > 0
     assert st["kv_bytes"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 288 * cfg.head_dim * 4
     assert tok.decode(out[0, one.input_ids.shape[1]:], skip_special_tokens=True) == problem.cot
-    # streaming at the same budget drops the question: the first wrong line is a table read
+    # streaming at the same budget drops the question: the first wrong line is a table read (line 30
+    # of 103, about 301 tokens in; 340 tokens cover it, and generating further only costs CI time)
     with raas_flex.patched(model, budget=288, policy="streaming"):
-        out = model.generate(**one, max_new_tokens=600, do_sample=False)
+        out = model.generate(**one, max_new_tokens=340, do_sample=False)
     text = tok.decode(out[0, one.input_ids.shape[1]:], skip_special_tokens=True)
     assert accuracy.diagnose(text, problem.cot) == "table"
