@@ -255,9 +255,13 @@ class PagedKVCache(nn.Module):
             raise ValueError(f"attention={value!r} is not supported; allowed: 'flex', 'triton'")
         if value == "triton":
             if not self._fused_observe:
-                why = self._fused_reason or "the fused observe serves policy='raas' with importance='bound', refresh='topk'"
-                raise ValueError(f"attention='triton' is not supported for this cache: {why}"
-                                 + ("" if self._fused else " (or the cache has fused=False)"))
+                if self._fused_reason is not None:
+                    why = self._fused_reason
+                elif not self._fused:
+                    why = "the cache has fused=False"
+                else:
+                    why = "the fused observe serves policy='raas' with importance='bound', refresh='topk'"
+                raise ValueError(f"attention='triton' is not supported for this cache: {why}")
             if self.D & (self.D - 1):
                 raise ValueError(f"attention='triton' needs a power-of-two head_dim, got {self.D}")
         self._attention = value

@@ -389,6 +389,50 @@ if HAS_TRITON:
                 tl.store(count_ptr + row64, 0)
 
     @triton.jit
+    def _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2):
+        """One KV tile of an online softmax: q [BG, D], kt/vt [BN, D], ok [BN] (attended slots);
+        running max m_i and sum l_i [BG] (log2 domain), accumulator acc [BG, D] fp32. fp32 K/V use
+        exact fp32 products (no tf32)."""
+        if kt.dtype == tl.float32:
+            sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:
+            sc = tl.dot(q, tl.trans(kt))
+        sc = tl.where(ok[None, :], sc * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        if vt.dtype == tl.float32:
+            pv = tl.dot(pr, vt, input_precision="ieee")
+        else:
+            pv = tl.dot(pr.to(vt.dtype), vt)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
+    def _combine_row(ml_ptr, acc_ptr, out_row_ptr, soh, sod, row64,
+                     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr):
+        """Combine the SPLIT partial softmax results of one row (max and sum in ml, accumulators in
+        acc) and store the G output heads at out_row_ptr (strides soh, sod); a row nothing attended
+        gets zeros."""
+        gg = tl.arange(0, BG)
+        d = tl.arange(0, D)
+        g_m = tl.full([BG], float("-inf"), tl.float32)
+        for sp in range(SPLIT):
+            g_m = tl.maximum(g_m, tl.load(ml_ptr + ((row64 * SPLIT + sp) * 2) * BG + gg, cache_modifier=".cg"))
+        g_safe = tl.where(g_m == float("-inf"), 0.0, g_m)
+        tot = tl.zeros([BG], tl.float32)
+        o = tl.zeros([BG, D], tl.float32)
+        for sp in range(SPLIT):
+            pp = row64 * SPLIT + sp
+            w = tl.exp2(tl.load(ml_ptr + (pp * 2) * BG + gg, cache_modifier=".cg") - g_safe)
+            tot += w * tl.load(ml_ptr + (pp * 2 + 1) * BG + gg, cache_modifier=".cg")
+            o += w[:, None] * tl.load(acc_ptr + (pp * BG + gg)[:, None] * D + d[None, :], cache_modifier=".cg")
+        o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
+        tl.store(out_row_ptr + gg[:, None] * soh + d[None, :] * sod, o.to(out_row_ptr.dtype.element_ty),
+                 mask=(gg < G)[:, None])
+
+    @triton.jit
     def _attend_observe_kernel(
         q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, valid_ptr,
         page_id_ptr, stamp_ptr, score_ptr, kmax_ptr, kmin_ptr, step_ptr, imp_ptr, count_ptr,
@@ -424,22 +468,7 @@ if HAS_TRITON:
             kt = tl.load(k_ptr + off, mask=inb[:, None], other=0.0)
             vt = tl.load(v_ptr + off, mask=inb[:, None], other=0.0)
             ok = tl.load(valid_ptr + row64 * S + cols, mask=inb, other=0) != 0
-            if k_ptr.dtype.element_ty == tl.float32:
-                sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
-            else:
-                sc = tl.dot(q, tl.trans(kt))
-            sc = tl.where(ok[None, :], sc * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            pr = tl.exp2(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            if v_ptr.dtype.element_ty == tl.float32:
-                pv = tl.dot(pr, vt, input_precision="ieee")
-            else:
-                pv = tl.dot(pr.to(v_ptr.dtype.element_ty), vt)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2)
         part = row64 * SPLIT + split
         tl.store(ml_ptr + (part * 2) * BG + gg, m_i)
         tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l_i)
@@ -457,20 +486,7 @@ if HAS_TRITON:
             ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
             last = ticket == SPLIT - 1
         if last:
-            g_m = tl.full([BG], float("-inf"), tl.float32)
-            for sp in range(SPLIT):
-                g_m = tl.maximum(g_m, tl.load(ml_ptr + ((row64 * SPLIT + sp) * 2) * BG + gg, cache_modifier=".cg"))
-            g_safe = tl.where(g_m == float("-inf"), 0.0, g_m)
-            tot = tl.zeros([BG], tl.float32)
-            o = tl.zeros([BG, D], tl.float32)
-            for sp in range(SPLIT):
-                pp = row64 * SPLIT + sp
-                w = tl.exp2(tl.load(ml_ptr + (pp * 2) * BG + gg, cache_modifier=".cg") - g_safe)
-                tot += w * tl.load(ml_ptr + (pp * 2 + 1) * BG + gg, cache_modifier=".cg")
-                o += w[:, None] * tl.load(acc_ptr + (pp * BG + gg)[:, None] * D + d[None, :], cache_modifier=".cg")
-            o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
-            tl.store(out_ptr + b * sob + (h * G + gg)[:, None] * soh + d[None, :] * sod,
-                     o.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+            _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT)
             i = tl.arange(0, BLOCK_P)
             in_row = i < P
             a = tl.load(imp_ptr + base + i, mask=in_row, other=float("-inf"), cache_modifier=".cg")
@@ -564,22 +580,7 @@ if HAS_TRITON:
             offs = (row64 * S + cols)[:, None] * D + d[None, :]
             kt = tl.load(k_ptr + offs, mask=inb[:, None], other=0.0)
             vt = tl.load(v_ptr + offs, mask=inb[:, None], other=0.0)
-            if k_ptr.dtype.element_ty == tl.float32:
-                sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
-            else:
-                sc = tl.dot(q, tl.trans(kt))
-            sc = tl.where(okc[None, :], sc * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            pr = tl.exp2(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            if v_ptr.dtype.element_ty == tl.float32:
-                pv = tl.dot(pr, vt, input_precision="ieee")
-            else:
-                pv = tl.dot(pr.to(v_ptr.dtype.element_ty), vt)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _softmax_tile(q, kt, vt, okc, m_i, l_i, acc, scale_log2)
         # the new token (slot t), from registers, in the program whose tiles hold slot t; that
         # program also writes it to the buffer (after an overflow the token overwrites the open
         # page's first slot, as in the append kernel). (Splicing it into the K/V tiles instead cost
@@ -634,20 +635,7 @@ if HAS_TRITON:
             ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
             last = ticket == SPLIT - 1
         if last:
-            g_m = tl.full([BG], float("-inf"), tl.float32)
-            for sp in range(SPLIT):
-                g_m = tl.maximum(g_m, tl.load(ml_ptr + ((row64 * SPLIT + sp) * 2) * BG + gg, cache_modifier=".cg"))
-            g_safe = tl.where(g_m == float("-inf"), 0.0, g_m)
-            tot = tl.zeros([BG], tl.float32)
-            o = tl.zeros([BG, D], tl.float32)
-            for sp in range(SPLIT):
-                pq = row64 * SPLIT + sp
-                w = tl.exp2(tl.load(ml_ptr + (pq * 2) * BG + gg, cache_modifier=".cg") - g_safe)
-                tot += w * tl.load(ml_ptr + (pq * 2 + 1) * BG + gg, cache_modifier=".cg")
-                o += w[:, None] * tl.load(acc_ptr + (pq * BG + gg)[:, None] * D + d[None, :], cache_modifier=".cg")
-            o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
-            tl.store(out_ptr + b * sob + (h * G + gg)[:, None] * soh + d[None, :] * sod,
-                     o.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+            _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT)
 
             tl.store(overflow_ptr, 1, mask=write == 0)
             ev = tl.load(evictions_ptr + row64)
