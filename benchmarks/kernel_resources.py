@@ -76,7 +76,10 @@ def compile_launch(fn, args, kw, arch: int):
         elif isinstance(v, int):
             signature[name] = "i64" if abs(v) >= 2**31 else "i32"
         elif isinstance(v, float):
-            signature[name] = "fp32"
+            # torch.compile (Inductor) launches a user Triton kernel with a Python float typed fp64
+            # (seen with torch 2.11 on the H200); compile it the same way, so a kernel that
+            # silently promotes its fp32 math to fp64 fails here as it would there
+            signature[name] = "fp64"
         else:
             raise TypeError(f"{fn.fn.__name__}: argument {name} of type {type(v).__name__} is not handled")
     options = {k: kw[k] for k in OPTIONS if k in kw}

@@ -450,6 +450,8 @@ if HAS_TRITON:
         split = tl.program_id(1)
         b = row // H
         h = row % H
+        # torch.compile passes a Python float argument as fp64: keep the softmax in fp32
+        scale_log2 = tl.cast(scale_log2, tl.float32)
         row64 = row.to(tl.int64)
         base = row64 * P
         d = tl.arange(0, D)
@@ -522,6 +524,8 @@ if HAS_TRITON:
         split = tl.program_id(1)
         b = row // H
         h = row % H
+        # torch.compile passes a Python float argument as fp64: keep the softmax in fp32
+        scale_log2 = tl.cast(scale_log2, tl.float32)
         S: tl.constexpr = P * PS
         row64 = row.to(tl.int64)
         base = row64 * P
