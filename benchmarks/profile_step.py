@@ -31,12 +31,15 @@ def main(argv=None):
     ap.add_argument("--observe", choices=["append", "split"], default="append",
                     help="fused raas observe inside the append kernel (append) or as its own kernel (split)")
     ap.add_argument("--split-kv", type=int, default=None, help="flex kernel option SPLIT_KV")
+    ap.add_argument("--attention", choices=["flex", "triton"], default="flex",
+                    help="RaaSConfig.attention: flex_attention, or the one-kernel raas step (triton)")
     args = ap.parse_args(argv)
     hq, hkv = map(int, args.heads.split("/"))
     B, D, L, dev, dt = args.batch, 128, args.budget, "cuda", torch.bfloat16
     fused = {"auto": None, "on": True, "off": False}[args.fused]
     cfg = RaaSConfig(budget=L, policy=args.policy, pin_prompt=False, block_size=args.block_size,
-                     max_length=L * 2 if args.policy in ("quest", "dense") else None, fused=fused)
+                     max_length=L * 2 if args.policy in ("quest", "dense") else None, fused=fused,
+                     attention=args.attention)
     cache = PagedKVCache(cfg, batch_size=B, num_heads=hq, num_kv_heads=hkv, head_dim=D, dtype=dt, device=dev)
     n0 = L - 16 if cfg.bounded else L
     cache.prefill(torch.randn(B, hkv, n0, D, dtype=dt, device=dev), torch.randn(B, hkv, n0, D, dtype=dt, device=dev))
@@ -57,7 +60,7 @@ def main(argv=None):
             step(q, k, v)
         torch.cuda.synchronize()
     print(f"policy={args.policy} B={B} heads={hq}/{hkv} L={L} block={cache.block} fused={cache.fused}: "
-          f"observe={args.observe} split_kv={args.split_kv}: per-step kernel times (us, {args.steps} steps)")
+          f"attention={args.attention} observe={args.observe} split_kv={args.split_kv}: per-step kernel times (us, {args.steps} steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
     from decode_step import graph_time_us  # same folder
 
