@@ -22,6 +22,7 @@ timed. Results: JSON and a markdown table under --out (default benchmarks/result
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -42,7 +43,7 @@ except ImportError:  # pragma: no cover - tqdm is a dependency of raas_flex
         return x
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from raas_flex import PagedKVCache, RaaSConfig  # noqa: E402
+from raas_flex import PagedKVCache, RaaSConfig, kernels  # noqa: E402
 
 FULL_GRID = [
     # (B, Hq, Hkv)
@@ -104,21 +105,25 @@ def reference(cache: PagedKVCache, q: torch.Tensor, rows: int = 2) -> torch.Tens
 VARIANTS = {  # name -> (policy, fused, observe_in_append, attention)
     "raas_torch": ("raas", False, True, "flex"),  # the torch bookkeeping code (the fused kernels' reference)
     "raas_split": ("raas", None, False, "flex"),  # fused, the observe as its own kernel after the attention
-    "raas_triton": ("raas", None, True, "triton"),  # append kernel, then attention + observe in one kernel
+    "raas_triton": ("raas", None, True, "triton"),  # the whole step in one kernel (kernels.fused_step)
 }
 
 
 KERNEL_OPTION_TOKENS = {"skv": "SPLIT_KV", "bn": "BLOCK_N", "w": "num_warps", "s": "num_stages"}
+# knobs of raas_flex.kernels' attention kernels (attention="triton"), set while a variant is compiled
+TRITON_KNOB_TOKENS = {"tbn": "ATTEND_BLOCK_N", "tw": "ATTEND_WARPS", "ts": "ATTEND_STAGES", "tsplit": "ATTEND_SPLIT"}
 
 
 def parse_variant(name: str):
     """'raas', 'raas_split', 'h2o', ... optionally with flex kernel options as '+' tokens: skvN
-    (SPLIT_KV), bnN (BLOCK_N), wN (num_warps), sN (num_stages), e.g. 'raas+skv8+bn128'; and '+pdl'
-    (Inductor's programmatic dependent launch, ``config.triton.enable_pdl``, where the torch has it).
-    Returns (policy, fused, observe_in_append, attention, kernel_options, inductor_config)."""
+    (SPLIT_KV), bnN (BLOCK_N), wN (num_warps), sN (num_stages), e.g. 'raas+skv8+bn128'; '+pdl'
+    (Inductor's programmatic dependent launch, ``config.triton.enable_pdl``, where the torch has it);
+    and for attention="triton" variants the kernel knobs tbnN (ATTEND_BLOCK_N), twN (ATTEND_WARPS),
+    tsN (ATTEND_STAGES), tsplitN (ATTEND_SPLIT), e.g. 'raas_triton+tbn128+tw8'.
+    Returns (policy, fused, observe_in_append, attention, kernel_options, inductor_config, knobs)."""
     base, *opts = name.split("+")
     policy, fused, in_append, attention = VARIANTS.get(base, (base, None, True, "flex"))
-    kernel_options, inductor = {}, {}
+    kernel_options, inductor, knobs = {}, {}, {}
     for opt in opts:
         if opt == "pdl":
             if not hasattr(torch._inductor.config.triton, "enable_pdl"):
@@ -128,16 +133,35 @@ def parse_variant(name: str):
             inductor["triton.enable_pdl"] = True
             continue
         prefix = opt.rstrip("0123456789")
+        if prefix in TRITON_KNOB_TOKENS and prefix != opt:
+            if attention != "triton":
+                raise ValueError(f"policy variant {name!r}: +{opt} sets a knob of the attention='triton' kernels; "
+                                 f"{base!r} uses attention={attention!r}")
+            knobs[TRITON_KNOB_TOKENS[prefix]] = int(opt[len(prefix):])
+            continue
         if prefix not in KERNEL_OPTION_TOKENS or prefix == opt:
             raise ValueError(f"policy variant {name!r}: +{opt} is not one of "
-                             f"{', '.join(t + 'N' for t in KERNEL_OPTION_TOKENS)}, pdl")
+                             f"{', '.join(t + 'N' for t in [*KERNEL_OPTION_TOKENS, *TRITON_KNOB_TOKENS])}, pdl")
         kernel_options[KERNEL_OPTION_TOKENS[prefix]] = int(opt[len(prefix):])
-    return policy, fused, in_append, attention, kernel_options, inductor
+    return policy, fused, in_append, attention, kernel_options, inductor, knobs
+
+
+@contextlib.contextmanager
+def kernel_knobs(knobs: dict):
+    """Set raas_flex.kernels module knobs (read when a kernel is traced) for the block, then restore them."""
+    saved = {k: getattr(kernels, k) for k in knobs}
+    try:
+        for k, v in knobs.items():
+            setattr(kernels, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(kernels, k, v)
 
 
 def make_cache(policy, B, Hq, Hkv, D, N, L, dtype, device, extra_steps):
     ps = 16
-    policy, fused, in_append, attention, kopts, _ = parse_variant(policy)
+    policy, fused, in_append, attention, kopts, _, _ = parse_variant(policy)
     cfg = RaaSConfig(budget=L, policy=policy, page_size=ps, pin_prompt=False, fused=fused, attention=attention,
                      max_length=(N + extra_steps) if policy in ("quest", "dense") else None)
     cache = PagedKVCache(cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
@@ -205,7 +229,8 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
             continue
         part = {}
         try:
-            with torch._inductor.config.patch(parse_variant(policy)[5]):  # (compiles happen in here)
+            variant = parse_variant(policy)
+            with torch._inductor.config.patch(variant[5]), kernel_knobs(variant[6]):  # (compiles happen in here)
                 time_policy(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra)
         except Exception as e:  # a failing point is a result to report, not a reason to lose the grid
             if not timed:

@@ -77,16 +77,26 @@ def test_decode_step_smoke_all_policies_and_replot(tmp_path):
 def test_decode_step_variant_names():
     """Variant names set what the timing is labelled with; bad tokens are refused, not ignored."""
     ds = _bench_module("decode_step")
-    assert ds.parse_variant("raas") == ("raas", None, True, "flex", {}, {})
-    assert ds.parse_variant("raas_split+skv4") == ("raas", None, False, "flex", {"SPLIT_KV": 4}, {})
+    assert ds.parse_variant("raas") == ("raas", None, True, "flex", {}, {}, {})
+    assert ds.parse_variant("raas_split+skv4") == ("raas", None, False, "flex", {"SPLIT_KV": 4}, {}, {})
     assert ds.parse_variant("raas_triton")[3] == "triton"
+    assert ds.parse_variant("raas_triton+tbn128+tw8+tsplit4+ts3")[6] == dict(
+        ATTEND_BLOCK_N=128, ATTEND_WARPS=8, ATTEND_SPLIT=4, ATTEND_STAGES=3)
+    with pytest.raises(ValueError, match="attention='flex'"):
+        ds.parse_variant("raas+tbn128")
+    before = ds.kernels.ATTEND_BLOCK_N
+    with pytest.raises(RuntimeError):
+        with ds.kernel_knobs({"ATTEND_BLOCK_N": before * 2}):
+            assert ds.kernels.ATTEND_BLOCK_N == before * 2
+            raise RuntimeError
+    assert ds.kernels.ATTEND_BLOCK_N == before
     if hasattr(torch._inductor.config.triton, "enable_pdl"):
         assert ds.parse_variant("raas+pdl")[5] == {"triton.enable_pdl": True}
     else:  # (torch 2.11 has no such switch, and config.patch would not say so)
         with pytest.raises(ValueError, match=r"\+pdl needs torch._inductor.config.triton.enable_pdl"):
             ds.parse_variant("raas+pdl")
     assert ds.parse_variant("raas_torch")[:3] == ("raas", False, True)
-    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, pdl"):
+    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, pdl"):
         ds.parse_variant("raas+xyz4")
 
 def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
