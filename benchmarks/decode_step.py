@@ -148,12 +148,20 @@ def parse_variant(name: str):
 
 @contextlib.contextmanager
 def kernel_knobs(knobs: dict):
-    """Set raas_flex.kernels module knobs (read when a kernel is traced) for the block, then restore them."""
+    """Set raas_flex.kernels module knobs for the block, then restore them.
+
+    The knobs are read when Inductor lowers the op, after its graph cache has been consulted: with
+    the cache on, a later variant of the same shape gets the first variant's compiled kernel (seen on
+    the H200: a split sweep timed one split five times). So the compile caches are off inside."""
+    if not knobs:
+        yield
+        return
     saved = {k: getattr(kernels, k) for k in knobs}
     try:
         for k, v in knobs.items():
             setattr(kernels, k, v)
-        yield
+        with torch.compiler.config.patch(force_disable_caches=True):
+            yield
     finally:
         for k, v in saved.items():
             setattr(kernels, k, v)

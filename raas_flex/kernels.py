@@ -32,8 +32,10 @@ the observe) runs first and ``fused_observe`` (programs of OBSERVE_PAGES pages e
 of a row ranks it) after the attention.
 
 Tuning knobs are module attributes read when a kernel is launched or traced (BOUND_DOT, OBSERVE_DOT,
-APPEND_OBSERVE_WARPS, APPEND_BOUND_ELEMS, OBSERVE_PAGES, LISTS_IN_REGS_MAX);
-``benchmarks/kernel_variants.py`` times and checks every combination.
+APPEND_OBSERVE_WARPS, APPEND_BOUND_ELEMS, OBSERVE_PAGES, LISTS_IN_REGS_MAX, ATTEND_*);
+``benchmarks/kernel_variants.py`` times and checks every combination. Under torch.compile they are
+read when Inductor lowers the op, which its compile caches skip: set them before the first compile
+of a process, or turn the caches off (``torch.compiler.config.force_disable_caches``).
 
 Both are registered with :func:`torch.library.triton_op`, with every buffer they write declared in
 ``mutates_args``, so they run eagerly, inside ``torch.compile(fullgraph=True)`` graphs (Inductor
@@ -100,13 +102,32 @@ APPEND_BOUND_ELEMS = 8192  # append with observe: key-bound elements per chunk o
 APPEND_OBSERVE_WARPS = 4  # append with observe: warps per program
 BOUND_DOT = True  # append with observe: page bounds as matrix products (False: element-wise)
 OBSERVE_DOT = False  # the observe as its own kernel: the same choice (element-wise measured faster there)
-# attention="triton" (fused_attend_observe): slots per tile, programs per row (None: about two per SM),
-# warps and pipeline stages per program. Not tuned: no GPU measurement of this kernel yet.
+# attention="triton" (fused_step, fused_attend_observe): slots per tile, programs per row (None: see
+# split_for), tiles per program above which a row gets more programs, warps and pipeline stages per
+# program. Only the split was swept on a GPU (H200, results/h200/decode_step_triton_split_*).
 ATTEND_BLOCK_N = 64
 ATTEND_SPLIT: int | None = None
+ATTEND_TILES_PER_PROGRAM = 16
 ATTEND_WARPS = 4
 ATTEND_STAGES = 2
 ATTEND_BOUND_ELEMS = 2048  # key-bound elements per chunk of their bound loop (8192: 251 registers and a spill when compiled for sm_90)
+
+
+def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
+    """Programs per (sequence, KV head) row of the attention kernels: a power of two, at most one per
+    tile of ATTEND_BLOCK_N slots. ``want`` if given; else enough programs for about two per SM
+    (``sms``) over all ``rows``, and at least enough that none runs more than ATTEND_TILES_PER_PROGRAM
+    tiles. (On the H200 the second rule won at B=32, 32/8: at L=4096 one program per row took
+    189.0 us, four 174.0, in one run; at L=2048 one took 95.3 us and two 85.1, in two runs on one
+    machine: benchmarks/results/h200/decode_step_triton_split_*.)"""
+    if want is None:
+        if sms is None:
+            raise ValueError("split_for needs sms (the device's SM count) or want")
+        want = max(1, 2 * sms // rows, -(-tiles // ATTEND_TILES_PER_PROGRAM))
+    split = 1
+    while split * 2 <= min(want, tiles):
+        split *= 2
+    return split
 
 
 if HAS_TRITON:
@@ -770,18 +791,13 @@ if HAS_TRITON:
         return min(bp, 1 << (most.bit_length() - 1))
 
     def attend_split(rows: int, tiles: int, device: torch.device) -> int:
-        """Programs per row of :func:`fused_attend_observe`: ATTEND_SPLIT if set, else about two per
-        SM over all rows (a power of two, at most one per tile); 4 on CPU (the interpreter)."""
+        """Programs per row of the attention kernels: ATTEND_SPLIT if set, else :func:`split_for` with
+        the device's SM count; 4 on CPU (the interpreter)."""
         if ATTEND_SPLIT is not None:
-            want = ATTEND_SPLIT
-        elif device.type == "cuda":
-            want = max(1, 2 * torch.cuda.get_device_properties(device).multi_processor_count // rows)
-        else:
-            want = 4
-        split = 1
-        while split * 2 <= min(want, tiles):
-            split *= 2
-        return split
+            return split_for(rows, tiles, want=ATTEND_SPLIT)
+        if device.type == "cuda":
+            return split_for(rows, tiles, sms=torch.cuda.get_device_properties(device).multi_processor_count)
+        return split_for(rows, tiles, want=4)
 
     @triton_op("raas_flex::fused_attend_observe", mutates_args={"stamp", "score", "imp", "count"})
     def fused_attend_observe(

@@ -265,6 +265,24 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 """)
 
 
+def test_attention_split_rule():
+    """Programs per row of the attention kernels: about two per SM over all rows, at least one per
+    ATTEND_TILES_PER_PROGRAM tiles, a power of two, never more than the tiles; an explicit wish is
+    rounded down the same way; neither an SM count nor a wish is refused."""
+    per = kernels.ATTEND_TILES_PER_PROGRAM
+    sms = 132  # (H200)
+    # B=8, Hkv=4 (32 rows), 2048 slots = 32 tiles: the SM rule (264 // 32 = 8)
+    assert kernels.split_for(32, 32, sms=sms) == 8
+    # B=32, Hkv=8 (256 rows): the SM rule says 1; the tile rule 1 / 2 / 4 at 16 / 32 / 64 tiles
+    assert [kernels.split_for(256, t, sms=sms) for t in (per, 2 * per, 4 * per)] == [1, 2, 4]
+    # rounding down to a power of two, and capped at one program per tile
+    assert kernels.split_for(256, 3 * per, sms=sms) == 2
+    assert kernels.split_for(4, 8, sms=sms) == 8
+    assert kernels.split_for(4, 8, want=6) == 4 and kernels.split_for(4, 2, want=16) == 2
+    with pytest.raises(ValueError, match="sms"):
+        kernels.split_for(4, 8)
+
+
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
 def test_interpreter_matches_torch_on_cpu():
     """The kernels' logic through Triton's CPU interpreter: raas (exact and resync; observe inside

@@ -85,11 +85,15 @@ def test_decode_step_variant_names():
     with pytest.raises(ValueError, match="attention='flex'"):
         ds.parse_variant("raas+tbn128")
     before = ds.kernels.ATTEND_BLOCK_N
+    caches_off = torch.compiler.config.force_disable_caches
     with pytest.raises(RuntimeError):
         with ds.kernel_knobs({"ATTEND_BLOCK_N": before * 2}):
             assert ds.kernels.ATTEND_BLOCK_N == before * 2
+            # (a cached graph would not read the knob again)
+            assert torch.compiler.config.force_disable_caches
             raise RuntimeError
     assert ds.kernels.ATTEND_BLOCK_N == before
+    assert torch.compiler.config.force_disable_caches == caches_off
     if hasattr(torch._inductor.config.triton, "enable_pdl"):
         assert ds.parse_variant("raas+pdl")[5] == {"triton.enable_pdl": True}
     else:  # (torch 2.11 has no such switch, and config.patch would not say so)
