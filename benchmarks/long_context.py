@@ -300,7 +300,7 @@ def main(argv=None):
                     help="extra raas batch sizes: integers and/or '<k>x' = k times the largest dense batch whose KV "
                          "fits at the largest dense context of this run (e.g. 128 or 8x)")
     ap.add_argument("--raas-attention", default="flex", choices=["flex", "triton"],
-                    help="RaaSConfig.attention of the raas runs (triton: experimental, see README)")
+                    help="RaaSConfig.attention of the raas runs (triton: opt-in, see README)")
     ap.add_argument("--quest-contexts", default="", help="quest contexts N (comma separated; none by default)")
     ap.add_argument("--quest-budget", type=int, default=None, help="tokens quest attends to (default: --budget)")
     ap.add_argument("--quest-margin", type=int, default=64, help="quest max_length = N + this")

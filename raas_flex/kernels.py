@@ -17,7 +17,7 @@ changes are done here, by one launch per step in :meth:`PagedKVCache.decode`:
                            lower slot). The last program to finish advances ``length`` and ``step``.
     flex_attention         (unchanged)
 
-With ``attention="triton"`` (experimental; see RaaSConfig) the attention leaves flex too:
+With ``attention="triton"`` (opt-in; see RaaSConfig) the attention leaves flex too:
 
     fused_step             the whole step, one launch: programs (row, split) each decide the append
                            from the pre-step state, attend over their slice of the row as it is after
