@@ -111,7 +111,8 @@ VARIANTS = {  # name -> (policy, fused, observe_in_append, attention)
 
 KERNEL_OPTION_TOKENS = {"skv": "SPLIT_KV", "bn": "BLOCK_N", "w": "num_warps", "s": "num_stages"}
 # knobs of raas_flex.kernels' attention kernels (attention="triton"), set while a variant is compiled
-TRITON_KNOB_TOKENS = {"tbn": "ATTEND_BLOCK_N", "tw": "ATTEND_WARPS", "ts": "ATTEND_STAGES", "tsplit": "ATTEND_SPLIT"}
+TRITON_KNOB_TOKENS = {"tbn": "ATTEND_BLOCK_N", "tw": "ATTEND_WARPS", "ts": "ATTEND_STAGES", "tsplit": "ATTEND_SPLIT",
+                      "ttp": "ATTEND_TILES_PER_PROGRAM", "tbe": "ATTEND_BOUND_ELEMS"}
 
 
 def parse_variant(name: str):
@@ -119,7 +120,8 @@ def parse_variant(name: str):
     (SPLIT_KV), bnN (BLOCK_N), wN (num_warps), sN (num_stages), e.g. 'raas+skv8+bn128'; '+pdl'
     (Inductor's programmatic dependent launch, ``config.triton.enable_pdl``, where the torch has it);
     and for attention="triton" variants the kernel knobs tbnN (ATTEND_BLOCK_N), twN (ATTEND_WARPS),
-    tsN (ATTEND_STAGES), tsplitN (ATTEND_SPLIT), e.g. 'raas_triton+tbn128+tw8'.
+    tsN (ATTEND_STAGES), tsplitN (ATTEND_SPLIT), ttpN (ATTEND_TILES_PER_PROGRAM), tbeN
+    (ATTEND_BOUND_ELEMS), e.g. 'raas_triton+tbn128+tw8'.
     Returns (policy, fused, observe_in_append, attention, kernel_options, inductor_config, knobs)."""
     base, *opts = name.split("+")
     policy, fused, in_append, attention = VARIANTS.get(base, (base, None, True, "flex"))

@@ -80,8 +80,10 @@ def test_decode_step_variant_names():
     assert ds.parse_variant("raas") == ("raas", None, True, "flex", {}, {}, {})
     assert ds.parse_variant("raas_split+skv4") == ("raas", None, False, "flex", {"SPLIT_KV": 4}, {}, {})
     assert ds.parse_variant("raas_triton")[3] == "triton"
-    assert ds.parse_variant("raas_triton+tbn128+tw8+tsplit4+ts3")[6] == dict(
-        ATTEND_BLOCK_N=128, ATTEND_WARPS=8, ATTEND_SPLIT=4, ATTEND_STAGES=3)
+    assert ds.parse_variant("raas_triton+tbn128+tw8+tsplit4+ts3+ttp8+tbe4096")[6] == dict(
+        ATTEND_BLOCK_N=128, ATTEND_WARPS=8, ATTEND_SPLIT=4, ATTEND_STAGES=3, ATTEND_TILES_PER_PROGRAM=8,
+        ATTEND_BOUND_ELEMS=4096)
+    assert all(hasattr(ds.kernels, k) for k in ds.TRITON_KNOB_TOKENS.values())
     with pytest.raises(ValueError, match="attention='flex'"):
         ds.parse_variant("raas+tbn128")
     before = ds.kernels.ATTEND_BLOCK_N
@@ -100,7 +102,7 @@ def test_decode_step_variant_names():
         with pytest.raises(ValueError, match=r"\+pdl needs torch._inductor.config.triton.enable_pdl"):
             ds.parse_variant("raas+pdl")
     assert ds.parse_variant("raas_torch")[:3] == ("raas", False, True)
-    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, pdl"):
+    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, ttpN, tbeN, pdl"):
         ds.parse_variant("raas+xyz4")
 
 def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
