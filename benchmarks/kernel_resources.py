@@ -3,7 +3,8 @@
 Every kernel is launched through its own op (``kernels.fused_step`` and the others) on CPU tensors
 of the requested shape, with the launch intercepted: the arguments and compile-time constants it
 would have used are compiled ahead of time for the chosen architecture (Triton's own ptxas), and
-``cuobjdump`` reads registers, stack (register spills) and static shared memory per thread block.
+``cuobjdump`` reads registers, stack (register spills) and static shared memory per thread block;
+the compiler's metadata gives the dynamic shared memory (where Triton keeps pipelined tiles).
 It catches code that does not compile for the GPU, and shows register pressure before a GPU run.
 It measures no speed.
 
@@ -28,10 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raas_flex import kernels  # noqa: E402
 from raas_flex.masks import all_partial_lists  # noqa: E402
 
-TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
-                torch.int32: "i32", torch.bool: "i1"}
-OPTIONS = ("num_warps", "num_stages")
-
 
 class Capture:
     """Stands in for ``wrap_triton``: records each launch (kernel, positional args, keywords)."""
@@ -52,40 +49,37 @@ class Capture:
         return Launcher()
 
 
+def specialise(fn, args, kw, target):
+    """Signature, compile-time constants, attributes and options of one launch, as Triton's JIT
+    specialises them when the kernel is launched for ``target``: pointers and integers known to be
+    multiples of 16 get that divisibility (the alignment that lets loads vectorise and pipeline),
+    integers equal to 1 become constants. Python floats are then typed fp64, as torch.compile
+    (Inductor) launches them (seen with torch 2.11 on the H200), so a kernel whose fp32 math would
+    turn fp64 fails here as it would there."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*args, **kw)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, options)
+    values = dict(zip([p.name for p in fn.params], args))
+    for name, v in values.items():
+        if isinstance(v, float) and signature.get(name) != "constexpr":
+            signature[name] = "fp64"
+    return signature, constexprs, attrs, options
+
+
 def compile_launch(fn, args, kw, arch: int):
     """Compile one captured launch for sm_<arch>; returns its resource usage."""
-    import inspect
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    names = list(inspect.signature(fn.fn).parameters)
-    constexprs = {k: v for k, v in kw.items() if k not in OPTIONS}
-    values = dict(zip(names, args))
-    signature = {}
-    for name in names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        v = values[name]
-        if isinstance(v, torch.Tensor):
-            signature[name] = "*" + TRITON_TYPES[v.dtype]
-        elif isinstance(v, bool):
-            signature[name] = "i1"
-        elif isinstance(v, int):
-            signature[name] = "i64" if abs(v) >= 2**31 else "i32"
-        elif isinstance(v, float):
-            # torch.compile (Inductor) launches a user Triton kernel with a Python float typed fp64
-            # (seen with torch 2.11 on the H200); compile it the same way, so a kernel that
-            # silently promotes its fp32 math to fp64 fails here as it would there
-            signature[name] = "fp64"
-        else:
-            raise TypeError(f"{fn.fn.__name__}: argument {name} of type {type(v).__name__} is not handled")
-    options = {k: kw[k] for k in OPTIONS if k in kw}
+    target = GPUTarget("cuda", arch, 32)
+    signature, constexprs, attrs, options = specialise(fn, args, kw, target)
     t0 = time.time()
-    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                              options=options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     seconds = time.time() - t0
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -99,8 +93,13 @@ def compile_launch(fn, args, kw, arch: int):
     if m is None:
         raise RuntimeError(f"cuobjdump printed no resource usage for {fn.fn.__name__}:\n{dump[-500:]}")
     reg, stack, shared, local = map(int, m.groups())
-    return dict(kernel=fn.fn.__name__, registers=reg, stack_bytes=stack, shared_bytes=shared, local_bytes=local,
-                warps=options.get("num_warps"), compile_s=round(seconds, 1))
+    # cuobjdump sees the static shared memory only; Triton's pipelined tiles live in the dynamic part
+    ttgir = compiled.asm["ttgir"]
+    return dict(kernel=fn.fn.__name__, registers=reg, stack_bytes=stack, shared_bytes=shared,
+                dynamic_shared_bytes=int(compiled.metadata.shared), local_bytes=local,
+                # loads the software pipeliner turned into asynchronous copies (cp.async)
+                async_copies=ttgir.count("async_copy_global_to_local"),
+                warps=options.num_warps, stages=options.num_stages, compile_s=round(seconds, 1))
 
 
 def launches(B, Hq, Hkv, D, L, ps, dtype, split):
@@ -173,7 +172,8 @@ def main(argv=None):
         r["grid"] = list(grid)
         rows.append(r)
         print(f"{r['kernel']:<24} grid {str(tuple(grid)):<12} warps {r['warps']}  registers {r['registers']:>3}  "
-              f"stack {r['stack_bytes']:>4} B  shared {r['shared_bytes']:>6} B  ({r['compile_s']} s)")
+              f"stack {r['stack_bytes']:>4} B  shared {r['shared_bytes']:>6} B static, "
+              f"{r['dynamic_shared_bytes']:>6} B dynamic  async copies {r['async_copies']}  ({r['compile_s']} s)")
     if args.out:
         meta = dict(command="python benchmarks/kernel_resources.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     arch=args.arch, torch=torch.__version__, triton=__import__("triton").__version__,

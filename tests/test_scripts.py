@@ -262,17 +262,22 @@ def test_kernel_variants_smoke(tmp_path):
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
 def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
-    """The resource report compiles every kernel for sm_90 on this CPU machine, with a Python float
-    argument typed fp64 as torch.compile launches it (a kernel whose fp32 softmax state turns fp64
-    fails to compile), and reads back its registers; an unknown kernel name is refused."""
+    """The resource report compiles every kernel for sm_90 on this CPU machine, specialised as a
+    launch would be, with a Python float argument typed fp64 as torch.compile launches it (a kernel
+    whose fp32 softmax state turns fp64 fails to compile), and reads back its registers, shared
+    memory and pipelined loads; an unknown kernel name is refused."""
     kr = _bench_module("kernel_resources")
     out = tmp_path / "res.json"
-    rows = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "64", "--page-size", "8",
+    rows = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
                     "--split", "2", "--out", str(out)])
     assert [r["kernel"] for r in rows] == ["_append_kernel", "_observe_kernel", "_attend_observe_kernel",
                                            "_step_kernel"]
     assert all(0 < r["registers"] <= 255 for r in rows)
-    assert rows[3]["grid"][0] == 2  # one row per (sequence, KV head)
+    assert rows[3]["grid"] == [2, 2]  # (one row per (sequence, KV head), two programs per row)
+    # compiled as a launch specialises it (16-byte aligned pointers), the attention kernels' tile
+    # loads are pipelined into asynchronous copies; without that they were not
+    assert rows[2]["async_copies"] > 0 and rows[3]["async_copies"] > 0
+    assert rows[3]["dynamic_shared_bytes"] > 0
     assert json.loads(out.read_text())["rows"][0]["registers"] == rows[0]["registers"]
     with pytest.raises(SystemExit):
         kr.main(["--kernels", "_nope"])
