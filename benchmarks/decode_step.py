@@ -112,7 +112,7 @@ VARIANTS = {  # name -> (policy, fused, observe_in_append, attention)
 KERNEL_OPTION_TOKENS = {"skv": "SPLIT_KV", "bn": "BLOCK_N", "w": "num_warps", "s": "num_stages"}
 # knobs of raas_flex.kernels' attention kernels (attention="triton"), set while a variant is compiled
 TRITON_KNOB_TOKENS = {"tbn": "ATTEND_BLOCK_N", "tw": "ATTEND_WARPS", "ts": "ATTEND_STAGES", "tsplit": "ATTEND_SPLIT",
-                      "ttp": "ATTEND_TILES_PER_PROGRAM", "tbe": "ATTEND_BOUND_ELEMS"}
+                      "ttp": "ATTEND_TILES_PER_PROGRAM", "tbe": "ATTEND_BOUND_ELEMS", "tdiag": "ATTEND_DIAG"}
 
 
 def parse_variant(name: str):
@@ -121,7 +121,8 @@ def parse_variant(name: str):
     (Inductor's programmatic dependent launch, ``config.triton.enable_pdl``, where the torch has it);
     and for attention="triton" variants the kernel knobs tbnN (ATTEND_BLOCK_N), twN (ATTEND_WARPS),
     tsN (ATTEND_STAGES), tsplitN (ATTEND_SPLIT), ttpN (ATTEND_TILES_PER_PROGRAM), tbeN
-    (ATTEND_BOUND_ELEMS), e.g. 'raas_triton+tbn128+tw8'.
+    (ATTEND_BOUND_ELEMS), e.g. 'raas_triton+tbn128+tw8'; and tdiagN (ATTEND_DIAG: diagnostic builds
+    that skip parts of the step, timed but not checked, to say what each part costs).
     Returns (policy, fused, observe_in_append, attention, kernel_options, inductor_config, knobs)."""
     base, *opts = name.split("+")
     policy, fused, in_append, attention = VARIANTS.get(base, (base, None, True, "flex"))
@@ -146,6 +147,11 @@ def parse_variant(name: str):
                              f"{', '.join(t + 'N' for t in [*KERNEL_OPTION_TOKENS, *TRITON_KNOB_TOKENS])}, pdl")
         kernel_options[KERNEL_OPTION_TOKENS[prefix]] = int(opt[len(prefix):])
     return policy, fused, in_append, attention, kernel_options, inductor, knobs
+
+
+def is_diagnostic(name: str) -> bool:
+    """A tdiagN variant with some bit set: a build that skips parts of the step (timed, not checked)."""
+    return bool(parse_variant(name)[6].get("ATTEND_DIAG"))
 
 
 @contextlib.contextmanager
@@ -209,7 +215,12 @@ def time_policy(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, row, extra=40
         row[policy] = graph_time_us(lambda: step(q, kn, vn))
     row[f"{policy}_graphs_after_warmup"] = counters["stats"]["unique_graphs"] - graphs
     row[f"{policy}_kv_bytes"] = cache.kv_bytes
-    cache.check()
+    if is_diagnostic(policy):
+        # a diagnostic build skips parts of the step: its output and state are wrong by design, and
+        # its time is only the cost of what it kept (the error above is recorded, not checked)
+        row[f"{policy}_diagnostic"] = True
+    else:
+        cache.check()
     del step, cache
     torch._dynamo.reset()  # compiled code holds the cache's buffers; free them before the next point
     if device != "cpu":

@@ -111,6 +111,11 @@ ATTEND_TILES_PER_PROGRAM = 16
 ATTEND_WARPS = 4
 ATTEND_STAGES = 2
 ATTEND_BOUND_ELEMS = 2048  # key-bound elements per chunk of their bound loop (4096: +35 registers in fused_step on sm_90, no spill)
+# Diagnostic bits of fused_step, for timing what each part of the step costs; any bit set makes the
+# step WRONG (state and output). 1: no page bounds; 2: no refresh (sort and stamps); 4: no row
+# writes by the last program (page-table entry, key bounds, open slot, validity, block lists);
+# 8: no combine (the output is stored as zeros). benchmarks/decode_step.py times them as tdiagN.
+ATTEND_DIAG = 0
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -529,7 +534,7 @@ if HAS_TRITON:
         REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
         BG: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr,
         BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
-        BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr,
+        BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DIAG: tl.constexpr = 0,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -629,28 +634,29 @@ if HAS_TRITON:
         tl.store(v_ptr + (row64 * S + t) * D + d, vv, mask=mine)
 
         # -- Quest's bound of this program's pages, as after the append (chunks of BPC pages) ----------
-        for c0 in tl.static_range(0, BP, BPC):
-            pp = split * PAGES + c0 + tl.arange(0, BPC)
-            mp = pp < P
-            off2 = (base + pp)[:, None] * D + d[None, :]
-            is_slot = (pp == slot)[:, None]
-            kmx = tl.where(is_slot, new_max[None, :], tl.load(kmax_ptr + off2, mask=mp[:, None], other=0.0))
-            kmn = tl.where(is_slot, new_min[None, :], tl.load(kmin_ptr + off2, mask=mp[:, None], other=0.0))
-            kmx = kmx.to(tl.float32)
-            kmn = kmn.to(tl.float32)
-            pidp = tl.load(page_id_ptr + base + pp, mask=mp, other=-1)
-            pidp = tl.where(opened & (pp == slot), new_id, pidp)
-            best = tl.full([BPC], float("-inf"), tl.float32)
-            for g in tl.static_range(G):
-                qv = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + d * sqd).to(tl.float32)
-                sg = tl.sum(tl.maximum(qv, 0.0)[None, :] * kmx + tl.minimum(qv, 0.0)[None, :] * kmn, 1)
-                best = tl.maximum(best, sg)
-            imp = tl.where(pidp >= 0, best, float("-inf"))
-            tl.store(imp_ptr + base + pp, imp, mask=mp)
-            scr = tl.where(imp != imp, 0.0, imp)
-            scr = tl.where(scr == float("-inf"), 0.0, scr)
-            scr = tl.where(scr == float("inf"), _F32_MAX, scr)
-            tl.store(score_ptr + base + pp, scr, mask=mp)
+        if (DIAG & 1) == 0:
+            for c0 in tl.static_range(0, BP, BPC):
+                pp = split * PAGES + c0 + tl.arange(0, BPC)
+                mp = pp < P
+                off2 = (base + pp)[:, None] * D + d[None, :]
+                is_slot = (pp == slot)[:, None]
+                kmx = tl.where(is_slot, new_max[None, :], tl.load(kmax_ptr + off2, mask=mp[:, None], other=0.0))
+                kmn = tl.where(is_slot, new_min[None, :], tl.load(kmin_ptr + off2, mask=mp[:, None], other=0.0))
+                kmx = kmx.to(tl.float32)
+                kmn = kmn.to(tl.float32)
+                pidp = tl.load(page_id_ptr + base + pp, mask=mp, other=-1)
+                pidp = tl.where(opened & (pp == slot), new_id, pidp)
+                best = tl.full([BPC], float("-inf"), tl.float32)
+                for g in tl.static_range(G):
+                    qv = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + d * sqd).to(tl.float32)
+                    sg = tl.sum(tl.maximum(qv, 0.0)[None, :] * kmx + tl.minimum(qv, 0.0)[None, :] * kmn, 1)
+                    best = tl.maximum(best, sg)
+                imp = tl.where(pidp >= 0, best, float("-inf"))
+                tl.store(imp_ptr + base + pp, imp, mask=mp)
+                scr = tl.where(imp != imp, 0.0, imp)
+                scr = tl.where(scr == float("-inf"), 0.0, scr)
+                scr = tl.where(scr == float("inf"), _F32_MAX, scr)
+                tl.store(score_ptr + base + pp, scr, mask=mp)
 
         # -- the last program of the row: output, the append's writes, the refresh ----------------------
         tl.debug_barrier()
@@ -660,24 +666,30 @@ if HAS_TRITON:
             ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
             last = ticket == SPLIT - 1
         if last:
-            _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT)
+            if (DIAG & 8) == 0:
+                _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT)
+            else:  # (the output's store without the combine: zeros)
+                tl.store(out_ptr + b * sob + (h * G + gg)[:, None] * soh + d[None, :] * sod,
+                         tl.zeros([BG, D], tl.float32).to(out_ptr.dtype.element_ty), mask=gm[:, None])
 
-            tl.store(overflow_ptr, 1, mask=write == 0)
-            ev = tl.load(evictions_ptr + row64)
-            tl.store(evictions_ptr + row64, ev + (opened & (has_free == 0)).to(tl.int64))
-            tl.store(page_id_ptr + base + slot, new_id, mask=opened)
-            tl.store(stamp_ptr + base + slot, step_new, mask=opened)
-            tl.store(pinned_ptr + base + slot, 0, mask=opened)
-            tl.store(kmax_ptr + (base + slot) * D + d, new_max)
-            tl.store(kmin_ptr + (base + slot) * D + d, new_min)
-            tl.store(open_slot_ptr + row64, tl.where(write, slot, open_old))
             pid_new = tl.where(opened & (p == slot), new_id, pid)
-            n_p = tl.where(pid_new >= 0, tl.minimum(tl.maximum(pos + 1 - pid_new * PS, 0), PS), 0)
-            _write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row, n_p,
-                               S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
-            tl.debug_barrier()  # this program's score and imp stores are complete
-            a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
-            _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P)
+            if (DIAG & 4) == 0:
+                tl.store(overflow_ptr, 1, mask=write == 0)
+                ev = tl.load(evictions_ptr + row64)
+                tl.store(evictions_ptr + row64, ev + (opened & (has_free == 0)).to(tl.int64))
+                tl.store(page_id_ptr + base + slot, new_id, mask=opened)
+                tl.store(stamp_ptr + base + slot, step_new, mask=opened)
+                tl.store(pinned_ptr + base + slot, 0, mask=opened)
+                tl.store(kmax_ptr + (base + slot) * D + d, new_max)
+                tl.store(kmin_ptr + (base + slot) * D + d, new_min)
+                tl.store(open_slot_ptr + row64, tl.where(write, slot, open_old))
+                n_p = tl.where(pid_new >= 0, tl.minimum(tl.maximum(pos + 1 - pid_new * PS, 0), PS), 0)
+                _write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
+                                   n_p, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
+            if (DIAG & 2) == 0:
+                tl.debug_barrier()  # this program's score and imp stores are complete
+                a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
+                _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P)
             if SPLIT > 1:
                 tl.store(count_ptr + row64, 0)
             # the last row to finish advances the lengths and the step (every program has read them)
@@ -850,7 +862,11 @@ if HAS_TRITON:
     ) -> Tensor:
         """A whole raas decode step in one launch: :func:`fused_append_observe`'s state changes plus
         the attention of q [B, Hq, 1, D] over the row after the append (see _step_kernel). Returns
-        [B, Hq, 1, D] in q's dtype. ``count`` and ``ticket``: zero at launch, left zero."""
+        [B, Hq, 1, D] in q's dtype. ``count`` and ``ticket``: zero at launch, left zero. (With
+        ATTEND_DIAG set, parts of the step are skipped and the result is wrong: timing only.)"""
+        if not isinstance(ATTEND_DIAG, int) or isinstance(ATTEND_DIAG, bool) or not 0 <= ATTEND_DIAG <= 15:
+            raise ValueError(f"kernels.ATTEND_DIAG={ATTEND_DIAG!r} is not allowed; allowed: an int of bits 1, 2, 4, 8 "
+                             "(0 to 15; 0, the default, runs the whole step)")
         B, H, S, D = k_cache.shape
         P = page_id.shape[-1]
         ps = S // P
@@ -877,7 +893,7 @@ if HAS_TRITON:
             BLOCK_N=ATTEND_BLOCK_N, TILES=-(-tiles // split), SPLIT=split, PAGES=pages,
             BP=triton.next_power_of_2(pages), BPC=_bound_chunk_pages(triton.next_power_of_2(pages), D),
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
-            LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX,
+            LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DIAG=ATTEND_DIAG,
             num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
         )
         return out

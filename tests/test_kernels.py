@@ -265,6 +265,70 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 """)
 
 
+DIAG_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path[:0] = [{tests!r}]
+    import test_kernels as t
+    from raas_flex import kernels
+    # 8 pages of 4 slots, 25 tokens: the next token goes to the open page (no page opens, none evicted)
+    for diag in (0, 1, 2, 4, 8):
+        kernels.ATTEND_DIAG = diag
+        ref, fus = t.make_pair("raas", B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, dtype=torch.float32,
+                               device="cpu", pin_prompt=False)
+        fus.attention = "triton"
+        inp = t.Inputs(1, 4, 2, 16, dtype=torch.float32, device="cpu", integer=True, seed=0)
+        prompt = inp.prompt([25])
+        ref.prefill(*prompt)
+        fus.prefill(*prompt)
+        before = {{n: getattr(fus, n).clone() for n in ("score", "stamp", "valid")}}
+        q, k, v = inp.step()
+        out_ref, out = ref.decode(q, k, v), fus.decode(q, k, v)
+        moved = {{n: not torch.equal(getattr(ref, n), before[n]) for n in before}}
+        assert all(moved.values()), moved  # (the whole step changes all three)
+        same = {{n: torch.equal(getattr(fus, n), getattr(ref, n)) for n in before}}
+        kept = {{n: torch.equal(getattr(fus, n), before[n]) for n in before}}
+        if diag == 0:
+            assert all(same.values()) and torch.allclose(out, out_ref), (same, out, out_ref)
+        if diag == 1:
+            assert kept["score"] and same["valid"], (kept, same)
+        if diag == 2:
+            assert kept["stamp"] and same["score"] and same["valid"], (kept, same)
+        if diag == 4:
+            assert kept["valid"] and same["score"] and same["stamp"], (kept, same)
+        if diag == 8:
+            assert bool((out == 0).all()) and same["stamp"] and same["valid"], out
+        print("diag", diag, "ok")
+""")
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
+def test_interpreter_diagnostic_bits_skip_their_part():
+    """kernels.ATTEND_DIAG (for timing the parts of fused_step) skips what each bit says and nothing
+    else, through Triton's CPU interpreter: 1 the bounds (score kept), 2 the refresh (stamps kept),
+    4 the last program's row writes (validity kept), 8 the combine (zeros out); 0 is the whole step.
+    A bad value is refused."""
+    tests = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", DIAG_SCRIPT.format(tests=tests)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert [ln for ln in res.stdout.splitlines() if ln.endswith(" ok")] == [f"diag {d} ok" for d in (0, 1, 2, 4, 8)]
+
+
+def test_diagnostic_bits_validated(monkeypatch):
+    if not kernels.HAS_TRITON:
+        pytest.skip("needs triton")
+    cache = _cpu_cache()
+    monkeypatch.setattr(kernels, "ATTEND_DIAG", 16)
+    q = torch.zeros(1, 2, 1, 16)
+    with pytest.raises(ValueError, match=r"kernels.ATTEND_DIAG=16 is not allowed"):
+        kernels.fused_step(q, q[:, :1], q[:, :1], cache.k, cache.v, cache.page_id, cache.stamp, cache.pinned,
+                           cache.score, cache.kmax, cache.kmin, cache.open_slot, cache.length, cache.step,
+                           cache.evictions, cache.overflow, cache.valid, torch.zeros(1, dtype=torch.int32),
+                           *(torch.zeros(1, dtype=torch.int32),) * 4, torch.zeros_like(cache.score),
+                           torch.zeros(1, dtype=torch.int32), 0.25, 1, 8)
+
+
 def test_attention_split_rule():
     """Programs per row of the attention kernels: about two per SM over all rows, at least one per
     ATTEND_TILES_PER_PROGRAM tiles, a power of two, never more than the tiles; an explicit wish is

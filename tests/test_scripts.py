@@ -84,6 +84,9 @@ def test_decode_step_variant_names():
         ATTEND_BLOCK_N=128, ATTEND_WARPS=8, ATTEND_SPLIT=4, ATTEND_STAGES=3, ATTEND_TILES_PER_PROGRAM=8,
         ATTEND_BOUND_ELEMS=4096)
     assert all(hasattr(ds.kernels, k) for k in ds.TRITON_KNOB_TOKENS.values())
+    assert ds.parse_variant("raas_triton+tdiag15")[6] == dict(ATTEND_DIAG=15)
+    assert ds.is_diagnostic("raas_triton+tdiag15") and not ds.is_diagnostic("raas_triton+tdiag0")
+    assert not ds.is_diagnostic("raas_triton+tsplit2")
     with pytest.raises(ValueError, match="attention='flex'"):
         ds.parse_variant("raas+tbn128")
     before = ds.kernels.ATTEND_BLOCK_N
@@ -102,7 +105,7 @@ def test_decode_step_variant_names():
         with pytest.raises(ValueError, match=r"\+pdl needs torch._inductor.config.triton.enable_pdl"):
             ds.parse_variant("raas+pdl")
     assert ds.parse_variant("raas_torch")[:3] == ("raas", False, True)
-    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, ttpN, tbeN, pdl"):
+    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, ttpN, tbeN, tdiagN, pdl"):
         ds.parse_variant("raas+xyz4")
 
 def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
