@@ -158,6 +158,15 @@ if HAS_TRITON:
         kmax = tl.load(kmax_ptr + off2, mask=m[:, None], other=0.0, cache_modifier=".cg")
         kmin = tl.load(kmin_ptr + off2, mask=m[:, None], other=0.0, cache_modifier=".cg")
         pidc = tl.load(page_id_ptr + base + pp, mask=m, other=-1, cache_modifier=".cg")
+        return _bound_store(q_ptr, sqb, sqh, sqd, score_ptr, imp_ptr, kmax, kmin, pidc, pp, m, b, h, base, G, D, BP,
+                            DOT)
+
+    @triton.jit
+    def _bound_store(q_ptr, sqb, sqh, sqd, score_ptr, imp_ptr, kmax, kmin, pidc, pp, m, b, h, base,
+                     G: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, DOT: tl.constexpr):
+        """The bounds of :func:`_bound_chunk` from given key bounds ``kmax``/``kmin`` [BP, D] and page
+        ids ``pidc`` [BP] of the pages ``pp`` (``m``: in the row): stored to imp and score, returned."""
+        d = tl.arange(0, D)
         if DOT:
             BG: tl.constexpr = 16 if G <= 16 else triton.next_power_of_2(G)
             gg = tl.arange(0, BG)
@@ -642,21 +651,10 @@ if HAS_TRITON:
                 is_slot = (pp == slot)[:, None]
                 kmx = tl.where(is_slot, new_max[None, :], tl.load(kmax_ptr + off2, mask=mp[:, None], other=0.0))
                 kmn = tl.where(is_slot, new_min[None, :], tl.load(kmin_ptr + off2, mask=mp[:, None], other=0.0))
-                kmx = kmx.to(tl.float32)
-                kmn = kmn.to(tl.float32)
                 pidp = tl.load(page_id_ptr + base + pp, mask=mp, other=-1)
                 pidp = tl.where(opened & (pp == slot), new_id, pidp)
-                best = tl.full([BPC], float("-inf"), tl.float32)
-                for g in tl.static_range(G):
-                    qv = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + d * sqd).to(tl.float32)
-                    sg = tl.sum(tl.maximum(qv, 0.0)[None, :] * kmx + tl.minimum(qv, 0.0)[None, :] * kmn, 1)
-                    best = tl.maximum(best, sg)
-                imp = tl.where(pidp >= 0, best, float("-inf"))
-                tl.store(imp_ptr + base + pp, imp, mask=mp)
-                scr = tl.where(imp != imp, 0.0, imp)
-                scr = tl.where(scr == float("-inf"), 0.0, scr)
-                scr = tl.where(scr == float("inf"), _F32_MAX, scr)
-                tl.store(score_ptr + base + pp, scr, mask=mp)
+                _bound_store(q_ptr, sqb, sqh, sqd, score_ptr, imp_ptr, kmx, kmn, pidp, pp, mp, b, h, base, G, D, BPC,
+                             False)
 
         # -- the last program of the row: output, the append's writes, the refresh ----------------------
         tl.debug_barrier()
