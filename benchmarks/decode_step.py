@@ -160,7 +160,8 @@ def kernel_knobs(knobs: dict):
 
     The knobs are read when Inductor lowers the op, after its graph cache has been consulted: with
     the cache on, a later variant of the same shape gets the first variant's compiled kernel (seen on
-    the H200: a split sweep timed one split five times). So the compile caches are off inside."""
+    the H200: every variant of a four-split sweep timed the first split). So the compile caches are off
+    inside."""
     if not knobs:
         yield
         return
