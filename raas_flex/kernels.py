@@ -111,6 +111,9 @@ ATTEND_TILES_PER_PROGRAM = 16
 ATTEND_WARPS = 4
 ATTEND_STAGES = 2
 ATTEND_BOUND_ELEMS = 2048  # key-bound elements per chunk of their bound loop (4096: +35 registers in fused_step on sm_90, no spill)
+# their page bounds as matrix products (chunks of at least 16 pages; False: element-wise, a reduction
+# over D per query head)
+ATTEND_BOUND_DOT = True
 # Diagnostic bits of fused_step, for timing what each part of the step costs; any bit set makes the
 # step WRONG (state and output). 1: no page bounds; 2: no refresh (sort and stamps); 4: no row
 # writes by the last program (page-table entry, key bounds, open slot, validity, block lists);
@@ -142,9 +145,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                     b, h, base, c0, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BP: tl.constexpr,
+                     b, h, base, c0, hi, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BP: tl.constexpr,
                      DOT: tl.constexpr):
-        """Quest's bound of the BP pages c0.. of one row: sum_d max(q_d M_d, q_d m_d) = q+ . M + q- . m,
+        """Quest's bound of the BP pages c0.. (those below ``hi``) of one row: sum_d max(q_d M_d, q_d m_d) = q+ . M + q- . m,
         max over the G query heads of the KV head, -inf for empty slots. Stored to the scratch row
         ``imp`` (the ranking reads the whole row back) and, -inf/nan as 0, to ``score``.
 
@@ -153,7 +156,7 @@ if HAS_TRITON:
         Otherwise an element-wise product and a reduction over D per query head."""
         d = tl.arange(0, D)
         pp = c0 + tl.arange(0, BP)
-        m = pp < P
+        m = (pp < P) & (pp < hi)
         off2 = (base + pp)[:, None] * D + d[None, :]
         kmax = tl.load(kmax_ptr + off2, mask=m[:, None], other=0.0, cache_modifier=".cg")
         kmin = tl.load(kmin_ptr + off2, mask=m[:, None], other=0.0, cache_modifier=".cg")
@@ -371,11 +374,11 @@ if HAS_TRITON:
             tl.debug_barrier()  # the key-bound row and page-table entry stored above are complete
             if BPC == BLOCK_P:  # the whole row in one chunk: its bounds stay in registers
                 a = _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                                 b, h, base, 0, G, P, D, BPC, DOT)
+                                 b, h, base, 0, P, G, P, D, BPC, DOT)
             else:  # chunks through the scratch row
                 for c0 in tl.static_range(0, BLOCK_P, BPC):
                     _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                                 b, h, base, c0, G, P, D, BPC, DOT)
+                                 b, h, base, c0, P, G, P, D, BPC, DOT)
                 tl.debug_barrier()  # the row of bounds is complete
                 a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
             _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P)
@@ -403,7 +406,7 @@ if HAS_TRITON:
         row64 = row.to(tl.int64)
         base = row64 * P
         _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                     b, h, base, chunk * BP, G, P, D, BP, DOT)
+                     b, h, base, chunk * BP, P, G, P, D, BP, DOT)
 
         # The program that finishes its row last ranks the row: its ticket (acq_rel, after a
         # barrier over this program's stores) orders every other program's scratch stores before
@@ -447,25 +450,30 @@ if HAS_TRITON:
     @triton.jit
     def _combine_row(ml_ptr, acc_ptr, out_row_ptr, soh, sod, row64,
                      G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr):
-        """Combine the SPLIT partial softmax results of one row (max and sum in ml, accumulators in
-        acc) and store the G output heads at out_row_ptr (strides soh, sod); a row nothing attended
-        gets zeros."""
+        """Combine the SPLIT partial softmax results of one row (max and sum in ml, accumulators of the
+        G heads in acc) and store the G output heads at out_row_ptr (strides soh, sod); a row nothing
+        attended gets zeros. The maxima and sums of all SPLIT parts are loaded at once, and the
+        accumulator loop is unrolled, so the loads need not wait for one another."""
         gg = tl.arange(0, BG)
+        gm = gg < G
         d = tl.arange(0, D)
-        g_m = tl.full([BG], float("-inf"), tl.float32)
-        for sp in range(SPLIT):
-            g_m = tl.maximum(g_m, tl.load(ml_ptr + ((row64 * SPLIT + sp) * 2) * BG + gg, cache_modifier=".cg"))
+        sp = tl.arange(0, SPLIT)
+        mlo = ((row64 * SPLIT + sp) * 2)[:, None] * BG + gg[None, :]
+        ms = tl.load(ml_ptr + mlo, mask=gm[None, :], other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(ml_ptr + mlo + BG, mask=gm[None, :], other=0.0, cache_modifier=".cg")
+        g_m = tl.max(ms, 0)
         g_safe = tl.where(g_m == float("-inf"), 0.0, g_m)
-        tot = tl.zeros([BG], tl.float32)
+        w = tl.exp2(ms - g_safe[None, :])
+        tot = tl.sum(w * ls, 0)
         o = tl.zeros([BG, D], tl.float32)
-        for sp in range(SPLIT):
-            pp = row64 * SPLIT + sp
-            w = tl.exp2(tl.load(ml_ptr + (pp * 2) * BG + gg, cache_modifier=".cg") - g_safe)
-            tot += w * tl.load(ml_ptr + (pp * 2 + 1) * BG + gg, cache_modifier=".cg")
-            o += w[:, None] * tl.load(acc_ptr + (pp * BG + gg)[:, None] * D + d[None, :], cache_modifier=".cg")
+        for i in tl.static_range(SPLIT):
+            wi = tl.sum(tl.where((sp == i)[:, None], w, 0.0), 0)
+            a = tl.load(acc_ptr + ((row64 * SPLIT + i) * BG + gg)[:, None] * D + d[None, :], mask=gm[:, None],
+                        other=0.0, cache_modifier=".cg")
+            o += wi[:, None] * a
         o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
         tl.store(out_row_ptr + gg[:, None] * soh + d[None, :] * sod, o.to(out_row_ptr.dtype.element_ty),
-                 mask=(gg < G)[:, None])
+                 mask=gm[:, None])
 
     @triton.jit
     def _attend_observe_kernel(
@@ -509,12 +517,12 @@ if HAS_TRITON:
         part = row64 * SPLIT + split
         tl.store(ml_ptr + (part * 2) * BG + gg, m_i)
         tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l_i)
-        tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc)
-        # this program's share of the observe: bounds of pages split*PAGES .. (BP >= PAGES; a page
-        # past the share is written by its own program too, with the same value)
+        tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc, mask=gm[:, None])
+        # this program's share of the observe: bounds of pages split*PAGES .. +PAGES (in chunks of
+        # BPC pages; BP >= PAGES, the pages past the share masked)
         for c0 in tl.static_range(0, BP, BPC):
             _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                         b, h, base, split * PAGES + c0, G, P, D, BPC, DOT)
+                         b, h, base, split * PAGES + c0, split * PAGES + PAGES, G, P, D, BPC, DOT)
 
         tl.debug_barrier()
         if SPLIT == 1:
@@ -523,11 +531,11 @@ if HAS_TRITON:
             ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
             last = ticket == SPLIT - 1
         if last:
-            _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT)
             i = tl.arange(0, BLOCK_P)
             in_row = i < P
             a = tl.load(imp_ptr + base + i, mask=in_row, other=float("-inf"), cache_modifier=".cg")
             pid = tl.load(page_id_ptr + base + i, mask=in_row, other=-1)
+            _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT)
             _refresh_top(a, pid, i, in_row, stamp_ptr, base, tl.load(step_ptr), P, REFRESH, BLOCK_P)
             if SPLIT > 1:
                 tl.store(count_ptr + row64, 0)
@@ -543,7 +551,7 @@ if HAS_TRITON:
         REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
         BG: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr,
         BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
-        BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DIAG: tl.constexpr = 0,
+        BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, DIAG: tl.constexpr = 0,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -637,7 +645,7 @@ if HAS_TRITON:
         part = row64 * SPLIT + split
         tl.store(ml_ptr + (part * 2) * BG + gg, m_i)
         tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l_i)
-        tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc)
+        tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc, mask=gm[:, None])
         mine = (d * 0 + t // (TILES * BLOCK_N)) == split  # (a [D] mask: the interpreter wants no broadcast)
         tl.store(k_ptr + (row64 * S + t) * D + d, kk, mask=mine)
         tl.store(v_ptr + (row64 * S + t) * D + d, vv, mask=mine)
@@ -646,7 +654,7 @@ if HAS_TRITON:
         if (DIAG & 1) == 0:
             for c0 in tl.static_range(0, BP, BPC):
                 pp = split * PAGES + c0 + tl.arange(0, BPC)
-                mp = pp < P
+                mp = (pp < P) & (pp < split * PAGES + PAGES)
                 off2 = (base + pp)[:, None] * D + d[None, :]
                 is_slot = (pp == slot)[:, None]
                 kmx = tl.where(is_slot, new_max[None, :], tl.load(kmax_ptr + off2, mask=mp[:, None], other=0.0))
@@ -654,7 +662,7 @@ if HAS_TRITON:
                 pidp = tl.load(page_id_ptr + base + pp, mask=mp, other=-1)
                 pidp = tl.where(opened & (pp == slot), new_id, pidp)
                 _bound_store(q_ptr, sqb, sqh, sqd, score_ptr, imp_ptr, kmx, kmn, pidp, pp, mp, b, h, base, G, D, BPC,
-                             False)
+                             DOT)
 
         # -- the last program of the row: output, the append's writes, the refresh ----------------------
         tl.debug_barrier()
@@ -664,6 +672,9 @@ if HAS_TRITON:
             ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
             last = ticket == SPLIT - 1
         if last:
+            # the row of bounds (every program's imp stores are ordered before the ticket), loaded
+            # first so that its latency overlaps the combine's loads
+            a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
             if (DIAG & 8) == 0:
                 _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT)
             else:  # (the output's store without the combine: zeros)
@@ -685,8 +696,6 @@ if HAS_TRITON:
                 _write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
                                    n_p, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
             if (DIAG & 2) == 0:
-                tl.debug_barrier()  # this program's score and imp stores are complete
-                a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
                 _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P)
             if SPLIT > 1:
                 tl.store(count_ptr + row64, 0)
@@ -795,10 +804,19 @@ if HAS_TRITON:
             num_warps=4,
         )
 
-    def _bound_chunk_pages(bp: int, D: int) -> int:
-        """Pages per chunk of the bound loop: at most ATTEND_BOUND_ELEMS key-bound elements (a power of two)."""
+    def _bound_plan(pages: int, D: int) -> tuple[int, int, bool]:
+        """The bound loop of the attention kernels for ``pages`` pages per program: (BP, BPC, DOT), pages
+        covered (a power of two >= pages), pages per chunk (at most ATTEND_BOUND_ELEMS key-bound
+        elements, a power of two), and whether the bounds are matrix products (ATTEND_BOUND_DOT; then
+        chunks of at least 16 pages, the pages past the program's share masked)."""
+        if ATTEND_BOUND_DOT not in (True, False):
+            raise ValueError(f"kernels.ATTEND_BOUND_DOT={ATTEND_BOUND_DOT!r} is not allowed; allowed: True or False")
+        bp = triton.next_power_of_2(pages)
         most = max(1, ATTEND_BOUND_ELEMS // D)
-        return min(bp, 1 << (most.bit_length() - 1))
+        bpc = min(bp, 1 << (most.bit_length() - 1))
+        if ATTEND_BOUND_DOT:
+            bp, bpc = max(bp, 16), max(bpc, 16)
+        return bp, bpc, bool(ATTEND_BOUND_DOT)
 
     def attend_split(rows: int, tiles: int, device: torch.device) -> int:
         """Programs per row of the attention kernels: ATTEND_SPLIT if set, else :func:`split_for` with
@@ -826,9 +844,7 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        bp = triton.next_power_of_2(pages)
-        bpc = _bound_chunk_pages(bp, D)
-        dot = OBSERVE_DOT and bpc >= 16
+        bp, bpc, dot = _bound_plan(pages, D)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
@@ -874,6 +890,7 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
+        bp, bpc, dot = _bound_plan(pages, D)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
@@ -889,9 +906,9 @@ if HAS_TRITON:
             B=B, H=H, G=G, P=P, D=D, PS=ps, REFRESH=refresh_pages,
             BLOCK_P=block_p, BLOCK_PS=triton.next_power_of_2(ps), BLOCK_B=triton.next_power_of_2(B), BG=bg,
             BLOCK_N=ATTEND_BLOCK_N, TILES=-(-tiles // split), SPLIT=split, PAGES=pages,
-            BP=triton.next_power_of_2(pages), BPC=_bound_chunk_pages(triton.next_power_of_2(pages), D),
+            BP=bp, BPC=bpc,
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
-            LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DIAG=ATTEND_DIAG,
+            LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, DIAG=ATTEND_DIAG,
             num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
         )
         return out
