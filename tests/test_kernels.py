@@ -252,14 +252,17 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16), pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32), pin_prompt=False, steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_LOOP_BOUNDS=False), pin_prompt=False,
+                      steps=20)),
         ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32), observe_in_append=False, steps=20)),
-        # the bounds element-wise (ATTEND_BOUND_DOT=False), in the step and in the transformers-path kernel
+        # the bounds as matrix products (ATTEND_BOUND_DOT), after the step's tile loop and in the
+        # transformers-path kernel
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=False), pin_prompt=False, steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True, ATTEND_LOOP_BOUNDS=False), pin_prompt=False,
+                      steps=20)),
         ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28], integer=True, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=False), observe_in_append=False, steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True), observe_in_append=False, steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
     ]
@@ -356,7 +359,7 @@ def test_interpreter_matches_torch_on_cpu():
     """The kernels' logic through Triton's CPU interpreter: raas (exact and resync; observe inside
     the append kernel and as its own kernel; attention="triton": the whole step in one kernel, split
     over 4 and 2 programs per row, and the append kernel followed by the attention + observe kernel;
-    page bounds as matrix products and element-wise),
+    page bounds in the step's tile loop or after it, as matrix products or element-wise),
     streaming, and h2o with pinned prompt pages (it
     overflows)."""
     tests = str(Path(__file__).resolve().parent)
