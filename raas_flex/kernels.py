@@ -112,11 +112,9 @@ ATTEND_WARPS = 4
 ATTEND_STAGES = 2
 ATTEND_BOUND_ELEMS = 2048  # key-bound elements per chunk of their bound loop (4096: +35 registers in fused_step on sm_90, no spill)
 # their page bounds as matrix products (chunks of at least 16 pages; False: element-wise, a reduction
-# over D per query head)
+# over D per query head). On the H200 the products bought nothing in fused_step (12 points, one run:
+# results/h200/decode_step_triton_dot_h200), hence off.
 ATTEND_BOUND_DOT = False
-# fused_step: the bounds of each tile's pages inside the tile loop, where their loads overlap the K/V
-# stream (needs ATTEND_BLOCK_N a multiple of page_size; False: after the loop, in chunks)
-ATTEND_LOOP_BOUNDS = True
 # Diagnostic bits of fused_step, for timing what each part of the step costs; any bit set makes the
 # step WRONG (state and output). 1: no page bounds; 2: no refresh (sort and stamps); 4: no row
 # writes by the last program (page-table entry, key bounds, open slot, validity, block lists);
@@ -571,8 +569,7 @@ if HAS_TRITON:
         REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
         BG: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr,
         BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
-        BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, LOOP_BOUNDS: tl.constexpr,
-        DIAG: tl.constexpr = 0,
+        BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, DIAG: tl.constexpr = 0,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -650,15 +647,6 @@ if HAS_TRITON:
             kt = tl.load(k_ptr + offs, mask=inb[:, None], other=0.0)
             vt = tl.load(v_ptr + offs, mask=inb[:, None], other=0.0)
             m_i, l_i, acc = _softmax_tile(q, kt, vt, okc, m_i, l_i, acc, scale_log2)
-            if LOOP_BOUNDS and (DIAG & 1) == 0:  # Quest's bound of this tile's NPT = BLOCK_N // PS pages
-                # (as a matrix product: 16 pages, those past the tile's NPT masked)
-                NPT: tl.constexpr = BLOCK_N // PS
-                LBP: tl.constexpr = NPT if not DOT else (16 if NPT < 16 else NPT)
-                jj = tl.arange(0, LBP)
-                pp = (split * TILES + ti) * NPT + jj
-                _bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                             pp, (pp < P) & (jj < NPT), slot, opened, new_id, new_max, new_min, b, h, base, G, D,
-                             LBP, DOT)
         # the new token (slot t), from registers, in the program whose tiles hold slot t; that
         # program also writes it to the buffer (after an overflow the token overwrites the open
         # page's first slot, as in the append kernel). (Splicing it into the K/V tiles instead cost
@@ -682,7 +670,7 @@ if HAS_TRITON:
         tl.store(v_ptr + (row64 * S + t) * D + d, vv, mask=mine)
 
         # -- Quest's bound of this program's pages, as after the append (chunks of BPC pages) ----------
-        if not LOOP_BOUNDS and (DIAG & 1) == 0:
+        if (DIAG & 1) == 0:
             for c0 in tl.static_range(0, BP, BPC):
                 pp = split * PAGES + c0 + tl.arange(0, BPC)
                 _bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
@@ -915,9 +903,6 @@ if HAS_TRITON:
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
         bp, bpc, dot = _bound_plan(pages, D)
-        if ATTEND_LOOP_BOUNDS not in (True, False):
-            raise ValueError(f"kernels.ATTEND_LOOP_BOUNDS={ATTEND_LOOP_BOUNDS!r} is not allowed; allowed: True or False")
-        loop_bounds = bool(ATTEND_LOOP_BOUNDS) and ATTEND_BLOCK_N % ps == 0
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
@@ -935,8 +920,7 @@ if HAS_TRITON:
             BLOCK_N=ATTEND_BLOCK_N, TILES=-(-tiles // split), SPLIT=split, PAGES=pages,
             BP=bp, BPC=bpc,
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
-            LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot,
-            LOOP_BOUNDS=loop_bounds, DIAG=ATTEND_DIAG,
+            LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, DIAG=ATTEND_DIAG,
             num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
         )
         return out

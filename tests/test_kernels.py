@@ -252,15 +252,12 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16), pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_LOOP_BOUNDS=False), pin_prompt=False,
-                      steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32), pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32), observe_in_append=False, steps=20)),
-        # the bounds as matrix products (ATTEND_BOUND_DOT), after the step's tile loop and in the
-        # transformers-path kernel
+        # the bounds as matrix products (ATTEND_BOUND_DOT), in the step and in the transformers-path kernel
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True, ATTEND_LOOP_BOUNDS=False), pin_prompt=False,
-                      steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True), pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True), observe_in_append=False, steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
@@ -336,6 +333,20 @@ def test_diagnostic_bits_validated(monkeypatch):
                            torch.zeros(1, dtype=torch.int32), 0.25, 1, 8)
 
 
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the attention kernels are defined with it)")
+@pytest.mark.parametrize("value", [2, "yes", None])
+def test_bound_dot_knob_validated(monkeypatch, value):
+    """kernels.ATTEND_BOUND_DOT takes True or False (0/1); anything else is refused by name."""
+    monkeypatch.setattr(kernels, "ATTEND_BOUND_DOT", value)
+    with pytest.raises(ValueError, match=r"kernels.ATTEND_BOUND_DOT=.* is not allowed; allowed: True or False"):
+        kernels._bound_plan(16, 128)
+    monkeypatch.setattr(kernels, "ATTEND_BOUND_DOT", True)
+    assert kernels._bound_plan(4, 128) == (16, 16, True)  # padded to the 16 pages a matrix product needs
+    monkeypatch.setattr(kernels, "ATTEND_BOUND_DOT", False)
+    assert kernels._bound_plan(4, 128) == (4, 4, False)
+    assert kernels._bound_plan(64, 128) == (64, 16, False)  # chunks of ATTEND_BOUND_ELEMS key-bound elements
+
+
 def test_attention_split_rule():
     """Programs per row of the attention kernels: about two per SM over all rows, at least one per
     ATTEND_TILES_PER_PROGRAM tiles, a power of two, never more than the tiles; an explicit wish is
@@ -359,7 +370,7 @@ def test_interpreter_matches_torch_on_cpu():
     """The kernels' logic through Triton's CPU interpreter: raas (exact and resync; observe inside
     the append kernel and as its own kernel; attention="triton": the whole step in one kernel, split
     over 4 and 2 programs per row, and the append kernel followed by the attention + observe kernel;
-    page bounds in the step's tile loop or after it, as matrix products or element-wise),
+    page bounds as matrix products or element-wise),
     streaming, and h2o with pinned prompt pages (it
     overflows)."""
     tests = str(Path(__file__).resolve().parent)
