@@ -120,6 +120,11 @@ ATTEND_BOUND_DOT = False
 # writes by the last program (page-table entry, key bounds, open slot, validity, block lists);
 # 8: no combine (the output is stored as zeros). benchmarks/decode_step.py times them as tdiagN.
 ATTEND_DIAG = 0
+# fused_step: one extra program per row (dispatched first), the observer, computes every page bound
+# of the row and the top-k set while the attention programs stream K/V; the row's last program then
+# only stores the stamps of that set (False: each attention program bounds its share of the pages,
+# and the last program sorts the row). Not yet timed on a GPU.
+ATTEND_OBSERVER = False
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -218,11 +223,10 @@ if HAS_TRITON:
                             DOT)
 
     @triton.jit
-    def _refresh_top(imp, pid, i, in_row, stamp_ptr, base, step_now,
-                     P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Stamp the top REFRESH resident pages of a row (imp, pid: [BLOCK_P] over slots i) with
-        step_now. Order: larger importance first, equal importance to the lower slot (the stable
-        descending rank of the torch code).
+    def _refresh_set(imp, pid, i, in_row, P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr):
+        """The top REFRESH resident pages of a row (imp, pid: [BLOCK_P] over slots i), as a mask. Order:
+        larger importance first, equal importance to the lower slot (the stable descending rank of
+        the torch code).
 
         The importance goes to an order-preserving int32 image (-0.0 folded into 0.0); one
         in-register sort of the images gives the REFRESH-th largest value t. Pages above t are in,
@@ -243,6 +247,13 @@ if HAS_TRITON:
             tie = in_row & (low == t)
             need = REFRESH - tl.sum(above.to(tl.int32), 0)
             refresh = resident & (above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)))
+        return refresh
+
+    @triton.jit
+    def _refresh_top(imp, pid, i, in_row, stamp_ptr, base, step_now,
+                     P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Stamp the pages of :func:`_refresh_set` with step_now."""
+        refresh = _refresh_set(imp, pid, i, in_row, P, REFRESH, BLOCK_P)
         tl.store(stamp_ptr + base + i, tl.zeros([BLOCK_P], tl.int64) + step_now, mask=refresh)
 
     @triton.jit
@@ -559,6 +570,59 @@ if HAS_TRITON:
                 tl.store(count_ptr + row64, 0)
 
     @triton.jit
+    def _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h, split,
+                     kk, vv, pos, opened, slot, new_id, t, scale_log2,
+                     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, S: tl.constexpr,
+                     BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr):
+        """The attention part of a raas step (see _step_kernel) for attention program ``split`` of
+        its row: TILES tiles of the row as they will be after the append (the new token from
+        registers, added by the program whose tiles hold slot t, which also writes it to the buffer);
+        the partial softmax result goes to ml / acc."""
+        d = tl.arange(0, D)
+        gg = tl.arange(0, BG)
+        gm = gg < G
+        q = tl.load(q_ptr + b * sqb + (h * G + gg)[:, None] * sqh + d[None, :] * sqd, mask=gm[:, None], other=0.0)
+        q = q.to(k_ptr.dtype.element_ty)
+        m_i = tl.full([BG], float("-inf"), tl.float32)
+        l_i = tl.zeros([BG], tl.float32)
+        acc = tl.zeros([BG, D], tl.float32)
+        nn = tl.arange(0, BLOCK_N)
+        for ti in range(TILES):
+            cols = (split * TILES + ti) * BLOCK_N + nn
+            inb = cols < S
+            pc = cols // PS
+            pidc = tl.load(page_id_ptr + base + pc, mask=inb, other=-1)
+            pidc = tl.where(opened & (pc == slot), new_id, pidc)
+            ncol = tl.where(pidc >= 0, tl.minimum(tl.maximum(pos + 1 - pidc * PS, 0), PS), 0)
+            okc = inb & ((cols % PS) < ncol) & (cols != t)  # (slot t: the new token, added below)
+            offs = (row64 * S + cols)[:, None] * D + d[None, :]
+            kt = tl.load(k_ptr + offs, mask=inb[:, None], other=0.0)
+            vt = tl.load(v_ptr + offs, mask=inb[:, None], other=0.0)
+            m_i, l_i, acc = _softmax_tile(q, kt, vt, okc, m_i, l_i, acc, scale_log2)
+        # the new token (slot t), from registers, in the program whose tiles hold slot t; that
+        # program also writes it to the buffer (after an overflow the token overwrites the open
+        # page's first slot, as in the append kernel). (Splicing it into the K/V tiles instead cost
+        # about 90 registers per thread when compiled for sm_90.)
+        own = (t // (TILES * BLOCK_N)) == split
+        s_new = tl.sum(q.to(tl.float32) * kk.to(tl.float32)[None, :], 1) * scale_log2
+        s_new = tl.where(own & gm, s_new, float("-inf"))
+        m_new = tl.maximum(m_i, s_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p_new = tl.exp2(s_new - m_safe)
+        l_i = l_i * alpha + p_new
+        acc = acc * alpha[:, None] + p_new[:, None] * vv.to(tl.float32)[None, :]
+        m_i = m_new
+        part = row64 * SPLIT + split
+        tl.store(ml_ptr + (part * 2) * BG + gg, m_i)
+        tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l_i)
+        tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc, mask=gm[:, None])
+        mine = (d * 0 + t // (TILES * BLOCK_N)) == split  # (a [D] mask: the interpreter wants no broadcast)
+        tl.store(k_ptr + (row64 * S + t) * D + d, kk, mask=mine)
+        tl.store(v_ptr + (row64 * S + t) * D + d, vv, mask=mine)
+
+
+    @triton.jit
     def _step_kernel(
         q_ptr, sqb, sqh, sqd, kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd,
         k_ptr, v_ptr, page_id_ptr, stamp_ptr, pinned_ptr, score_ptr, kmax_ptr, kmin_ptr,
@@ -569,7 +633,8 @@ if HAS_TRITON:
         REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
         BG: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr,
         BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
-        BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, DIAG: tl.constexpr = 0,
+        BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
+        DIAG: tl.constexpr = 0,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -580,7 +645,12 @@ if HAS_TRITON:
         Quest's bounds of PAGES pages. The program that finishes its row last (a per-row ticket,
         taken once every program of the row has read the old state) combines the output, writes
         the row's page-table entry, key bounds, open slot, counters, validity row and block lists,
-        and refreshes the top REFRESH pages; the last row to finish advances lengths and step."""
+        and refreshes the top REFRESH pages; the last row to finish advances lengths and step.
+
+        OBSERVER: program 0 of each row attends nothing; it computes all P bounds and the top-k set
+        (stored to imp as 1/0), and programs 1..SPLIT attend. The last program then stores the
+        stamps of the set, so the bounds and the sort leave the row's tail. The stamps change only
+        there, after every program of the row has read them for its decision."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         b = row // H
@@ -626,67 +696,50 @@ if HAS_TRITON:
         new_max = tl.where(opened, kf, tl.where(write, tl.maximum(old_max, kf), old_max)).to(kmax_ptr.dtype.element_ty)
         new_min = tl.where(opened, kf, tl.where(write, tl.minimum(old_min, kf), old_min)).to(kmin_ptr.dtype.element_ty)
 
-        # -- attention over this program's tiles, as after the append --------------------------------
+        # -- attention over this program's tiles, as after the append; Quest's bounds -----------------
         gg = tl.arange(0, BG)
         gm = gg < G
-        q = tl.load(q_ptr + b * sqb + (h * G + gg)[:, None] * sqh + d[None, :] * sqd, mask=gm[:, None], other=0.0)
-        q = q.to(k_ptr.dtype.element_ty)
-        m_i = tl.full([BG], float("-inf"), tl.float32)
-        l_i = tl.zeros([BG], tl.float32)
-        acc = tl.zeros([BG, D], tl.float32)
-        nn = tl.arange(0, BLOCK_N)
-        for ti in range(TILES):
-            cols = (split * TILES + ti) * BLOCK_N + nn
-            inb = cols < S
-            pc = cols // PS
-            pidc = tl.load(page_id_ptr + base + pc, mask=inb, other=-1)
-            pidc = tl.where(opened & (pc == slot), new_id, pidc)
-            ncol = tl.where(pidc >= 0, tl.minimum(tl.maximum(pos + 1 - pidc * PS, 0), PS), 0)
-            okc = inb & ((cols % PS) < ncol) & (cols != t)  # (slot t: the new token, added below)
-            offs = (row64 * S + cols)[:, None] * D + d[None, :]
-            kt = tl.load(k_ptr + offs, mask=inb[:, None], other=0.0)
-            vt = tl.load(v_ptr + offs, mask=inb[:, None], other=0.0)
-            m_i, l_i, acc = _softmax_tile(q, kt, vt, okc, m_i, l_i, acc, scale_log2)
-        # the new token (slot t), from registers, in the program whose tiles hold slot t; that
-        # program also writes it to the buffer (after an overflow the token overwrites the open
-        # page's first slot, as in the append kernel). (Splicing it into the K/V tiles instead cost
-        # about 90 registers per thread when compiled for sm_90.)
-        own = (t // (TILES * BLOCK_N)) == split
-        s_new = tl.sum(q.to(tl.float32) * kk.to(tl.float32)[None, :], 1) * scale_log2
-        s_new = tl.where(own & gm, s_new, float("-inf"))
-        m_new = tl.maximum(m_i, s_new)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p_new = tl.exp2(s_new - m_safe)
-        l_i = l_i * alpha + p_new
-        acc = acc * alpha[:, None] + p_new[:, None] * vv.to(tl.float32)[None, :]
-        m_i = m_new
-        part = row64 * SPLIT + split
-        tl.store(ml_ptr + (part * 2) * BG + gg, m_i)
-        tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l_i)
-        tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc, mask=gm[:, None])
-        mine = (d * 0 + t // (TILES * BLOCK_N)) == split  # (a [D] mask: the interpreter wants no broadcast)
-        tl.store(k_ptr + (row64 * S + t) * D + d, kk, mask=mine)
-        tl.store(v_ptr + (row64 * S + t) * D + d, vv, mask=mine)
-
-        # -- Quest's bound of this program's pages, as after the append (chunks of BPC pages) ----------
-        if (DIAG & 1) == 0:
-            for c0 in tl.static_range(0, BP, BPC):
-                pp = split * PAGES + c0 + tl.arange(0, BPC)
-                _bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                             pp, (pp < P) & (pp < split * PAGES + PAGES), slot, opened, new_id, new_max, new_min,
-                             b, h, base, G, D, BPC, DOT)
+        pid_new = tl.where(opened & (p == slot), new_id, pid)
+        if OBSERVER:
+            if split == 0:  # the row's observer: every page's bound and the top-k set (in imp, as 1/0)
+                if (DIAG & 1) == 0:
+                    for c0 in tl.static_range(0, BP, BPC):
+                        pp = c0 + tl.arange(0, BPC)
+                        _bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                                     pp, pp < P, slot, opened, new_id, new_max, new_min, b, h, base, G, D, BPC, DOT)
+                if (DIAG & 2) == 0:
+                    tl.debug_barrier()  # the row of bounds is complete
+                    a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
+                    sel = _refresh_set(a, pid_new, p, in_row, P, REFRESH, BLOCK_P)
+                    tl.debug_barrier()  # every thread has read the row before it is overwritten
+                    tl.store(imp_ptr + base + p, sel.to(tl.float32), mask=in_row)
+            else:
+                _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h,
+                             split - 1, kk, vv, pos, opened, slot, new_id, t, scale_log2,
+                             G, BG, D, PS, S, BLOCK_N, TILES, SPLIT)
+        else:
+            _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h,
+                         split, kk, vv, pos, opened, slot, new_id, t, scale_log2,
+                         G, BG, D, PS, S, BLOCK_N, TILES, SPLIT)
+            # Quest's bound of this program's pages, as after the append (chunks of BPC pages)
+            if (DIAG & 1) == 0:
+                for c0 in tl.static_range(0, BP, BPC):
+                    pp = split * PAGES + c0 + tl.arange(0, BPC)
+                    _bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                                 pp, (pp < P) & (pp < split * PAGES + PAGES), slot, opened, new_id, new_max,
+                                 new_min, b, h, base, G, D, BPC, DOT)
 
         # -- the last program of the row: output, the append's writes, the refresh ----------------------
         tl.debug_barrier()
-        if SPLIT == 1:
+        NPROG: tl.constexpr = SPLIT + 1 if OBSERVER else SPLIT
+        if NPROG == 1:
             last = True
         else:
             ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
-            last = ticket == SPLIT - 1
+            last = ticket == NPROG - 1
         if last:
-            # the row of bounds (every program's imp stores are ordered before the ticket), loaded
-            # first so that its latency overlaps the combine's loads
+            # the row of bounds, or with OBSERVER its top-k set (every program's imp stores are
+            # ordered before the ticket), loaded first so that its latency overlaps the combine's loads
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
             if (DIAG & 8) == 0:
                 _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT)
@@ -694,7 +747,6 @@ if HAS_TRITON:
                 tl.store(out_ptr + b * sob + (h * G + gg)[:, None] * soh + d[None, :] * sod,
                          tl.zeros([BG, D], tl.float32).to(out_ptr.dtype.element_ty), mask=gm[:, None])
 
-            pid_new = tl.where(opened & (p == slot), new_id, pid)
             if (DIAG & 4) == 0:
                 tl.store(overflow_ptr, 1, mask=write == 0)
                 tl.store(evictions_ptr + row64, ev + (opened & (has_free == 0)).to(tl.int64))
@@ -708,8 +760,11 @@ if HAS_TRITON:
                 _write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
                                    n_p, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
             if (DIAG & 2) == 0:
-                _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P)
-            if SPLIT > 1:
+                if OBSERVER:
+                    tl.store(stamp_ptr + base + p, tl.zeros([BLOCK_P], tl.int64) + step_new, mask=in_row & (a != 0))
+                else:
+                    _refresh_top(a, pid_new, p, in_row, stamp_ptr, base, step_new, P, REFRESH, BLOCK_P)
+            if NPROG > 1:
                 tl.store(count_ptr + row64, 0)
             # the last row to finish advances the lengths and the step (every program has read them)
             tl.debug_barrier()
@@ -902,12 +957,15 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        bp, bpc, dot = _bound_plan(pages, D)
+        if ATTEND_OBSERVER not in (True, False):
+            raise ValueError(f"kernels.ATTEND_OBSERVER={ATTEND_OBSERVER!r} is not allowed; allowed: True or False")
+        observer = bool(ATTEND_OBSERVER)
+        bp, bpc, dot = _bound_plan(P if observer else pages, D)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
         out = torch.empty(B, H * G, 1, D, dtype=q.dtype, device=q.device)
-        wrap_triton(_step_kernel)[(B * H, split)](
+        wrap_triton(_step_kernel)[(B * H, split + observer)](
             q, q.stride(0), q.stride(1), q.stride(3),
             k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
             v_new.stride(0), v_new.stride(1), v_new.stride(3),
@@ -920,7 +978,8 @@ if HAS_TRITON:
             BLOCK_N=ATTEND_BLOCK_N, TILES=-(-tiles // split), SPLIT=split, PAGES=pages,
             BP=bp, BPC=bpc,
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
-            LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, DIAG=ATTEND_DIAG,
+            LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, OBSERVER=observer,
+            DIAG=ATTEND_DIAG,
             num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
         )
         return out

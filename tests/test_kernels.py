@@ -260,6 +260,14 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True), pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True), observe_in_append=False, steps=20)),
+        # an observer program per row (ATTEND_OBSERVER): bounds in one chunk and in several, and as dots
+        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True), pin_prompt=False, steps=20)),
+        ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=True), steps=20)),
+        ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True, ATTEND_OBSERVER=True, ATTEND_SPLIT=1),
+                      pin_prompt=False, steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
     ]
@@ -320,12 +328,14 @@ def test_interpreter_diagnostic_bits_skip_their_part():
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (fused_step is defined with it)")
-def test_diagnostic_bits_validated(monkeypatch):
-    """A kernels.ATTEND_DIAG outside the four bits is refused by fused_step before any launch."""
+@pytest.mark.parametrize("knob, value", [("ATTEND_DIAG", 16), ("ATTEND_OBSERVER", 2), ("ATTEND_BOUND_DOT", "no")])
+def test_step_knobs_validated(monkeypatch, knob, value):
+    """fused_step refuses, before any launch, an ATTEND_DIAG outside the four bits and an
+    ATTEND_OBSERVER / ATTEND_BOUND_DOT other than True or False, naming the knob and the value."""
     cache = _cpu_cache()
-    monkeypatch.setattr(kernels, "ATTEND_DIAG", 16)
+    monkeypatch.setattr(kernels, knob, value)
     q = torch.zeros(1, 2, 1, 16)
-    with pytest.raises(ValueError, match=r"kernels.ATTEND_DIAG=16 is not allowed"):
+    with pytest.raises(ValueError, match=rf"kernels.{knob}={value!r} is not allowed"):
         kernels.fused_step(q, q[:, :1], q[:, :1], cache.k, cache.v, cache.page_id, cache.stamp, cache.pinned,
                            cache.score, cache.kmax, cache.kmin, cache.open_slot, cache.length, cache.step,
                            cache.evictions, cache.overflow, cache.valid, torch.zeros(1, dtype=torch.int32),
@@ -370,7 +380,8 @@ def test_interpreter_matches_torch_on_cpu():
     """The kernels' logic through Triton's CPU interpreter: raas (exact and resync; observe inside
     the append kernel and as its own kernel; attention="triton": the whole step in one kernel, split
     over 4 and 2 programs per row, and the append kernel followed by the attention + observe kernel;
-    page bounds as matrix products or element-wise),
+    page bounds as matrix products or element-wise, by the attention programs or by an observer
+    program per row),
     streaming, and h2o with pinned prompt pages (it
     overflows)."""
     tests = str(Path(__file__).resolve().parent)
@@ -379,7 +390,7 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 11 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 14 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
