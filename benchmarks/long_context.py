@@ -13,10 +13,9 @@ Real architecture shapes with random weights (no hub access needed), bf16, greed
             whose KV fits at the largest dense context measured in this run (e.g. 8x).
     quest   raas_flex.patch(model, budget=L, policy="quest", max_length=N + margin) with
             --quest-contexts: keeps every token (O(N) memory like dense) and attends to the top
-            L/page_size pages each step. Same prompt (N - steps tokens) and the same timed steps
-            at context ~N as dense. The prompt goes through the model in ONE forward: a RaaSCache
-            takes the whole prompt at once (a second prompt chunk raises NotImplementedError in
-            RaaSLayer.attend), so generate's prefill_chunk_size cannot be used; the row says so.
+            L/page_size pages each step. Same prompt (N - steps tokens), in pieces of
+            --prefill-chunk tokens as for dense (generate's prefill_chunk_size), and the same
+            timed steps at context ~N as dense.
 
 Reports ms per decode step, tokens/s (batch / step time), peak GPU memory, KV bytes, compile
 counts (warm-up and timed run), the largest batch whose KV fits in GPU memory, the wall time of
@@ -79,9 +78,6 @@ except ImportError:  # pragma: no cover
 
 # estimates of a measurement's duration are multiplied by this before comparing with the time left
 DEADLINE_SAFETY = 1.25
-QUEST_PREFILL_NOTE = ("one forward over the whole prompt: a RaaSCache takes the prompt in one piece (a second prompt "
-                      "chunk raises NotImplementedError in RaaSLayer.attend), so generate's prefill_chunk_size "
-                      "cannot be used; dense uses --prefill-chunk")
 
 
 class StepTimes:
@@ -313,7 +309,7 @@ def main(argv=None):
     ap.add_argument("--dense-reserve-gb", type=float, default=None,
                     help="with --skip-dense: still allocation-check the largest dense batch at each context, "
                          "reserving this much working memory (peak - weights - KV of an earlier dense run)")
-    ap.add_argument("--prefill-chunk", type=int, default=4096, help="dense prefill chunk (0: one forward)")
+    ap.add_argument("--prefill-chunk", type=int, default=4096, help="prompt pieces of dense and quest (0: one forward)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (checks the script, no timing claims)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
@@ -378,17 +374,18 @@ def main(argv=None):
     def run_quest(N):
         ids = torch.randint(100, 1000, (B, N - args.steps), device=device, generator=gen)
         max_length = N + args.quest_margin
+        kw = dict(prefill_chunk_size=args.prefill_chunk or None)
         with raas_flex.patched(model, budget=Lq, policy="quest", max_length=max_length):
-            phase["name"] = "warm-up (one-forward prefill + decode)"
-            t_warm, g_warm = warm_up(model, ids, args.steps, device)
+            phase["name"] = "warm-up"
+            t_warm, g_warm = warm_up(model, ids, args.steps, device, **kw)
             phase["name"] = "timed"
-            _, d, comp, peak, t_timed = generate_timed(model, ids, args.steps, device)
+            _, d, comp, peak, t_timed = generate_timed(model, ids, args.steps, device, **kw)
             st = raas_flex.stats(model)
         del ids
         ms = median_ms(d[len(d) // 4:])
         lay = st["layers"][0]
         return dict(prompt=N - args.steps, steps=args.steps, max_length=max_length, slots=lay["slots"],
-                    tokens_kept=max(lay["tokens"]), attended_tokens=Lq, prefill=QUEST_PREFILL_NOTE,
+                    tokens_kept=max(lay["tokens"]), attended_tokens=Lq, prefill_chunk=args.prefill_chunk or None,
                     ms_per_step=ms, tokens_per_s=B / ms * 1e3, peak_gb=peak / 2**30, kv_gb=st["kv_bytes"] / 2**30,
                     state_gb=st["state_bytes"] / 2**30, evictions=st["evictions"], **comp,
                     graphs_compiled_warmup=g_warm, t_warmup_s=t_warm, t_timed_s=t_timed)
@@ -510,8 +507,6 @@ def main(argv=None):
                 failure = dict(base, error=("OOM: " if oom else "") + f"{type(e).__name__}: {str(e)[:300]}",
                                error_type=type(e).__name__, oom=oom, phase=phase["name"],
                                traceback=traceback.format_exc(limit=-4)[-1500:])
-                if kind == "quest":
-                    failure["prefill"] = QUEST_PREFILL_NOTE
                 del e
             measured += 1
             if failure is not None:

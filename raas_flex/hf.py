@@ -429,12 +429,8 @@ class RaaSLayer(CacheLayerMixin):
             return self._prefill(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         n = query.shape[2]
         if self.final_len is None and self.cache._runtime.owns(self) and int(self.engine.step) == 0:
-            # a second prompt piece before any decode step: generate's chunked prefill
-            raise NotImplementedError(
-                f"RaaSCache takes the whole prompt in one forward; got a second prompt piece of {n} tokens after "
-                f"{self.prefill_len} (generate's prefill_chunk_size splits the prompt). Pass prefill_chunk_size=None, "
-                "or a prefill_chunk_size at least the padded prompt length"
-            )
+            # a further prompt piece before any decode step: generate's chunked prefill
+            return self._extend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         raise NotImplementedError(
             f"RaaSCache decodes one token per row per forward after the prompt; got {n} new tokens for a cache "
             f"holding {self.seen}. Use a new RaaSCache (or none: generate creates one) for each generate call"
@@ -481,6 +477,54 @@ class RaaSLayer(CacheLayerMixin):
         self.prefilled = True
         self.cache._runtime.last_cache = self.cache
         return out, weights
+
+
+    def _extend(self, module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+        """A further piece of the prompt (generate's ``prefill_chunk_size``): its queries attend the
+        prompt tokens already stored in the engine (the real ones, compacted) and the piece itself
+        under the piece's part of the model's mask; then the engine holds the whole prompt so far,
+        as if it had come in one forward."""
+        eng = self.engine
+        B, _, n, _ = query.shape
+        lengths = eng.length.clone()
+        n_prev = int(lengths.max())
+        prev_real = torch.arange(n_prev, device=key.device)[None, :] < lengths[:, None]  # [B, n_prev]
+        piece = _piece_mask(attention_mask, B, n, key.device)  # [B, 1, n, n] bool
+        mask = torch.cat([prev_real[:, None, None, :].expand(B, 1, n, n_prev), piece], dim=-1)
+        k_all = torch.cat([eng.k[:, :, :n_prev].to(key.dtype), key], dim=2)
+        v_all = torch.cat([eng.v[:, :, :n_prev].to(value.dtype), value], dim=2)
+        out, weights = _sdpa_attention()(module, query, k_all, v_all, mask, dropout=dropout, scaling=scaling, **kwargs)
+        real = torch.cat([prev_real, _real_tokens(attention_mask, B, n, key.device)], dim=1)
+        keep = real[:, None, :, None]
+        try:
+            with torch.no_grad():
+                eng.prefill(torch.where(keep, k_all, 0).detach(), torch.where(keep, v_all, 0).detach(), real)
+        except ValueError as e:
+            raise ValueError(f"layer {self.layer_idx}, policy={self.config.policy!r} (prompt in pieces, "
+                             f"{self.prefill_len} + {n} tokens so far): {e}") from None
+        if self.cache._runtime.tracer is not None:
+            self.cache._runtime.tracer.on_prefill(self.layer_idx, eng, extend=True)
+        self.prefill_len += n
+        return out, weights
+
+
+def _piece_mask(mask, batch: int, n: int, device) -> Tensor:
+    """bool [B, 1, n, n]: which keys of a prompt piece each of its queries attends, from the mask the
+    model passes to attention (its last n key columns; None or a 2D padding mask: causal, and for a 2D
+    mask only real keys, every query keeping at least its own position)."""
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    if mask is None:
+        return causal.expand(batch, 1, n, n)
+    if mask.dim() == 4:
+        part = mask[:, :, -n:, -n:]
+        if part.dtype != torch.bool:
+            part = part > torch.finfo(part.dtype).min / 2
+        return part.to(device).expand(batch, 1, n, n)
+    if mask.dim() == 2:
+        keys = mask[:, -n:].bool().to(device)
+        eye = torch.eye(n, dtype=torch.bool, device=device)
+        return ((causal & keys[:, None, :]) | eye)[:, None]
+    raise ValueError(f"unexpected attention mask of shape {tuple(mask.shape)}")
 
 
 def _real_tokens(mask, batch: int, n: int, device) -> Tensor:
@@ -556,9 +600,14 @@ class RaaSCache(Cache):
 
     def get_query_offset(self, layer_idx: int = 0):
         # After the prompt only single-token decode steps run, and their mask is skipped (see
-        # RaaSLayer.get_mask_sizes): a constant, so that neither a host sync nor a recompile happens.
+        # RaaSLayer.get_mask_sizes): a constant while compiled, so that neither a host sync nor a
+        # recompile happens. Eager, before the first decode step, a further prompt piece (chunked
+        # prefill) starts where the prompt so far ends.
         if layer_idx < len(self.layers) and self.layers[layer_idx].prefilled:
-            return 0
+            layer = self.layers[layer_idx]
+            if torch.compiler.is_compiling() or layer.final_len is not None or int(layer.engine.step) > 0:
+                return 0
+            return layer.prefill_len
         return super().get_query_offset(layer_idx)
 
     def engines(self) -> list[PagedKVCache | None]:

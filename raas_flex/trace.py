@@ -120,6 +120,7 @@ class AttentionTrace:
         self.layers = _check_index_list("layers", layers, None)
         self.heads = _check_index_list("heads", heads, None)
         self.max_steps, self.max_pages, self.group, self.row, self.max_bytes = max_steps, max_pages, group, row, max_bytes
+        self._auto_pages = max_pages is None  # sized from the prompt (again for each piece of a prompt in pieces)
         self.page_size: int | None = None
         self.policy: str | None = None
         self.budget: int | None = None
@@ -164,17 +165,22 @@ class AttentionTrace:
             self.truncation.append(reason)
         self.truncated = True
 
-    def on_prefill(self, layer_idx: int, engine) -> None:
-        """The prompt of ``layer_idx`` was stored in ``engine``."""
+    def on_prefill(self, layer_idx: int, engine, extend: bool = False) -> None:
+        """The prompt of ``layer_idx`` was stored in ``engine`` (``extend``: a further piece of it, before
+        any decode step)."""
         if not self._recording:
             self._fail(RuntimeError, "this trace was loaded or its tracing block has ended; it records nothing")
         pos = self._layer_pos.get(layer_idx)
         if pos is None:
             return
-        if layer_idx in self._prefilled:
+        if layer_idx in self._prefilled and not extend:
             self._fail(RuntimeError, "a second prompt ran in one tracing block; a trace records one generation: "
                                      "use a new `with raas_flex.tracing(model) as tr:` block per generate call")
-        if self.share is None:
+        if extend and self.steps:
+            self._fail(RuntimeError, "a prompt piece came after decode steps were recorded")
+        if self.share is None or (extend and int(engine.length[self.row]) != self.prompt_tokens):
+            # (a longer prompt so far, seen first by one layer: size the maps again; nothing but
+            # resident0 is recorded yet, and every layer records it again for this piece)
             self._allocate(engine)
         elif engine.H != self.num_kv_heads or engine.ps != self.page_size:
             self._fail(ValueError, f"layer {layer_idx} has {engine.H} KV heads / page_size {engine.ps}, other traced "
@@ -193,7 +199,7 @@ class AttentionTrace:
         self.page_size, self.num_kv_heads, self.group_size = engine.ps, engine.H, engine.G
         self.policy, self.budget = engine.config.policy, engine.config.budget
         self.prompt_tokens = int(engine.length[self.row])
-        if self.max_pages is None:
+        if self._auto_pages:
             self.max_pages = -(-(self.prompt_tokens + self.max_steps) // self.page_size)
         shape = (self.max_steps, len(self.layers), len(self.heads))
         need = math.prod(shape) * self.max_pages * (4 * self.members + 2) + 8 * self.max_steps
@@ -337,7 +343,7 @@ class AttentionTrace:
         tr.layers, tr.heads, tr.truncation = tuple(d["layers"]), tuple(d["heads"]), list(d["truncation"])
         for name in _TENSORS:
             setattr(tr, name, d[name])
-        tr._prefilled, tr._recording, tr._layer_pos = set(), False, {}
+        tr._prefilled, tr._recording, tr._layer_pos, tr._auto_pages = set(), False, {}, False
         return tr
 
     @classmethod

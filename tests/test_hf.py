@@ -312,18 +312,61 @@ def test_beam_search_is_refused():
         model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2)
 
 
-def test_chunked_prefill_is_refused_with_what_to_do():
-    """generate's prefill_chunk_size hands the prompt over in pieces; the cache takes it in one forward, so
-    the second piece is refused with the option to change (not the per-step message), and a chunk size
-    that covers the prompt works and matches the unchunked generation."""
+@pytest.mark.parametrize("policy", ["raas", "quest", "dense"])
+@pytest.mark.parametrize("chunk", [3, 5, 11])
+def test_chunked_prefill_matches_one_forward(policy, chunk):
+    """generate's prefill_chunk_size hands the prompt over in pieces (12 padded tokens: pieces of 3, of
+    5 with a last piece of 2, and of 11 with a last piece of 1, which the cache takes as a first decode
+    step); the generation equals the one-forward prompt's, on a left-padded batch whose shorter row
+    is all padding in the first piece."""
     model = make_model("llama")
-    raas_flex.patch(model, budget=32, page_size=8)
-    ids, mask = prompts([12, 9])
-    with pytest.raises(NotImplementedError, match=r"second prompt piece of 4 tokens after 8 .*prefill_chunk_size=None"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, prefill_chunk_size=8)
-    whole = greedy(model, ids, mask, 4)
-    covered = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, prefill_chunk_size=12)
-    assert torch.equal(covered, whole)
+    raas_flex.patch(model, budget=32, page_size=4, policy=policy)
+    ids, mask = prompts([12, 5], seed=21)
+    whole = greedy(model, ids, mask, 6)
+    pieces = greedy(model, ids, mask, 6, prefill_chunk_size=chunk)
+    assert torch.equal(pieces, whole)
+
+
+def _prompt_state(model, ids, mask, cuts):
+    """Engine state of layer 1 and the last position's logits after the prompt ran in pieces ending at ``cuts``."""
+    cache = raas_flex.RaaSCache(model)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    start = 0
+    with torch.no_grad():
+        for end in cuts:
+            out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], position_ids=pos[:, start:end],
+                        past_key_values=cache, use_cache=True)
+            start = end
+    eng = cache.layers[1].engine
+    state = {n: getattr(eng, n).clone() for n in ("k", "v", "page_id", "pinned", "length", "kmax", "kmin", "open_slot")}
+    return state, out.logits[:, -1], cache
+
+
+def test_chunked_prefill_stores_the_same_prompt():
+    """A prompt given in three pieces leaves the engine exactly as one forward does (compacted real
+    tokens, page table, pinned prompt pages, key bounds), with the same last logits; the logical
+    length counts every piece."""
+    model = make_model("llama")
+    raas_flex.patch(model, budget=48, page_size=4)
+    ids, mask = prompts([14, 6], seed=22)
+    one, logits_one, _ = _prompt_state(model, ids, mask, [14])
+    three, logits_three, cache = _prompt_state(model, ids, mask, [4, 9, 14])
+    for name in one:
+        assert torch.allclose(one[name].float(), three[name].float(), atol=1e-5), name
+    assert bool(three["pinned"][1, :, :2].all()) and not bool(three["pinned"][1, :, 2:].any())  # 6 tokens: 2 pages
+    assert torch.allclose(logits_one, logits_three, atol=1e-4)
+    assert cache.get_seq_length() == 14
+
+
+def test_chunked_prefill_over_budget_names_the_pieces():
+    """A prompt that outgrows the budget piece by piece is refused when the piece that overflows arrives,
+    saying it came in pieces and how many tokens it holds so far."""
+    model = make_model("llama")
+    raas_flex.patch(model, budget=16, page_size=4)  # 4 pages, one kept free: 12 prompt tokens at most
+    ids, mask = prompts([14], seed=23)
+    with pytest.raises(ValueError, match=r"layer 0, policy='raas' \(prompt in pieces, 8 \+ 6 tokens so far\): "
+                                         r"prompt of 14 tokens needs 4 pages"):
+        greedy(model, ids, mask, 2, prefill_chunk_size=8)
 
 
 # -- torch.compile of the decode forward ------------------------------------------------------------------------

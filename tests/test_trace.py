@@ -103,6 +103,21 @@ def test_tracing_changes_no_output_and_records_every_step(raas_run):
     assert (tr.share[tr.steps:] == 0).all() and not tr.resident[tr.steps:].any()
 
 
+def test_trace_of_a_prompt_in_pieces_equals_the_one_forward_trace(raas_run):
+    """generate's prefill_chunk_size (the prompt in pieces of 5 tokens) records the same trace as the
+    prompt in one forward: prompt length, map sizes, resident prompt pages and every step."""
+    model, ids, mask = repatched(raas_run)
+    ref = raas_run["trace"]
+    with raas_flex.tracing(model, row=1, max_steps=100) as tr:
+        out = greedy(model, ids, mask, prefill_chunk_size=5)
+    assert torch.equal(out, raas_run["ref"])
+    assert tr.prompt_tokens == ref.prompt_tokens == 13 and tr.steps == ref.steps
+    assert tr.share.shape == ref.share.shape
+    assert torch.equal(tr.resident0, ref.resident0) and bool(tr.resident0.any())
+    assert torch.equal(tr.resident, ref.resident) and torch.equal(tr.refreshed, ref.refreshed)
+    torch.testing.assert_close(tr.share, ref.share, rtol=0, atol=1e-5)
+
+
 def test_shares_sum_to_one_over_resident_pages(raas_run):
     tr = raas_run["trace"]
     share = tr.share[: tr.steps, ..., 0, :]  # [T, L, H, pages]
