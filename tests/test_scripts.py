@@ -85,6 +85,7 @@ def test_decode_step_variant_names():
         ATTEND_BOUND_ELEMS=4096)
     assert all(hasattr(ds.kernels, k) for k in ds.TRITON_KNOB_TOKENS.values())
     assert ds.parse_variant("raas_triton+tdiag15")[6] == dict(ATTEND_DIAG=15)
+    assert ds.parse_variant("raas_triton+tob1+tbd0")[6] == dict(ATTEND_OBSERVER=1, ATTEND_BOUND_DOT=0)
     assert ds.is_diagnostic("raas_triton+tdiag15") and not ds.is_diagnostic("raas_triton+tdiag0")
     assert not ds.is_diagnostic("raas_triton+tsplit2")
     with pytest.raises(ValueError, match="attention='flex'"):
@@ -105,7 +106,7 @@ def test_decode_step_variant_names():
         with pytest.raises(ValueError, match=r"\+pdl needs torch._inductor.config.triton.enable_pdl"):
             ds.parse_variant("raas+pdl")
     assert ds.parse_variant("raas_torch")[:3] == ("raas", False, True)
-    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, ttpN, tbeN, tdiagN, pdl"):
+    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, ttpN, tbeN, tbdN, tobN, tdiagN, pdl"):
         ds.parse_variant("raas+xyz4")
 
 def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
@@ -168,13 +169,13 @@ def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
     assert raas[1]["kv_gb"] == pytest.approx(4 * raas[0]["kv_gb"])  # KV is budget x batch
     assert raas[1]["evictions"] == 4 * raas[0]["evictions"]
     # quest N=80: the simulated OOM is a row; quest N=96 then ran: every token kept, none evicted,
-    # prompt of N - steps tokens in one forward
+    # prompt of N - steps tokens in pieces of --prefill-chunk (32 in the smoke run: 32 + 32 + 28)
     oom = quest[0]
     assert oom["N"] == 80 and oom["oom"] and oom["error"].startswith("OOM: ") and oom["state_reset"] is True
-    assert "warm-up" in oom["phase"] and "one forward" in oom["prefill"]
+    assert "warm-up" in oom["phase"]
     ok = quest[1]
     assert ok["N"] == 96 and ok["prompt"] == 92 and ok["tokens_kept"] == 95 and ok["evictions"] == 0
-    assert ok["slots"] >= 96 and ok["attended_tokens"] == 64 and "one forward" in ok["prefill"]
+    assert ok["slots"] >= 96 and ok["attended_tokens"] == 64 and ok["prefill_chunk"] == 32
     assert ok["kv_gb"] > dense[0]["kv_gb"] * 0.99  # O(N): at least what dense keeps
     assert len(resets) >= 3  # dense -> raas, raas -> quest, after the OOM
     data = json.loads((tmp_path / "long_context_smoke.json").read_text())
