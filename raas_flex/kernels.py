@@ -120,10 +120,11 @@ ATTEND_BOUND_DOT = False
 # writes by the last program (page-table entry, key bounds, open slot, validity, block lists);
 # 8: no combine (the output is stored as zeros). benchmarks/decode_step.py times them as tdiagN.
 ATTEND_DIAG = 0
-# fused_step: one extra program per row (dispatched first), the observer, computes every page bound
-# of the row and the top-k set while the attention programs stream K/V; the row's last program then
-# only stores the stamps of that set (False: each attention program bounds its share of the pages,
-# and the last program sorts the row). Not yet timed on a GPU.
+# the attention kernels: one extra program per row (dispatched first), the observer, computes every
+# page bound of the row and the top-k set while the attention programs stream K/V; in fused_step the
+# row's last program then only stores the stamps of that set, in fused_attend_observe the observer
+# stores them itself (False: each attention program bounds its share of the pages, and the last
+# program sorts the row). Not yet timed on a GPU.
 ATTEND_OBSERVER = False
 
 
@@ -505,27 +506,11 @@ if HAS_TRITON:
                  mask=gm[:, None])
 
     @triton.jit
-    def _attend_observe_kernel(
-        q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, valid_ptr,
-        page_id_ptr, stamp_ptr, score_ptr, kmax_ptr, kmin_ptr, step_ptr, imp_ptr, count_ptr,
-        acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2,
-        H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-        REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BG: tl.constexpr, BLOCK_N: tl.constexpr,
-        TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr, BP: tl.constexpr, BPC: tl.constexpr,
-        DOT: tl.constexpr,
-    ):
-        """Attention of the G query heads of one (sequence, KV head) row over the slots marked in
-        ``valid`` (program (row, split) takes TILES tiles of BLOCK_N slots), and Quest's bounds of
-        PAGES pages of the row; the program that finishes its row last combines the row's partial
-        softmax results into the output and runs the top-k refresh (as in _observe_kernel)."""
-        row = tl.program_id(0)
-        split = tl.program_id(1)
-        b = row // H
-        h = row % H
-        # torch.compile passes a Python float argument as fp64: keep the softmax in fp32
-        scale_log2 = tl.cast(scale_log2, tl.float32)
-        row64 = row.to(tl.int64)
-        base = row64 * P
+    def _attend_tiles(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, valid_ptr, acc_ptr, ml_ptr, row64, b, h, split, scale_log2,
+                      G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr,
+                      TILES: tl.constexpr, SPLIT: tl.constexpr):
+        """Attention program ``split`` of a row of _attend_observe_kernel: its TILES tiles of the slots
+        marked in ``valid``; the partial softmax result goes to ml / acc."""
         d = tl.arange(0, D)
         gg = tl.arange(0, BG)
         gm = gg < G
@@ -547,26 +532,71 @@ if HAS_TRITON:
         tl.store(ml_ptr + (part * 2) * BG + gg, m_i)
         tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l_i)
         tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc, mask=gm[:, None])
-        # this program's share of the observe: bounds of pages split*PAGES .. +PAGES (in chunks of
-        # BPC pages; BP >= PAGES, the pages past the share masked)
-        for c0 in tl.static_range(0, BP, BPC):
-            _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                         b, h, base, split * PAGES + c0, split * PAGES + PAGES, G, P, D, BPC, DOT)
+
+    @triton.jit
+    def _attend_observe_kernel(
+        q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, valid_ptr,
+        page_id_ptr, stamp_ptr, score_ptr, kmax_ptr, kmin_ptr, step_ptr, imp_ptr, count_ptr,
+        acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2,
+        H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+        REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BG: tl.constexpr, BLOCK_N: tl.constexpr,
+        TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr, BP: tl.constexpr, BPC: tl.constexpr,
+        DOT: tl.constexpr, OBSERVER: tl.constexpr,
+    ):
+        """Attention of the G query heads of one (sequence, KV head) row over the slots marked in
+        ``valid`` (program (row, split) takes TILES tiles of BLOCK_N slots), and Quest's bounds of
+        PAGES pages of the row; the program that finishes its row last combines the row's partial
+        softmax results into the output and runs the top-k refresh (as in _observe_kernel).
+
+        OBSERVER: program 0 of each row attends nothing and runs the row's whole observe (every
+        bound, the top-k refresh: nothing in this kernel reads the stamps), programs 1..SPLIT
+        attend, and the last program only combines."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        b = row // H
+        h = row % H
+        # torch.compile passes a Python float argument as fp64: keep the softmax in fp32
+        scale_log2 = tl.cast(scale_log2, tl.float32)
+        row64 = row.to(tl.int64)
+        base = row64 * P
+        i = tl.arange(0, BLOCK_P)
+        in_row = i < P
+        if OBSERVER:
+            if split == 0:  # the row's observer
+                for c0 in tl.static_range(0, BP, BPC):
+                    _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                                 b, h, base, c0, P, G, P, D, BPC, DOT)
+                tl.debug_barrier()  # the row of bounds is complete
+                a = tl.load(imp_ptr + base + i, mask=in_row, other=float("-inf"), cache_modifier=".cg")
+                pid = tl.load(page_id_ptr + base + i, mask=in_row, other=-1)
+                _refresh_top(a, pid, i, in_row, stamp_ptr, base, tl.load(step_ptr), P, REFRESH, BLOCK_P)
+            else:
+                _attend_tiles(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, valid_ptr, acc_ptr, ml_ptr, row64, b, h, split - 1,
+                              scale_log2, G, BG, D, S, BLOCK_N, TILES, SPLIT)
+        else:
+            _attend_tiles(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, valid_ptr, acc_ptr, ml_ptr, row64, b, h, split,
+                          scale_log2, G, BG, D, S, BLOCK_N, TILES, SPLIT)
+            # this program's share of the observe: bounds of pages split*PAGES .. +PAGES (in chunks of
+            # BPC pages; BP >= PAGES, the pages past the share masked)
+            for c0 in tl.static_range(0, BP, BPC):
+                _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                             b, h, base, split * PAGES + c0, split * PAGES + PAGES, G, P, D, BPC, DOT)
 
         tl.debug_barrier()
-        if SPLIT == 1:
+        NPROG: tl.constexpr = SPLIT + 1 if OBSERVER else SPLIT
+        if NPROG == 1:
             last = True
         else:
             ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
-            last = ticket == SPLIT - 1
+            last = ticket == NPROG - 1
         if last:
-            i = tl.arange(0, BLOCK_P)
-            in_row = i < P
-            a = tl.load(imp_ptr + base + i, mask=in_row, other=float("-inf"), cache_modifier=".cg")
-            pid = tl.load(page_id_ptr + base + i, mask=in_row, other=-1)
+            if not OBSERVER:
+                a = tl.load(imp_ptr + base + i, mask=in_row, other=float("-inf"), cache_modifier=".cg")
+                pid = tl.load(page_id_ptr + base + i, mask=in_row, other=-1)
             _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT)
-            _refresh_top(a, pid, i, in_row, stamp_ptr, base, tl.load(step_ptr), P, REFRESH, BLOCK_P)
-            if SPLIT > 1:
+            if not OBSERVER:
+                _refresh_top(a, pid, i, in_row, stamp_ptr, base, tl.load(step_ptr), P, REFRESH, BLOCK_P)
+            if NPROG > 1:
                 tl.store(count_ptr + row64, 0)
 
     @triton.jit
@@ -885,6 +915,12 @@ if HAS_TRITON:
             bp, bpc = max(bp, 16), max(bpc, 16)
         return bp, bpc, bool(ATTEND_BOUND_DOT)
 
+    def _observer() -> bool:
+        """ATTEND_OBSERVER, checked."""
+        if ATTEND_OBSERVER not in (True, False):
+            raise ValueError(f"kernels.ATTEND_OBSERVER={ATTEND_OBSERVER!r} is not allowed; allowed: True or False")
+        return bool(ATTEND_OBSERVER)
+
     def attend_split(rows: int, tiles: int, device: torch.device) -> int:
         """Programs per row of the attention kernels: ATTEND_SPLIT if set, else :func:`split_for` with
         the device's SM count; 4 on CPU (the interpreter)."""
@@ -911,18 +947,19 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        bp, bpc, dot = _bound_plan(pages, D)
+        observer = _observer()
+        bp, bpc, dot = _bound_plan(P if observer else pages, D)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
         out = torch.empty(B, H * G, 1, D, dtype=q.dtype, device=q.device)
-        wrap_triton(_attend_observe_kernel)[(B * H, split)](
+        wrap_triton(_attend_observe_kernel)[(B * H, split + observer)](
             q, q.stride(0), q.stride(1), q.stride(3), k_cache, v_cache, valid,
             page_id, stamp, score, kmax, kmin, step, imp, count,
             acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * 1.4426950408889634,
             H=H, G=G, P=P, D=D, S=S, REFRESH=refresh_pages, BLOCK_P=triton.next_power_of_2(P), BG=bg,
             BLOCK_N=ATTEND_BLOCK_N, TILES=-(-tiles // split), SPLIT=split, PAGES=pages,
-            BP=bp, BPC=bpc, DOT=dot,
+            BP=bp, BPC=bpc, DOT=dot, OBSERVER=observer,
             num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
         )
         return out
@@ -957,9 +994,7 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        if ATTEND_OBSERVER not in (True, False):
-            raise ValueError(f"kernels.ATTEND_OBSERVER={ATTEND_OBSERVER!r} is not allowed; allowed: True or False")
-        observer = bool(ATTEND_OBSERVER)
+        observer = _observer()
         bp, bpc, dot = _bound_plan(P if observer else pages, D)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)

@@ -263,6 +263,9 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True, ATTEND_OBSERVER=True, ATTEND_SPLIT=1),
                       pin_prompt=False, steps=20)),
+        ("raas", dict(B=2, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28, 9], integer=True, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=True),
+                      observe_in_append=False, steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
     ]
@@ -385,7 +388,7 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 14 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 15 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -417,6 +420,9 @@ GPU_CASES = [
      dict(attention="triton", knobs=dict(ATTEND_OBSERVER=True))),
     ("raas-P128-G4-triton-split", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
      [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False, attention="triton", observe_in_append=False)),
+    ("raas-P128-G4-triton-split-observer", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
+     [2020, 2030, 5, 1500, 2000, 2031, 700, 2025],
+     dict(pin_prompt=False, attention="triton", observe_in_append=False, knobs=dict(ATTEND_OBSERVER=True))),
     ("raas-P34-r0.1-ps8", "raas", dict(B=2, Hq=4, Hkv=4, D=128, budget=272, ps=8), [262, 100],
      dict(refresh_ratio=0.1, pin_prompt=False, lists_in_regs=False)),
     ("raas-attention-P8", "raas", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=16), [20, 110],
