@@ -5,7 +5,9 @@ Real architecture shapes with random weights (no hub access needed), bf16, greed
     dense   transformers generate with cache_implementation="static" (sdpa, auto-compiled with
             CUDA graphs), chunked prefill of N - steps prompt tokens, then `steps` timed decode
             steps at context ~N. KV memory grows with N.
-    raas    raas_flex.patch(model, budget=L) and the same generate call. A RaaS cache holds L
+    raas    raas_flex.patch(model, budget=L) and the same generate call (the --raas-prompt prompt
+            in --prefill-chunk pieces too; at large batches a smaller chunk keeps the prompt
+            forward's activations small). A RaaS cache holds L
             tokens whatever the context, so its step cost does not depend on N once the buffer is
             full; the script decodes past the point where every step evicts and times those steps
             (with --raas-long, along a long decode, to show the time stays flat as N grows).
@@ -309,7 +311,8 @@ def main(argv=None):
     ap.add_argument("--dense-reserve-gb", type=float, default=None,
                     help="with --skip-dense: still allocation-check the largest dense batch at each context, "
                          "reserving this much working memory (peak - weights - KV of an earlier dense run)")
-    ap.add_argument("--prefill-chunk", type=int, default=4096, help="prompt pieces of dense and quest (0: one forward)")
+    ap.add_argument("--prefill-chunk", type=int, default=4096,
+                    help="prompt pieces of every row (generate's prefill_chunk_size; 0: one forward)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (checks the script, no timing claims)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
@@ -323,7 +326,7 @@ def main(argv=None):
     quest_contexts = [int(x) for x in args.quest_contexts.split(",") if x.strip()]
     if args.smoke:
         device, dtype = "cpu", torch.float32
-        args.layers, args.batch, args.budget, args.raas_prompt, args.steps = 2, 2, 64, 16, 4
+        args.layers, args.batch, args.budget, args.raas_prompt, args.steps = 2, 2, 64, 40, 4
         contexts, args.prefill_chunk = [96], 32
     else:
         if not torch.cuda.is_available():
@@ -397,17 +400,18 @@ def main(argv=None):
     def run_raas(b):
         ids = torch.randint(100, 1000, (b, P0), device=device, generator=gen)
         new = raas_new(b)
+        kw = dict(prefill_chunk_size=args.prefill_chunk or None)
         with raas_flex.patched(model, budget=L, attention=args.raas_attention):
             phase["name"] = "warm-up"
-            t_warm, g_warm = warm_up(model, ids, 48, device)  # compile + graphs
+            t_warm, g_warm = warm_up(model, ids, 48, device, **kw)  # compile + graphs
             phase["name"] = "timed"
-            _, d, comp, peak, t_timed = generate_timed(model, ids, new, device)
+            _, d, comp, peak, t_timed = generate_timed(model, ids, new, device, **kw)
             st = raas_flex.stats(model)
         del ids
         # d[i] is the time of decode step i+1, at context P0 + i + 2
         full = [x for i, x in enumerate(d) if P0 + i + 2 > L + 16]
         ms = median_ms(full[-args.steps:])
-        row = dict(prompt=P0, decoded=new, ms_per_step=ms, tokens_per_s=b / ms * 1e3, peak_gb=peak / 2**30,
+        row = dict(prompt=P0, prefill_chunk=args.prefill_chunk or None, decoded=new, ms_per_step=ms, tokens_per_s=b / ms * 1e3, peak_gb=peak / 2**30,
                    kv_gb=st["kv_bytes"] / 2**30, state_gb=st["state_bytes"] / 2**30, evictions=st["evictions"],
                    **comp, graphs_compiled_warmup=g_warm, t_warmup_s=t_warm, t_timed_s=t_timed)
         if args.raas_long and b == B:

@@ -164,6 +164,7 @@ def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
     # the raas run decoded past the budget, so pages were evicted, and KV stayed at the budget
     assert raas[0]["B"] == 2 and raas[0]["evictions"] > 0
     assert raas[0]["decoded"] + raas[0]["prompt"] > 64
+    assert raas[0]["prompt"] == 40 and raas[0]["prefill_chunk"] == 32  # the raas prompt in pieces too: 32 + 8
     assert raas[1]["batch_spec"] == "8x" and raas[1]["B"] == 8
     assert raas[1]["derived_from"]["dense_max_batch_kv_fits"] == 1 and raas[1]["derived_from"]["dense_N"] == 96
     assert raas[1]["kv_gb"] == pytest.approx(4 * raas[0]["kv_gb"])  # KV is budget x batch
