@@ -46,6 +46,7 @@ continuing a filled cache with several tokens at once, assisted decoding.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -78,7 +79,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ATTN_IMPLEMENTATION = "raas_flex"
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(RaaSConfig) if f.name != "budget")
 _RUNTIME_ATTR = "_raas_flex"
-_WRAPPED_METHODS = ("_prepare_cache_for_generation", "generate")
+_WRAPPED_METHODS = ("_prepare_cache_for_generation", "generate", "_prefill")
 
 # Models currently patched (registrations are removed when the last one is unpatched) and what the
 # registered names held before patch() registered them (normally nothing).
@@ -691,6 +692,29 @@ def _make_generate(model: nn.Module, runtime: _Runtime, original):
     return generate
 
 
+def _make_prefill(model: nn.Module, runtime: _Runtime, original):
+    """generate's prompt stage. With ``prefill_chunk_size``, transformers runs the prompt pieces
+    through the auto-compiled forward; a RaaSCache takes its prompt eagerly (the engines are made and
+    filled there, with host syncs), as the one-forward prompt already runs. So for a RaaS generation
+    the pieces run with ``disable_compile`` set on a copy of the generation config; the decode
+    forward, chosen before the prompt stage, stays compiled."""
+    model_ref = weakref.ref(model)
+    sig = inspect.signature(original(model))
+
+    @functools.wraps(getattr(type(model), "_prefill"))
+    def _prefill(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        gen_config = bound.arguments["generation_config"]
+        if (runtime.generation_cache is not None and getattr(gen_config, "prefill_chunk_size", None) is not None
+                and not gen_config.disable_compile):
+            eager = copy.copy(gen_config)
+            eager.disable_compile = True
+            bound.arguments["generation_config"] = eager
+        return original(model_ref())(*bound.args, **bound.kwargs)
+
+    return _prefill
+
+
 def _original_method(model: nn.Module, name: str):
     """(getter model -> bound callable, what to restore on unpatch). The getter takes the model so
     that the wrapper stored on the instance holds no strong reference to it."""
@@ -754,6 +778,8 @@ def patch(model: nn.Module, budget: int, **options) -> nn.Module:
         runtime.saved_methods[name] = saved
         if name == "generate":
             model.__dict__[name] = _make_generate(model, runtime, original)
+        elif name == "_prefill":
+            model.__dict__[name] = _make_prefill(model, runtime, original)
         else:
             model.__dict__[name] = _make_prepare_cache(model, runtime, original)
     model.__dict__[_RUNTIME_ATTR] = runtime

@@ -426,7 +426,7 @@ def test_decode_forward_compiles_to_one_graph_without_recompiles(family, policy)
 def test_generate_auto_compiles_the_decode_step():
     """generate's own auto-compile path (forced on CPU through compile_config) compiles the decode forward
     once, never recompiles (neither across steps nor for a later prompt of another length: the same engines
-    serve it), and gives the eager tokens."""
+    serve it, nor for a prompt in pieces, which runs eagerly), and gives the eager tokens."""
     from transformers import CompileConfig
 
     model = make_model("llama", seed=43)
@@ -446,13 +446,14 @@ def test_generate_auto_compiles_the_decode_step():
             out = greedy(model, ids, mask, 60, compile_config=config)
             st = raas_flex.stats(model)
             out2 = greedy(model, ids2, mask2, 10, compile_config=config)
+            out3 = greedy(model, ids, mask, 60, compile_config=config, prefill_chunk_size=4)
         graphs = counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
         for name in ("_compiled_call", "_last_compile_config"):
             model.__dict__.pop(name, None)
     assert graphs == 1  # the decode forward, compiled once (the prompt ran eagerly)
-    assert torch.equal(out, ref) and torch.equal(out2, ref2)
+    assert torch.equal(out, ref) and torch.equal(out2, ref2) and torch.equal(out3, ref)
     assert st["layers"][0]["tokens"] == [5 + 59, 11 + 59]
 
 
