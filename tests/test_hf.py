@@ -15,6 +15,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -356,6 +358,51 @@ def test_chunked_prefill_stores_the_same_prompt():
     assert bool(three["pinned"][1, :, :2].all()) and not bool(three["pinned"][1, :, 2:].any())  # 6 tokens: 2 pages
     assert torch.allclose(logits_one, logits_three, atol=1e-4)
     assert cache.get_seq_length() == 14
+
+
+@pytest.fixture(scope="module")
+def prop_model():
+    return make_model("llama", seed=24)  # (patched per example: the autouse fixture unpatches after each test)
+
+
+@settings(max_examples=30)
+@given(lengths=st.lists(st.integers(1, 18), min_size=1, max_size=3), cuts=st.sets(st.integers(1, 17), max_size=4))
+def test_prompt_in_any_pieces_stores_what_one_forward_stores(prop_model, lengths, cuts):
+    """Property: for any left-padded batch and any way of cutting its prompt into pieces of two or more
+    tokens, the engine ends up exactly as after one forward, and the last logits agree."""
+    n = max(lengths)
+    ends = sorted(c for c in cuts if c < n) + [n]
+    starts = [0] + ends[:-1]
+    assume(all(e - s >= 2 for s, e in zip(starts, ends)))  # (a 1-token piece after the first runs as a decode step)
+    ids, mask = prompts(lengths, seed=sum(lengths))
+    with raas_flex.patched(prop_model, budget=96, page_size=4):
+        one, logits_one, _ = _prompt_state(prop_model, ids, mask, [n])
+        pieces, logits_pieces, cache = _prompt_state(prop_model, ids, mask, ends)
+        length = cache.get_seq_length()
+    for name in one:
+        assert torch.allclose(one[name].float(), pieces[name].float(), atol=1e-5), name
+    real = mask.bool()
+    assert torch.allclose(logits_one[real[:, -1]], logits_pieces[real[:, -1]], atol=1e-4)
+    assert length == n
+
+
+
+
+def test_piece_mask_from_each_mask_form():
+    """The piece's own key columns from a 4D bool or additive mask, a 2D padding mask (causal, real
+    keys, every query keeping itself) or no mask (causal); another rank is refused."""
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()
+    assert torch.equal(hf._piece_mask(None, 2, 3, "cpu"), causal.expand(2, 1, 3, 3))
+    four = torch.zeros(1, 1, 3, 5, dtype=torch.bool)
+    four[..., 2:] = causal
+    assert torch.equal(hf._piece_mask(four, 1, 3, "cpu"), causal[None, None])
+    additive = torch.where(four, 0.0, torch.finfo(torch.float32).min)
+    assert torch.equal(hf._piece_mask(additive, 1, 3, "cpu"), causal[None, None])
+    two = torch.tensor([[1, 1, 0, 1, 1]])  # keys of the piece: 0 (pad), 1, 1
+    expect = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(hf._piece_mask(two, 1, 3, "cpu"), expect[None, None])
+    with pytest.raises(ValueError, match=r"unexpected attention mask of shape \(1, 3, 5\)"):
+        hf._piece_mask(torch.ones(1, 3, 5), 1, 3, "cpu")
 
 
 def test_chunked_prefill_over_budget_names_the_pieces():
