@@ -11,24 +11,28 @@ How it fits into transformers (5.17 and later):
   ``"raas_flex"`` (``AttentionInterface`` / ``AttentionMaskInterface``; nothing is registered at
   import time) and sets ``config._attn_implementation = "raas_flex"`` on the model's config. It
   attaches a small runtime object (plain Python, not an ``nn.Module``: ``state_dict`` and
-  ``modules()`` are unchanged) to the model and to each attention module, and wraps two methods on
+  ``modules()`` are unchanged) to the model and to each attention module, and wraps three methods on
   the model *instance* (never the class): ``_prepare_cache_for_generation`` (so that ``generate``
-  creates a :class:`RaaSCache` when no cache is passed and ``cache_implementation`` is unset) and
-  ``generate`` (to raise if any layer's cache overflowed during the generation).
+  creates a :class:`RaaSCache` when no cache is passed and ``cache_implementation`` is unset),
+  ``generate`` (to raise if any layer's cache overflowed during the generation) and ``_prefill``
+  (so that a prompt in pieces, ``prefill_chunk_size``, runs eagerly).
 - A :class:`RaaSCache` is a ``transformers`` ``Cache`` with one :class:`RaaSLayer` per decoder
   layer. For the prompt, ``Cache.update`` stores nothing: it hands the layer over to the runtime and
   returns the new keys/values unchanged; the attention function, called right after by the same
   attention module, takes that layer from the runtime (by ``module.layer_idx``; it checks it
   received the very key tensor ``update`` returned) and runs the prefill (dense SDPA over the prompt
   with the padding/causal mask, then ``PagedKVCache.prefill`` with the real-token mask: left padding
-  is compacted away). For a decode step, ``update`` appends the token to the layer's engine and
+  is compacted away). A further prompt piece (``prefill_chunk_size``) attends the stored real
+  tokens plus itself, and the engine is filled again with the prompt so far. For a decode step,
+  ``update`` appends the token to the layer's engine and
   returns the engine's own K/V buffers; the attention function recognises them (``key is
   engine.k``) and runs the rest of the step (``select`` + ``attend_observe``).
 - Decode steps change no Python state (``RaaSLayer.is_compileable`` is True): the decode forward
   traces to one graph that replays for every step, so ``generate`` auto-compiles it on CUDA (the
   prompt stays eager). ``get_seq_length`` is the logical (padded) length that positions need: prompt
   length + the engine's step counter (a host sync when asked, a tensor while compiling); decode-time
-  ``get_mask_sizes``/``get_query_offset`` return constants.
+  ``get_mask_sizes``/``get_query_offset`` return constants (``get_query_offset`` is the prompt so
+  far for an eager prompt piece).
 - The mask function returns SDPA's mask for the prompt and ``None`` for RaaS decode steps (the
   engine knows which slots are valid; ``get_mask_sizes`` reports a sentinel kv_length for them).
   Forwards that do not use a ``RaaSCache`` (``use_cache=False``, an explicit ``DynamicCache``,
