@@ -600,6 +600,23 @@ if HAS_TRITON:
                 tl.store(count_ptr + row64, 0)
 
     @triton.jit
+    def _step_row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr,
+                         full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min,
+                         ev, opened, has_free, write, D: tl.constexpr, S: tl.constexpr, PS: tl.constexpr,
+                         BLOCK_PS: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
+                         BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr):
+        """The append's writes of a row that the step's attention does not read: the overflow flag,
+        the eviction counter, the written page's key bounds, the validity row and the block lists."""
+        d = tl.arange(0, D)
+        tl.store(overflow_ptr, 1, mask=write == 0)
+        tl.store(evictions_ptr + row64, ev + (opened & (has_free == 0)).to(tl.int64))
+        tl.store(kmax_ptr + (base + slot) * D + d, new_max)
+        tl.store(kmin_ptr + (base + slot) * D + d, new_min)
+        n_p = tl.where(pid_new >= 0, tl.minimum(tl.maximum(pos + 1 - pid_new * PS, 0), PS), 0)
+        _write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
+                           n_p, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
+
+    @triton.jit
     def _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h, split,
                      kk, vv, pos, opened, slot, new_id, t, scale_log2,
                      G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, S: tl.constexpr,
@@ -678,9 +695,11 @@ if HAS_TRITON:
         and refreshes the top REFRESH pages; the last row to finish advances lengths and step.
 
         OBSERVER: program 0 of each row attends nothing; it computes all P bounds and the top-k set
-        (stored to imp as 1/0), and programs 1..SPLIT attend. The last program then stores the
-        stamps of the set, so the bounds and the sort leave the row's tail. The stamps change only
-        there, after every program of the row has read them for its decision."""
+        (stored to imp as 1/0) and makes the row writes the attention does not read (key bounds,
+        counters, validity row, block lists), and programs 1..SPLIT attend. The last program then
+        stores the page-table entry and the stamps of the set, so the bounds, the sort and most row
+        writes leave the row's tail. The page table and stamps change only there, after every program
+        of the row has read them for its decision."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         b = row // H
@@ -743,6 +762,13 @@ if HAS_TRITON:
                     sel = _refresh_set(a, pid_new, p, in_row, P, REFRESH, BLOCK_P)
                     tl.debug_barrier()  # every thread has read the row before it is overwritten
                     tl.store(imp_ptr + base + p, sel.to(tl.float32), mask=in_row)
+                if (DIAG & 4) == 0:
+                    # the row writes that no attention program reads (they read neither the key
+                    # bounds, the counters nor the validity row and lists), off the row's tail
+                    _step_row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr,
+                                     kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos,
+                                     pid_new, new_max, new_min, ev, opened, has_free, write,
+                                     D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
             else:
                 _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h,
                              split - 1, kk, vv, pos, opened, slot, new_id, t, scale_log2,
@@ -778,17 +804,15 @@ if HAS_TRITON:
                          tl.zeros([BG, D], tl.float32).to(out_ptr.dtype.element_ty), mask=gm[:, None])
 
             if (DIAG & 4) == 0:
-                tl.store(overflow_ptr, 1, mask=write == 0)
-                tl.store(evictions_ptr + row64, ev + (opened & (has_free == 0)).to(tl.int64))
+                if not OBSERVER:  # (with OBSERVER, the observer wrote these: see above)
+                    _step_row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr,
+                                     kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos,
+                                     pid_new, new_max, new_min, ev, opened, has_free, write,
+                                     D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
                 tl.store(page_id_ptr + base + slot, new_id, mask=opened)
                 tl.store(stamp_ptr + base + slot, step_new, mask=opened)
                 tl.store(pinned_ptr + base + slot, 0, mask=opened)
-                tl.store(kmax_ptr + (base + slot) * D + d, new_max)
-                tl.store(kmin_ptr + (base + slot) * D + d, new_min)
                 tl.store(open_slot_ptr + row64, tl.where(write, slot, open_old))
-                n_p = tl.where(pid_new >= 0, tl.minimum(tl.maximum(pos + 1 - pid_new * PS, 0), PS), 0)
-                _write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
-                                   n_p, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
             if (DIAG & 2) == 0:
                 if OBSERVER:
                     tl.store(stamp_ptr + base + p, tl.zeros([BLOCK_P], tl.int64) + step_new, mask=in_row & (a != 0))
