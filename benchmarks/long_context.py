@@ -297,8 +297,9 @@ def main(argv=None):
     ap.add_argument("--raas-batches", default="",
                     help="extra raas batch sizes: integers and/or '<k>x' = k times the largest dense batch whose KV "
                          "fits at the largest dense context of this run (e.g. 128 or 8x)")
-    ap.add_argument("--raas-attention", default="flex", choices=["flex", "triton"],
-                    help="RaaSConfig.attention of the raas runs (triton: opt-in, see README)")
+    ap.add_argument("--raas-attention", default="flex",
+                    help="RaaSConfig.attention of the raas runs: flex, triton (opt-in, see README) or both, "
+                         "'flex,triton' (rows for each, and their tokens/s ratio at each batch)")
     ap.add_argument("--quest-contexts", default="", help="quest contexts N (comma separated; none by default)")
     ap.add_argument("--quest-budget", type=int, default=None, help="tokens quest attends to (default: --budget)")
     ap.add_argument("--quest-margin", type=int, default=64, help="quest max_length = N + this")
@@ -320,6 +321,9 @@ def main(argv=None):
         raas_items = parse_raas_batches(args.raas_batches)
     except ValueError as e:
         ap.error(str(e))
+    attentions = [a.strip() for a in args.raas_attention.split(",") if a.strip()]
+    if not attentions or len(set(attentions)) != len(attentions) or not set(attentions) <= {"flex", "triton"}:
+        ap.error(f"--raas-attention {args.raas_attention!r}: flex, triton or both (comma separated, no repeats)")
     order = [k.strip() for k in args.order.split(",") if k.strip()]
     if sorted(order) != sorted(set(order)) or not set(order) <= {"dense", "raas", "quest"}:
         ap.error(f"--order {args.order!r}: a permutation of some of dense,raas,quest")
@@ -397,11 +401,11 @@ def main(argv=None):
         fill = L - P0 + 32  # decode until every step evicts (buffer full), then time `steps` steps
         return fill + args.steps if not (args.raas_long and b == B) else max(args.raas_long - P0, fill + args.steps)
 
-    def run_raas(b):
+    def run_raas(b, attention):
         ids = torch.randint(100, 1000, (b, P0), device=device, generator=gen)
         new = raas_new(b)
         kw = dict(prefill_chunk_size=args.prefill_chunk or None)
-        with raas_flex.patched(model, budget=L, attention=args.raas_attention):
+        with raas_flex.patched(model, budget=L, attention=attention):
             phase["name"] = "warm-up"
             t_warm, g_warm = warm_up(model, ids, 48, device, **kw)  # compile + graphs
             phase["name"] = "timed"
@@ -435,7 +439,7 @@ def main(argv=None):
             elif args.dense_reserve_gb is not None and device != "cpu":
                 plan += [("dense-alloc", N) for N in contexts]
         elif kind == "raas":
-            plan += [("raas", item) for item in [("abs", B)] + raas_items]
+            plan += [("raas", (att, item)) for att in attentions for item in [("abs", B)] + raas_items]
         else:
             plan += [("quest", N) for N in quest_contexts]
     raas_kv_seq = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * L * (
@@ -460,7 +464,7 @@ def main(argv=None):
     bar = tqdm(total=len(plan), desc="measurements", file=sys.stderr)
     try:
         for kind, x in plan:
-            bar.set_postfix_str(f"{kind} {x if kind != 'raas' else spec_text(x)}", refresh=True)
+            bar.set_postfix_str(f"{kind} {x if kind != 'raas' else x[0] + ' ' + spec_text(x[1])}", refresh=True)
             if kind == "dense-alloc":
                 per_seq = kv_bytes_dense(cfg, 1, x, itemsize)
                 emit(dict(mode="dense static compiled (allocation check only)", kind="dense-alloc", B=0, N=x,
@@ -473,8 +477,9 @@ def main(argv=None):
             elif kind == "quest":
                 base, size, fn = dict(mode=f"quest budget={Lq}", kind="quest", B=B, N=x, budget=Lq), x, lambda: run_quest(x)
             else:
-                tag = "" if args.raas_attention == "flex" else f" attention={args.raas_attention}"
-                base = dict(mode=f"raas budget={L}{tag}", kind="raas", batch_spec=spec_text(x))
+                att, x = x
+                tag = "" if att == "flex" else f" attention={att}"
+                base = dict(mode=f"raas budget={L}{tag}", kind="raas", attention=att, batch_spec=spec_text(x))
                 try:
                     b, derived = resolve_batch(x, rows)
                 except LookupError as e:
@@ -484,7 +489,7 @@ def main(argv=None):
                 base["B"] = b
                 if derived is not None:
                     base["derived_from"] = derived
-                size, fn = (b, raas_new(b)), (lambda b=b: run_raas(b))
+                size, fn = (b, raas_new(b)), (lambda b=b, att=att: run_raas(b, att))
             # deadline: can it finish?
             if args.deadline_s is not None and measured > 0:
                 est, how = estimate_s(kind, size, rows, weights, raas_kv_seq)
@@ -542,9 +547,11 @@ def main(argv=None):
             batch=B, budget=L, quest_budget=Lq, steps=args.steps, order=order, deadline_s=args.deadline_s,
             wall_s=elapsed(), interrupted=interrupted, time=time.strftime("%Y-%m-%d %H:%M:%S"))
         ratios = ratio_rows(rows)
+        att_ratios = attention_ratios(rows)
         tag = "smoke" if args.smoke else f"{args.arch}_B{B}"
-        (out / f"long_context_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows, ratios=ratios), indent=1))
-        md = markdown(meta, rows, ratios, L)
+        (out / f"long_context_{tag}.json").write_text(
+            json.dumps(dict(meta=meta, rows=rows, ratios=ratios, attention_ratios=att_ratios), indent=1))
+        md = markdown(meta, rows, ratios, L, att_ratios)
         (out / f"long_context_{tag}.md").write_text(md)
         partial.unlink(missing_ok=True)
         print(md)
@@ -570,7 +577,18 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int) -> str:
+def attention_ratios(rows: list[dict]) -> list[dict]:
+    """raas rows of both attention kernels at the same batch in this run: tokens/s of triton / flex."""
+    done = [r for r in rows if r.get("kind") == "raas" and "tokens_per_s" in r]
+    out = []
+    for f in (r for r in done if r.get("attention", "flex") == "flex"):
+        for t in (r for r in done if r.get("attention") == "triton" and r["B"] == f["B"]):
+            out.append(dict(B=f["B"], flex_ms_per_step=f["ms_per_step"], triton_ms_per_step=t["ms_per_step"],
+                            triton_over_flex_tokens_per_s=t["tokens_per_s"] / f["tokens_per_s"]))
+    return out
+
+
+def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int, att_ratios: list[dict] = ()) -> str:
     lines = ["| mode | B | context | ms/step | tokens/s | KV GB | peak GB | graphs compiled (timed run) | "
              "largest batch (KV fits) | wall s | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -582,8 +600,9 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int) -> str:
         if r.get("derived_from"):
             df = r["derived_from"]
             note = f"{df['spec']} of dense largest batch {df['dense_max_batch_kv_fits']} at N={df['dense_N']}"
-        if r.get("kind") == "quest":
-            note = (note + "; " if note else "") + "prompt in one forward (no chunked prefill)"
+        if r.get("kind") in ("quest", "raas") and "ms_per_step" in r:
+            piece = r.get("prefill_chunk")
+            note = (note + "; " if note else "") + (f"prompt in pieces of {piece}" if piece else "prompt in one forward")
         if meta.get("device") != "cpu" and r.get("graphs_compiled_warmup") == 0:
             note = (note + "; " if note else "") + "no graph compiled in its warm-up (decode eager, or graphs reused)"
         if "skipped" in r:
@@ -617,6 +636,11 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int) -> str:
                      f"{q['kv_gb']:.2f} | {q['kv_ratio_dense_over']:.1f}x |")
     if not ratios:
         lines.append("| (no dense row and raas/quest row both measured in this run) | | | | | | | | | |")
+    if att_ratios:
+        lines += ["", "raas attention kernels (rows of this run only): triton tokens/s / flex tokens/s", "",
+                  "| B | flex ms/step | triton ms/step | triton / flex tokens/s |", "|---|---|---|---|"]
+        lines += [f"| {q['B']} | {q['flex_ms_per_step']:.2f} | {q['triton_ms_per_step']:.2f} | "
+                  f"{q['triton_over_flex_tokens_per_s']:.2f}x |" for q in att_ratios]
     head = ", ".join(f"{k}={meta[k]}" for k in ("device", "torch", "transformers", "arch", "layers") if k in meta)
     return (f"{head}\n\ncommand: `{meta['command']}`\n\nwall time: {meta['wall_s']:.0f} s"
             f"{' (interrupted: ' + meta['interrupted'] + ')' if meta.get('interrupted') else ''}\n\n"

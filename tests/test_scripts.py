@@ -137,6 +137,16 @@ def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
     assert est is None and "no earlier quest" in how
     assert long_context.estimate_s("dense", 8192, done[1:], 16, 1)[0] is None
 
+    # both raas attention kernels in one run: their same-batch tokens/s ratio; a bad list is refused
+    both = [dict(kind="raas", attention="flex", B=8, ms_per_step=8.0, tokens_per_s=1000.0),
+            dict(kind="raas", attention="triton", B=8, ms_per_step=10.0, tokens_per_s=800.0),
+            dict(kind="raas", attention="triton", B=16, ms_per_step=12.0, tokens_per_s=1333.0)]
+    assert long_context.attention_ratios(both) == [dict(B=8, flex_ms_per_step=8.0, triton_ms_per_step=10.0,
+                                                        triton_over_flex_tokens_per_s=0.8)]
+    for bad in ("flex,flex", "flex,cuda", ","):
+        with pytest.raises(SystemExit):
+            long_context.main(["--smoke", "--out", str(tmp_path), "--raas-attention", bad])
+
     # The allocation-checked largest batch needs CUDA; on CPU pretend the dense KV fits once more so
     # that 8x resolves (8 x 1 = 8). A simulated OOM in the quest run at N=80 must become an error row,
     # reset the compile state, and not stop the run.
