@@ -117,14 +117,16 @@ ATTEND_BOUND_ELEMS = 2048  # key-bound elements per chunk of their bound loop (4
 ATTEND_BOUND_DOT = False
 # Diagnostic bits of fused_step, for timing what each part of the step costs; any bit set makes the
 # step WRONG (state and output). 1: no page bounds; 2: no refresh (sort and stamps); 4: no row
-# writes by the last program (page-table entry, key bounds, open slot, validity, block lists);
+# writes (page-table entry, key bounds, open slot, validity, block lists; by the last program, or
+# with ATTEND_OBSERVER partly by the observer);
 # 8: no combine (the output is stored as zeros). benchmarks/decode_step.py times them as tdiagN.
 ATTEND_DIAG = 0
 # the attention kernels: one extra program per row (dispatched first), the observer, computes every
-# page bound of the row and the top-k set while the attention programs stream K/V; in fused_step the
-# row's last program then only stores the stamps of that set, in fused_attend_observe the observer
-# stores them itself (False: each attention program bounds its share of the pages, and the last
-# program sorts the row). Not yet timed on a GPU.
+# page bound of the row and the top-k set while the attention programs stream K/V; in fused_step it
+# also makes the row writes the attention does not read, and the row's last program only combines
+# and stores the page-table entry and the stamps of the set; in fused_attend_observe the observer
+# stores the stamps itself (False: each attention program bounds its share of the pages, and the
+# last program sorts the row and makes every row write). Not yet timed on a GPU.
 ATTEND_OBSERVER = False
 
 
