@@ -405,6 +405,33 @@ def test_piece_mask_from_each_mask_form():
         hf._piece_mask(torch.ones(1, 3, 5), 1, 3, "cpu")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["flex", "triton"])
+def test_gpu_auto_compiled_generate_with_prompt_in_pieces(attention):
+    """On CUDA generate auto-compiles the decode forward (CUDA graphs) and would run prompt pieces through
+    it too; with a RaaSCache the pieces run eagerly, the decode graph compiles once and is not compiled
+    again, and the tokens equal those of the prompt in one forward."""
+    model = make_model("llama").cuda()
+    raas_flex.patch(model, budget=64, page_size=16, attention=attention)
+    ids, mask = prompts([40, 23], seed=31)
+    ids, mask = ids.cuda(), mask.cuda()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            whole = greedy(model, ids, mask, 40)
+            pieces = greedy(model, ids, mask, 40, prefill_chunk_size=16)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+        for name in ("_compiled_call", "_last_compile_config"):
+            model.__dict__.pop(name, None)
+    assert graphs == 1
+    assert torch.equal(pieces, whole)
+
+
 def test_chunked_prefill_over_budget_names_the_pieces():
     """A prompt that outgrows the budget piece by piece is refused when the piece that overflows arrives,
     saying it came in pieces and how many tokens it holds so far."""
