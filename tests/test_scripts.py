@@ -296,3 +296,15 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     assert json.loads(out.read_text())["rows"][0]["registers"] == rows[0]["registers"]
     with pytest.raises(SystemExit):
         kr.main(["--kernels", "_nope"])
+    # the attention kernels with an observer program per row (kernels.ATTEND_OBSERVER) compile too
+    from raas_flex import kernels
+
+    saved = kernels.ATTEND_OBSERVER
+    kernels.ATTEND_OBSERVER = True
+    try:
+        obs = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
+                       "--split", "2", "--kernels", "_attend_observe_kernel,_step_kernel", "--out", str(out)])
+    finally:
+        kernels.ATTEND_OBSERVER = saved
+    assert [r["grid"] for r in obs] == [[2, 3], [2, 3]]  # (two attention programs and the observer per row)
+    assert all(0 < r["registers"] <= 255 and r["async_copies"] > 0 for r in obs)
