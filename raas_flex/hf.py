@@ -351,7 +351,7 @@ class RaaSLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.prefilled and key_states.shape[2] == 1:
+        if self.prefilled and key_states.shape[2] == 1 and not self.cache._prompt_pieces:
             # decode step: append the token here and hand the engine's buffers to raas_attention,
             # which recognises them and runs the rest of the step
             if not runtime.owns(self):
@@ -382,7 +382,7 @@ class RaaSLayer(CacheLayerMixin):
             )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.prefilled and query_length == 1:
+        if self.prefilled and query_length == 1 and not self.cache._prompt_pieces:
             return _DECODE_KV_LENGTH, 0  # a decode step: raas_mask returns None for it
         return self.get_seq_length() + query_length, 0
 
@@ -579,6 +579,9 @@ class RaaSCache(Cache):
         self.fixed_max_length = max_length if max_length is not None else config.max_length
         self.max_length = self.fixed_max_length
         self._sized_for_generation = False  # set by prepare_generation while generate runs
+        # True while generate hands the prompt over in pieces (prefill_chunk_size): then a 1-token
+        # forward is the prompt's last piece, not a decode step (a constant False while decoding)
+        self._prompt_pieces = False
         layers = [RaaSLayer(self, i, runtime.layer_config(config, i)) for i in range(runtime.num_layers)]
         super().__init__(layers=layers)
 
@@ -701,7 +704,8 @@ def _make_prefill(model: nn.Module, runtime: _Runtime, original):
     through the auto-compiled forward; a RaaSCache takes its prompt eagerly (the engines are made and
     filled there, with host syncs), as the one-forward prompt already runs. So for a RaaS generation
     the pieces run with ``disable_compile`` set on a copy of the generation config; the decode
-    forward, chosen before the prompt stage, stays compiled."""
+    forward, chosen before the prompt stage, stays compiled. While the pieces run, the cache knows
+    it, so that a last piece of one token is taken as prompt (pinned), not as a decode step."""
     model_ref = weakref.ref(model)
     sig = inspect.signature(original(model))
 
@@ -709,12 +713,18 @@ def _make_prefill(model: nn.Module, runtime: _Runtime, original):
     def _prefill(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
         gen_config = bound.arguments["generation_config"]
-        if (runtime.generation_cache is not None and getattr(gen_config, "prefill_chunk_size", None) is not None
-                and not gen_config.disable_compile):
+        cache = runtime.generation_cache
+        if cache is None or getattr(gen_config, "prefill_chunk_size", None) is None:
+            return original(model_ref())(*bound.args, **bound.kwargs)
+        if not gen_config.disable_compile:
             eager = copy.copy(gen_config)
             eager.disable_compile = True
             bound.arguments["generation_config"] = eager
-        return original(model_ref())(*bound.args, **bound.kwargs)
+        cache._prompt_pieces = True  # (a last piece of one token is still the prompt)
+        try:
+            return original(model_ref())(*bound.args, **bound.kwargs)
+        finally:
+            cache._prompt_pieces = False
 
     return _prefill
 

@@ -318,15 +318,34 @@ def test_beam_search_is_refused():
 @pytest.mark.parametrize("chunk", [3, 5, 11])
 def test_chunked_prefill_matches_one_forward(policy, chunk):
     """generate's prefill_chunk_size hands the prompt over in pieces (12 padded tokens: pieces of 3, of
-    5 with a last piece of 2, and of 11 with a last piece of 1, which the cache takes as a first decode
-    step); the generation equals the one-forward prompt's, on a left-padded batch whose shorter row
-    is all padding in the first piece."""
+    5 with a last piece of 2, and of 11 with a last piece of 1); the generation equals the
+    one-forward prompt's, on a left-padded batch whose shorter row is all padding in the first piece."""
     model = make_model("llama")
     raas_flex.patch(model, budget=32, page_size=4, policy=policy)
     ids, mask = prompts([12, 5], seed=21)
     whole = greedy(model, ids, mask, 6)
     pieces = greedy(model, ids, mask, 6, prefill_chunk_size=chunk)
     assert torch.equal(pieces, whole)
+
+
+def test_chunked_prefill_keeps_a_last_piece_of_one_token_in_the_prompt():
+    """Under generate a last prompt piece of one token (13 tokens in pieces of 12 + 1; the 13th opens a
+    page) is stored as prompt, pinned, as one forward stores it; called by hand, a 1-token forward after
+    the prompt is a decode step, whose page is not pinned."""
+    model = make_model("llama")
+    raas_flex.patch(model, budget=32, page_size=4)
+    ids, mask = prompts([13, 7], seed=25)
+    states = []
+    for chunk in (None, 12):
+        cache = raas_flex.RaaSCache(model)
+        greedy(model, ids, mask, 1, past_key_values=cache, prefill_chunk_size=chunk)  # (prompt only: no decode step)
+        eng = cache.layers[0].engine
+        states.append({n: getattr(eng, n).clone() for n in ("pinned", "page_id", "length", "step", "k")})
+    for name in states[0]:  # (k: a 1-token projection rounds apart from the same row of a longer one)
+        assert torch.allclose(states[0][name].float(), states[1][name].float(), atol=1e-5, rtol=0), name
+    assert int(states[1]["step"]) == 0 and bool(states[1]["pinned"][0, :, 3].all())  # the 13th token's page
+    by_hand, _, _ = _prompt_state(model, ids, mask, [12, 13])
+    assert not bool(by_hand["pinned"][0, :, 3].any())
 
 
 def _prompt_state(model, ids, mask, cuts):
