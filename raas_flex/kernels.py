@@ -128,6 +128,10 @@ ATTEND_DIAG = 0
 # stores the stamps itself (False: each attention program bounds its share of the pages, and the
 # last program sorts the row and makes every row write). Not yet timed on a GPU.
 ATTEND_OBSERVER = False
+# fused_step: every program makes the append's page choice (free slot or oldest unpinned page: the
+# pinned and stamp rows and an argmin) only when the token opens a page, one step in page_size
+# (False: every step, branch-free). Not yet timed on a GPU.
+ATTEND_LAZY_SLOT = False
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -602,6 +606,27 @@ if HAS_TRITON:
                 tl.store(count_ptr + row64, 0)
 
     @triton.jit
+    def _step_slot(pid, pinned_ptr, stamp_ptr, base, p, in_row, need, open_old, BLOCK_P: tl.constexpr):
+        """The append's slot choice for a row whose page ids are ``pid`` [BLOCK_P] (``need``: the token
+        opens a page): (slot, opened, write, has_free). A page opens in the first free slot, else in
+        the slot of the unpinned page with the oldest stamp (ties: the lower page id); with neither
+        the token is not written (overflow)."""
+        pinned = tl.load(pinned_ptr + base + p, mask=in_row, other=0).to(tl.int1)
+        stamp = tl.load(stamp_ptr + base + p, mask=in_row, other=0)
+        resident = (pid >= 0) & in_row
+        free = (pid < 0) & in_row
+        has_free = tl.max(free.to(tl.int32), 0) > 0
+        first_free = tl.min(tl.where(free, p, BLOCK_P), 0)
+        evictable = resident & (pinned == 0)
+        victim = tl.argmin(tl.where(evictable, stamp * 4294967296 + pid, _I64_MAX), 0)
+        can_evict = tl.max(evictable.to(tl.int32), 0) > 0
+        ok = has_free | can_evict
+        opened = need & ok
+        write = (need == 0) | ok
+        slot = tl.where(opened, tl.where(has_free, first_free, victim).to(tl.int64), open_old)
+        return slot, opened, write, has_free
+
+    @triton.jit
     def _step_row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr,
                          full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min,
                          ev, opened, has_free, write, D: tl.constexpr, S: tl.constexpr, PS: tl.constexpr,
@@ -683,7 +708,7 @@ if HAS_TRITON:
         BG: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr,
         BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
         BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
-        DIAG: tl.constexpr = 0,
+        LAZY: tl.constexpr, DIAG: tl.constexpr = 0,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -726,21 +751,17 @@ if HAS_TRITON:
         p = tl.arange(0, BLOCK_P)
         in_row = p < P
         pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
-        pinned = tl.load(pinned_ptr + base + p, mask=in_row, other=0).to(tl.int1)
-        stamp = tl.load(stamp_ptr + base + p, mask=in_row, other=0)
         off = pos % PS
         need = off == 0
-        resident = (pid >= 0) & in_row
-        free = (pid < 0) & in_row
-        has_free = tl.max(free.to(tl.int32), 0) > 0
-        first_free = tl.min(tl.where(free, p, BLOCK_P), 0)
-        evictable = resident & (pinned == 0)
-        victim = tl.argmin(tl.where(evictable, stamp * 4294967296 + pid, _I64_MAX), 0)
-        can_evict = tl.max(evictable.to(tl.int32), 0) > 0
-        ok = has_free | can_evict
-        opened = need & ok
-        write = (need == 0) | ok
-        slot = tl.where(opened, tl.where(has_free, first_free, victim).to(tl.int64), open_old)
+        if LAZY:  # the page choice only when the token opens a page (one step in PS)
+            if need:
+                slot, opened, write, has_free = _step_slot(pid, pinned_ptr, stamp_ptr, base, p, in_row, need, open_old,
+                                                           BLOCK_P)
+            else:
+                slot, opened, write, has_free = open_old, need, need == 0, need == 0
+        else:
+            slot, opened, write, has_free = _step_slot(pid, pinned_ptr, stamp_ptr, base, p, in_row, need, open_old,
+                                                       BLOCK_P)
         new_id = pos // PS
         t = slot * PS + off
         kf = kk.to(tl.float32)
@@ -932,8 +953,7 @@ if HAS_TRITON:
         covered (a power of two >= pages), pages per chunk (at most ATTEND_BOUND_ELEMS key-bound
         elements, a power of two), and whether the bounds are matrix products (ATTEND_BOUND_DOT; then
         chunks of at least 16 pages, the pages past the program's share masked)."""
-        if ATTEND_BOUND_DOT not in (True, False):
-            raise ValueError(f"kernels.ATTEND_BOUND_DOT={ATTEND_BOUND_DOT!r} is not allowed; allowed: True or False")
+        _knob_bool("ATTEND_BOUND_DOT", ATTEND_BOUND_DOT)
         bp = triton.next_power_of_2(pages)
         most = max(1, ATTEND_BOUND_ELEMS // D)
         bpc = min(bp, 1 << (most.bit_length() - 1))
@@ -941,11 +961,15 @@ if HAS_TRITON:
             bp, bpc = max(bp, 16), max(bpc, 16)
         return bp, bpc, bool(ATTEND_BOUND_DOT)
 
+    def _knob_bool(name: str, value) -> bool:
+        """A True/False knob of this module, checked."""
+        if value not in (True, False):
+            raise ValueError(f"kernels.{name}={value!r} is not allowed; allowed: True or False")
+        return bool(value)
+
     def _observer() -> bool:
         """ATTEND_OBSERVER, checked."""
-        if ATTEND_OBSERVER not in (True, False):
-            raise ValueError(f"kernels.ATTEND_OBSERVER={ATTEND_OBSERVER!r} is not allowed; allowed: True or False")
-        return bool(ATTEND_OBSERVER)
+        return _knob_bool("ATTEND_OBSERVER", ATTEND_OBSERVER)
 
     def attend_split(rows: int, tiles: int, device: torch.device) -> int:
         """Programs per row of the attention kernels: ATTEND_SPLIT if set, else :func:`split_for` with
@@ -1040,7 +1064,7 @@ if HAS_TRITON:
             BP=bp, BPC=bpc,
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
             LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, OBSERVER=observer,
-            DIAG=ATTEND_DIAG,
+            LAZY=_knob_bool("ATTEND_LAZY_SLOT", ATTEND_LAZY_SLOT), DIAG=ATTEND_DIAG,
             num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
         )
         return out

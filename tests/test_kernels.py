@@ -266,6 +266,12 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=2, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28, 9], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=True),
                       observe_in_append=False, steps=20)),
+        # the page choice only when a page opens (ATTEND_LAZY_SLOT), alone and with the observer
+        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[27, 5], integer=True, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_LAZY_SLOT=True), steps=24)),
+        ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_LAZY_SLOT=True, ATTEND_OBSERVER=True), pin_prompt=False,
+                      steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
     ]
@@ -326,10 +332,12 @@ def test_interpreter_diagnostic_bits_skip_their_part():
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (fused_step is defined with it)")
-@pytest.mark.parametrize("knob, value", [("ATTEND_DIAG", 16), ("ATTEND_OBSERVER", 2), ("ATTEND_BOUND_DOT", "no")])
+@pytest.mark.parametrize("knob, value", [("ATTEND_DIAG", 16), ("ATTEND_OBSERVER", 2), ("ATTEND_BOUND_DOT", "no"),
+                                         ("ATTEND_LAZY_SLOT", None)])
 def test_step_knobs_validated(monkeypatch, knob, value):
     """fused_step refuses, before any launch, an ATTEND_DIAG outside the four bits and an
-    ATTEND_OBSERVER / ATTEND_BOUND_DOT other than True or False, naming the knob and the value."""
+    ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_LAZY_SLOT other than True or False, naming the knob
+    and the value."""
     cache = _cpu_cache()
     monkeypatch.setattr(kernels, knob, value)
     q = torch.zeros(1, 2, 1, 16)
@@ -388,7 +396,7 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 15 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 17 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -418,6 +426,9 @@ GPU_CASES = [
      dict(pin_prompt=False, attention="triton", knobs=dict(ATTEND_OBSERVER=True))),
     ("raas-P256-G7-triton-observer", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000],
      dict(attention="triton", knobs=dict(ATTEND_OBSERVER=True))),
+    ("raas-P128-G4-triton-observer-lazy", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
+     [2020, 2030, 5, 1500, 2000, 2031, 700, 2025],
+     dict(pin_prompt=False, attention="triton", knobs=dict(ATTEND_OBSERVER=True, ATTEND_LAZY_SLOT=True))),
     ("raas-P128-G4-triton-split", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
      [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False, attention="triton", observe_in_append=False)),
     ("raas-P128-G4-triton-split-observer", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
@@ -447,7 +458,8 @@ def test_gpu_fused_matches_torch_resync(case, mode):
 # (h2o is left out: its scores are softmax shares computed by torch in both graphs, not exact sums)
 EXACT_CASES = [c for c in GPU_CASES if c[0] in ("raas-P8-G3", "raas-P33-G7", "raas-P128-G4", "raas-P128-G4-split",
                                                  "raas-P128-G4-triton", "raas-P33-G7-triton",
-                                                 "raas-P128-G4-triton-observer", "streaming-P16")]
+                                                 "raas-P128-G4-triton-observer", "raas-P128-G4-triton-observer-lazy",
+                                                 "streaming-P16")]
 
 
 @pytest.mark.gpu

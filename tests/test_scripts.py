@@ -106,7 +106,7 @@ def test_decode_step_variant_names():
         with pytest.raises(ValueError, match=r"\+pdl needs torch._inductor.config.triton.enable_pdl"):
             ds.parse_variant("raas+pdl")
     assert ds.parse_variant("raas_torch")[:3] == ("raas", False, True)
-    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, ttpN, tbeN, tbdN, tobN, tdiagN, pdl"):
+    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, ttpN, tbeN, tbdN, tobN, tlsN, tdiagN, pdl"):
         ds.parse_variant("raas+xyz4")
 
 def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
@@ -296,15 +296,16 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     assert json.loads(out.read_text())["rows"][0]["registers"] == rows[0]["registers"]
     with pytest.raises(SystemExit):
         kr.main(["--kernels", "_nope"])
-    # the attention kernels with an observer program per row (kernels.ATTEND_OBSERVER) compile too
+    # the attention kernels with an observer program per row (kernels.ATTEND_OBSERVER) and the lazy
+    # page choice (ATTEND_LAZY_SLOT) compile too
     from raas_flex import kernels
 
-    saved = kernels.ATTEND_OBSERVER
-    kernels.ATTEND_OBSERVER = True
+    saved = kernels.ATTEND_OBSERVER, kernels.ATTEND_LAZY_SLOT
+    kernels.ATTEND_OBSERVER = kernels.ATTEND_LAZY_SLOT = True
     try:
         obs = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
                        "--split", "2", "--kernels", "_attend_observe_kernel,_step_kernel", "--out", str(out)])
     finally:
-        kernels.ATTEND_OBSERVER = saved
+        kernels.ATTEND_OBSERVER, kernels.ATTEND_LAZY_SLOT = saved
     assert [r["grid"] for r in obs] == [[2, 3], [2, 3]]  # (two attention programs and the observer per row)
     assert all(0 < r["registers"] <= 255 and r["async_copies"] > 0 for r in obs)
