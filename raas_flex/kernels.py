@@ -230,6 +230,18 @@ if HAS_TRITON:
                             DOT)
 
     @triton.jit
+    def _last_of_row(count_ptr, row64, NPROG: tl.constexpr):
+        """Whether this program is the last of the NPROG programs of its row to get here: a barrier
+        over this program's stores, then a per-row ticket (acq_rel), which orders every other
+        program's stores before this one's later reads. (The last program resets the count.)"""
+        tl.debug_barrier()
+        if NPROG == 1:
+            last = True
+        else:
+            last = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel") == NPROG - 1
+        return last
+
+    @triton.jit
     def _refresh_set(imp, pid, i, in_row, P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr):
         """The top REFRESH resident pages of a row (imp, pid: [BLOCK_P] over slots i), as a mask. Order:
         larger importance first, equal importance to the lower slot (the stable descending rank of
@@ -447,12 +459,7 @@ if HAS_TRITON:
         # The program that finishes its row last ranks the row: its ticket (acq_rel, after a
         # barrier over this program's stores) orders every other program's scratch stores before
         # its reads, which bypass L1.
-        tl.debug_barrier()
-        if NSPLIT == 1:
-            last = True
-        else:
-            ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
-            last = ticket == NSPLIT - 1
+        last = _last_of_row(count_ptr, row64, NSPLIT)
         if last:
             i = tl.arange(0, BLOCK_P)
             in_row = i < P
@@ -588,13 +595,8 @@ if HAS_TRITON:
                 _bound_chunk(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                              b, h, base, split * PAGES + c0, split * PAGES + PAGES, G, P, D, BPC, DOT)
 
-        tl.debug_barrier()
         NPROG: tl.constexpr = SPLIT + 1 if OBSERVER else SPLIT
-        if NPROG == 1:
-            last = True
-        else:
-            ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
-            last = ticket == NPROG - 1
+        last = _last_of_row(count_ptr, row64, NPROG)
         if last:
             if not OBSERVER:
                 a = tl.load(imp_ptr + base + i, mask=in_row, other=float("-inf"), cache_modifier=".cg")
@@ -809,13 +811,8 @@ if HAS_TRITON:
                                  new_min, b, h, base, G, D, BPC, DOT)
 
         # -- the last program of the row: output, the append's writes, the refresh ----------------------
-        tl.debug_barrier()
         NPROG: tl.constexpr = SPLIT + 1 if OBSERVER else SPLIT
-        if NPROG == 1:
-            last = True
-        else:
-            ticket = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel")
-            last = ticket == NPROG - 1
+        last = _last_of_row(count_ptr, row64, NPROG)
         if last:
             # the row of bounds, or with OBSERVER its top-k set (every program's imp stores are
             # ordered before the ticket), loaded first so that its latency overlaps the combine's loads
