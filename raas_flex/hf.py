@@ -31,8 +31,8 @@ How it fits into transformers (5.17 and later):
   traces to one graph that replays for every step, so ``generate`` auto-compiles it on CUDA (the
   prompt stays eager). ``get_seq_length`` is the logical (padded) length that positions need: prompt
   length + the engine's step counter (a host sync when asked, a tensor while compiling); decode-time
-  ``get_mask_sizes``/``get_query_offset`` return constants (``get_query_offset`` is the prompt so
-  far for an eager prompt piece).
+  ``get_mask_sizes``/``get_query_offset`` return constants (``get_query_offset`` is the prompt
+  length when eager, which only a further prompt piece's mask uses).
 - The mask function returns SDPA's mask for the prompt and ``None`` for RaaS decode steps (the
   engine knows which slots are valid; ``get_mask_sizes`` reports a sentinel kv_length for them).
   Forwards that do not use a ``RaaSCache`` (``use_cache=False``, an explicit ``DynamicCache``,
@@ -608,12 +608,12 @@ class RaaSCache(Cache):
 
     def get_query_offset(self, layer_idx: int = 0):
         # After the prompt only single-token decode steps run, and their mask is skipped (see
-        # RaaSLayer.get_mask_sizes): a constant while compiled, so that neither a host sync nor a
-        # recompile happens. Eager, before the first decode step, a further prompt piece (chunked
-        # prefill) starts where the prompt so far ends.
+        # RaaSLayer.get_mask_sizes), so the offset matters only for a further prompt piece (chunked
+        # prefill, eager), which starts where the prompt so far ends. A constant while compiled, and
+        # never a host sync, so that a decode step neither recompiles nor syncs.
         if layer_idx < len(self.layers) and self.layers[layer_idx].prefilled:
             layer = self.layers[layer_idx]
-            if torch.compiler.is_compiling() or layer.final_len is not None or int(layer.engine.step) > 0:
+            if torch.compiler.is_compiling() or layer.final_len is not None:
                 return 0
             return layer.prefill_len
         return super().get_query_offset(layer_idx)
