@@ -126,12 +126,21 @@ ATTEND_DIAG = 0
 # also makes the row writes the attention does not read, and the row's last program only combines
 # and stores the page-table entry and the stamps of the set; in fused_attend_observe the observer
 # stores the stamps itself (False: each attention program bounds its share of the pages, and the
-# last program sorts the row and makes every row write). Not yet timed on a GPU.
-ATTEND_OBSERVER = False
+# last program sorts the row and makes every row write). None (the default): on when the row has at
+# most ATTEND_OBSERVER_MAX_SPLIT attention programs. The observer's work is the whole row's bounds,
+# an attention program's is 1/split of the row's K/V, so with many programs per row the observer is
+# the last to finish. H200, L=2048, one run (results/h200/decode_step_triton_observer*_h200): with
+# the observer and the lazy page choice, B=8 32/8 (4 programs per row) 29.2 against 32.7 us, B=32
+# 28/4 (2) 49.7 against 55.8, B=32 32/8 (2) 80.9 against 82.4; B=8 28/4 (8 programs per row) 25.3
+# against 18.7, and still 22.4 with 4 programs per row.
+ATTEND_OBSERVER: bool | None = None
+ATTEND_OBSERVER_MAX_SPLIT = 4
 # fused_step: every program makes the append's page choice (free slot or oldest unpinned page: the
 # pinned and stamp rows and an argmin) only when the token opens a page, one step in page_size
-# (False: every step, branch-free). Not yet timed on a GPU.
-ATTEND_LAZY_SLOT = False
+# (False: every step, branch-free). None (the default): together with the observer. Alone it bought
+# nothing on the H200 (18.5 against 18.7 us at B=8 28/4) and cost 104.9 against 82.2 us at B=32 32/8
+# (8-byte spill); with the observer it was faster at all four points of that run.
+ATTEND_LAZY_SLOT: bool | None = None
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -964,9 +973,22 @@ if HAS_TRITON:
             raise ValueError(f"kernels.{name}={value!r} is not allowed; allowed: True or False")
         return bool(value)
 
-    def _observer() -> bool:
-        """ATTEND_OBSERVER, checked."""
-        return _knob_bool("ATTEND_OBSERVER", ATTEND_OBSERVER)
+    def observer_for(split: int) -> bool:
+        """Whether the attention kernels run an observer program per row (ATTEND_OBSERVER, checked)
+        when each row has ``split`` attention programs."""
+        if ATTEND_OBSERVER is not None:
+            return _knob_bool("ATTEND_OBSERVER", ATTEND_OBSERVER)
+        if not isinstance(ATTEND_OBSERVER_MAX_SPLIT, int) or isinstance(ATTEND_OBSERVER_MAX_SPLIT, bool) \
+                or ATTEND_OBSERVER_MAX_SPLIT < 0:
+            raise ValueError(f"kernels.ATTEND_OBSERVER_MAX_SPLIT={ATTEND_OBSERVER_MAX_SPLIT!r} is not allowed; "
+                             "allowed: an int >= 0 (0: never an observer)")
+        return split <= ATTEND_OBSERVER_MAX_SPLIT
+
+    def _lazy_slot(observer: bool) -> bool:
+        """ATTEND_LAZY_SLOT, checked; None follows the observer."""
+        if ATTEND_LAZY_SLOT is None:
+            return observer
+        return _knob_bool("ATTEND_LAZY_SLOT", ATTEND_LAZY_SLOT)
 
     def attend_split(rows: int, tiles: int, device: torch.device) -> int:
         """Programs per row of the attention kernels: ATTEND_SPLIT if set, else :func:`split_for` with
@@ -994,7 +1016,7 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        observer = _observer()
+        observer = observer_for(split)
         bp, bpc, dot = _bound_plan(P if observer else pages, D)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
@@ -1041,7 +1063,7 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        observer = _observer()
+        observer = observer_for(split)
         bp, bpc, dot = _bound_plan(P if observer else pages, D)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
@@ -1061,7 +1083,7 @@ if HAS_TRITON:
             BP=bp, BPC=bpc,
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
             LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, OBSERVER=observer,
-            LAZY=_knob_bool("ATTEND_LAZY_SLOT", ATTEND_LAZY_SLOT), DIAG=ATTEND_DIAG,
+            LAZY=_lazy_slot(observer), DIAG=ATTEND_DIAG,
             num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
         )
         return out

@@ -244,17 +244,25 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[3, 26], integer=True,
                       block_size=8, observe_in_append=False)),
         ("raas", dict(B=1, Hq=3, Hkv=1, D=16, budget=64, ps=4, lens=[50], integer=True, refresh_ratio=0.25)),
+        # the defaults (4 programs per row on CPU: the observer and the lazy page choice, by
+        # ATTEND_OBSERVER_MAX_SPLIT), and 4 programs without them
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16), pin_prompt=False, steps=20)),
+        ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER_MAX_SPLIT=2), pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32), pin_prompt=False, steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=False), pin_prompt=False,
+                      steps=20)),
         ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28], integer=True, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32), observe_in_append=False, steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=False),
+                      observe_in_append=False, steps=20)),
         # the bounds as matrix products (ATTEND_BOUND_DOT), in the step and in the transformers-path kernel
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True), pin_prompt=False, steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True, ATTEND_OBSERVER=False), pin_prompt=False,
+                      steps=20)),
         ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28], integer=True, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True), observe_in_append=False, steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True, ATTEND_OBSERVER=False),
+                      observe_in_append=False, steps=20)),
         # an observer program per row (ATTEND_OBSERVER): bounds in one chunk and in several, and as dots
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True), pin_prompt=False, steps=20)),
@@ -268,7 +276,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                       observe_in_append=False, steps=20)),
         # the page choice only when a page opens (ATTEND_LAZY_SLOT), alone and with the observer
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[27, 5], integer=True, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_LAZY_SLOT=True), steps=24)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_LAZY_SLOT=True, ATTEND_OBSERVER=False), steps=24)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_LAZY_SLOT=True, ATTEND_OBSERVER=True), pin_prompt=False,
                       steps=20)),
@@ -331,13 +339,37 @@ def test_interpreter_diagnostic_bits_skip_their_part():
     assert [ln for ln in res.stdout.splitlines() if ln.endswith(" ok")] == [f"diag {d} ok" for d in (0, 1, 2, 4, 8)]
 
 
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the kernels are defined with it)")
+def test_observer_rule(monkeypatch):
+    """By default (ATTEND_OBSERVER None) a row gets the observer when it has at most
+    ATTEND_OBSERVER_MAX_SPLIT attention programs, and the lazy page choice goes with it; explicit
+    True / False win over the rule."""
+    for split in (1, 2, 4, 8, 16):
+        assert kernels.observer_for(split) is (split <= 4)
+        assert kernels._lazy_slot(kernels.observer_for(split)) is (split <= 4)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_SPLIT", 8)
+    assert kernels.observer_for(8) and not kernels.observer_for(16)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_SPLIT", 0)
+    assert not kernels.observer_for(1)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER", True)
+    assert kernels.observer_for(16)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER", False)
+    assert not kernels.observer_for(1)
+    monkeypatch.setattr(kernels, "ATTEND_LAZY_SLOT", True)
+    assert kernels._lazy_slot(False)
+    monkeypatch.setattr(kernels, "ATTEND_LAZY_SLOT", False)
+    assert not kernels._lazy_slot(True)
+
+
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (fused_step is defined with it)")
 @pytest.mark.parametrize("knob, value", [("ATTEND_DIAG", 16), ("ATTEND_OBSERVER", 2), ("ATTEND_BOUND_DOT", "no"),
-                                         ("ATTEND_LAZY_SLOT", None)])
+                                         ("ATTEND_LAZY_SLOT", 3), ("ATTEND_OBSERVER_MAX_SPLIT", -1),
+                                         ("ATTEND_OBSERVER_MAX_SPLIT", 2.0)])
 def test_step_knobs_validated(monkeypatch, knob, value):
-    """fused_step refuses, before any launch, an ATTEND_DIAG outside the four bits and an
-    ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_LAZY_SLOT other than True or False, naming the knob
-    and the value."""
+    """fused_step refuses, before any launch, an ATTEND_DIAG outside the four bits, an
+    ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_LAZY_SLOT other than True, False (or None, the
+    default, for the first and the last) and an ATTEND_OBSERVER_MAX_SPLIT that is not an int >= 0,
+    naming the knob and the value."""
     cache = _cpu_cache()
     monkeypatch.setattr(kernels, knob, value)
     q = torch.zeros(1, 2, 1, 16)
@@ -396,7 +428,7 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 17 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 18 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -429,6 +461,9 @@ GPU_CASES = [
     ("raas-P128-G4-triton-observer-lazy", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
      [2020, 2030, 5, 1500, 2000, 2031, 700, 2025],
      dict(pin_prompt=False, attention="triton", knobs=dict(ATTEND_OBSERVER=True, ATTEND_LAZY_SLOT=True))),
+    ("raas-P128-G4-triton-no-observer", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
+     [2020, 2030, 5, 1500, 2000, 2031, 700, 2025],
+     dict(pin_prompt=False, attention="triton", knobs=dict(ATTEND_OBSERVER=False, ATTEND_LAZY_SLOT=False))),
     ("raas-P128-G4-triton-split", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
      [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False, attention="triton", observe_in_append=False)),
     ("raas-P128-G4-triton-split-observer", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
@@ -459,6 +494,7 @@ def test_gpu_fused_matches_torch_resync(case, mode):
 EXACT_CASES = [c for c in GPU_CASES if c[0] in ("raas-P8-G3", "raas-P33-G7", "raas-P128-G4", "raas-P128-G4-split",
                                                  "raas-P128-G4-triton", "raas-P33-G7-triton",
                                                  "raas-P128-G4-triton-observer", "raas-P128-G4-triton-observer-lazy",
+                                                 "raas-P128-G4-triton-no-observer",
                                                  "streaming-P16")]
 
 

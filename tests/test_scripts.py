@@ -86,6 +86,7 @@ def test_decode_step_variant_names():
     assert all(hasattr(ds.kernels, k) for k in ds.TRITON_KNOB_TOKENS.values())
     assert ds.parse_variant("raas_triton+tdiag15")[6] == dict(ATTEND_DIAG=15)
     assert ds.parse_variant("raas_triton+tob1+tbd0")[6] == dict(ATTEND_OBSERVER=1, ATTEND_BOUND_DOT=0)
+    assert ds.parse_variant("raas_triton+tomx2")[6] == dict(ATTEND_OBSERVER_MAX_SPLIT=2)
     assert ds.is_diagnostic("raas_triton+tdiag15") and not ds.is_diagnostic("raas_triton+tdiag0")
     assert not ds.is_diagnostic("raas_triton+tsplit2")
     with pytest.raises(ValueError, match="attention='flex'"):
