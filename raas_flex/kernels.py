@@ -127,14 +127,17 @@ ATTEND_DIAG = 0
 # and stores the page-table entry and the stamps of the set; in fused_attend_observe the observer
 # stores the stamps itself (False: each attention program bounds its share of the pages, and the
 # last program sorts the row and makes every row write). None (the default): on when the row has at
-# most ATTEND_OBSERVER_MAX_SPLIT attention programs. The observer's work is the whole row's bounds,
-# an attention program's is 1/split of the row's K/V, so with many programs per row the observer is
-# the last to finish. H200, L=2048, one run (results/h200/decode_step_triton_observer*_h200): with
-# the observer and the lazy page choice, B=8 32/8 (4 programs per row) 29.2 against 32.7 us, B=32
-# 28/4 (2) 49.7 against 55.8, B=32 32/8 (2) 80.9 against 82.4; B=8 28/4 (8 programs per row) 25.3
-# against 18.7, and still 22.4 with 4 programs per row.
+# most ATTEND_OBSERVER_MAX_SPLIT attention programs and at most ATTEND_OBSERVER_MAX_PAGES pages. The
+# observer bounds and sorts the whole row alone while an attention program streams 1/split of its
+# K/V, so with many programs per row, or many pages, the observer is the last to finish. H200, N=8192,
+# observer and lazy page choice against neither, one run (results/h200/decode_step_triton_observer_
+# grid_h200), in us: 4 programs per row (B=8 32/8): L=1024 16.0 vs 17.2, L=2048 29.1 vs 32.5, but
+# L=4096 (256 pages) 71.1 vs 53.6; 2 programs (B=32 28/4): 29.8 vs 33.7, 50.1 vs 56.7, 115.4 vs 113.6;
+# 2 programs (B=32 32/8): 55.0 vs 50.8, 81.3 vs 82.9, 178.8 vs 169.7. 8 programs (B=8 28/4, L=2048,
+# results/h200/decode_step_triton_observer*_h200): 25.3 vs 18.7, and 22.4 with 4 programs instead.
 ATTEND_OBSERVER: bool | None = None
 ATTEND_OBSERVER_MAX_SPLIT = 4
+ATTEND_OBSERVER_MAX_PAGES = 128
 # fused_step: every program makes the append's page choice (free slot or oldest unpinned page: the
 # pinned and stamp rows and an argmin) only when the token opens a page, one step in page_size
 # (False: every step, branch-free). None (the default): together with the observer. Alone it bought
@@ -973,16 +976,16 @@ if HAS_TRITON:
             raise ValueError(f"kernels.{name}={value!r} is not allowed; allowed: True or False")
         return bool(value)
 
-    def observer_for(split: int) -> bool:
+    def observer_for(split: int, pages: int) -> bool:
         """Whether the attention kernels run an observer program per row (ATTEND_OBSERVER, checked)
-        when each row has ``split`` attention programs."""
+        when each row has ``split`` attention programs and ``pages`` pages."""
         if ATTEND_OBSERVER is not None:
             return _knob_bool("ATTEND_OBSERVER", ATTEND_OBSERVER)
-        if not isinstance(ATTEND_OBSERVER_MAX_SPLIT, int) or isinstance(ATTEND_OBSERVER_MAX_SPLIT, bool) \
-                or ATTEND_OBSERVER_MAX_SPLIT < 0:
-            raise ValueError(f"kernels.ATTEND_OBSERVER_MAX_SPLIT={ATTEND_OBSERVER_MAX_SPLIT!r} is not allowed; "
-                             "allowed: an int >= 0 (0: never an observer)")
-        return split <= ATTEND_OBSERVER_MAX_SPLIT
+        for name, value in (("ATTEND_OBSERVER_MAX_SPLIT", ATTEND_OBSERVER_MAX_SPLIT),
+                            ("ATTEND_OBSERVER_MAX_PAGES", ATTEND_OBSERVER_MAX_PAGES)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"kernels.{name}={value!r} is not allowed; allowed: an int >= 0 (0: never an observer)")
+        return split <= ATTEND_OBSERVER_MAX_SPLIT and pages <= ATTEND_OBSERVER_MAX_PAGES
 
     def _lazy_slot(observer: bool) -> bool:
         """ATTEND_LAZY_SLOT, checked; None follows the observer."""
@@ -1016,7 +1019,7 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        observer = observer_for(split)
+        observer = observer_for(split, P)
         bp, bpc, dot = _bound_plan(P if observer else pages, D)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
@@ -1063,7 +1066,7 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        observer = observer_for(split)
+        observer = observer_for(split, P)
         bp, bpc, dot = _bound_plan(P if observer else pages, D)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)

@@ -244,8 +244,8 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[3, 26], integer=True,
                       block_size=8, observe_in_append=False)),
         ("raas", dict(B=1, Hq=3, Hkv=1, D=16, budget=64, ps=4, lens=[50], integer=True, refresh_ratio=0.25)),
-        # the defaults (4 programs per row on CPU: the observer and the lazy page choice, by
-        # ATTEND_OBSERVER_MAX_SPLIT), and 4 programs without them
+        # the defaults (4 programs per row on CPU, 16 pages: the observer and the lazy page choice,
+        # by ATTEND_OBSERVER_MAX_SPLIT), and 4 programs without them
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16), pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
@@ -342,19 +342,23 @@ def test_interpreter_diagnostic_bits_skip_their_part():
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the kernels are defined with it)")
 def test_observer_rule(monkeypatch):
     """By default (ATTEND_OBSERVER None) a row gets the observer when it has at most
-    ATTEND_OBSERVER_MAX_SPLIT attention programs, and the lazy page choice goes with it; explicit
-    True / False win over the rule."""
+    ATTEND_OBSERVER_MAX_SPLIT attention programs and ATTEND_OBSERVER_MAX_PAGES pages, and the lazy
+    page choice goes with it; explicit True / False win over the rule."""
     for split in (1, 2, 4, 8, 16):
-        assert kernels.observer_for(split) is (split <= 4)
-        assert kernels._lazy_slot(kernels.observer_for(split)) is (split <= 4)
+        for pages in (8, 128, 256):
+            on = split <= 4 and pages <= 128
+            assert kernels.observer_for(split, pages) is on
+            assert kernels._lazy_slot(kernels.observer_for(split, pages)) is on
     monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_SPLIT", 8)
-    assert kernels.observer_for(8) and not kernels.observer_for(16)
+    assert kernels.observer_for(8, 64) and not kernels.observer_for(16, 64)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_PAGES", 512)
+    assert kernels.observer_for(8, 512) and not kernels.observer_for(8, 1024)
     monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_SPLIT", 0)
-    assert not kernels.observer_for(1)
+    assert not kernels.observer_for(1, 8)
     monkeypatch.setattr(kernels, "ATTEND_OBSERVER", True)
-    assert kernels.observer_for(16)
+    assert kernels.observer_for(16, 1024)
     monkeypatch.setattr(kernels, "ATTEND_OBSERVER", False)
-    assert not kernels.observer_for(1)
+    assert not kernels.observer_for(1, 8)
     monkeypatch.setattr(kernels, "ATTEND_LAZY_SLOT", True)
     assert kernels._lazy_slot(False)
     monkeypatch.setattr(kernels, "ATTEND_LAZY_SLOT", False)
@@ -364,11 +368,11 @@ def test_observer_rule(monkeypatch):
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (fused_step is defined with it)")
 @pytest.mark.parametrize("knob, value", [("ATTEND_DIAG", 16), ("ATTEND_OBSERVER", 2), ("ATTEND_BOUND_DOT", "no"),
                                          ("ATTEND_LAZY_SLOT", 3), ("ATTEND_OBSERVER_MAX_SPLIT", -1),
-                                         ("ATTEND_OBSERVER_MAX_SPLIT", 2.0)])
+                                         ("ATTEND_OBSERVER_MAX_SPLIT", 2.0), ("ATTEND_OBSERVER_MAX_PAGES", True)])
 def test_step_knobs_validated(monkeypatch, knob, value):
     """fused_step refuses, before any launch, an ATTEND_DIAG outside the four bits, an
     ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_LAZY_SLOT other than True, False (or None, the
-    default, for the first and the last) and an ATTEND_OBSERVER_MAX_SPLIT that is not an int >= 0,
+    default, for the first and the last) and an ATTEND_OBSERVER_MAX_SPLIT / _MAX_PAGES that is not an int >= 0,
     naming the knob and the value."""
     cache = _cpu_cache()
     monkeypatch.setattr(kernels, knob, value)
