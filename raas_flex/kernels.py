@@ -127,7 +127,8 @@ ATTEND_DIAG = 0
 # and stores the page-table entry and the stamps of the set; in fused_attend_observe the observer
 # stores the stamps itself (False: each attention program bounds its share of the pages, and the
 # last program sorts the row and makes every row write). None (the default): on when the row has at
-# most ATTEND_OBSERVER_MAX_SPLIT attention programs and at most ATTEND_OBSERVER_MAX_PAGES pages. The
+# most ATTEND_OBSERVER_MAX_SPLIT attention programs and at most ATTEND_OBSERVER_MAX_PAGES pages, in
+# fused_step only (fused_attend_observe's observer is untimed: there None means off). The
 # observer bounds and sorts the whole row alone while an attention program streams 1/split of its
 # K/V, so with many programs per row, or many pages, the observer is the last to finish. H200, N=8192,
 # observer and lazy page choice against neither, one run (results/h200/decode_step_triton_observer_
@@ -976,11 +977,15 @@ if HAS_TRITON:
             raise ValueError(f"kernels.{name}={value!r} is not allowed; allowed: True or False")
         return bool(value)
 
-    def observer_for(split: int, pages: int) -> bool:
+    def observer_for(split: int, pages: int, timed: bool = True) -> bool:
         """Whether the attention kernels run an observer program per row (ATTEND_OBSERVER, checked)
-        when each row has ``split`` attention programs and ``pages`` pages."""
+        when each row has ``split`` attention programs and ``pages`` pages. ``timed=False`` (the
+        transformers path's fused_attend_observe, whose observer has not been timed on a GPU): no
+        observer unless ATTEND_OBSERVER is True."""
         if ATTEND_OBSERVER is not None:
             return _knob_bool("ATTEND_OBSERVER", ATTEND_OBSERVER)
+        if not timed:
+            return False
         for name, value in (("ATTEND_OBSERVER_MAX_SPLIT", ATTEND_OBSERVER_MAX_SPLIT),
                             ("ATTEND_OBSERVER_MAX_PAGES", ATTEND_OBSERVER_MAX_PAGES)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -1019,7 +1024,7 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        observer = observer_for(split, P)
+        observer = observer_for(split, P, timed=False)
         bp, bpc, dot = _bound_plan(P if observer else pages, D)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)

@@ -349,6 +349,7 @@ def test_observer_rule(monkeypatch):
             on = split <= 4 and pages <= 128
             assert kernels.observer_for(split, pages) is on
             assert kernels._lazy_slot(kernels.observer_for(split, pages)) is on
+    assert not kernels.observer_for(1, 8, timed=False)  # (fused_attend_observe: off unless asked for)
     monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_SPLIT", 8)
     assert kernels.observer_for(8, 64) and not kernels.observer_for(16, 64)
     monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_PAGES", 512)
@@ -356,7 +357,7 @@ def test_observer_rule(monkeypatch):
     monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_SPLIT", 0)
     assert not kernels.observer_for(1, 8)
     monkeypatch.setattr(kernels, "ATTEND_OBSERVER", True)
-    assert kernels.observer_for(16, 1024)
+    assert kernels.observer_for(16, 1024) and kernels.observer_for(1, 8, timed=False)
     monkeypatch.setattr(kernels, "ATTEND_OBSERVER", False)
     assert not kernels.observer_for(1, 8)
     monkeypatch.setattr(kernels, "ATTEND_LAZY_SLOT", True)
