@@ -289,7 +289,9 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     assert [r["kernel"] for r in rows] == ["_append_kernel", "_observe_kernel", "_attend_observe_kernel",
                                            "_step_kernel"]
     assert all(0 < r["registers"] <= 255 for r in rows)
-    assert rows[3]["grid"] == [2, 2]  # (one row per (sequence, KV head), two programs per row)
+    # (one row per (sequence, KV head), two attention programs per row; by default (the observer rule:
+    # at most 4 programs and 128 pages per row) fused_step adds the observer, fused_attend_observe not)
+    assert rows[2]["grid"] == [2, 2] and rows[3]["grid"] == [2, 3]
     # compiled as a launch specialises it (16-byte aligned pointers), the attention kernels' tile
     # loads are pipelined into asynchronous copies; without that they were not
     assert rows[2]["async_copies"] > 0 and rows[3]["async_copies"] > 0
@@ -310,3 +312,12 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
         kernels.ATTEND_OBSERVER, kernels.ATTEND_LAZY_SLOT = saved
     assert [r["grid"] for r in obs] == [[2, 3], [2, 3]]  # (two attention programs and the observer per row)
     assert all(0 < r["registers"] <= 255 and r["async_copies"] > 0 for r in obs)
+    # and fused_step without them
+    kernels.ATTEND_OBSERVER = kernels.ATTEND_LAZY_SLOT = False
+    try:
+        plain = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
+                         "--split", "2", "--kernels", "_step_kernel"])
+    finally:
+        kernels.ATTEND_OBSERVER, kernels.ATTEND_LAZY_SLOT = saved
+    assert [r["grid"] for r in plain] == [[2, 2]]
+    assert 0 < plain[0]["registers"] <= 255 and plain[0]["async_copies"] > 0
