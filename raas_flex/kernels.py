@@ -145,6 +145,13 @@ ATTEND_OBSERVER_MAX_PAGES = 128
 # nothing on the H200 (18.5 against 18.7 us at B=8 28/4) and cost 104.9 against 82.2 us at B=32 32/8
 # (8-byte spill); with the observer it was faster at all four points of that run.
 ATTEND_LAZY_SLOT: bool | None = None
+# fused_step's bound loops (the observer's, and each attention program's share): 0, an unrolled loop
+# whose chunks run one after the other (each chunk's loads wait for the previous chunk's stores);
+# N >= 1, a loop Triton may software-pipeline over N stages (on sm_90 with triton 3.6, B=8 28/4 with
+# the observer: 15 asynchronous copies instead of 6, 128 registers with an 8-byte spill instead of
+# 168). The observer's loop looked latency-bound on the H200 (4096-element chunks: 22.7 us against
+# 25.3 with 2048, B=8 28/4, L=2048). Not yet timed on a GPU.
+ATTEND_BOUND_STAGES = 0
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -241,6 +248,29 @@ if HAS_TRITON:
         pidp = tl.where(opened & (pp == slot), new_id, pidp)
         return _bound_store(q_ptr, sqb, sqh, sqd, score_ptr, imp_ptr, kmx, kmn, pidp, pp, mp, b, h, base, G, D, BP,
                             DOT)
+
+    @triton.jit
+    def _bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                    lo, hi, slot, opened, new_id, new_max, new_min, b, h, base,
+                    G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, BPC: tl.constexpr,
+                    DOT: tl.constexpr, STAGES: tl.constexpr):
+        """:func:`_bound_pages` of the pages lo .. min(hi, P) - 1, in chunks of BPC pages (BP >= hi - lo
+        pages covered). STAGES 0: an unrolled loop (each chunk's loads wait for the stores of the chunk
+        before: the compiler cannot tell the pointers apart); STAGES >= 1: a loop that Triton's
+        pipeliner may software-pipeline over STAGES stages, issuing the key-bound loads of later chunks
+        early (they never alias the imp and score rows the loop stores)."""
+        if STAGES == 0:
+            for c0 in tl.static_range(0, BP, BPC):
+                pp = lo + c0 + tl.arange(0, BPC)
+                _bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                             pp, (pp < P) & (pp < hi), slot, opened, new_id, new_max, new_min, b, h, base,
+                             G, D, BPC, DOT)
+        else:
+            for c0 in tl.range(0, BP, BPC, num_stages=STAGES):
+                pp = lo + c0 + tl.arange(0, BPC)
+                _bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                             pp, (pp < P) & (pp < hi), slot, opened, new_id, new_max, new_min, b, h, base,
+                             G, D, BPC, DOT)
 
     @triton.jit
     def _last_of_row(count_ptr, row64, NPROG: tl.constexpr):
@@ -723,7 +753,7 @@ if HAS_TRITON:
         BG: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr,
         BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
         BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
-        LAZY: tl.constexpr, DIAG: tl.constexpr = 0,
+        LAZY: tl.constexpr, BSTAGES: tl.constexpr = 0, DIAG: tl.constexpr = 0,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -790,10 +820,9 @@ if HAS_TRITON:
         if OBSERVER:
             if split == 0:  # the row's observer: every page's bound and the top-k set (in imp, as 1/0)
                 if (DIAG & 1) == 0:
-                    for c0 in tl.static_range(0, BP, BPC):
-                        pp = c0 + tl.arange(0, BPC)
-                        _bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                                     pp, pp < P, slot, opened, new_id, new_max, new_min, b, h, base, G, D, BPC, DOT)
+                    _bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                                0, P, slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BP, BPC, DOT,
+                                BSTAGES)
                 if (DIAG & 2) == 0:
                     tl.debug_barrier()  # the row of bounds is complete
                     a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
@@ -817,11 +846,9 @@ if HAS_TRITON:
                          G, BG, D, PS, S, BLOCK_N, TILES, SPLIT)
             # Quest's bound of this program's pages, as after the append (chunks of BPC pages)
             if (DIAG & 1) == 0:
-                for c0 in tl.static_range(0, BP, BPC):
-                    pp = split * PAGES + c0 + tl.arange(0, BPC)
-                    _bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                                 pp, (pp < P) & (pp < split * PAGES + PAGES), slot, opened, new_id, new_max,
-                                 new_min, b, h, base, G, D, BPC, DOT)
+                _bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
+                            split * PAGES, split * PAGES + PAGES, slot, opened, new_id, new_max, new_min, b, h, base,
+                            G, P, D, BP, BPC, DOT, BSTAGES)
 
         # -- the last program of the row: output, the append's writes, the refresh ----------------------
         NPROG: tl.constexpr = SPLIT + 1 if OBSERVER else SPLIT
@@ -992,6 +1019,14 @@ if HAS_TRITON:
                 raise ValueError(f"kernels.{name}={value!r} is not allowed; allowed: an int >= 0 (0: never an observer)")
         return split <= ATTEND_OBSERVER_MAX_SPLIT and pages <= ATTEND_OBSERVER_MAX_PAGES
 
+    def _bound_stages() -> int:
+        """ATTEND_BOUND_STAGES, checked."""
+        v = ATTEND_BOUND_STAGES
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"kernels.ATTEND_BOUND_STAGES={v!r} is not allowed; allowed: an int >= 0 "
+                             "(0: the unrolled bound loop)")
+        return v
+
     def _lazy_slot(observer: bool) -> bool:
         """ATTEND_LAZY_SLOT, checked; None follows the observer."""
         if ATTEND_LAZY_SLOT is None:
@@ -1091,7 +1126,7 @@ if HAS_TRITON:
             BP=bp, BPC=bpc,
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
             LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, OBSERVER=observer,
-            LAZY=_lazy_slot(observer), DIAG=ATTEND_DIAG,
+            LAZY=_lazy_slot(observer), BSTAGES=_bound_stages(), DIAG=ATTEND_DIAG,
             num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
         )
         return out

@@ -280,6 +280,14 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_LAZY_SLOT=True, ATTEND_OBSERVER=True), pin_prompt=False,
                       steps=20)),
+        # the bound loops software-pipelined (ATTEND_BOUND_STAGES): the observer's, and each program's
+        # share over several chunks (2 programs per row)
+        ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=True,
+                                 ATTEND_BOUND_STAGES=2), steps=20)),
+        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=False, ATTEND_SPLIT=2,
+                                 ATTEND_BOUND_STAGES=3), pin_prompt=False, steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
     ]
@@ -369,11 +377,12 @@ def test_observer_rule(monkeypatch):
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (fused_step is defined with it)")
 @pytest.mark.parametrize("knob, value", [("ATTEND_DIAG", 16), ("ATTEND_OBSERVER", 2), ("ATTEND_BOUND_DOT", "no"),
                                          ("ATTEND_LAZY_SLOT", 3), ("ATTEND_OBSERVER_MAX_SPLIT", -1),
-                                         ("ATTEND_OBSERVER_MAX_SPLIT", 2.0), ("ATTEND_OBSERVER_MAX_PAGES", True)])
+                                         ("ATTEND_OBSERVER_MAX_SPLIT", 2.0), ("ATTEND_OBSERVER_MAX_PAGES", True),
+                                         ("ATTEND_BOUND_STAGES", -1)])
 def test_step_knobs_validated(monkeypatch, knob, value):
     """fused_step refuses, before any launch, an ATTEND_DIAG outside the four bits, an
     ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_LAZY_SLOT other than True, False (or None, the
-    default, for the first and the last) and an ATTEND_OBSERVER_MAX_SPLIT / _MAX_PAGES that is not an int >= 0,
+    default, for the first and the last) and an ATTEND_OBSERVER_MAX_SPLIT / _MAX_PAGES / ATTEND_BOUND_STAGES that is not an int >= 0,
     naming the knob and the value."""
     cache = _cpu_cache()
     monkeypatch.setattr(kernels, knob, value)
@@ -433,7 +442,7 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 18 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 20 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -469,6 +478,9 @@ GPU_CASES = [
     ("raas-P128-G4-triton-no-observer", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
      [2020, 2030, 5, 1500, 2000, 2031, 700, 2025],
      dict(pin_prompt=False, attention="triton", knobs=dict(ATTEND_OBSERVER=False, ATTEND_LAZY_SLOT=False))),
+    ("raas-P128-G4-triton-bound-stages", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
+     [2020, 2030, 5, 1500, 2000, 2031, 700, 2025],
+     dict(pin_prompt=False, attention="triton", knobs=dict(ATTEND_BOUND_STAGES=2))),
     ("raas-P128-G4-triton-split", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
      [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False, attention="triton", observe_in_append=False)),
     ("raas-P128-G4-triton-split-observer", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
