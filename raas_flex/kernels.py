@@ -358,6 +358,25 @@ if HAS_TRITON:
         tl.store(kv_num_ptr + row64, n_part)
 
     @triton.jit
+    def _append_inputs(kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
+                       open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D: tl.constexpr):
+        """The append's loads that do not depend on its slot choice, for row (b, h): the new step, the
+        position of the token, the open page slot, the eviction counter (for the row's final writes),
+        the new key and value (in the cache's dtype) and the open page's key bounds (fp32)."""
+        d = tl.arange(0, D)
+        step_new = tl.load(step_ptr) + 1
+        pos = tl.load(length_ptr + b)  # tokens written before this one
+        open_old = tl.load(open_slot_ptr + row64)
+        ev = tl.load(evictions_ptr + row64)
+        kk = tl.load(kn_ptr + b * skb + h * skh + d * skd).to(k_ptr.dtype.element_ty)
+        vv = tl.load(vn_ptr + b * svb + h * svh + d * svd).to(v_ptr.dtype.element_ty)
+        # key bounds of the open page: the row updated unless a page is opened (then overwritten)
+        optr = (base + open_old) * D + d
+        old_max = tl.load(kmax_ptr + optr).to(tl.float32)
+        old_min = tl.load(kmin_ptr + optr).to(tl.float32)
+        return step_new, pos, open_old, ev, kk, vv, old_max, old_min
+
+    @triton.jit
     def _append_kernel(
         kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd,
         k_ptr, v_ptr, page_id_ptr, stamp_ptr, pinned_ptr, score_ptr, kmax_ptr, kmin_ptr,
@@ -381,19 +400,11 @@ if HAS_TRITON:
         d = tl.arange(0, D)
 
         # every load that does not depend on the slot choice is issued up front
-        step_new = tl.load(step_ptr) + 1
         bb = tl.arange(0, BLOCK_B)
         lens = tl.load(length_ptr + bb, mask=bb < B, other=0)  # (the last program writes lens + 1)
-        pos = tl.load(length_ptr + b)  # tokens written before this one
-        open_old = tl.load(open_slot_ptr + row64)
-        ev = tl.load(evictions_ptr + row64)  # (used by the row's last program; loaded early, off its tail)
-        kk = tl.load(kn_ptr + b * skb + h * skh + d * skd).to(k_ptr.dtype.element_ty)
-        vv = tl.load(vn_ptr + b * svb + h * svh + d * svd).to(v_ptr.dtype.element_ty)
-        # key bounds of the open page: the row updated unless a page is opened (then overwritten)
-        optr = (base + open_old) * D + d
-        old_max = tl.load(kmax_ptr + optr).to(tl.float32)
-        old_min = tl.load(kmin_ptr + optr).to(tl.float32)
-        ev = tl.load(evictions_ptr + row64)
+        step_new, pos, open_old, ev, kk, vv, old_max, old_min = _append_inputs(
+            kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
+            open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D)
         p = tl.arange(0, BLOCK_P)
         in_row = p < P
         pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
@@ -784,15 +795,10 @@ if HAS_TRITON:
         d = tl.arange(0, D)
 
         # -- the append's decision (the same in every program of the row) -----------------------------
-        step_new = tl.load(step_ptr) + 1
-        pos = tl.load(length_ptr + b)
-        open_old = tl.load(open_slot_ptr + row64)
-        ev = tl.load(evictions_ptr + row64)  # (used by the row's last program; loaded early, off its tail)
-        kk = tl.load(kn_ptr + b * skb + h * skh + d * skd).to(k_ptr.dtype.element_ty)
-        vv = tl.load(vn_ptr + b * svb + h * svh + d * svd).to(v_ptr.dtype.element_ty)
-        optr = (base + open_old) * D + d
-        old_max = tl.load(kmax_ptr + optr).to(tl.float32)
-        old_min = tl.load(kmin_ptr + optr).to(tl.float32)
+        # (ev is used by the row's last program; loaded here, off its tail)
+        step_new, pos, open_old, ev, kk, vv, old_max, old_min = _append_inputs(
+            kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
+            open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D)
         p = tl.arange(0, BLOCK_P)
         in_row = p < P
         pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
