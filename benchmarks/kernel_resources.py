@@ -152,14 +152,34 @@ def main(argv=None):
     ap.add_argument("--kernels", default=None,
                     help="comma list of kernel names to compile (default: all: _append_kernel, _observe_kernel, "
                          "_attend_observe_kernel, _step_kernel)")
+    ap.add_argument("--knob", action="append", default=[], metavar="NAME=INT",
+                    help="set a raas_flex.kernels ATTEND_* knob while the kernels are captured, e.g. "
+                         "ATTEND_OBSERVER=1 or ATTEND_BOUND_STAGES=2 (repeatable; 'none' for None)")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     args = ap.parse_args(argv)
     if not kernels.HAS_TRITON:
         raise SystemExit("kernel_resources.py needs triton installed")
+    knobs = {}
+    for item in args.knob:
+        name, _, value = item.partition("=")
+        if not name.startswith("ATTEND_") or not hasattr(kernels, name) or not value:
+            ap.error(f"--knob {item!r}: expected NAME=INT with NAME one of "
+                     f"{', '.join(k for k in dir(kernels) if k.startswith('ATTEND_'))}")
+        try:
+            knobs[name] = None if value.lower() == "none" else int(value)
+        except ValueError:
+            ap.error(f"--knob {item!r}: the value must be an int or 'none'")
     hq, hkv = map(int, args.heads.split("/"))
     dtype = getattr(torch, args.dtype)
     rows = []
-    captured = launches(args.batch, hq, hkv, args.head_dim, args.budget, args.page_size, dtype, args.split)
+    saved = {k: getattr(kernels, k) for k in knobs}
+    try:
+        for k, v in knobs.items():
+            setattr(kernels, k, v)
+        captured = launches(args.batch, hq, hkv, args.head_dim, args.budget, args.page_size, dtype, args.split)
+    finally:
+        for k, v in saved.items():
+            setattr(kernels, k, v)
     known = [fn.fn.__name__ for fn, *_ in captured]
     wanted = known if args.kernels is None else [k.strip() for k in args.kernels.split(",") if k.strip()]
     unknown = sorted(set(wanted) - set(known))

@@ -299,6 +299,8 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     assert json.loads(out.read_text())["rows"][0]["registers"] == rows[0]["registers"]
     with pytest.raises(SystemExit):
         kr.main(["--kernels", "_nope"])
+    with pytest.raises(SystemExit):
+        kr.main(["--knob", "BLOCK_N=3"])
     # the attention kernels with an observer program per row (kernels.ATTEND_OBSERVER) and the lazy
     # page choice (ATTEND_LAZY_SLOT) compile too
     from raas_flex import kernels
@@ -312,12 +314,10 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
         kernels.ATTEND_OBSERVER, kernels.ATTEND_LAZY_SLOT = saved
     assert [r["grid"] for r in obs] == [[2, 3], [2, 3]]  # (two attention programs and the observer per row)
     assert all(0 < r["registers"] <= 255 and r["async_copies"] > 0 for r in obs)
-    # and fused_step without them
-    kernels.ATTEND_OBSERVER = kernels.ATTEND_LAZY_SLOT = False
-    try:
-        plain = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
-                         "--split", "2", "--kernels", "_step_kernel"])
-    finally:
-        kernels.ATTEND_OBSERVER, kernels.ATTEND_LAZY_SLOT = saved
+    # and fused_step without them (set by --knob, and restored after)
+    plain = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
+                     "--split", "2", "--kernels", "_step_kernel", "--knob", "ATTEND_OBSERVER=0",
+                     "--knob", "ATTEND_LAZY_SLOT=0"])
+    assert (kernels.ATTEND_OBSERVER, kernels.ATTEND_LAZY_SLOT) == saved
     assert [r["grid"] for r in plain] == [[2, 2]]
     assert 0 < plain[0]["registers"] <= 255 and plain[0]["async_copies"] > 0
