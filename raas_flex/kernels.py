@@ -126,19 +126,25 @@ ATTEND_DIAG = 0
 # also makes the row writes the attention does not read, and the row's last program only combines
 # and stores the page-table entry and the stamps of the set; in fused_attend_observe the observer
 # stores the stamps itself (False: each attention program bounds its share of the pages, and the
-# last program sorts the row and makes every row write). None (the default): on when the row has at
-# most ATTEND_OBSERVER_MAX_SPLIT attention programs and at most ATTEND_OBSERVER_MAX_PAGES pages, in
-# fused_step only (fused_attend_observe's observer is untimed: there None means off). The
-# observer bounds and sorts the whole row alone while an attention program streams 1/split of its
-# K/V, so with many programs per row, or many pages, the observer is the last to finish. H200, N=8192,
-# observer and lazy page choice against neither, one run (results/h200/decode_step_triton_observer_
-# grid_h200), in us: 4 programs per row (B=8 32/8): L=1024 16.0 vs 17.2, L=2048 29.1 vs 32.5, but
-# L=4096 (256 pages) 71.1 vs 53.6; 2 programs (B=32 28/4): 29.8 vs 33.7, 50.1 vs 56.7, 115.4 vs 113.6;
-# 2 programs (B=32 32/8): 55.0 vs 50.8, 81.3 vs 82.9, 178.8 vs 169.7. 8 programs (B=8 28/4, L=2048,
-# results/h200/decode_step_triton_observer*_h200): 25.3 vs 18.7, and 22.4 with 4 programs instead.
+# last program sorts the row and makes every row write). None (the default): in fused_step, on when
+# the grid with the observers has at most ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM programs per SM
+# (rows x (split + 1) <= that x SMs; on CPU, always); in fused_attend_observe (untimed) off.
+# The observer's bounds are tensor-core products (ATTEND_OBSERVER_BOUND_DOT): the whole row in one
+# product up to ATTEND_OBSERVER_BOUND_ELEMS key-bound elements, else chunks of
+# ATTEND_OBSERVER_CHUNK_ELEMS. H200, N=8192, the observer against none, one run (results/h200/
+# decode_step_triton_observer_dot_grid_h200), us, L=1024 / 2048 / 4096: B=8 28/4 (8 programs per
+# row) 13.2 / 16.5 / 36.1 vs 15.0 / 18.7 / 36.2; B=8 32/8 (4) 15.6 / 29.5 / 47.7 vs 17.3 / 32.3 / 53.6;
+# B=32 28/4 (2, 2, 4) 29.1 / 47.2 / 103.1 vs 34.1 / 56.4 / 113.9; B=32 32/8 (1, 2, 4) 48.2 / 90.5 /
+# 180.0 vs 50.7 / 82.8 / 169.4: the observer lost only where the grid had 768 and 1280 programs
+# (132 SMs); the rule's 5 per SM (660) keeps the other ten points on. With 256 pages, one product
+# of the row (32768 elements) was slower than chunks of 8192 (B=8 28/4 42.1 vs 36.1 us; 32/8 62.9 vs
+# 47.7). The element-wise observer (session 9, results/h200/decode_step_triton_observer*_h200) lost
+# at 8 programs per row (25.3 vs 18.7 us at B=8 28/4, L=2048).
 ATTEND_OBSERVER: bool | None = None
-ATTEND_OBSERVER_MAX_SPLIT = 4
-ATTEND_OBSERVER_MAX_PAGES = 128
+ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM = 5
+ATTEND_OBSERVER_BOUND_DOT = True
+ATTEND_OBSERVER_BOUND_ELEMS = 16384
+ATTEND_OBSERVER_CHUNK_ELEMS = 8192
 # fused_step: every program makes the append's page choice (free slot or oldest unpinned page: the
 # pinned and stamp rows and an argmin) only when the token opens a page, one step in page_size
 # (False: every step, branch-free). None (the default): together with the observer. Alone it bought
@@ -150,7 +156,10 @@ ATTEND_LAZY_SLOT: bool | None = None
 # N >= 1, a loop Triton may software-pipeline over N stages (on sm_90 with triton 3.6, B=8 28/4 with
 # the observer: 15 asynchronous copies instead of 6, 128 registers with an 8-byte spill instead of
 # 168). The observer's loop looked latency-bound on the H200 (4096-element chunks: 22.7 us against
-# 25.3 with 2048, B=8 28/4, L=2048). Not yet timed on a GPU.
+# 25.3 with 2048, B=8 28/4, L=2048). H200, L=2048, one run (results/h200/decode_step_triton_observer_
+# loops_h200), element-wise observer at 2 / 3 stages against 0, us: B=8 28/4 26.3 / 25.1 vs 25.5, B=8 32/8
+# 28.9 / 29.8 vs 29.0, B=32 28/4 48.6 / 48.5 vs 50.6; without the observer, 2 stages: 18.7 vs 18.6, 33.6
+# vs 32.4, 54.5 vs 56.4. The observer's one matrix product beat all of them (16.2, 29.5, 47.2): 0 stays.
 ATTEND_BOUND_STAGES = 0
 
 
@@ -991,18 +1000,30 @@ if HAS_TRITON:
             num_warps=4,
         )
 
-    def _bound_plan(pages: int, D: int) -> tuple[int, int, bool]:
+    def _bound_plan(pages: int, D: int, observer: bool = False) -> tuple[int, int, bool]:
         """The bound loop of the attention kernels for ``pages`` pages per program: (BP, BPC, DOT), pages
-        covered (a power of two >= pages), pages per chunk (at most ATTEND_BOUND_ELEMS key-bound
-        elements, a power of two), and whether the bounds are matrix products (ATTEND_BOUND_DOT; then
-        chunks of at least 16 pages, the pages past the program's share masked)."""
-        _knob_bool("ATTEND_BOUND_DOT", ATTEND_BOUND_DOT)
+        covered (a power of two >= pages), pages per chunk (a power of two) and whether the bounds are
+        matrix products (then chunks of at least 16 pages, the pages past the program's share masked).
+        An attention program's share: chunks of at most ATTEND_BOUND_ELEMS key-bound elements,
+        ATTEND_BOUND_DOT. The observer's row (``observer``): one chunk when the row has at most
+        ATTEND_OBSERVER_BOUND_ELEMS elements, else chunks of ATTEND_OBSERVER_CHUNK_ELEMS,
+        ATTEND_OBSERVER_BOUND_DOT."""
+        # (every knob checked, whichever plan is asked for)
+        own_dot = _knob_bool("ATTEND_BOUND_DOT", ATTEND_BOUND_DOT)
+        own = _knob_int("ATTEND_BOUND_ELEMS", ATTEND_BOUND_ELEMS, 1)
+        obs_dot = _knob_bool("ATTEND_OBSERVER_BOUND_DOT", ATTEND_OBSERVER_BOUND_DOT)
+        one = _knob_int("ATTEND_OBSERVER_BOUND_ELEMS", ATTEND_OBSERVER_BOUND_ELEMS, 1)
+        chunk = _knob_int("ATTEND_OBSERVER_CHUNK_ELEMS", ATTEND_OBSERVER_CHUNK_ELEMS, 1)
         bp = triton.next_power_of_2(pages)
-        most = max(1, ATTEND_BOUND_ELEMS // D)
+        if observer:
+            dot, elems = obs_dot, (one if bp * D <= one else chunk)
+        else:
+            dot, elems = own_dot, own
+        most = max(1, elems // D)
         bpc = min(bp, 1 << (most.bit_length() - 1))
-        if ATTEND_BOUND_DOT:
+        if dot:
             bp, bpc = max(bp, 16), max(bpc, 16)
-        return bp, bpc, bool(ATTEND_BOUND_DOT)
+        return bp, bpc, dot
 
     def _knob_bool(name: str, value) -> bool:
         """A True/False knob of this module, checked."""
@@ -1010,20 +1031,24 @@ if HAS_TRITON:
             raise ValueError(f"kernels.{name}={value!r} is not allowed; allowed: True or False")
         return bool(value)
 
-    def observer_for(split: int, pages: int, timed: bool = True) -> bool:
+    def _knob_int(name: str, value, least: int) -> int:
+        """An int knob of this module (not a bool), at least ``least``, checked."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"kernels.{name}={value!r} is not allowed; allowed: an int >= {least}")
+        return value
+
+    def observer_for(rows: int, split: int, sms: int | None, timed: bool = True) -> bool:
         """Whether the attention kernels run an observer program per row (ATTEND_OBSERVER, checked)
-        when each row has ``split`` attention programs and ``pages`` pages. ``timed=False`` (the
-        transformers path's fused_attend_observe, whose observer has not been timed on a GPU): no
-        observer unless ATTEND_OBSERVER is True."""
+        for ``rows`` rows of ``split`` attention programs each on a device of ``sms`` SMs (None: CPU).
+        None: on when rows * (split + 1) <= ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM * sms (always on
+        CPU). ``timed=False`` (the transformers path's fused_attend_observe, whose observer has not
+        been timed on a GPU): no observer unless ATTEND_OBSERVER is True."""
         if ATTEND_OBSERVER is not None:
             return _knob_bool("ATTEND_OBSERVER", ATTEND_OBSERVER)
         if not timed:
             return False
-        for name, value in (("ATTEND_OBSERVER_MAX_SPLIT", ATTEND_OBSERVER_MAX_SPLIT),
-                            ("ATTEND_OBSERVER_MAX_PAGES", ATTEND_OBSERVER_MAX_PAGES)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"kernels.{name}={value!r} is not allowed; allowed: an int >= 0 (0: never an observer)")
-        return split <= ATTEND_OBSERVER_MAX_SPLIT and pages <= ATTEND_OBSERVER_MAX_PAGES
+        most = _knob_int("ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM", ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM, 0)
+        return sms is None or rows * (split + 1) <= most * sms
 
     def _bound_stages() -> int:
         """ATTEND_BOUND_STAGES, checked."""
@@ -1039,13 +1064,20 @@ if HAS_TRITON:
             return observer
         return _knob_bool("ATTEND_LAZY_SLOT", ATTEND_LAZY_SLOT)
 
+    def device_sms(device: torch.device) -> int | None:
+        """The SM count of a CUDA device; None elsewhere (the interpreter)."""
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).multi_processor_count
+        return None
+
     def attend_split(rows: int, tiles: int, device: torch.device) -> int:
         """Programs per row of the attention kernels: ATTEND_SPLIT if set, else :func:`split_for` with
         the device's SM count; 4 on CPU (the interpreter)."""
         if ATTEND_SPLIT is not None:
             return split_for(rows, tiles, want=ATTEND_SPLIT)
-        if device.type == "cuda":
-            return split_for(rows, tiles, sms=torch.cuda.get_device_properties(device).multi_processor_count)
+        sms = device_sms(device)
+        if sms is not None:
+            return split_for(rows, tiles, sms=sms)
         return split_for(rows, tiles, want=4)
 
     @triton_op("raas_flex::fused_attend_observe", mutates_args={"stamp", "score", "imp", "count"})
@@ -1065,8 +1097,8 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        observer = observer_for(split, P, timed=False)
-        bp, bpc, dot = _bound_plan(P if observer else pages, D)
+        observer = observer_for(B * H, split, device_sms(q.device), timed=False)
+        bp, bpc, dot = _bound_plan(P if observer else pages, D, observer)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
@@ -1112,8 +1144,8 @@ if HAS_TRITON:
         tiles = -(-S // ATTEND_BLOCK_N)
         split = attend_split(B * H, tiles, q.device)
         pages = -(-P // split)
-        observer = observer_for(split, P)
-        bp, bpc, dot = _bound_plan(P if observer else pages, D)
+        observer = observer_for(B * H, split, device_sms(q.device))
+        bp, bpc, dot = _bound_plan(P if observer else pages, D, observer)
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)

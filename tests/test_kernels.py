@@ -244,12 +244,12 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[3, 26], integer=True,
                       block_size=8, observe_in_append=False)),
         ("raas", dict(B=1, Hq=3, Hkv=1, D=16, budget=64, ps=4, lens=[50], integer=True, refresh_ratio=0.25)),
-        # the defaults (4 programs per row on CPU, 16 pages: the observer and the lazy page choice,
-        # by ATTEND_OBSERVER_MAX_SPLIT), and 4 programs without them
+        # the defaults (4 programs per row on CPU, 16 pages: the observer, its bounds as one matrix
+        # product, and the lazy page choice), and 4 programs without them
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16), pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER_MAX_SPLIT=2), pin_prompt=False, steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=False), pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=False), pin_prompt=False,
                       steps=20)),
@@ -263,16 +263,25 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True, ATTEND_OBSERVER=False),
                       observe_in_append=False, steps=20)),
-        # an observer program per row (ATTEND_OBSERVER): bounds in one chunk and in several, and as dots
+        # an observer program per row (ATTEND_OBSERVER): bounds as dots in one product and in chunks of
+        # 16 pages (32 pages), and element-wise in one chunk and in several
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True), pin_prompt=False, steps=20)),
+        ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=128, ps=4, lens=[120], integer=True, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True, ATTEND_OBSERVER_BOUND_ELEMS=256,
+                                 ATTEND_OBSERVER_CHUNK_ELEMS=256), pin_prompt=False, steps=20)),
+        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True, ATTEND_OBSERVER_BOUND_DOT=False),
+                      pin_prompt=False, steps=20)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=True), steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER_BOUND_DOT=False, ATTEND_OBSERVER_BOUND_ELEMS=32,
+                                 ATTEND_OBSERVER_CHUNK_ELEMS=32, ATTEND_OBSERVER=True), steps=20)),
         ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[58], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_DOT=True, ATTEND_OBSERVER=True, ATTEND_SPLIT=1),
                       pin_prompt=False, steps=20)),
         ("raas", dict(B=2, Hq=4, Hkv=2, D=16, budget=32, ps=4, lens=[28, 9], integer=True, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=True),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER_BOUND_DOT=False, ATTEND_OBSERVER_BOUND_ELEMS=32,
+                                 ATTEND_OBSERVER_CHUNK_ELEMS=32, ATTEND_OBSERVER=True),
                       observe_in_append=False, steps=20)),
         # the page choice only when a page opens (ATTEND_LAZY_SLOT), alone and with the observer
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[27, 5], integer=True, attention="triton",
@@ -283,8 +292,9 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         # the bound loops software-pipelined (ATTEND_BOUND_STAGES): the observer's, and each program's
         # share over several chunks (2 programs per row)
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=True,
-                                 ATTEND_BOUND_STAGES=2), steps=20)),
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER_BOUND_DOT=False, ATTEND_OBSERVER_BOUND_ELEMS=32,
+                                 ATTEND_OBSERVER_CHUNK_ELEMS=32, ATTEND_OBSERVER=True, ATTEND_BOUND_STAGES=2),
+                      steps=20)),
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_BOUND_ELEMS=32, ATTEND_OBSERVER=False, ATTEND_SPLIT=2,
                                  ATTEND_BOUND_STAGES=3), pin_prompt=False, steps=20)),
@@ -349,40 +359,53 @@ def test_interpreter_diagnostic_bits_skip_their_part():
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the kernels are defined with it)")
 def test_observer_rule(monkeypatch):
-    """By default (ATTEND_OBSERVER None) a row gets the observer when it has at most
-    ATTEND_OBSERVER_MAX_SPLIT attention programs and ATTEND_OBSERVER_MAX_PAGES pages, and the lazy
-    page choice goes with it; explicit True / False win over the rule."""
-    for split in (1, 2, 4, 8, 16):
-        for pages in (8, 128, 256):
-            on = split <= 4 and pages <= 128
-            assert kernels.observer_for(split, pages) is on
-            assert kernels._lazy_slot(kernels.observer_for(split, pages)) is on
-    assert not kernels.observer_for(1, 8, timed=False)  # (fused_attend_observe: off unless asked for)
-    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_SPLIT", 8)
-    assert kernels.observer_for(8, 64) and not kernels.observer_for(16, 64)
-    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_PAGES", 512)
-    assert kernels.observer_for(8, 512) and not kernels.observer_for(8, 1024)
-    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_SPLIT", 0)
-    assert not kernels.observer_for(1, 8)
+    """By default (ATTEND_OBSERVER None) fused_step's rows get the observer when the grid with the
+    observers, rows x (split + 1) programs, has at most ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM per SM
+    (always on CPU, no SM count), and the lazy page choice goes with it; explicit True / False win
+    over the rule; fused_attend_observe (timed=False) gets none unless asked."""
+    sms = 132  # (H200: the grid of results/h200/decode_step_triton_observer_dot_grid_h200)
+    for rows, split, on in [(32, 8, True), (64, 4, True), (128, 2, True), (128, 4, True), (256, 1, True),
+                            (256, 2, False), (256, 4, False)]:
+        assert kernels.observer_for(rows, split, sms) is on
+        assert kernels._lazy_slot(kernels.observer_for(rows, split, sms)) is on
+    assert kernels.observer_for(10 ** 6, 16, None)  # (CPU)
+    assert not kernels.observer_for(1, 1, sms, timed=False)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM", 6)
+    assert kernels.observer_for(256, 2, sms) and not kernels.observer_for(256, 3, sms)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM", 0)
+    assert not kernels.observer_for(1, 1, sms)
     monkeypatch.setattr(kernels, "ATTEND_OBSERVER", True)
-    assert kernels.observer_for(16, 1024) and kernels.observer_for(1, 8, timed=False)
+    assert kernels.observer_for(10 ** 6, 16, sms) and kernels.observer_for(1, 1, sms, timed=False)
     monkeypatch.setattr(kernels, "ATTEND_OBSERVER", False)
-    assert not kernels.observer_for(1, 8)
+    assert not kernels.observer_for(1, 1, sms) and not kernels.observer_for(1, 1, None)
     monkeypatch.setattr(kernels, "ATTEND_LAZY_SLOT", True)
     assert kernels._lazy_slot(False)
     monkeypatch.setattr(kernels, "ATTEND_LAZY_SLOT", False)
     assert not kernels._lazy_slot(True)
 
 
+def test_observer_bound_plan():
+    """The observer bounds its whole row as one matrix product up to ATTEND_OBSERVER_BOUND_ELEMS
+    key-bound elements, else in chunks of ATTEND_OBSERVER_CHUNK_ELEMS; an attention program's share
+    follows ATTEND_BOUND_ELEMS / ATTEND_BOUND_DOT."""
+    assert kernels._bound_plan(128, 128, observer=True) == (128, 128, True)  # 16384 elements: one product
+    assert kernels._bound_plan(256, 128, observer=True) == (256, 64, True)  # chunks of 8192
+    assert kernels._bound_plan(4, 128, observer=True) == (16, 16, True)  # a product needs 16 pages
+    assert kernels._bound_plan(16, 128) == (16, 16, False)
+    assert kernels._bound_plan(64, 128) == (64, 16, False)
+
+
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (fused_step is defined with it)")
 @pytest.mark.parametrize("knob, value", [("ATTEND_DIAG", 16), ("ATTEND_OBSERVER", 2), ("ATTEND_BOUND_DOT", "no"),
-                                         ("ATTEND_LAZY_SLOT", 3), ("ATTEND_OBSERVER_MAX_SPLIT", -1),
-                                         ("ATTEND_OBSERVER_MAX_SPLIT", 2.0), ("ATTEND_OBSERVER_MAX_PAGES", True),
-                                         ("ATTEND_BOUND_STAGES", -1)])
+                                         ("ATTEND_LAZY_SLOT", 3), ("ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM", -1),
+                                         ("ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM", 2.0),
+                                         ("ATTEND_OBSERVER_BOUND_DOT", 2), ("ATTEND_OBSERVER_BOUND_ELEMS", 0),
+                                         ("ATTEND_OBSERVER_CHUNK_ELEMS", True), ("ATTEND_BOUND_STAGES", -1)])
 def test_step_knobs_validated(monkeypatch, knob, value):
     """fused_step refuses, before any launch, an ATTEND_DIAG outside the four bits, an
-    ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_LAZY_SLOT other than True, False (or None, the
-    default, for the first and the last) and an ATTEND_OBSERVER_MAX_SPLIT / _MAX_PAGES / ATTEND_BOUND_STAGES that is not an int >= 0,
+    ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_OBSERVER_BOUND_DOT / ATTEND_LAZY_SLOT other than True,
+    False (or None, the default, for the first and the last), an ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM /
+    ATTEND_BOUND_STAGES that is not an int >= 0 and observer chunk sizes that are not ints >= 1,
     naming the knob and the value."""
     cache = _cpu_cache()
     monkeypatch.setattr(kernels, knob, value)
@@ -442,7 +465,7 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 20 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 22 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
