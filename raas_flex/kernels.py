@@ -104,12 +104,14 @@ BOUND_DOT = True  # append with observe: page bounds as matrix products (False: 
 OBSERVE_DOT = False  # the observe as its own kernel: the same choice (element-wise measured faster there)
 # attention="triton" (fused_step, fused_attend_observe): slots per tile, programs per row (None: see
 # split_for), tiles per program above which a row gets more programs, warps and pipeline stages per
-# program. Only the split was swept on a GPU (H200, results/h200/decode_step_triton_split_*).
+# program (None: see attend_stages). The split was swept on a GPU (H200,
+# results/h200/decode_step_triton_split_*), warps and stages at B=8 (decode_step_triton_knobs_h200)
+# and the stages at B=32 (decode_step_triton_stages3*_h200, decode_step_triton_l1024_split_h200).
 ATTEND_BLOCK_N = 64
 ATTEND_SPLIT: int | None = None
 ATTEND_TILES_PER_PROGRAM = 16
 ATTEND_WARPS = 4
-ATTEND_STAGES = 2
+ATTEND_STAGES: int | None = None
 ATTEND_BOUND_ELEMS = 2048  # key-bound elements per chunk of their bound loop (4096: +35 registers in fused_step on sm_90, no spill)
 # their page bounds as matrix products (chunks of at least 16 pages; False: element-wise, a reduction
 # over D per query head). On the H200 the products bought nothing in fused_step (12 points, one run:
@@ -1070,6 +1072,22 @@ if HAS_TRITON:
             return torch.cuda.get_device_properties(device).multi_processor_count
         return None
 
+    def attend_stages(rows: int, G: int, step: bool = True) -> int:
+        """Pipeline stages of the attention kernels' K/V tile loop: ATTEND_STAGES if set; else, in
+        fused_step (``step``), 3 for rows of at least 7 query heads per KV head when there are at least
+        128 rows, and 2 otherwise (fused_attend_observe: 2). H200, N=8192, 3 stages against 2 in
+        one run each, us: B=32, 28/4 (128 rows of 7): L=1024 27.7 vs 29.2 (results/h200/decode_step_
+        triton_l1024_split_h200), L=2048 45.4 vs 47.1, L=4096 81.6 vs 106.0 (decode_step_triton_
+        stages3_h200; compiled for sm_90 with triton 3.6, 166 registers per thread against 185 at
+        2 stages there, so three programs fit an SM instead of two). Slower or no faster elsewhere:
+        B=8 28/4 (32 rows) 16.5 vs 16.3 at L=2048 and 42.0 vs 36.4 at 4096; B=8 32/8 16.0 vs 15.4
+        at L=1024 and 48.7 vs 47.1 at 4096; B=32 32/8 (4 heads per row) 50.3 vs 48.1 at L=1024 and
+        176.2 vs 166.8 at 4096 (decode_step_triton_stages3_3208_h200). A rule fitted to those 12
+        points; other shapes get 2 unless they are as wide."""
+        if ATTEND_STAGES is not None:
+            return _knob_int("ATTEND_STAGES", ATTEND_STAGES, 1)
+        return 3 if step and G >= 7 and rows >= 128 else 2
+
     def attend_split(rows: int, tiles: int, device: torch.device) -> int:
         """Programs per row of the attention kernels: ATTEND_SPLIT if set, else :func:`split_for` with
         the device's SM count; 4 on CPU (the interpreter)."""
@@ -1110,7 +1128,7 @@ if HAS_TRITON:
             H=H, G=G, P=P, D=D, S=S, REFRESH=refresh_pages, BLOCK_P=triton.next_power_of_2(P), BG=bg,
             BLOCK_N=ATTEND_BLOCK_N, TILES=-(-tiles // split), SPLIT=split, PAGES=pages,
             BP=bp, BPC=bpc, DOT=dot, OBSERVER=observer,
-            num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
+            num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G, step=False),
         )
         return out
 
@@ -1165,6 +1183,6 @@ if HAS_TRITON:
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
             LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, OBSERVER=observer,
             LAZY=_lazy_slot(observer), BSTAGES=_bound_stages(), DIAG=ATTEND_DIAG,
-            num_warps=ATTEND_WARPS, num_stages=ATTEND_STAGES,
+            num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )
         return out

@@ -384,6 +384,22 @@ def test_observer_rule(monkeypatch):
     assert not kernels._lazy_slot(True)
 
 
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the attention kernels are defined with it)")
+def test_attend_stages_rule(monkeypatch):
+    """fused_step's K/V loop gets 3 pipeline stages for rows of >= 7 query heads when there are >= 128
+    rows (B=32, 28/4 on the H200), else 2; fused_attend_observe 2; an explicit ATTEND_STAGES wins
+    and is checked."""
+    assert kernels.attend_stages(128, 7) == 3
+    assert kernels.attend_stages(32, 7) == 2 and kernels.attend_stages(256, 4) == 2
+    assert kernels.attend_stages(128, 7, step=False) == 2
+    monkeypatch.setattr(kernels, "ATTEND_STAGES", 4)
+    assert kernels.attend_stages(32, 4) == 4 and kernels.attend_stages(128, 7, step=False) == 4
+    monkeypatch.setattr(kernels, "ATTEND_STAGES", 0)
+    with pytest.raises(ValueError, match=r"kernels.ATTEND_STAGES=0 is not allowed; allowed: an int >= 1"):
+        kernels.attend_stages(128, 7)
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the attention kernels are defined with it)")
 def test_observer_bound_plan():
     """The observer bounds its whole row as one matrix product up to ATTEND_OBSERVER_BOUND_ELEMS
     key-bound elements, else in chunks of ATTEND_OBSERVER_CHUNK_ELEMS; an attention program's share
