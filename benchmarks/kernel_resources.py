@@ -102,8 +102,9 @@ def compile_launch(fn, args, kw, arch: int):
                 warps=options.num_warps, stages=options.num_stages, compile_s=round(seconds, 1))
 
 
-def launches(B, Hq, Hkv, D, L, ps, dtype, split):
-    """Call every op once on CPU tensors (raas state of one layer) and capture the launches."""
+def launches(B, Hq, Hkv, D, L, ps, dtype, split, sms=132):
+    """Call every op once on CPU tensors (raas state of one layer) and capture the launches, with the
+    defaults a GPU of ``sms`` SMs would get (programs per row unless ``split`` is given, the observer)."""
     P, S = L // ps, L
     block = min(128, S)
     G = Hq // Hkv
@@ -124,8 +125,8 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, split):
     refresh = max(1, P // 2)
     scale = D**-0.5
     capture = Capture()
-    saved = kernels.wrap_triton, kernels.ATTEND_SPLIT
-    kernels.wrap_triton, kernels.ATTEND_SPLIT = capture, split
+    saved = kernels.wrap_triton, kernels.ATTEND_SPLIT, kernels.device_sms
+    kernels.wrap_triton, kernels.ATTEND_SPLIT, kernels.device_sms = capture, split, (lambda device: sms)
     try:
         kernels.fused_append_observe(q, kn, vn, *state, imp, 0, 0, block, refresh)
         kernels.fused_observe(q, page_id, stamp, score, kmax, kmin, step, imp, count, refresh)
@@ -133,7 +134,7 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, split):
                                      refresh)
         kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block)
     finally:
-        kernels.wrap_triton, kernels.ATTEND_SPLIT = saved
+        kernels.wrap_triton, kernels.ATTEND_SPLIT, kernels.device_sms = saved
     assert G * Hkv == Hq
     return capture.launches
 
@@ -146,8 +147,12 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--split", type=int, default=4,
-                    help="programs per row of the attention kernels (on a GPU: about 2 * SMs / (batch * Hkv))")
+    ap.add_argument("--split", type=int, default=None,
+                    help="programs per row of the attention kernels (default: kernels.split_for with --sms, as "
+                         "on that GPU: about 2 * SMs / (batch * Hkv))")
+    ap.add_argument("--sms", type=int, default=132,
+                    help="SM count of the GPU whose default rules (programs per row, the observer) the launches "
+                         "follow (132: H200)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--kernels", default=None,
                     help="comma list of kernel names to compile (default: all: _append_kernel, _observe_kernel, "
@@ -176,7 +181,8 @@ def main(argv=None):
     try:
         for k, v in knobs.items():
             setattr(kernels, k, v)
-        captured = launches(args.batch, hq, hkv, args.head_dim, args.budget, args.page_size, dtype, args.split)
+        captured = launches(args.batch, hq, hkv, args.head_dim, args.budget, args.page_size, dtype, args.split,
+                            args.sms)
     finally:
         for k, v in saved.items():
             setattr(kernels, k, v)

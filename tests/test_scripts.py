@@ -292,8 +292,16 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
                                            "_step_kernel"]
     assert all(0 < r["registers"] <= 255 for r in rows)
     # (one row per (sequence, KV head), two attention programs per row; by default (the observer rule:
-    # at most 4 programs and 128 pages per row) fused_step adds the observer, fused_attend_observe not)
+    # rows x (split + 1) <= 5 per SM of --sms, 132) fused_step adds the observer, fused_attend_observe not)
     assert rows[2]["grid"] == [2, 2] and rows[3]["grid"] == [2, 3]
+    # on a GPU of one SM the rule leaves the observer out (2 rows x 3 > 5); with no --split, programs per
+    # row come from split_for on the --sms GPU
+    one = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
+                   "--split", "2", "--sms", "1", "--kernels", "_step_kernel"])
+    assert one[0]["grid"] == [2, 2]
+    auto = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
+                    "--kernels", "_step_kernel"])
+    assert auto[0]["grid"] == [2, 4 + 1]  # 132 SMs: 4 programs per row (one per tile), and the observer
     # compiled as a launch specialises it (16-byte aligned pointers), the attention kernels' tile
     # loads are pipelined into asynchronous copies; without that they were not
     assert rows[2]["async_copies"] > 0 and rows[3]["async_copies"] > 0
