@@ -133,14 +133,14 @@ ATTEND_DIAG = 0
 # (rows x (split + 1) <= that x SMs; on CPU, always); in fused_attend_observe (untimed) off.
 # The observer's bounds are tensor-core products (ATTEND_OBSERVER_BOUND_DOT): the whole row in one
 # product up to ATTEND_OBSERVER_BOUND_ELEMS key-bound elements, else chunks of
-# ATTEND_OBSERVER_CHUNK_ELEMS. H200, N=8192, the observer against none, one run (results/h200/
-# decode_step_triton_observer_dot_grid_h200), us, L=1024 / 2048 / 4096: B=8 28/4 (8 programs per
-# row) 13.2 / 16.5 / 36.1 vs 15.0 / 18.7 / 36.2; B=8 32/8 (4) 15.6 / 29.5 / 47.7 vs 17.3 / 32.3 / 53.6;
-# B=32 28/4 (2, 2, 4) 29.1 / 47.2 / 103.1 vs 34.1 / 56.4 / 113.9; B=32 32/8 (1, 2, 4) 48.2 / 90.5 /
-# 180.0 vs 50.7 / 82.8 / 169.4: the observer lost only where the grid had 768 and 1280 programs
-# (132 SMs); the rule's 5 per SM (660) keeps the other ten points on. With 256 pages, one product
-# of the row (32768 elements) was slower than chunks of 8192 (B=8 28/4 42.1 vs 36.1 us; 32/8 62.9 vs
-# 47.7). The element-wise observer (session 9, results/h200/decode_step_triton_observer*_h200) lost
+# ATTEND_OBSERVER_CHUNK_ELEMS. H200, N=8192, the observer (these plans) against none, one run
+# (results/h200/decode_step_triton_observer_dot_grid_h200), us, L=1024 / 2048 / 4096: B=8 28/4 (8
+# programs per row) 13.2 / 16.5 / 36.1 vs 15.0 / 18.7 / 36.2; B=8 32/8 (4) 15.6 / 29.5 / 47.7 vs 17.3 /
+# 32.3 / 53.6; B=32 28/4 (2, 2, 4) 29.1 / 47.2 / 106.6 vs 34.1 / 56.4 / 113.9; B=32 32/8 (1, 2, 4) 48.2 /
+# 90.5 / 180.5 vs 50.7 / 82.8 / 169.4: the observer lost only where the grid had 768 and 1280
+# programs (132 SMs); the rule's 5 per SM (660) keeps the other ten points on. With 256 pages,
+# chunks of 16384 (128 pages) were slower than chunks of 8192 at B=8 (28/4 42.1 vs 36.1 us; 32/8
+# 62.9 vs 47.7), faster at B=32 28/4 (103.1 vs 106.6). The element-wise observer (session 9, results/h200/decode_step_triton_observer*_h200) lost
 # at 8 programs per row (25.3 vs 18.7 us at B=8 28/4, L=2048).
 ATTEND_OBSERVER: bool | None = None
 ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM = 5
@@ -1053,12 +1053,8 @@ if HAS_TRITON:
         return sms is None or rows * (split + 1) <= most * sms
 
     def _bound_stages() -> int:
-        """ATTEND_BOUND_STAGES, checked."""
-        v = ATTEND_BOUND_STAGES
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"kernels.ATTEND_BOUND_STAGES={v!r} is not allowed; allowed: an int >= 0 "
-                             "(0: the unrolled bound loop)")
-        return v
+        """ATTEND_BOUND_STAGES, checked (0: the unrolled bound loop)."""
+        return _knob_int("ATTEND_BOUND_STAGES", ATTEND_BOUND_STAGES, 0)
 
     def _lazy_slot(observer: bool) -> bool:
         """ATTEND_LAZY_SLOT, checked; None follows the observer."""
