@@ -144,6 +144,13 @@ ATTEND_DIAG = 0
 # at 8 programs per row (25.3 vs 18.7 us at B=8 28/4, L=2048).
 ATTEND_OBSERVER: bool | None = None
 ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM = 5
+# fused_step with the observer and ATTEND_SPLIT None: at least this many attention programs per row
+# (never more than the row's tiles). H200, B=32 32/8, L=1024 (256 rows of 16 tiles; split_for gives
+# 1), the observer with 2 programs against 1, us, in three runs: 45.9 vs 48.1 (results/h200/decode_
+# step_triton_l1024_split_h200), 46.7 vs 48.5 (decode_step_triton_l1024_b32_h200), 45.9 vs 48.2
+# (decode_step_triton_prefetch_b32_l1024_h200). The row's observer and its one attention program
+# had been the two long programs of the row.
+ATTEND_OBSERVER_MIN_SPLIT = 2
 ATTEND_OBSERVER_BOUND_DOT = True
 ATTEND_OBSERVER_BOUND_ELEMS = 16384
 ATTEND_OBSERVER_CHUNK_ELEMS = 8192
@@ -163,6 +170,13 @@ ATTEND_LAZY_SLOT: bool | None = None
 # 28.9 / 29.8 vs 29.0, B=32 28/4 48.6 / 48.5 vs 50.6; without the observer, 2 stages: 18.7 vs 18.6, 33.6
 # vs 32.4, 54.5 vs 56.4. The observer's one matrix product beat all of them (16.2, 29.5, 47.2): 0 stays.
 ATTEND_BOUND_STAGES = 0
+# fused_step: at its start, before the append's decision (whose loads take two dependent trips to
+# memory), each attention program asks the GPU to bring its first ATTEND_PREFETCH K/V tiles into
+# L2 (PTX prefetch.global.L2: no registers, no result; 0: none), and with
+# ATTEND_OBSERVER_PREFETCH the observer asks for its row's key bounds. The tile loop's loads then
+# find them in L2. A hint only: the interpreter (CPU) skips it, and nothing computed changes.
+ATTEND_PREFETCH = 0
+ATTEND_OBSERVER_PREFETCH = False
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -282,6 +296,28 @@ if HAS_TRITON:
                 _bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                              pp, (pp < P) & (pp < hi), slot, opened, new_id, new_max, new_min, b, h, base,
                              G, D, BPC, DOT)
+
+    @triton.jit
+    def _prefetch_l2(ptr, NBYTES: tl.constexpr):
+        """Ask for NBYTES contiguous bytes from ``ptr`` (a 16-byte aligned scalar pointer) to be brought
+        into L2, in chunks of 4 KB, one per thread of the first threads (sm_90's
+        cp.async.bulk.prefetch.L2: no registers held, nothing returned or waited for)."""
+        CH: tl.constexpr = 4096 if NBYTES >= 4096 else NBYTES
+        N: tl.constexpr = NBYTES // CH
+        tl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            .reg .u32 t;
+            .reg .u64 a;
+            mov.u32 t, %tid.x;
+            setp.lt.u32 p, t, $3;
+            mul.wide.u32 a, t, $2;
+            add.u64 a, a, $1;
+            @p cp.async.bulk.prefetch.L2.global [a], $2;
+            mov.u32 $0, 0;
+            }""",
+            "=r,l,r,r", [ptr.to(tl.uint64, bitcast=True), tl.full([], CH, tl.int32), tl.full([], N, tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _last_of_row(count_ptr, row64, NPROG: tl.constexpr):
@@ -775,7 +811,8 @@ if HAS_TRITON:
         BG: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr,
         BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
         BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
-        LAZY: tl.constexpr, BSTAGES: tl.constexpr = 0, DIAG: tl.constexpr = 0,
+        LAZY: tl.constexpr, BSTAGES: tl.constexpr = 0, DIAG: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
+        OPREFETCH: tl.constexpr = False,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -804,6 +841,23 @@ if HAS_TRITON:
         row64 = row.to(tl.int64)
         base = row64 * P
         d = tl.arange(0, D)
+
+        # -- L2 prefetch (a hint; see ATTEND_PREFETCH), issued before the decision's loads -------------
+        if PREFETCH > 0:
+            asplit = split - 1 if OBSERVER else split
+            if asplit >= 0:
+                # the program's first min(PREFETCH, TILES) tiles (contiguous slots; none past the row)
+                NPF: tl.constexpr = PREFETCH if PREFETCH < TILES else TILES
+                SL: tl.constexpr = NPF * BLOCK_N if NPF * BLOCK_N < S else S
+                ESZ: tl.constexpr = k_ptr.dtype.element_ty.primitive_bitwidth // 8
+                first = tl.minimum(asplit * TILES * BLOCK_N, S - SL)
+                _prefetch_l2(k_ptr + (row64 * S + first) * D, SL * D * ESZ)
+                _prefetch_l2(v_ptr + (row64 * S + first) * D, SL * D * ESZ)
+        if OPREFETCH and OBSERVER:
+            if split == 0:
+                BSZ: tl.constexpr = kmax_ptr.dtype.element_ty.primitive_bitwidth // 8
+                _prefetch_l2(kmax_ptr + base * D, P * D * BSZ)
+                _prefetch_l2(kmin_ptr + base * D, P * D * BSZ)
 
         # -- the append's decision (the same in every program of the row) -----------------------------
         # (ev is used by the row's last program; loaded here, off its tail)
@@ -1084,6 +1138,17 @@ if HAS_TRITON:
             return _knob_int("ATTEND_STAGES", ATTEND_STAGES, 1)
         return 3 if step and G >= 7 and rows >= 128 else 2
 
+    def step_grid(rows: int, tiles: int, device: torch.device) -> tuple[int, bool]:
+        """fused_step's programs per row and whether a row has an observer: :func:`attend_split`, then
+        :func:`observer_for` on that split; with the observer and ATTEND_SPLIT None, at least
+        ATTEND_OBSERVER_MIN_SPLIT attention programs per row (see :func:`split_for`)."""
+        split = attend_split(rows, tiles, device)
+        observer = observer_for(rows, split, device_sms(device))
+        least = _knob_int("ATTEND_OBSERVER_MIN_SPLIT", ATTEND_OBSERVER_MIN_SPLIT, 1)
+        if observer and ATTEND_SPLIT is None and split < least:
+            split = split_for(rows, tiles, want=least)
+        return split, observer
+
     def attend_split(rows: int, tiles: int, device: torch.device) -> int:
         """Programs per row of the attention kernels: ATTEND_SPLIT if set, else :func:`split_for` with
         the device's SM count; 4 on CPU (the interpreter)."""
@@ -1156,10 +1221,14 @@ if HAS_TRITON:
         nb = S // block
         block_p = triton.next_power_of_2(P)
         tiles = -(-S // ATTEND_BLOCK_N)
-        split = attend_split(B * H, tiles, q.device)
+        split, observer = step_grid(B * H, tiles, q.device)
         pages = -(-P // split)
-        observer = observer_for(B * H, split, device_sms(q.device))
         bp, bpc, dot = _bound_plan(P if observer else pages, D, observer)
+        # (checked everywhere; the interpreter has no PTX, and a prefetch changes nothing it computes)
+        prefetch = _knob_int("ATTEND_PREFETCH", ATTEND_PREFETCH, 0)
+        oprefetch = _knob_bool("ATTEND_OBSERVER_PREFETCH", ATTEND_OBSERVER_PREFETCH)
+        if INTERPRET:
+            prefetch, oprefetch = 0, False
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
@@ -1179,6 +1248,7 @@ if HAS_TRITON:
             KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
             LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, OBSERVER=observer,
             LAZY=_lazy_slot(observer), BSTAGES=_bound_stages(), DIAG=ATTEND_DIAG,
+            PREFETCH=prefetch, OPREFETCH=oprefetch,
             num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )
         return out

@@ -385,6 +385,28 @@ def test_observer_rule(monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the attention kernels are defined with it)")
+def test_step_grid_observer_min_split(monkeypatch):
+    """fused_step's grid: with the observer, a row gets at least ATTEND_OBSERVER_MIN_SPLIT attention
+    programs (B=32 32/8 at L=1024 on an H200: 2, not split_for's 1), never more than its tiles; an
+    explicit ATTEND_SPLIT, or no observer, keeps the split as it is."""
+    monkeypatch.setattr(kernels, "device_sms", lambda device: 132)
+    dev = torch.device("cpu")
+    assert kernels.split_for(256, 16, sms=132) == 1
+    assert kernels.step_grid(256, 16, dev) == (2, True)  # 256 x 2 <= 660: the observer, then 2 programs
+    assert kernels.step_grid(256, 1, dev) == (1, True)  # (one tile: one program)
+    assert kernels.step_grid(256, 32, dev) == (2, False)  # 256 x 3 > 660: no observer, split_for's 2
+    assert kernels.step_grid(32, 32, dev) == (8, True)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MIN_SPLIT", 4)
+    assert kernels.step_grid(256, 16, dev) == (4, True)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_MIN_SPLIT", 2)
+    monkeypatch.setattr(kernels, "ATTEND_SPLIT", 1)
+    assert kernels.step_grid(256, 16, dev) == (1, True)
+    monkeypatch.setattr(kernels, "ATTEND_SPLIT", None)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER", False)
+    assert kernels.step_grid(256, 16, dev) == (1, False)
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the attention kernels are defined with it)")
 def test_attend_stages_rule(monkeypatch):
     """fused_step's K/V loop gets 3 pipeline stages for rows of >= 7 query heads when there are >= 128
     rows (B=32, 28/4 on the H200), else 2; fused_attend_observe 2; an explicit ATTEND_STAGES wins
@@ -416,7 +438,9 @@ def test_observer_bound_plan():
                                          ("ATTEND_LAZY_SLOT", 3), ("ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM", -1),
                                          ("ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM", 2.0),
                                          ("ATTEND_OBSERVER_BOUND_DOT", 2), ("ATTEND_OBSERVER_BOUND_ELEMS", 0),
-                                         ("ATTEND_OBSERVER_CHUNK_ELEMS", True), ("ATTEND_BOUND_STAGES", -1)])
+                                         ("ATTEND_OBSERVER_CHUNK_ELEMS", True), ("ATTEND_BOUND_STAGES", -1),
+                                         ("ATTEND_PREFETCH", -1), ("ATTEND_PREFETCH", 1.5),
+                                         ("ATTEND_OBSERVER_PREFETCH", 2), ("ATTEND_OBSERVER_MIN_SPLIT", 0)])
 def test_step_knobs_validated(monkeypatch, knob, value):
     """fused_step refuses, before any launch, an ATTEND_DIAG outside the four bits, an
     ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_OBSERVER_BOUND_DOT / ATTEND_LAZY_SLOT other than True,
@@ -520,6 +544,16 @@ GPU_CASES = [
     ("raas-P128-G4-triton-bound-stages", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
      [2020, 2030, 5, 1500, 2000, 2031, 700, 2025],
      dict(pin_prompt=False, attention="triton", knobs=dict(ATTEND_BOUND_STAGES=2))),
+    # L2 prefetch at the step's start (a hint: the results must not change); P33 has fewer slots than
+    # two tiles per program cover at its last program
+    ("raas-P256-G7-triton-prefetch", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000],
+     dict(attention="triton", knobs=dict(ATTEND_PREFETCH=2, ATTEND_OBSERVER_PREFETCH=True))),
+    ("raas-P33-G7-triton-prefetch", "raas", dict(B=3, Hq=7, Hkv=1, D=128, budget=528, ps=16), [1, 300, 505],
+     dict(pin_prompt=False, attention="triton", knobs=dict(ATTEND_PREFETCH=4, ATTEND_OBSERVER_PREFETCH=True))),
+    # 160 rows of 8 tiles: split_for gives 1 program per row on 132 SMs, the observer is on, and
+    # ATTEND_OBSERVER_MIN_SPLIT makes it 2
+    ("raas-P32-G7-triton-rows160", "raas", dict(B=20, Hq=56, Hkv=8, D=128, budget=512, ps=16),
+     [500 - 7 * i for i in range(20)], dict(pin_prompt=False, attention="triton")),
     ("raas-P128-G4-triton-split", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
      [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False, attention="triton", observe_in_append=False)),
     ("raas-P128-G4-triton-split-observer", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
