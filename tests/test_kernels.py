@@ -553,7 +553,7 @@ GPU_CASES = [
     # 160 rows of 8 tiles: split_for gives 1 program per row on 132 SMs, the observer is on, and
     # ATTEND_OBSERVER_MIN_SPLIT makes it 2
     ("raas-P32-G7-triton-rows160", "raas", dict(B=20, Hq=56, Hkv=8, D=128, budget=512, ps=16),
-     [500 - 7 * i for i in range(20)], dict(pin_prompt=False, attention="triton")),
+     [490 - 7 * i for i in range(20)], dict(pin_prompt=False, attention="triton")),
     ("raas-P128-G4-triton-split", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
      [2020, 2030, 5, 1500, 2000, 2031, 700, 2025], dict(pin_prompt=False, attention="triton", observe_in_append=False)),
     ("raas-P128-G4-triton-split-observer", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=2048, ps=16),
