@@ -313,6 +313,7 @@ class PagedKVCache(nn.Module):
             t.zero_()
         self.pinned.zero_()
         self.overflow.zero_()
+        self.valid.zero_()
         if self._fused_reason is None:
             self._ticket.zero_()
             self._obs_count.zero_()
@@ -383,6 +384,9 @@ class PagedKVCache(nn.Module):
         has = live.any(3)
         self.kmax.copy_(torch.where(has, kmax, 0.0).to(self.kmax.dtype))
         self.kmin.copy_(torch.where(has, kmin, 0.0).to(self.kmin.dtype))
+        # the resident tokens (what a step's validity row starts from; kernels.ATTEND_LEAN_ROW_WRITES
+        # rewrites only the page a step changes)
+        self.valid.copy_(self.token_valid().view(B * H, self.S))
 
     # -- decode step ---------------------------------------------------------------------------
     def decode(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

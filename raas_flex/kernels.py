@@ -177,6 +177,14 @@ ATTEND_BOUND_STAGES = 0
 # find them in L2. A hint only: the interpreter (CPU) skips it, and nothing computed changes.
 ATTEND_PREFETCH = 0
 ATTEND_OBSERVER_PREFETCH = False
+# fused_step's row writes (by the observer, or by the row's last program): True stores only the
+# page of the validity row that the step changes (the row is right before the step: every path
+# that changes the page table writes it), and counts a flex block's valid slots as the sum of its
+# pages' tokens where blocks are whole pages; False rewrites the whole validity row and counts
+# with a [blocks x pages] overlap. The same results either way. (H200, B=8 28/4, L=4096: the
+# observer's row writes are on the step's critical path; a build without them took 30.4 against
+# 36.5 us, results/h200/decode_step_triton_diag_2804_h200.)
+ATTEND_LEAN_ROW_WRITES = False
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -369,19 +377,32 @@ if HAS_TRITON:
     def _write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row, n_p,
                            S: tl.constexpr, PS: tl.constexpr, BLOCK_PS: tl.constexpr, KB: tl.constexpr,
                            NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr,
-                           LISTS_IN_REGS: tl.constexpr):
+                           LISTS_IN_REGS: tl.constexpr, slot=0, LEAN: tl.constexpr = False):
         """Row ``row64`` of the slot-validity mask (the first n_p[p] slots of page slot p are valid)
-        and its exact flex block lists (see masks.block_lists)."""
+        and its exact flex block lists (see masks.block_lists).
+
+        LEAN (fused_step's ATTEND_LEAN_ROW_WRITES): only page slot ``slot`` of the validity row is
+        stored, the one page a step changes when the row was right before it; and when blocks are
+        whole pages (KB a multiple of PS, S of KB), a block's valid slots are the sum of its pages'
+        n_p (no [blocks x pages] overlap, no read-back)."""
         tt = tl.arange(0, BLOCK_PS)
-        vmask = in_row[:, None] & (tt[None, :] < PS)
-        tl.store(valid_ptr + row64 * S + p[:, None] * PS + tt[None, :], tt[None, :] < n_p[:, None], mask=vmask)
+        if LEAN:
+            n_slot = tl.sum(tl.where(p == slot, n_p, 0), 0)
+            tl.store(valid_ptr + row64 * S + slot * PS + tt, tt < n_slot, mask=tt < PS)
+        else:
+            vmask = in_row[:, None] & (tt[None, :] < PS)
+            tl.store(valid_ptr + row64 * S + p[:, None] * PS + tt[None, :], tt[None, :] < n_p[:, None], mask=vmask)
 
         # exact block lists of the row for flex (same layout as masks.block_lists): blocks of KB
         # slots whose every slot is valid are "full" (the kernel skips mask_mod there), blocks with
         # some valid slots "partial"; listed blocks first, in order, then the others.
         nb = tl.arange(0, BLOCK_NB)
         in_nb = nb < NB
-        if LISTS_IN_REGS:  # valid slots per block = overlap of [nb*KB, +KB) with each [p*PS, +n_p)
+        PPB: tl.constexpr = KB // PS if KB >= PS else 1
+        BY_PAGE: tl.constexpr = LEAN and KB % PS == 0 and S % KB == 0 and n_p.shape[0] == BLOCK_NB * PPB
+        if BY_PAGE:  # pages past the row have n_p 0
+            cnt = tl.sum(tl.reshape(n_p.to(tl.int32), [BLOCK_NB, PPB]), 1)
+        elif LISTS_IN_REGS:  # valid slots per block = overlap of [nb*KB, +KB) with each [p*PS, +n_p)
             lo = tl.maximum(nb[:, None] * KB, p[None, :] * PS)
             hi = tl.minimum(nb[:, None] * KB + KB, p[None, :] * PS + n_p[None, :])
             cnt = tl.sum(tl.maximum(hi - lo, 0).to(tl.int32), 1)
@@ -734,9 +755,10 @@ if HAS_TRITON:
                          full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min,
                          ev, opened, has_free, write, D: tl.constexpr, S: tl.constexpr, PS: tl.constexpr,
                          BLOCK_PS: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
-                         BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr):
+                         BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, LEAN: tl.constexpr = False):
         """The append's writes of a row that the step's attention does not read: the overflow flag,
-        the eviction counter, the written page's key bounds, the validity row and the block lists."""
+        the eviction counter, the written page's key bounds, the validity row (LEAN: its changed
+        page) and the block lists."""
         d = tl.arange(0, D)
         tl.store(overflow_ptr, 1, mask=write == 0)
         tl.store(evictions_ptr + row64, ev + (opened & (has_free == 0)).to(tl.int64))
@@ -744,7 +766,7 @@ if HAS_TRITON:
         tl.store(kmin_ptr + (base + slot) * D + d, new_min)
         n_p = tl.where(pid_new >= 0, tl.minimum(tl.maximum(pos + 1 - pid_new * PS, 0), PS), 0)
         _write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
-                           n_p, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
+                           n_p, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, slot, LEAN)
 
     @triton.jit
     def _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h, split,
@@ -812,7 +834,7 @@ if HAS_TRITON:
         BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
         BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
         LAZY: tl.constexpr, BSTAGES: tl.constexpr = 0, DIAG: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
-        OPREFETCH: tl.constexpr = False,
+        OPREFETCH: tl.constexpr = False, LEAN_WRITES: tl.constexpr = False,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -906,7 +928,7 @@ if HAS_TRITON:
                     _step_row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr,
                                      kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos,
                                      pid_new, new_max, new_min, ev, opened, has_free, write,
-                                     D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
+                                     D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, LEAN_WRITES)
             else:
                 _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h,
                              split - 1, kk, vv, pos, opened, slot, new_id, t, scale_log2,
@@ -939,7 +961,7 @@ if HAS_TRITON:
                     _step_row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr,
                                      kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos,
                                      pid_new, new_max, new_min, ev, opened, has_free, write,
-                                     D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS)
+                                     D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, LEAN_WRITES)
                 tl.store(page_id_ptr + base + slot, new_id, mask=opened)
                 tl.store(stamp_ptr + base + slot, step_new, mask=opened)
                 tl.store(pinned_ptr + base + slot, 0, mask=opened)
@@ -1249,6 +1271,7 @@ if HAS_TRITON:
             LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, OBSERVER=observer,
             LAZY=_lazy_slot(observer), BSTAGES=_bound_stages(), DIAG=ATTEND_DIAG,
             PREFETCH=prefetch, OPREFETCH=oprefetch,
+            LEAN_WRITES=_knob_bool("ATTEND_LEAN_ROW_WRITES", ATTEND_LEAN_ROW_WRITES),
             num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )
         return out
