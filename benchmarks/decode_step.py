@@ -116,7 +116,8 @@ TRITON_KNOB_TOKENS = {"tbn": "ATTEND_BLOCK_N", "tw": "ATTEND_WARPS", "ts": "ATTE
                       "toms": "ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM", "tobd": "ATTEND_OBSERVER_BOUND_DOT",
                       "tobe": "ATTEND_OBSERVER_BOUND_ELEMS", "tobc": "ATTEND_OBSERVER_CHUNK_ELEMS", "tls": "ATTEND_LAZY_SLOT", "tdiag": "ATTEND_DIAG",
                       "tpf": "ATTEND_PREFETCH", "topf": "ATTEND_OBSERVER_PREFETCH",
-                      "tomin": "ATTEND_OBSERVER_MIN_SPLIT", "tlean": "ATTEND_LEAN_ROW_WRITES"}
+                      "tomin": "ATTEND_OBSERVER_MIN_SPLIT", "tlean": "ATTEND_LEAN_ROW_WRITES",
+                      "trw": "ATTEND_ROW_WRITER"}
 
 
 def parse_variant(name: str):
@@ -127,7 +128,8 @@ def parse_variant(name: str):
     tsN (ATTEND_STAGES), tsplitN (ATTEND_SPLIT), ttpN (ATTEND_TILES_PER_PROGRAM), tbeN
     (ATTEND_BOUND_ELEMS), tbd0/tbd1 (ATTEND_BOUND_DOT), tbsN (ATTEND_BOUND_STAGES), tob0/tob1 (ATTEND_OBSERVER), tomsN (ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM), tobd0/tobd1 (ATTEND_OBSERVER_BOUND_DOT),
     tobeN (ATTEND_OBSERVER_BOUND_ELEMS), tobcN (ATTEND_OBSERVER_CHUNK_ELEMS), tls0/tls1 (ATTEND_LAZY_SLOT), tpfN (ATTEND_PREFETCH), topf0/topf1 (ATTEND_OBSERVER_PREFETCH), tominN
-    (ATTEND_OBSERVER_MIN_SPLIT), tlean0/tlean1 (ATTEND_LEAN_ROW_WRITES), e.g. 'raas_triton+tbn128+tw8'; and tdiagN (ATTEND_DIAG: diagnostic builds
+    (ATTEND_OBSERVER_MIN_SPLIT), tlean0/tlean1 (ATTEND_LEAN_ROW_WRITES), trw0/trw1
+    (ATTEND_ROW_WRITER), e.g. 'raas_triton+tbn128+tw8'; and tdiagN (ATTEND_DIAG: diagnostic builds
     that skip parts of the step, timed but not checked, to say what each part costs).
     Returns (policy, fused, observe_in_append, attention, kernel_options, inductor_config, knobs)."""
     base, *opts = name.split("+")

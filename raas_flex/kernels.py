@@ -172,9 +172,14 @@ ATTEND_LAZY_SLOT: bool | None = None
 ATTEND_BOUND_STAGES = 0
 # fused_step: at its start, before the append's decision (whose loads take two dependent trips to
 # memory), each attention program asks the GPU to bring its first ATTEND_PREFETCH K/V tiles into
-# L2 (PTX prefetch.global.L2: no registers, no result; 0: none), and with
-# ATTEND_OBSERVER_PREFETCH the observer asks for its row's key bounds. The tile loop's loads then
-# find them in L2. A hint only: the interpreter (CPU) skips it, and nothing computed changes.
+# L2 (sm_90's cp.async.bulk.prefetch.L2 in 4 KB pieces: no registers, no result; 0: none), and with
+# ATTEND_OBSERVER_PREFETCH the observer asks for its row's key bounds. A hint only: the interpreter
+# (CPU) skips it, and nothing computed changes. H200, N=8192, one run each, us
+# (results/h200/decode_step_triton_prefetch_*_h200, decode_step_triton_defaults_s11_h200): the tile
+# prefetch lost everywhere (B=8 28/4 L=2048, 1 / 2 / 4 tiles: 16.5 / 17.1 / 18.2 vs 16.2; B=32 28/4
+# L=1024, 1 / 2: 28.2 / 29.2 vs 26.8; B=32 32/8 L=4096, 2: 170.4 vs 167.1); the observer's prefetch
+# over the 12-point grid won at 5 points (B=8 28/4 L=4096 34.2 vs 35.8, B=32 28/4 L=1024 27.0 vs
+# 28.1) and lost up to 1.6 us at 7: both stay off.
 ATTEND_PREFETCH = 0
 ATTEND_OBSERVER_PREFETCH = False
 # fused_step's row writes (by the observer, or by the row's last program): True stores only the
@@ -185,6 +190,11 @@ ATTEND_OBSERVER_PREFETCH = False
 # observer's row writes are on the step's critical path; a build without them took 30.4 against
 # 36.5 us, results/h200/decode_step_triton_diag_2804_h200.)
 ATTEND_LEAN_ROW_WRITES = False
+# fused_step with the observer: True gives each row a second extra program, the writer, which makes
+# the row writes the observer would make (validity row, block lists, key bounds, counters), so the
+# observer only bounds and sorts (grid: rows x (split + 2)). For the same critical path as
+# ATTEND_LEAN_ROW_WRITES; not yet timed, hence off. Without the observer it changes nothing.
+ATTEND_ROW_WRITER = False
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -834,7 +844,7 @@ if HAS_TRITON:
         BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
         BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
         LAZY: tl.constexpr, BSTAGES: tl.constexpr = 0, DIAG: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
-        OPREFETCH: tl.constexpr = False, LEAN_WRITES: tl.constexpr = False,
+        OPREFETCH: tl.constexpr = False, LEAN_WRITES: tl.constexpr = False, WRITER: tl.constexpr = False,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -866,7 +876,7 @@ if HAS_TRITON:
 
         # -- L2 prefetch (a hint; see ATTEND_PREFETCH), issued before the decision's loads -------------
         if PREFETCH > 0:
-            asplit = split - 1 if OBSERVER else split
+            asplit = split - 1 - WRITER if OBSERVER else split
             if asplit >= 0:
                 # the program's first min(PREFETCH, TILES) tiles (contiguous slots; none past the row)
                 NPF: tl.constexpr = PREFETCH if PREFETCH < TILES else TILES
@@ -922,16 +932,22 @@ if HAS_TRITON:
                     sel = _refresh_set(a, pid_new, p, in_row, P, REFRESH, BLOCK_P)
                     tl.debug_barrier()  # every thread has read the row before it is overwritten
                     tl.store(imp_ptr + base + p, sel.to(tl.float32), mask=in_row)
-                if (DIAG & 4) == 0:
+                if (DIAG & 4) == 0 and not WRITER:
                     # the row writes that no attention program reads (they read neither the key
                     # bounds, the counters nor the validity row and lists), off the row's tail
                     _step_row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr,
                                      kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos,
                                      pid_new, new_max, new_min, ev, opened, has_free, write,
                                      D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, LEAN_WRITES)
+            elif WRITER and split == 1:  # the row's writer: those row writes, beside the observer
+                if (DIAG & 4) == 0:
+                    _step_row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr,
+                                     kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos,
+                                     pid_new, new_max, new_min, ev, opened, has_free, write,
+                                     D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, LEAN_WRITES)
             else:
                 _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h,
-                             split - 1, kk, vv, pos, opened, slot, new_id, t, scale_log2,
+                             split - 1 - WRITER, kk, vv, pos, opened, slot, new_id, t, scale_log2,
                              G, BG, D, PS, S, BLOCK_N, TILES, SPLIT)
         else:
             _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h,
@@ -944,7 +960,7 @@ if HAS_TRITON:
                             G, P, D, BP, BPC, DOT, BSTAGES)
 
         # -- the last program of the row: output, the append's writes, the refresh ----------------------
-        NPROG: tl.constexpr = SPLIT + 1 if OBSERVER else SPLIT
+        NPROG: tl.constexpr = SPLIT + 1 + WRITER if OBSERVER else SPLIT
         last = _last_of_row(count_ptr, row64, NPROG)
         if last:
             # the row of bounds, or with OBSERVER its top-k set (every program's imp stores are
@@ -1255,7 +1271,8 @@ if HAS_TRITON:
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
         out = torch.empty(B, H * G, 1, D, dtype=q.dtype, device=q.device)
-        wrap_triton(_step_kernel)[(B * H, split + observer)](
+        writer = _knob_bool("ATTEND_ROW_WRITER", ATTEND_ROW_WRITER) and observer  # (checked either way)
+        wrap_triton(_step_kernel)[(B * H, split + observer + writer)](
             q, q.stride(0), q.stride(1), q.stride(3),
             k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
             v_new.stride(0), v_new.stride(1), v_new.stride(3),
@@ -1271,7 +1288,7 @@ if HAS_TRITON:
             LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, OBSERVER=observer,
             LAZY=_lazy_slot(observer), BSTAGES=_bound_stages(), DIAG=ATTEND_DIAG,
             PREFETCH=prefetch, OPREFETCH=oprefetch,
-            LEAN_WRITES=_knob_bool("ATTEND_LEAN_ROW_WRITES", ATTEND_LEAN_ROW_WRITES),
+            LEAN_WRITES=_knob_bool("ATTEND_LEAN_ROW_WRITES", ATTEND_LEAN_ROW_WRITES), WRITER=writer,
             num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )
         return out

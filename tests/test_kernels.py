@@ -308,6 +308,13 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=24, ps=8, lens=[10], integer=False, attention="triton",
                       pin_prompt=False, lists_in_regs=False,
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_LEAN_ROW_WRITES=True), steps=20)),
+        # a writer program per row beside the observer (ATTEND_ROW_WRITER), with full and lean row writes
+        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, attention="triton",
+                      block_size=8, knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True, ATTEND_ROW_WRITER=True),
+                      pin_prompt=False, steps=30)),
+        ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True, ATTEND_ROW_WRITER=True,
+                                 ATTEND_LEAN_ROW_WRITES=True), steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
     ]
@@ -451,7 +458,7 @@ def test_observer_bound_plan():
                                          ("ATTEND_OBSERVER_CHUNK_ELEMS", True), ("ATTEND_BOUND_STAGES", -1),
                                          ("ATTEND_PREFETCH", -1), ("ATTEND_PREFETCH", 1.5),
                                          ("ATTEND_OBSERVER_PREFETCH", 2), ("ATTEND_OBSERVER_MIN_SPLIT", 0),
-                                         ("ATTEND_LEAN_ROW_WRITES", "yes")])
+                                         ("ATTEND_LEAN_ROW_WRITES", "yes"), ("ATTEND_ROW_WRITER", 2)])
 def test_step_knobs_validated(monkeypatch, knob, value):
     """fused_step refuses, before any launch, an ATTEND_DIAG outside the four bits, an
     ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_OBSERVER_BOUND_DOT / ATTEND_LAZY_SLOT other than True,
@@ -516,7 +523,7 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 25 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 27 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -563,6 +570,8 @@ GPU_CASES = [
      dict(pin_prompt=False, attention="triton", knobs=dict(ATTEND_PREFETCH=4, ATTEND_OBSERVER_PREFETCH=True))),
     ("raas-P256-G7-triton-lean", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000],
      dict(attention="triton", knobs=dict(ATTEND_LEAN_ROW_WRITES=True))),
+    ("raas-P256-G7-triton-writer", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000],
+     dict(attention="triton", knobs=dict(ATTEND_ROW_WRITER=True, ATTEND_LEAN_ROW_WRITES=True))),
     # 160 rows of 8 tiles: split_for gives 1 program per row on 132 SMs, the observer is on, and
     # ATTEND_OBSERVER_MIN_SPLIT makes it 2
     ("raas-P32-G7-triton-rows160", "raas", dict(B=20, Hq=56, Hkv=8, D=128, budget=512, ps=16),
