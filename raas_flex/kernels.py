@@ -1267,6 +1267,12 @@ if HAS_TRITON:
         oprefetch = _knob_bool("ATTEND_OBSERVER_PREFETCH", ATTEND_OBSERVER_PREFETCH)
         if INTERPRET:
             prefetch, oprefetch = 0, False
+        elif (prefetch or oprefetch) and q.device.type == "cuda":
+            cap = torch.cuda.get_device_capability(q.device)
+            if cap < (9, 0):
+                raise ValueError(f"kernels.ATTEND_PREFETCH={prefetch!r} / ATTEND_OBSERVER_PREFETCH={oprefetch!r}: "
+                                 f"the L2 prefetch needs sm_90 or newer (cp.async.bulk.prefetch), this GPU is "
+                                 f"sm_{cap[0]}{cap[1]}; allowed there: 0 / False")
         bg = max(16, triton.next_power_of_2(G))
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
