@@ -318,8 +318,10 @@ if HAS_TRITON:
     @triton.jit
     def _prefetch_l2(ptr, NBYTES: tl.constexpr):
         """Ask for NBYTES contiguous bytes from ``ptr`` (a 16-byte aligned scalar pointer) to be brought
-        into L2, in chunks of 4 KB, one per thread of the first threads (sm_90's
-        cp.async.bulk.prefetch.L2: no registers held, nothing returned or waited for)."""
+        into L2, in whole chunks of 4 KB (NBYTES under 4 KB: one chunk of NBYTES), one chunk per thread
+        of the first threads (sm_90's cp.async.bulk.prefetch.L2: no registers held, nothing returned
+        or waited for). A remainder under 4 KB, and chunks past the program's thread count, are not
+        asked for: a hint may cover less than NBYTES."""
         CH: tl.constexpr = 4096 if NBYTES >= 4096 else NBYTES
         N: tl.constexpr = NBYTES // CH
         tl.inline_asm_elementwise(
