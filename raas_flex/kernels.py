@@ -182,19 +182,29 @@ ATTEND_BOUND_STAGES = 0
 # 28.1) and lost up to 1.6 us at 7: both stay off.
 ATTEND_PREFETCH = 0
 ATTEND_OBSERVER_PREFETCH = False
-# fused_step's row writes (by the observer, or by the row's last program): True stores only the
-# page of the validity row that the step changes (the row is right before the step: every path
+# fused_step's row writes (by the observer, its writer, or the row's last program): True stores only
+# the page of the validity row that the step changes (the row is right before the step: every path
 # that changes the page table writes it), and counts a flex block's valid slots as the sum of its
 # pages' tokens where blocks are whole pages; False rewrites the whole validity row and counts
-# with a [blocks x pages] overlap. The same results either way. (H200, B=8 28/4, L=4096: the
-# observer's row writes are on the step's critical path; a build without them took 30.4 against
-# 36.5 us, results/h200/decode_step_triton_diag_2804_h200.)
-ATTEND_LEAN_ROW_WRITES = False
+# with a [blocks x pages] overlap. The same results either way. None (the default): lean unless
+# the observer makes the row writes itself (no writer), where lean cost 88.6 against 83.2 us at
+# B=32 28/4 L=4096. H200, N=8192 (results/h200/decode_step_triton_lean_writer_h200,
+# decode_step_triton_writer_grid_h200): without the observer, B=32 32/8 L=4096 155.5 against
+# 170.0 us and L=2048 82.4 against 83.2 (the last program's tail makes the row writes); with the
+# writer, B=8 28/4 12.4 / 16.2 / 30.1 against 12.7 / 16.2 / 30.3 at L=1024 / 2048 / 4096.
+ATTEND_LEAN_ROW_WRITES: bool | None = None
 # fused_step with the observer: True gives each row a second extra program, the writer, which makes
 # the row writes the observer would make (validity row, block lists, key bounds, counters), so the
-# observer only bounds and sorts (grid: rows x (split + 2)). For the same critical path as
-# ATTEND_LEAN_ROW_WRITES; not yet timed, hence off. Without the observer it changes nothing.
-ATTEND_ROW_WRITER = False
+# observer only bounds and sorts (grid: rows x (split + 2)). None (the default): on when the row has
+# at least ATTEND_ROW_WRITER_MIN_SPLIT attention programs, whose shares are then short next to the
+# observer's serial bounds, sort and row writes. H200, N=8192, two runs (results/h200/decode_step_
+# triton_lean_writer_h200, decode_step_triton_writer_grid_h200), writer against none, us: B=8 28/4
+# (8 programs per row) 12.6 / 12.7 vs 13.0 / 13.0 at L=1024, 16.4 / 16.2 vs 16.6 / 16.5 at 2048,
+# 30.1 / 30.3 vs 35.8 / 36.4 at 4096; with 4 programs per row, B=8 32/8 16.0 vs 15.6, 28.7 vs 28.8,
+# 48.7 vs 48.0 and B=32 28/4 L=4096 82.3 / 82.0 vs 83.2 / 83.0; with 2, B=32 28/4 L=1024 28.6 / 29.1
+# vs 27.3 / 27.7 and B=32 32/8 L=1024 54.0 vs 46.5. Without the observer it changes nothing.
+ATTEND_ROW_WRITER: bool | None = None
+ATTEND_ROW_WRITER_MIN_SPLIT = 8
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -1189,6 +1199,22 @@ if HAS_TRITON:
             split = split_for(rows, tiles, want=least)
         return split, observer
 
+    def row_writes_for(split: int, observer: bool) -> tuple[bool, bool]:
+        """fused_step's row writes for rows of ``split`` attention programs (``observer``: with the
+        row's observer): whether a writer program makes them (ATTEND_ROW_WRITER, checked; None: with
+        the observer and at least ATTEND_ROW_WRITER_MIN_SPLIT programs), and whether they are lean
+        (ATTEND_LEAN_ROW_WRITES, checked; None: unless the observer makes them itself)."""
+        if ATTEND_ROW_WRITER is None:
+            least = _knob_int("ATTEND_ROW_WRITER_MIN_SPLIT", ATTEND_ROW_WRITER_MIN_SPLIT, 1)
+            writer = observer and split >= least
+        else:
+            writer = _knob_bool("ATTEND_ROW_WRITER", ATTEND_ROW_WRITER) and observer
+        if ATTEND_LEAN_ROW_WRITES is None:
+            lean = writer or not observer
+        else:
+            lean = _knob_bool("ATTEND_LEAN_ROW_WRITES", ATTEND_LEAN_ROW_WRITES)
+        return writer, lean
+
     def attend_split(rows: int, tiles: int, device: torch.device) -> int:
         """Programs per row of the attention kernels: ATTEND_SPLIT if set, else :func:`split_for` with
         the device's SM count; 4 on CPU (the interpreter)."""
@@ -1279,7 +1305,7 @@ if HAS_TRITON:
         acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
         out = torch.empty(B, H * G, 1, D, dtype=q.dtype, device=q.device)
-        writer = _knob_bool("ATTEND_ROW_WRITER", ATTEND_ROW_WRITER) and observer  # (checked either way)
+        writer, lean = row_writes_for(split, observer)
         wrap_triton(_step_kernel)[(B * H, split + observer + writer)](
             q, q.stride(0), q.stride(1), q.stride(3),
             k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
@@ -1296,7 +1322,7 @@ if HAS_TRITON:
             LISTS_IN_REGS=triton.next_power_of_2(nb) * block_p <= LISTS_IN_REGS_MAX, DOT=dot, OBSERVER=observer,
             LAZY=_lazy_slot(observer), BSTAGES=_bound_stages(), DIAG=ATTEND_DIAG,
             PREFETCH=prefetch, OPREFETCH=oprefetch,
-            LEAN_WRITES=_knob_bool("ATTEND_LEAN_ROW_WRITES", ATTEND_LEAN_ROW_WRITES), WRITER=writer,
+            LEAN_WRITES=lean, WRITER=writer,
             num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )
         return out

@@ -424,6 +424,34 @@ def test_step_grid_observer_min_split(monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the attention kernels are defined with it)")
+def test_row_writes_rule(monkeypatch):
+    """fused_step's row writes: a writer program beside the observer when a row has at least
+    ATTEND_ROW_WRITER_MIN_SPLIT attention programs (B=8 28/4 on an H200: 8), never without the
+    observer; lean writes unless the observer makes them itself; explicit knobs win and are checked."""
+    assert kernels.row_writes_for(8, True) == (True, True)
+    assert kernels.row_writes_for(16, True) == (True, True)
+    assert kernels.row_writes_for(4, True) == (False, False)  # the observer writes, in full
+    assert kernels.row_writes_for(8, False) == (False, True)  # the last program writes, lean
+    assert kernels.row_writes_for(1, False) == (False, True)
+    monkeypatch.setattr(kernels, "ATTEND_ROW_WRITER_MIN_SPLIT", 4)
+    assert kernels.row_writes_for(4, True) == (True, True)
+    monkeypatch.setattr(kernels, "ATTEND_ROW_WRITER", False)
+    assert kernels.row_writes_for(16, True) == (False, False)
+    monkeypatch.setattr(kernels, "ATTEND_ROW_WRITER", True)
+    assert kernels.row_writes_for(1, True) == (True, True)
+    assert kernels.row_writes_for(8, False) == (False, True)
+    monkeypatch.setattr(kernels, "ATTEND_LEAN_ROW_WRITES", False)
+    assert kernels.row_writes_for(8, True) == (True, False)
+    assert kernels.row_writes_for(8, False) == (False, False)
+    monkeypatch.setattr(kernels, "ATTEND_LEAN_ROW_WRITES", True)
+    assert kernels.row_writes_for(2, True) == (True, True)
+    monkeypatch.setattr(kernels, "ATTEND_ROW_WRITER", None)
+    monkeypatch.setattr(kernels, "ATTEND_ROW_WRITER_MIN_SPLIT", 0)
+    with pytest.raises(ValueError, match=r"kernels.ATTEND_ROW_WRITER_MIN_SPLIT=0 is not allowed; allowed: an int >= 1"):
+        kernels.row_writes_for(8, True)
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the attention kernels are defined with it)")
 def test_attend_stages_rule(monkeypatch):
     """fused_step's K/V loop gets 3 pipeline stages for rows of >= 7 query heads when there are >= 128
     rows (B=32, 28/4 on the H200), else 2; fused_attend_observe 2; an explicit ATTEND_STAGES wins
@@ -458,7 +486,8 @@ def test_observer_bound_plan():
                                          ("ATTEND_OBSERVER_CHUNK_ELEMS", True), ("ATTEND_BOUND_STAGES", -1),
                                          ("ATTEND_PREFETCH", -1), ("ATTEND_PREFETCH", 1.5),
                                          ("ATTEND_OBSERVER_PREFETCH", 2), ("ATTEND_OBSERVER_MIN_SPLIT", 0),
-                                         ("ATTEND_LEAN_ROW_WRITES", "yes"), ("ATTEND_ROW_WRITER", 2)])
+                                         ("ATTEND_LEAN_ROW_WRITES", "yes"), ("ATTEND_ROW_WRITER", 2),
+                                         ("ATTEND_ROW_WRITER_MIN_SPLIT", 0)])
 def test_step_knobs_validated(monkeypatch, knob, value):
     """fused_step refuses, before any launch, an ATTEND_DIAG outside the four bits, an
     ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_OBSERVER_BOUND_DOT / ATTEND_LAZY_SLOT other than True,

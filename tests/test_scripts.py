@@ -89,9 +89,9 @@ def test_decode_step_variant_names():
     assert ds.parse_variant("raas_triton+toms6+tbs3")[6] == dict(ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM=6, ATTEND_BOUND_STAGES=3)
     assert ds.parse_variant("raas_triton+tobd0+tobe4096+tobc2048")[6] == dict(
         ATTEND_OBSERVER_BOUND_DOT=0, ATTEND_OBSERVER_BOUND_ELEMS=4096, ATTEND_OBSERVER_CHUNK_ELEMS=2048)
-    assert ds.parse_variant("raas_triton+tpf2+topf1+tomin4+tlean1+trw1")[6] == dict(
+    assert ds.parse_variant("raas_triton+tpf2+topf1+tomin4+tlean1+trw1+trwmin4")[6] == dict(
         ATTEND_PREFETCH=2, ATTEND_OBSERVER_PREFETCH=1, ATTEND_OBSERVER_MIN_SPLIT=4, ATTEND_LEAN_ROW_WRITES=1,
-        ATTEND_ROW_WRITER=1)
+        ATTEND_ROW_WRITER=1, ATTEND_ROW_WRITER_MIN_SPLIT=4)
     assert ds.is_diagnostic("raas_triton+tdiag15") and not ds.is_diagnostic("raas_triton+tdiag0")
     assert not ds.is_diagnostic("raas_triton+tsplit2")
     with pytest.raises(ValueError, match="attention='flex'"):
@@ -112,7 +112,7 @@ def test_decode_step_variant_names():
         with pytest.raises(ValueError, match=r"\+pdl needs torch._inductor.config.triton.enable_pdl"):
             ds.parse_variant("raas+pdl")
     assert ds.parse_variant("raas_torch")[:3] == ("raas", False, True)
-    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, ttpN, tbeN, tbdN, tbsN, tobN, tomsN, tobdN, tobeN, tobcN, tlsN, tdiagN, tpfN, topfN, tominN, tleanN, trwN, pdl"):
+    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, ttpN, tbeN, tbdN, tbsN, tobN, tomsN, tobdN, tobeN, tobcN, tlsN, tdiagN, tpfN, topfN, tominN, tleanN, trwN, trwminN, pdl"):
         ds.parse_variant("raas+xyz4")
 
 def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
