@@ -315,6 +315,9 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True, ATTEND_ROW_WRITER=True,
                                  ATTEND_LEAN_ROW_WRITES=True), steps=20)),
+        # the writer and the lean writes as the rules pick them (8 programs per row, the knobs at None)
+        ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=128, ps=4, lens=[100], integer=True, attention="triton",
+                      block_size=8, knobs=dict(ATTEND_BLOCK_N=16, ATTEND_SPLIT=8), pin_prompt=False, steps=20)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3)),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True)),
     ]
@@ -543,8 +546,8 @@ def test_interpreter_matches_torch_on_cpu():
     the append kernel and as its own kernel; attention="triton": the whole step in one kernel, split
     over 4 and 2 programs per row, and the append kernel followed by the attention + observe kernel;
     page bounds as matrix products or element-wise, by the attention programs or by an observer
-    program per row),
-    streaming, and h2o with pinned prompt pages (it
+    program per row; the observer's row writes in full or lean, or by a writer program, by knob and
+    as the rules pick them), streaming, and h2o with pinned prompt pages (it
     overflows)."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -552,7 +555,7 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 27 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 28 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
