@@ -121,7 +121,10 @@ ATTEND_BOUND_DOT = False
 # step WRONG (state and output). 1: no page bounds; 2: no refresh (sort and stamps); 4: no row
 # writes (page-table entry, key bounds, open slot, validity, block lists; by the last program, or
 # with ATTEND_OBSERVER partly by the observer);
-# 8: no combine (the output is stored as zeros). benchmarks/decode_step.py times them as tdiagN.
+# 8: no combine (the output is stored as zeros); 16: the per-row and global tickets without their
+# memory fences (relaxed atomics: nothing orders the programs' stores before the last program's
+# loads); 32: no global ticket (the lengths and the step are not advanced). benchmarks/decode_step.py
+# times them as tdiagN.
 ATTEND_DIAG = 0
 # the attention kernels: one extra program per row (dispatched first), the observer, computes every
 # page bound of the row and the top-k set while the attention programs stream K/V; in fused_step it
@@ -350,13 +353,16 @@ if HAS_TRITON:
             dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _last_of_row(count_ptr, row64, NPROG: tl.constexpr):
+    def _last_of_row(count_ptr, row64, NPROG: tl.constexpr, RELAXED: tl.constexpr = False):
         """Whether this program is the last of the NPROG programs of its row to get here: a barrier
         over this program's stores, then a per-row ticket (acq_rel), which orders every other
-        program's stores before this one's later reads. (The last program resets the count.)"""
+        program's stores before this one's later reads. (The last program resets the count.)
+        RELAXED (a diagnostic build's, see ATTEND_DIAG): the ticket without that ordering."""
         tl.debug_barrier()
         if NPROG == 1:
             last = True
+        elif RELAXED:
+            last = tl.atomic_add(count_ptr + row64, 1, sem="relaxed") == NPROG - 1
         else:
             last = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel") == NPROG - 1
         return last
@@ -973,7 +979,7 @@ if HAS_TRITON:
 
         # -- the last program of the row: output, the append's writes, the refresh ----------------------
         NPROG: tl.constexpr = SPLIT + 1 + WRITER if OBSERVER else SPLIT
-        last = _last_of_row(count_ptr, row64, NPROG)
+        last = _last_of_row(count_ptr, row64, NPROG, (DIAG & 16) != 0)
         if last:
             # the row of bounds, or with OBSERVER its top-k set (every program's imp stores are
             # ordered before the ticket), loaded first so that its latency overlaps the combine's loads
@@ -1002,14 +1008,18 @@ if HAS_TRITON:
             if NPROG > 1:
                 tl.store(count_ptr + row64, 0)
             # the last row to finish advances the lengths and the step (every program has read them)
-            tl.debug_barrier()
-            done = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-            if done == B * H - 1:
-                bb = tl.arange(0, BLOCK_B)
-                lens = tl.load(length_ptr + bb, mask=bb < B, other=0, cache_modifier=".cg")
-                tl.store(length_ptr + bb, lens + 1, mask=bb < B)
-                tl.store(step_ptr, step_new)
-                tl.store(ticket_ptr, 0)
+            if (DIAG & 32) == 0:
+                tl.debug_barrier()
+                if (DIAG & 16) == 0:
+                    done = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+                else:
+                    done = tl.atomic_add(ticket_ptr, 1, sem="relaxed")
+                if done == B * H - 1:
+                    bb = tl.arange(0, BLOCK_B)
+                    lens = tl.load(length_ptr + bb, mask=bb < B, other=0, cache_modifier=".cg")
+                    tl.store(length_ptr + bb, lens + 1, mask=bb < B)
+                    tl.store(step_ptr, step_new)
+                    tl.store(ticket_ptr, 0)
 
     def _launch_append(k_new, v_new, k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot,
                        length, step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx,
@@ -1277,9 +1287,9 @@ if HAS_TRITON:
         the attention of q [B, Hq, 1, D] over the row after the append (see _step_kernel). Returns
         [B, Hq, 1, D] in q's dtype. ``count`` and ``ticket``: zero at launch, left zero. (With
         ATTEND_DIAG set, parts of the step are skipped and the result is wrong: timing only.)"""
-        if not isinstance(ATTEND_DIAG, int) or isinstance(ATTEND_DIAG, bool) or not 0 <= ATTEND_DIAG <= 15:
-            raise ValueError(f"kernels.ATTEND_DIAG={ATTEND_DIAG!r} is not allowed; allowed: an int of bits 1, 2, 4, 8 "
-                             "(0 to 15; 0, the default, runs the whole step)")
+        if not isinstance(ATTEND_DIAG, int) or isinstance(ATTEND_DIAG, bool) or not 0 <= ATTEND_DIAG <= 63:
+            raise ValueError(f"kernels.ATTEND_DIAG={ATTEND_DIAG!r} is not allowed; allowed: an int of bits 1, 2, 4, 8, 16, 32 "
+                             "(0 to 63; 0, the default, runs the whole step)")
         B, H, S, D = k_cache.shape
         P = page_id.shape[-1]
         ps = S // P

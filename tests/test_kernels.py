@@ -334,7 +334,7 @@ DIAG_SCRIPT = textwrap.dedent("""
     import test_kernels as t
     from raas_flex import kernels
     # 8 pages of 4 slots, 25 tokens: the next token goes to the open page (no page opens, none evicted)
-    for diag in (0, 1, 2, 4, 8):
+    for diag in (0, 1, 2, 4, 8, 16, 32):
         kernels.ATTEND_DIAG = diag
         ref, fus = t.make_pair("raas", B=1, Hq=4, Hkv=2, D=16, budget=32, ps=4, dtype=torch.float32,
                                device="cpu", pin_prompt=False)
@@ -344,6 +344,7 @@ DIAG_SCRIPT = textwrap.dedent("""
         ref.prefill(*prompt)
         fus.prefill(*prompt)
         before = {{n: getattr(fus, n).clone() for n in ("score", "stamp", "valid")}}
+        counters = {{n: getattr(fus, n).clone() for n in ("length", "step")}}
         q, k, v = inp.step()
         out_ref, out = ref.decode(q, k, v), fus.decode(q, k, v)
         moved = {{n: not torch.equal(getattr(ref, n), before[n]) for n in before}}
@@ -360,6 +361,15 @@ DIAG_SCRIPT = textwrap.dedent("""
             assert kept["valid"] and same["score"] and same["stamp"], (kept, same)
         if diag == 8:
             assert bool((out == 0).all()) and same["stamp"] and same["valid"], out
+        advanced = {{n: torch.equal(getattr(fus, n), getattr(ref, n)) for n in counters}}
+        kept_counters = {{n: torch.equal(getattr(fus, n), counters[n]) for n in counters}}
+        assert not any(torch.equal(getattr(ref, n), counters[n]) for n in counters)  # (the whole step advances both)
+        if diag == 16:  # (the interpreter runs programs one after another: relaxed tickets change nothing)
+            assert all(same.values()) and all(advanced.values()) and torch.allclose(out, out_ref), (same, advanced)
+        if diag == 32:
+            assert all(same.values()) and all(kept_counters.values()) and torch.allclose(out, out_ref), (same, kept_counters)
+        elif diag in (0, 1, 2, 4, 8):
+            assert all(advanced.values()), advanced
         print("diag", diag, "ok")
 """)
 
@@ -368,13 +378,14 @@ DIAG_SCRIPT = textwrap.dedent("""
 def test_interpreter_diagnostic_bits_skip_their_part():
     """kernels.ATTEND_DIAG (for timing the parts of fused_step) skips what each bit says and nothing
     else, through Triton's CPU interpreter: 1 the bounds (score kept), 2 the refresh (stamps kept),
-    4 the last program's row writes (validity kept), 8 the combine (zeros out); 0 is the whole step."""
+    4 the last program's row writes (validity kept), 8 the combine (zeros out), 16 the tickets'
+    fences (nothing else changes), 32 the global ticket (lengths and step kept); 0 is the whole step."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", DIAG_SCRIPT.format(tests=tests)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert [ln for ln in res.stdout.splitlines() if ln.endswith(" ok")] == [f"diag {d} ok" for d in (0, 1, 2, 4, 8)]
+    assert [ln for ln in res.stdout.splitlines() if ln.endswith(" ok")] == [f"diag {d} ok" for d in (0, 1, 2, 4, 8, 16, 32)]
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the kernels are defined with it)")
@@ -482,7 +493,7 @@ def test_observer_bound_plan():
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (fused_step is defined with it)")
-@pytest.mark.parametrize("knob, value", [("ATTEND_DIAG", 16), ("ATTEND_OBSERVER", 2), ("ATTEND_BOUND_DOT", "no"),
+@pytest.mark.parametrize("knob, value", [("ATTEND_DIAG", 64), ("ATTEND_OBSERVER", 2), ("ATTEND_BOUND_DOT", "no"),
                                          ("ATTEND_LAZY_SLOT", 3), ("ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM", -1),
                                          ("ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM", 2.0),
                                          ("ATTEND_OBSERVER_BOUND_DOT", 2), ("ATTEND_OBSERVER_BOUND_ELEMS", 0),
