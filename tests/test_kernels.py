@@ -447,6 +447,10 @@ def test_row_writes_rule(monkeypatch):
     assert kernels.row_writes_for(4, True) == (False, False)  # the observer writes, in full
     assert kernels.row_writes_for(8, False) == (False, True)  # the last program writes, lean
     assert kernels.row_writes_for(1, False) == (False, True)
+    # (the interpreter case "as the rules pick them": 2 rows of 8 tiles, ATTEND_SPLIT=8, on CPU)
+    monkeypatch.setattr(kernels, "ATTEND_SPLIT", 8)
+    assert kernels.row_writes_for(*kernels.step_grid(2, 8, torch.device("cpu"))) == (True, True)
+    monkeypatch.setattr(kernels, "ATTEND_SPLIT", None)
     monkeypatch.setattr(kernels, "ATTEND_ROW_WRITER_MIN_SPLIT", 4)
     assert kernels.row_writes_for(4, True) == (True, True)
     monkeypatch.setattr(kernels, "ATTEND_ROW_WRITER", False)
@@ -503,11 +507,12 @@ def test_observer_bound_plan():
                                          ("ATTEND_LEAN_ROW_WRITES", "yes"), ("ATTEND_ROW_WRITER", 2),
                                          ("ATTEND_ROW_WRITER_MIN_SPLIT", 0)])
 def test_step_knobs_validated(monkeypatch, knob, value):
-    """fused_step refuses, before any launch, an ATTEND_DIAG outside the four bits, an
-    ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_OBSERVER_BOUND_DOT / ATTEND_LAZY_SLOT other than True,
-    False (or None, the default, for the first and the last), an ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM /
-    ATTEND_BOUND_STAGES that is not an int >= 0 and observer chunk sizes that are not ints >= 1,
-    naming the knob and the value."""
+    """fused_step refuses, before any launch, an ATTEND_DIAG outside its six bits, an
+    ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_OBSERVER_BOUND_DOT / ATTEND_LAZY_SLOT /
+    ATTEND_OBSERVER_PREFETCH / ATTEND_LEAN_ROW_WRITES / ATTEND_ROW_WRITER other than True, False (or
+    None where that is the default), an ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM / ATTEND_BOUND_STAGES /
+    ATTEND_PREFETCH that is not an int >= 0, and observer chunk sizes / ATTEND_OBSERVER_MIN_SPLIT /
+    ATTEND_ROW_WRITER_MIN_SPLIT that are not ints >= 1, naming the knob and the value."""
     cache = _cpu_cache()
     monkeypatch.setattr(kernels, knob, value)
     q = torch.zeros(1, 2, 1, 16)
