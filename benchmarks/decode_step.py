@@ -117,7 +117,8 @@ TRITON_KNOB_TOKENS = {"tbn": "ATTEND_BLOCK_N", "tw": "ATTEND_WARPS", "ts": "ATTE
                       "tobe": "ATTEND_OBSERVER_BOUND_ELEMS", "tobc": "ATTEND_OBSERVER_CHUNK_ELEMS", "tls": "ATTEND_LAZY_SLOT", "tdiag": "ATTEND_DIAG",
                       "tpf": "ATTEND_PREFETCH", "topf": "ATTEND_OBSERVER_PREFETCH",
                       "tomin": "ATTEND_OBSERVER_MIN_SPLIT", "tlean": "ATTEND_LEAN_ROW_WRITES",
-                      "trw": "ATTEND_ROW_WRITER", "trwmin": "ATTEND_ROW_WRITER_MIN_SPLIT"}
+                      "trw": "ATTEND_ROW_WRITER", "trwmin": "ATTEND_ROW_WRITER_MIN_SPLIT",
+                      "tcp": "ATTEND_COMBINE_PRELOAD", "tet": "ATTEND_EARLY_TICKET"}
 
 
 def parse_variant(name: str):

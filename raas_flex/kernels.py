@@ -208,6 +208,18 @@ ATTEND_LEAN_ROW_WRITES: bool | None = None
 # vs 27.3 / 27.7 and B=32 32/8 L=1024 54.0 vs 46.5. Without the observer it changes nothing.
 ATTEND_ROW_WRITER: bool | None = None
 ATTEND_ROW_WRITER_MIN_SPLIT = 8
+# fused_step's row tail, attributed on the H200 (N=8192, results/h200/decode_step_triton_tail_h200):
+# at B=8 28/4 L=2048 the combine costs 1.8 us, the tickets' fences 0.7 and the global ticket 0.4 of a
+# 16.6 us step (B=8 32/8 L=1024: 0.8, 0.6, 0.6 of 15.9).
+# ATTEND_COMBINE_PRELOAD: the row's last program loads all SPLIT partial accumulators together with
+# their maxima and sums (one trip to memory; G rounded up to a power of two, not to 16, to hold
+# them), instead of after them (two trips).
+# ATTEND_EARLY_TICKET: every program takes the global ticket right after reading the lengths and
+# the step (which it reads only there), and the program that takes the last ticket advances them
+# once its own decision is made, from values it loaded with them; otherwise the last program of
+# each row takes the ticket at the end of the row's tail, and the last row's loads and advances them.
+ATTEND_COMBINE_PRELOAD = False
+ATTEND_EARLY_TICKET = False
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -642,31 +654,51 @@ if HAS_TRITON:
 
     @triton.jit
     def _combine_row(ml_ptr, acc_ptr, out_row_ptr, soh, sod, row64,
-                     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr):
+                     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
+                     PRELOAD: tl.constexpr = False, GC: tl.constexpr = 1):
         """Combine the SPLIT partial softmax results of one row (max and sum in ml, accumulators of the
-        G heads in acc) and store the G output heads at out_row_ptr (strides soh, sod); a row nothing
-        attended gets zeros. The maxima and sums of all SPLIT parts are loaded at once, and the
-        accumulator loop is unrolled, so the loads need not wait for one another."""
-        gg = tl.arange(0, BG)
-        gm = gg < G
+        G heads in acc, BG rows per part) and store the G output heads at out_row_ptr (strides soh,
+        sod); a row nothing attended gets zeros. The maxima and sums of all SPLIT parts are loaded at
+        once, and the accumulator loop is unrolled, so the loads need not wait for one another.
+        PRELOAD: the accumulators too are loaded at once, with the maxima and sums, as
+        [SPLIT, GC, D] (GC: G rounded up to a power of two)."""
         d = tl.arange(0, D)
         sp = tl.arange(0, SPLIT)
-        mlo = ((row64 * SPLIT + sp) * 2)[:, None] * BG + gg[None, :]
-        ms = tl.load(ml_ptr + mlo, mask=gm[None, :], other=float("-inf"), cache_modifier=".cg")
-        ls = tl.load(ml_ptr + mlo + BG, mask=gm[None, :], other=0.0, cache_modifier=".cg")
-        g_m = tl.max(ms, 0)
-        g_safe = tl.where(g_m == float("-inf"), 0.0, g_m)
-        w = tl.exp2(ms - g_safe[None, :])
-        tot = tl.sum(w * ls, 0)
-        o = tl.zeros([BG, D], tl.float32)
-        for i in tl.static_range(SPLIT):
-            wi = tl.sum(tl.where((sp == i)[:, None], w, 0.0), 0)
-            a = tl.load(acc_ptr + ((row64 * SPLIT + i) * BG + gg)[:, None] * D + d[None, :], mask=gm[:, None],
-                        other=0.0, cache_modifier=".cg")
-            o += wi[:, None] * a
-        o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
-        tl.store(out_row_ptr + gg[:, None] * soh + d[None, :] * sod, o.to(out_row_ptr.dtype.element_ty),
-                 mask=gm[:, None])
+        if PRELOAD:
+            gc = tl.arange(0, GC)
+            gcm = gc < G
+            mlc = ((row64 * SPLIT + sp) * 2)[:, None] * BG + gc[None, :]
+            mc = tl.load(ml_ptr + mlc, mask=gcm[None, :], other=float("-inf"), cache_modifier=".cg")
+            lc = tl.load(ml_ptr + mlc + BG, mask=gcm[None, :], other=0.0, cache_modifier=".cg")
+            ac = tl.load(acc_ptr + (((row64 * SPLIT + sp) * BG)[:, None, None] + gc[None, :, None]) * D
+                         + d[None, None, :], mask=gcm[None, :, None], other=0.0, cache_modifier=".cg")
+            c_m = tl.max(mc, 0)
+            c_safe = tl.where(c_m == float("-inf"), 0.0, c_m)
+            wc = tl.exp2(mc - c_safe[None, :])
+            tc = tl.sum(wc * lc, 0)
+            oc = tl.sum(wc[:, :, None] * ac, 0)
+            oc = tl.where(tc[:, None] > 0, oc / tl.where(tc > 0, tc, 1.0)[:, None], 0.0)
+            tl.store(out_row_ptr + gc[:, None] * soh + d[None, :] * sod, oc.to(out_row_ptr.dtype.element_ty),
+                     mask=gcm[:, None])
+        else:
+            gg = tl.arange(0, BG)
+            gm = gg < G
+            mlo = ((row64 * SPLIT + sp) * 2)[:, None] * BG + gg[None, :]
+            ms = tl.load(ml_ptr + mlo, mask=gm[None, :], other=float("-inf"), cache_modifier=".cg")
+            ls = tl.load(ml_ptr + mlo + BG, mask=gm[None, :], other=0.0, cache_modifier=".cg")
+            g_m = tl.max(ms, 0)
+            g_safe = tl.where(g_m == float("-inf"), 0.0, g_m)
+            w = tl.exp2(ms - g_safe[None, :])
+            tot = tl.sum(w * ls, 0)
+            o = tl.zeros([BG, D], tl.float32)
+            for i in tl.static_range(SPLIT):
+                wi = tl.sum(tl.where((sp == i)[:, None], w, 0.0), 0)
+                a = tl.load(acc_ptr + ((row64 * SPLIT + i) * BG + gg)[:, None] * D + d[None, :], mask=gm[:, None],
+                            other=0.0, cache_modifier=".cg")
+                o += wi[:, None] * a
+            o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
+            tl.store(out_row_ptr + gg[:, None] * soh + d[None, :] * sod, o.to(out_row_ptr.dtype.element_ty),
+                     mask=gm[:, None])
 
     @triton.jit
     def _attend_tiles(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, valid_ptr, acc_ptr, ml_ptr, row64, b, h, split, scale_log2,
@@ -863,6 +895,7 @@ if HAS_TRITON:
         BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
         LAZY: tl.constexpr, BSTAGES: tl.constexpr = 0, DIAG: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
         OPREFETCH: tl.constexpr = False, LEAN_WRITES: tl.constexpr = False, WRITER: tl.constexpr = False,
+        PRELOAD: tl.constexpr = False, GC: tl.constexpr = 1, EARLY: tl.constexpr = False,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -880,7 +913,11 @@ if HAS_TRITON:
         counters, validity row, block lists), and programs 1..SPLIT attend. The last program then
         stores the page-table entry and the stamps of the set, so the bounds, the sort and most row
         writes leave the row's tail. The page table and stamps change only there, after every program
-        of the row has read them for its decision."""
+        of the row has read them for its decision.
+
+        EARLY: every program takes the global ticket right after its loads of the lengths and the
+        step, and the one that takes the last ticket advances them at its end (see
+        ATTEND_EARLY_TICKET); PRELOAD and GC: the combine's (see _combine_row)."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         b = row // H
@@ -914,6 +951,20 @@ if HAS_TRITON:
         step_new, pos, open_old, ev, kk, vv, old_max, old_min = _append_inputs(
             kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
             open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D)
+        NPROG: tl.constexpr = SPLIT + 1 + WRITER if OBSERVER else SPLIT
+        if EARLY and (DIAG & 32) == 0:
+            # the global ticket, as soon as this program has read the lengths and the step (it reads
+            # them nowhere else); every length is loaded here, for the program that takes the last
+            # ticket. (That program advances them after the decision's loads, with predicated stores:
+            # a branch on the ticket there, or any use of it at the program's end, cost sm_90 up to 238
+            # registers instead of 128 at B=32 32/8 L=2048, triton 3.6.)
+            bb = tl.arange(0, BLOCK_B)
+            lens = tl.load(length_ptr + bb, mask=bb < B, other=0)
+            tl.debug_barrier()
+            if (DIAG & 16) == 0:
+                ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+            else:
+                ticket = tl.atomic_add(ticket_ptr, 1, sem="relaxed")
         p = tl.arange(0, BLOCK_P)
         in_row = p < P
         pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
@@ -938,6 +989,11 @@ if HAS_TRITON:
         gg = tl.arange(0, BG)
         gm = gg < G
         pid_new = tl.where(opened & (p == slot), new_id, pid)
+        if EARLY and (DIAG & 32) == 0:  # every program of the grid has read the lengths and the step
+            final = (ticket + bb * 0) == B * H * NPROG - 1  # (as a vector: the interpreter's store masks)
+            tl.store(length_ptr + bb, lens + 1, mask=(bb < B) & final)
+            tl.store(step_ptr + bb * 0, step_new + bb * 0, mask=(bb == 0) & final)
+            tl.store(ticket_ptr + bb * 0, bb * 0, mask=(bb == 0) & final)
         if OBSERVER:
             if split == 0:  # the row's observer: every page's bound and the top-k set (in imp, as 1/0)
                 if (DIAG & 1) == 0:
@@ -978,14 +1034,14 @@ if HAS_TRITON:
                             G, P, D, BP, BPC, DOT, BSTAGES)
 
         # -- the last program of the row: output, the append's writes, the refresh ----------------------
-        NPROG: tl.constexpr = SPLIT + 1 + WRITER if OBSERVER else SPLIT
         last = _last_of_row(count_ptr, row64, NPROG, (DIAG & 16) != 0)
         if last:
             # the row of bounds, or with OBSERVER its top-k set (every program's imp stores are
             # ordered before the ticket), loaded first so that its latency overlaps the combine's loads
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
             if (DIAG & 8) == 0:
-                _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT)
+                _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT,
+                             PRELOAD, GC)
             else:  # (the output's store without the combine: zeros)
                 tl.store(out_ptr + b * sob + (h * G + gg)[:, None] * soh + d[None, :] * sod,
                          tl.zeros([BG, D], tl.float32).to(out_ptr.dtype.element_ty), mask=gm[:, None])
@@ -1008,7 +1064,7 @@ if HAS_TRITON:
             if NPROG > 1:
                 tl.store(count_ptr + row64, 0)
             # the last row to finish advances the lengths and the step (every program has read them)
-            if (DIAG & 32) == 0:
+            if (DIAG & 32) == 0 and not EARLY:
                 tl.debug_barrier()
                 if (DIAG & 16) == 0:
                     done = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
@@ -1333,6 +1389,8 @@ if HAS_TRITON:
             LAZY=_lazy_slot(observer), BSTAGES=_bound_stages(), DIAG=ATTEND_DIAG,
             PREFETCH=prefetch, OPREFETCH=oprefetch,
             LEAN_WRITES=lean, WRITER=writer,
+            PRELOAD=_knob_bool("ATTEND_COMBINE_PRELOAD", ATTEND_COMBINE_PRELOAD), GC=triton.next_power_of_2(G),
+            EARLY=_knob_bool("ATTEND_EARLY_TICKET", ATTEND_EARLY_TICKET),
             num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )
         return out
