@@ -211,14 +211,16 @@ ATTEND_ROW_WRITER_MIN_SPLIT = 8
 # fused_step's row tail, attributed on the H200 (N=8192, results/h200/decode_step_triton_tail_h200):
 # at B=8 28/4 L=2048 the combine costs 1.8 us, the tickets' fences 0.7 and the global ticket 0.4 of a
 # 16.6 us step (B=8 32/8 L=1024: 0.8, 0.6, 0.6 of 15.9).
-# ATTEND_COMBINE_PRELOAD: the row's last program loads all SPLIT partial accumulators together with
-# their maxima and sums (one trip to memory; G rounded up to a power of two, not to 16, to hold
-# them), instead of after them (two trips).
+# ATTEND_COMBINE_ONLINE: the row's last program merges the SPLIT partial results part after part,
+# each part's maximum and sum loaded beside its accumulator, with no reduction across threads
+# (False: the maxima and sums of all parts first, then one [SPLIT, G] reduction per part). (Loading
+# all accumulators at once, as [SPLIT, G, D], was 4-5 us slower at B=8 28/4 and failed the GPU
+# test at B=8 32/8 L=1024: results/h200/decode_step_triton_tail_fix_h200, removed.)
 # ATTEND_EARLY_TICKET: every program takes the global ticket right after reading the lengths and
 # the step (which it reads only there), and the program that takes the last ticket advances them
 # once its own decision is made, from values it loaded with them; otherwise the last program of
 # each row takes the ticket at the end of the row's tail, and the last row's loads and advances them.
-ATTEND_COMBINE_PRELOAD = False
+ATTEND_COMBINE_ONLINE = False
 ATTEND_EARLY_TICKET = False
 
 
@@ -655,31 +657,39 @@ if HAS_TRITON:
     @triton.jit
     def _combine_row(ml_ptr, acc_ptr, out_row_ptr, soh, sod, row64,
                      G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
-                     PRELOAD: tl.constexpr = False, GC: tl.constexpr = 1):
+                     ONLINE: tl.constexpr = False):
         """Combine the SPLIT partial softmax results of one row (max and sum in ml, accumulators of the
         G heads in acc, BG rows per part) and store the G output heads at out_row_ptr (strides soh,
         sod); a row nothing attended gets zeros. The maxima and sums of all SPLIT parts are loaded at
         once, and the accumulator loop is unrolled, so the loads need not wait for one another.
-        PRELOAD: the accumulators too are loaded at once, with the maxima and sums, as
-        [SPLIT, GC, D] (GC: G rounded up to a power of two)."""
+        ONLINE: each part's maximum and sum are loaded beside its accumulator and merged into a
+        running maximum, sum and output, part after part (see ATTEND_COMBINE_ONLINE)."""
         d = tl.arange(0, D)
         sp = tl.arange(0, SPLIT)
-        if PRELOAD:
-            gc = tl.arange(0, GC)
-            gcm = gc < G
-            mlc = ((row64 * SPLIT + sp) * 2)[:, None] * BG + gc[None, :]
-            mc = tl.load(ml_ptr + mlc, mask=gcm[None, :], other=float("-inf"), cache_modifier=".cg")
-            lc = tl.load(ml_ptr + mlc + BG, mask=gcm[None, :], other=0.0, cache_modifier=".cg")
-            ac = tl.load(acc_ptr + (((row64 * SPLIT + sp) * BG)[:, None, None] + gc[None, :, None]) * D
-                         + d[None, None, :], mask=gcm[None, :, None], other=0.0, cache_modifier=".cg")
-            c_m = tl.max(mc, 0)
-            c_safe = tl.where(c_m == float("-inf"), 0.0, c_m)
-            wc = tl.exp2(mc - c_safe[None, :])
-            tc = tl.sum(wc * lc, 0)
-            oc = tl.sum(wc[:, :, None] * ac, 0)
-            oc = tl.where(tc[:, None] > 0, oc / tl.where(tc > 0, tc, 1.0)[:, None], 0.0)
-            tl.store(out_row_ptr + gc[:, None] * soh + d[None, :] * sod, oc.to(out_row_ptr.dtype.element_ty),
-                     mask=gcm[:, None])
+        if ONLINE:
+            # part after part, as flash attention merges tiles: no reduction across threads (each
+            # [SPLIT, BG] reduction of the other form is a trip through shared memory and a barrier)
+            gg = tl.arange(0, BG)
+            gm = gg < G
+            m = tl.full([BG], float("-inf"), tl.float32)
+            tot = tl.zeros([BG], tl.float32)
+            o = tl.zeros([BG, D], tl.float32)
+            for i in tl.static_range(SPLIT):
+                part = row64 * SPLIT + i
+                m_i = tl.load(ml_ptr + part * 2 * BG + gg, mask=gm, other=float("-inf"), cache_modifier=".cg")
+                l_i = tl.load(ml_ptr + (part * 2 + 1) * BG + gg, mask=gm, other=0.0, cache_modifier=".cg")
+                a = tl.load(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], mask=gm[:, None], other=0.0,
+                            cache_modifier=".cg")
+                m_new = tl.maximum(m, m_i)
+                safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - safe)
+                beta = tl.exp2(m_i - safe)
+                o = o * alpha[:, None] + beta[:, None] * a
+                tot = tot * alpha + beta * l_i
+                m = m_new
+            o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
+            tl.store(out_row_ptr + gg[:, None] * soh + d[None, :] * sod, o.to(out_row_ptr.dtype.element_ty),
+                     mask=gm[:, None])
         else:
             gg = tl.arange(0, BG)
             gm = gg < G
@@ -895,7 +905,7 @@ if HAS_TRITON:
         BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
         LAZY: tl.constexpr, BSTAGES: tl.constexpr = 0, DIAG: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
         OPREFETCH: tl.constexpr = False, LEAN_WRITES: tl.constexpr = False, WRITER: tl.constexpr = False,
-        PRELOAD: tl.constexpr = False, GC: tl.constexpr = 1, EARLY: tl.constexpr = False,
+        ONLINE: tl.constexpr = False, EARLY: tl.constexpr = False,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -917,7 +927,7 @@ if HAS_TRITON:
 
         EARLY: every program takes the global ticket right after its loads of the lengths and the
         step, and the one that takes the last ticket advances them at its end (see
-        ATTEND_EARLY_TICKET); PRELOAD and GC: the combine's (see _combine_row)."""
+        ATTEND_EARLY_TICKET); ONLINE: the combine's (see _combine_row)."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         b = row // H
@@ -1041,7 +1051,7 @@ if HAS_TRITON:
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
             if (DIAG & 8) == 0:
                 _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT,
-                             PRELOAD, GC)
+                             ONLINE)
             else:  # (the output's store without the combine: zeros)
                 tl.store(out_ptr + b * sob + (h * G + gg)[:, None] * soh + d[None, :] * sod,
                          tl.zeros([BG, D], tl.float32).to(out_ptr.dtype.element_ty), mask=gm[:, None])
@@ -1389,7 +1399,7 @@ if HAS_TRITON:
             LAZY=_lazy_slot(observer), BSTAGES=_bound_stages(), DIAG=ATTEND_DIAG,
             PREFETCH=prefetch, OPREFETCH=oprefetch,
             LEAN_WRITES=lean, WRITER=writer,
-            PRELOAD=_knob_bool("ATTEND_COMBINE_PRELOAD", ATTEND_COMBINE_PRELOAD), GC=triton.next_power_of_2(G),
+            ONLINE=_knob_bool("ATTEND_COMBINE_ONLINE", ATTEND_COMBINE_ONLINE),
             EARLY=_knob_bool("ATTEND_EARLY_TICKET", ATTEND_EARLY_TICKET),
             num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )

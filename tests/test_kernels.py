@@ -315,18 +315,18 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True, ATTEND_ROW_WRITER=True,
                                  ATTEND_LEAN_ROW_WRITES=True), steps=20)),
-        # the combine's loads at once (ATTEND_COMBINE_PRELOAD; G of 3, 7 and 1 rounded up to 4, 8, 1) and
+        # the combine part after part (ATTEND_COMBINE_ONLINE; G of 3, 7 and 1) and
         # the global ticket at each program's start (ATTEND_EARLY_TICKET), with and without the
         # observer and writer
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, attention="triton",
-                      block_size=8, knobs=dict(ATTEND_BLOCK_N=16, ATTEND_SPLIT=4, ATTEND_COMBINE_PRELOAD=True,
+                      block_size=8, knobs=dict(ATTEND_BLOCK_N=16, ATTEND_SPLIT=4, ATTEND_COMBINE_ONLINE=True,
                                                ATTEND_EARLY_TICKET=True), pin_prompt=False, steps=30)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
-                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=False, ATTEND_COMBINE_PRELOAD=True,
+                      knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=False, ATTEND_COMBINE_ONLINE=True,
                                  ATTEND_EARLY_TICKET=True), steps=20)),
         ("raas", dict(B=3, Hq=2, Hkv=2, D=16, budget=40, ps=4, lens=[30, 3, 17], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True, ATTEND_ROW_WRITER=True,
-                                 ATTEND_COMBINE_PRELOAD=True), steps=20)),
+                                 ATTEND_COMBINE_ONLINE=True), steps=20)),
         ("raas", dict(B=3, Hq=2, Hkv=2, D=16, budget=40, ps=4, lens=[30, 3, 17], integer=True, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True, ATTEND_EARLY_TICKET=True), steps=20)),
         # the writer and the lean writes as the rules pick them (8 programs per row, the knobs at None)
@@ -519,12 +519,12 @@ def test_observer_bound_plan():
                                          ("ATTEND_PREFETCH", -1), ("ATTEND_PREFETCH", 1.5),
                                          ("ATTEND_OBSERVER_PREFETCH", 2), ("ATTEND_OBSERVER_MIN_SPLIT", 0),
                                          ("ATTEND_LEAN_ROW_WRITES", "yes"), ("ATTEND_ROW_WRITER", 2),
-                                         ("ATTEND_ROW_WRITER_MIN_SPLIT", 0), ("ATTEND_COMBINE_PRELOAD", 2),
+                                         ("ATTEND_ROW_WRITER_MIN_SPLIT", 0), ("ATTEND_COMBINE_ONLINE", 2),
                                          ("ATTEND_EARLY_TICKET", "yes")])
 def test_step_knobs_validated(monkeypatch, knob, value):
     """fused_step refuses, before any launch, an ATTEND_DIAG outside its six bits, an
     ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_OBSERVER_BOUND_DOT / ATTEND_LAZY_SLOT /
-    ATTEND_OBSERVER_PREFETCH / ATTEND_LEAN_ROW_WRITES / ATTEND_ROW_WRITER / ATTEND_COMBINE_PRELOAD /
+    ATTEND_OBSERVER_PREFETCH / ATTEND_LEAN_ROW_WRITES / ATTEND_ROW_WRITER / ATTEND_COMBINE_ONLINE /
     ATTEND_EARLY_TICKET other than True, False (or
     None where that is the default), an ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM / ATTEND_BOUND_STAGES /
     ATTEND_PREFETCH that is not an int >= 0, and observer chunk sizes / ATTEND_OBSERVER_MIN_SPLIT /
@@ -637,10 +637,10 @@ GPU_CASES = [
     ("raas-P256-G7-triton-writer", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000],
      dict(attention="triton", knobs=dict(ATTEND_ROW_WRITER=True, ATTEND_LEAN_ROW_WRITES=True))),
     ("raas-P256-G7-triton-tail", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000],
-     dict(attention="triton", knobs=dict(ATTEND_COMBINE_PRELOAD=True, ATTEND_EARLY_TICKET=True))),
+     dict(attention="triton", knobs=dict(ATTEND_COMBINE_ONLINE=True, ATTEND_EARLY_TICKET=True))),
     ("raas-P64-G4-triton-tail", "raas", dict(B=8, Hq=32, Hkv=8, D=128, budget=1024, ps=16),
      [1020, 1000, 5, 900, 1010, 1023, 700, 1015],
-     dict(pin_prompt=False, attention="triton", knobs=dict(ATTEND_COMBINE_PRELOAD=True, ATTEND_EARLY_TICKET=True))),
+     dict(pin_prompt=False, attention="triton", knobs=dict(ATTEND_COMBINE_ONLINE=True, ATTEND_EARLY_TICKET=True))),
     # 160 rows of 8 tiles: split_for gives 1 program per row on 132 SMs, the observer is on, and
     # ATTEND_OBSERVER_MIN_SPLIT makes it 2
     ("raas-P32-G7-triton-rows160", "raas", dict(B=20, Hq=56, Hkv=8, D=128, budget=512, ps=16),

@@ -92,7 +92,7 @@ def test_decode_step_variant_names():
     assert ds.parse_variant("raas_triton+tpf2+topf1+tomin4+tlean1+trw1+trwmin4")[6] == dict(
         ATTEND_PREFETCH=2, ATTEND_OBSERVER_PREFETCH=1, ATTEND_OBSERVER_MIN_SPLIT=4, ATTEND_LEAN_ROW_WRITES=1,
         ATTEND_ROW_WRITER=1, ATTEND_ROW_WRITER_MIN_SPLIT=4)
-    assert ds.parse_variant("raas_triton+tcp1+tet1")[6] == dict(ATTEND_COMBINE_PRELOAD=1, ATTEND_EARLY_TICKET=1)
+    assert ds.parse_variant("raas_triton+tco1+tet1")[6] == dict(ATTEND_COMBINE_ONLINE=1, ATTEND_EARLY_TICKET=1)
     assert ds.is_diagnostic("raas_triton+tdiag15") and not ds.is_diagnostic("raas_triton+tdiag0")
     assert not ds.is_diagnostic("raas_triton+tsplit2")
     with pytest.raises(ValueError, match="attention='flex'"):
