@@ -118,7 +118,7 @@ TRITON_KNOB_TOKENS = {"tbn": "ATTEND_BLOCK_N", "tw": "ATTEND_WARPS", "ts": "ATTE
                       "tpf": "ATTEND_PREFETCH", "topf": "ATTEND_OBSERVER_PREFETCH",
                       "tomin": "ATTEND_OBSERVER_MIN_SPLIT", "tlean": "ATTEND_LEAN_ROW_WRITES",
                       "trw": "ATTEND_ROW_WRITER", "trwmin": "ATTEND_ROW_WRITER_MIN_SPLIT",
-                      "tco": "ATTEND_COMBINE_ONLINE", "tet": "ATTEND_EARLY_TICKET"}
+                      "tco": "ATTEND_COMBINE_ONLINE", "tcomin": "ATTEND_COMBINE_ONLINE_MIN_SPLIT", "tet": "ATTEND_EARLY_TICKET"}
 
 
 def parse_variant(name: str):
@@ -130,7 +130,8 @@ def parse_variant(name: str):
     (ATTEND_BOUND_ELEMS), tbd0/tbd1 (ATTEND_BOUND_DOT), tbsN (ATTEND_BOUND_STAGES), tob0/tob1 (ATTEND_OBSERVER), tomsN (ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM), tobd0/tobd1 (ATTEND_OBSERVER_BOUND_DOT),
     tobeN (ATTEND_OBSERVER_BOUND_ELEMS), tobcN (ATTEND_OBSERVER_CHUNK_ELEMS), tls0/tls1 (ATTEND_LAZY_SLOT), tpfN (ATTEND_PREFETCH), topf0/topf1 (ATTEND_OBSERVER_PREFETCH), tominN
     (ATTEND_OBSERVER_MIN_SPLIT), tlean0/tlean1 (ATTEND_LEAN_ROW_WRITES), trw0/trw1
-    (ATTEND_ROW_WRITER), trwminN (ATTEND_ROW_WRITER_MIN_SPLIT), tco0/tco1 (ATTEND_COMBINE_ONLINE), tet0/tet1
+    (ATTEND_ROW_WRITER), trwminN (ATTEND_ROW_WRITER_MIN_SPLIT), tco0/tco1 (ATTEND_COMBINE_ONLINE), tcominN
+    (ATTEND_COMBINE_ONLINE_MIN_SPLIT), tet0/tet1
     (ATTEND_EARLY_TICKET), e.g. 'raas_triton+tbn128+tw8'; and tdiagN (ATTEND_DIAG: diagnostic builds
     that skip parts of the step, timed but not checked, to say what each part costs).
     Returns (policy, fused, observe_in_append, attention, kernel_options, inductor_config, knobs)."""

@@ -213,14 +213,18 @@ ATTEND_ROW_WRITER_MIN_SPLIT = 8
 # 16.6 us step (B=8 32/8 L=1024: 0.8, 0.6, 0.6 of 15.9).
 # ATTEND_COMBINE_ONLINE: the row's last program merges the SPLIT partial results part after part,
 # each part's maximum and sum loaded beside its accumulator, with no reduction across threads
-# (False: the maxima and sums of all parts first, then one [SPLIT, G] reduction per part). (Loading
-# all accumulators at once, as [SPLIT, G, D], was 4-5 us slower at B=8 28/4 and failed the GPU
-# test at B=8 32/8 L=1024: results/h200/decode_step_triton_tail_fix_h200, removed.)
+# (False: the maxima and sums of all parts first, then one [SPLIT, G] reduction per part). None (the
+# default): on from ATTEND_COMBINE_ONLINE_MIN_SPLIT programs per row. H200, N=8192, one run
+# (results/h200/decode_step_triton_tail_fix2_h200), online against not, us: B=8 28/4 (8 programs
+# per row) 11.8 / 15.5 vs 12.7 / 16.6 at L=1024 / 2048; B=8 32/8 (4) 15.2 / 29.0 vs 15.8 / 29.3;
+# B=32 28/4 (2) 28.0 / 46.7 vs 28.1 / 44.3. (Loading every accumulator at once instead, as
+# [SPLIT, G, D], was 4-5 us slower at B=8 28/4: decode_step_triton_tail_fix_h200; removed.)
 # ATTEND_EARLY_TICKET: every program takes the global ticket right after reading the lengths and
 # the step (which it reads only there), and the program that takes the last ticket advances them
 # once its own decision is made, from values it loaded with them; otherwise the last program of
 # each row takes the ticket at the end of the row's tail, and the last row's loads and advances them.
-ATTEND_COMBINE_ONLINE = False
+ATTEND_COMBINE_ONLINE: bool | None = None
+ATTEND_COMBINE_ONLINE_MIN_SPLIT = 4
 ATTEND_EARLY_TICKET = False
 
 
@@ -1275,6 +1279,13 @@ if HAS_TRITON:
             split = split_for(rows, tiles, want=least)
         return split, observer
 
+    def combine_online_for(split: int) -> bool:
+        """Whether fused_step's combine merges rows of ``split`` parts online (ATTEND_COMBINE_ONLINE,
+        checked; None: from ATTEND_COMBINE_ONLINE_MIN_SPLIT parts)."""
+        if ATTEND_COMBINE_ONLINE is None:
+            return split >= _knob_int("ATTEND_COMBINE_ONLINE_MIN_SPLIT", ATTEND_COMBINE_ONLINE_MIN_SPLIT, 1)
+        return _knob_bool("ATTEND_COMBINE_ONLINE", ATTEND_COMBINE_ONLINE)
+
     def row_writes_for(split: int, observer: bool) -> tuple[bool, bool]:
         """fused_step's row writes for rows of ``split`` attention programs (``observer``: with the
         row's observer): whether a writer program makes them (ATTEND_ROW_WRITER, checked; None: with
@@ -1399,7 +1410,7 @@ if HAS_TRITON:
             LAZY=_lazy_slot(observer), BSTAGES=_bound_stages(), DIAG=ATTEND_DIAG,
             PREFETCH=prefetch, OPREFETCH=oprefetch,
             LEAN_WRITES=lean, WRITER=writer,
-            ONLINE=_knob_bool("ATTEND_COMBINE_ONLINE", ATTEND_COMBINE_ONLINE),
+            ONLINE=combine_online_for(split),
             EARLY=_knob_bool("ATTEND_EARLY_TICKET", ATTEND_EARLY_TICKET),
             num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )
