@@ -214,10 +214,14 @@ ATTEND_ROW_WRITER_MIN_SPLIT = 8
 # ATTEND_COMBINE_ONLINE: the row's last program merges the SPLIT partial results part after part,
 # each part's maximum and sum loaded beside its accumulator, with no reduction across threads
 # (False: the maxima and sums of all parts first, then one [SPLIT, G] reduction per part). None (the
-# default): on from ATTEND_COMBINE_ONLINE_MIN_SPLIT programs per row. H200, N=8192, one run
-# (results/h200/decode_step_triton_tail_fix2_h200), online against not, us: B=8 28/4 (8 programs
-# per row) 11.8 / 15.5 vs 12.7 / 16.6 at L=1024 / 2048; B=8 32/8 (4) 15.2 / 29.0 vs 15.8 / 29.3;
-# B=32 28/4 (2) 28.0 / 46.7 vs 28.1 / 44.3. (Loading every accumulator at once instead, as
+# default): on with the observer, from ATTEND_COMBINE_ONLINE_MIN_SPLIT programs per row. H200,
+# N=8192, online against not, us (results/h200/decode_step_triton_tail_fix2_h200): B=8 28/4 (8
+# programs per row) 11.8 / 15.5 vs 12.7 / 16.6 at L=1024 / 2048; B=8 32/8 (4) 15.2 / 29.0 vs 15.8 /
+# 29.3; B=32 28/4 (2) 28.0 / 46.7 vs 28.1 / 44.3; the 12 points (decode_step_triton_defaults_s13_h200):
+# 11.7 / 15.6 / 29.7 vs 12.6 / 16.3 / 30.1 (B=8 28/4), 15.1 / 28.7 / 47.6 vs 15.7 / 29.2 / 47.5 (B=8
+# 32/8), B=32 28/4 L=4096 (4) 81.8 vs 82.2, and without the observer B=32 32/8 L=4096 (4) 185.1 vs
+# 155.7: there the online build takes 213 registers instead of 128 (sm_90, triton 3.6), two programs
+# per SM instead of four. (Loading every accumulator at once instead, as
 # [SPLIT, G, D], was 4-5 us slower at B=8 28/4: decode_step_triton_tail_fix_h200; removed.)
 # ATTEND_EARLY_TICKET: every program takes the global ticket right after reading the lengths and
 # the step (which it reads only there), and the program that takes the last ticket advances them
@@ -1279,11 +1283,12 @@ if HAS_TRITON:
             split = split_for(rows, tiles, want=least)
         return split, observer
 
-    def combine_online_for(split: int) -> bool:
+    def combine_online_for(split: int, observer: bool) -> bool:
         """Whether fused_step's combine merges rows of ``split`` parts online (ATTEND_COMBINE_ONLINE,
-        checked; None: from ATTEND_COMBINE_ONLINE_MIN_SPLIT parts)."""
+        checked; None: with the row's observer and from ATTEND_COMBINE_ONLINE_MIN_SPLIT parts)."""
         if ATTEND_COMBINE_ONLINE is None:
-            return split >= _knob_int("ATTEND_COMBINE_ONLINE_MIN_SPLIT", ATTEND_COMBINE_ONLINE_MIN_SPLIT, 1)
+            least = _knob_int("ATTEND_COMBINE_ONLINE_MIN_SPLIT", ATTEND_COMBINE_ONLINE_MIN_SPLIT, 1)
+            return observer and split >= least
         return _knob_bool("ATTEND_COMBINE_ONLINE", ATTEND_COMBINE_ONLINE)
 
     def row_writes_for(split: int, observer: bool) -> tuple[bool, bool]:
@@ -1410,7 +1415,7 @@ if HAS_TRITON:
             LAZY=_lazy_slot(observer), BSTAGES=_bound_stages(), DIAG=ATTEND_DIAG,
             PREFETCH=prefetch, OPREFETCH=oprefetch,
             LEAN_WRITES=lean, WRITER=writer,
-            ONLINE=combine_online_for(split),
+            ONLINE=combine_online_for(split, observer),
             EARLY=_knob_bool("ATTEND_EARLY_TICKET", ATTEND_EARLY_TICKET),
             num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )

@@ -485,15 +485,17 @@ def test_row_writes_rule(monkeypatch):
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the attention kernels are defined with it)")
 def test_combine_online_rule(monkeypatch):
-    """fused_step merges a row's partial results online from ATTEND_COMBINE_ONLINE_MIN_SPLIT (4)
-    programs per row (B=8 on the H200), not at 2 (B=32 28/4, where it lost); an explicit knob wins."""
-    assert [kernels.combine_online_for(s) for s in (1, 2, 4, 8, 16)] == [False, False, True, True, True]
+    """fused_step merges a row's partial results online with the observer from
+    ATTEND_COMBINE_ONLINE_MIN_SPLIT (4) programs per row (B=8 on the H200), not at 2 (B=32 28/4,
+    where it lost) nor without the observer (B=32 32/8 L=4096: 213 registers); an explicit knob wins."""
+    assert [kernels.combine_online_for(s, True) for s in (1, 2, 4, 8, 16)] == [False, False, True, True, True]
+    assert not any(kernels.combine_online_for(s, False) for s in (1, 2, 4, 8, 16))
     monkeypatch.setattr(kernels, "ATTEND_COMBINE_ONLINE_MIN_SPLIT", 2)
-    assert kernels.combine_online_for(2) and not kernels.combine_online_for(1)
+    assert kernels.combine_online_for(2, True) and not kernels.combine_online_for(1, True)
     monkeypatch.setattr(kernels, "ATTEND_COMBINE_ONLINE", False)
-    assert not kernels.combine_online_for(16)
+    assert not kernels.combine_online_for(16, True)
     monkeypatch.setattr(kernels, "ATTEND_COMBINE_ONLINE", True)
-    assert kernels.combine_online_for(1)
+    assert kernels.combine_online_for(1, True) and kernels.combine_online_for(4, False)
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the attention kernels are defined with it)")
