@@ -225,8 +225,11 @@ ATTEND_ROW_WRITER_MIN_SPLIT = 8
 # [SPLIT, G, D], was 4-5 us slower at B=8 28/4: decode_step_triton_tail_fix_h200; removed.)
 # ATTEND_EARLY_TICKET: every program takes the global ticket right after reading the lengths and
 # the step (which it reads only there), and the program that takes the last ticket advances them
-# once its own decision is made, from values it loaded with them; otherwise the last program of
-# each row takes the ticket at the end of the row's tail, and the last row's loads and advances them.
+# once its own decision is made, from values it loaded with them; otherwise (the default) the last
+# program of each row takes the ticket at the end of the row's tail, and the last row's loads and
+# advances them. H200, N=8192, early against not, us, two runs (results/h200/decode_step_triton_
+# tail_fix_h200, _tail_fix2_h200, the old combine): B=8 28/4 L=2048 16.0 / 16.2 vs 16.4 / 16.6, but
+# B=8 32/8 L=1024 15.4 / 16.4 vs 15.5 / 15.8 and B=32 28/4 L=2048 44.8 / 45.0 vs 44.0 / 44.3: off.
 ATTEND_COMBINE_ONLINE: bool | None = None
 ATTEND_COMBINE_ONLINE_MIN_SPLIT = 4
 ATTEND_EARLY_TICKET = False

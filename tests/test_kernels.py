@@ -595,8 +595,8 @@ def test_interpreter_matches_torch_on_cpu():
     over 4 and 2 programs per row, and the append kernel followed by the attention + observe kernel;
     page bounds as matrix products or element-wise, by the attention programs or by an observer
     program per row; the observer's row writes in full or lean, or by a writer program, by knob and
-    as the rules pick them), streaming, and h2o with pinned prompt pages (it
-    overflows)."""
+    as the rules pick them; the combine merged online and the global ticket taken early),
+    streaming, and h2o with pinned prompt pages (it overflows)."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT.format(tests=tests)], env=env,
