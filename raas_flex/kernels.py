@@ -671,17 +671,16 @@ if HAS_TRITON:
                      ONLINE: tl.constexpr = False):
         """Combine the SPLIT partial softmax results of one row (max and sum in ml, accumulators of the
         G heads in acc, BG rows per part) and store the G output heads at out_row_ptr (strides soh,
-        sod); a row nothing attended gets zeros. The maxima and sums of all SPLIT parts are loaded at
-        once, and the accumulator loop is unrolled, so the loads need not wait for one another.
-        ONLINE: each part's maximum and sum are loaded beside its accumulator and merged into a
-        running maximum, sum and output, part after part (see ATTEND_COMBINE_ONLINE)."""
+        sod); a row nothing attended gets zeros. Without ONLINE, the maxima and sums of all SPLIT
+        parts are loaded at once, and the accumulator loop is unrolled, so the loads need not wait
+        for one another. ONLINE: each part's maximum and sum are loaded beside its accumulator and
+        merged into a running maximum, sum and output, part after part (see ATTEND_COMBINE_ONLINE)."""
+        gg = tl.arange(0, BG)
+        gm = gg < G
         d = tl.arange(0, D)
-        sp = tl.arange(0, SPLIT)
         if ONLINE:
             # part after part, as flash attention merges tiles: no reduction across threads (each
             # [SPLIT, BG] reduction of the other form is a trip through shared memory and a barrier)
-            gg = tl.arange(0, BG)
-            gm = gg < G
             m = tl.full([BG], float("-inf"), tl.float32)
             tot = tl.zeros([BG], tl.float32)
             o = tl.zeros([BG, D], tl.float32)
@@ -698,12 +697,8 @@ if HAS_TRITON:
                 o = o * alpha[:, None] + beta[:, None] * a
                 tot = tot * alpha + beta * l_i
                 m = m_new
-            o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
-            tl.store(out_row_ptr + gg[:, None] * soh + d[None, :] * sod, o.to(out_row_ptr.dtype.element_ty),
-                     mask=gm[:, None])
         else:
-            gg = tl.arange(0, BG)
-            gm = gg < G
+            sp = tl.arange(0, SPLIT)
             mlo = ((row64 * SPLIT + sp) * 2)[:, None] * BG + gg[None, :]
             ms = tl.load(ml_ptr + mlo, mask=gm[None, :], other=float("-inf"), cache_modifier=".cg")
             ls = tl.load(ml_ptr + mlo + BG, mask=gm[None, :], other=0.0, cache_modifier=".cg")
@@ -717,9 +712,9 @@ if HAS_TRITON:
                 a = tl.load(acc_ptr + ((row64 * SPLIT + i) * BG + gg)[:, None] * D + d[None, :], mask=gm[:, None],
                             other=0.0, cache_modifier=".cg")
                 o += wi[:, None] * a
-            o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
-            tl.store(out_row_ptr + gg[:, None] * soh + d[None, :] * sod, o.to(out_row_ptr.dtype.element_ty),
-                     mask=gm[:, None])
+        o = tl.where(tot[:, None] > 0, o / tl.where(tot > 0, tot, 1.0)[:, None], 0.0)
+        tl.store(out_row_ptr + gg[:, None] * soh + d[None, :] * sod, o.to(out_row_ptr.dtype.element_ty),
+                 mask=gm[:, None])
 
     @triton.jit
     def _attend_tiles(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, valid_ptr, acc_ptr, ml_ptr, row64, b, h, split, scale_log2,
@@ -937,7 +932,7 @@ if HAS_TRITON:
         of the row has read them for its decision.
 
         EARLY: every program takes the global ticket right after its loads of the lengths and the
-        step, and the one that takes the last ticket advances them at its end (see
+        step, and the one that takes the last ticket advances them once its decision is made (see
         ATTEND_EARLY_TICKET); ONLINE: the combine's (see _combine_row)."""
         row = tl.program_id(0)
         split = tl.program_id(1)
