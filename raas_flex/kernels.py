@@ -233,6 +233,12 @@ ATTEND_ROW_WRITER_MIN_SPLIT = 8
 ATTEND_COMBINE_ONLINE: bool | None = None
 ATTEND_COMBINE_ONLINE_MIN_SPLIT = 4
 ATTEND_EARLY_TICKET = False
+# fused_step: every program loads its row's queries at its start, beside the append's first loads,
+# so that an attention program's K/V stream waits for one trip to memory instead of two (False: the
+# attention programs load them after the append's decision, just before their tiles: compiled for
+# sm_90 with triton 3.6, the query's layout change through shared memory then waits for that load
+# before the first tile's asynchronous copies are issued).
+ATTEND_Q_FIRST = True
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -480,10 +486,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _append_inputs(kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
-                       open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D: tl.constexpr):
+                       open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D: tl.constexpr,
+                       q_ptr=None, sqb=0, sqh=0, sqd=0, G: tl.constexpr = 1, BG: tl.constexpr = 16,
+                       QLOAD: tl.constexpr = False):
         """The append's loads that do not depend on its slot choice, for row (b, h): the new step, the
         position of the token, the open page slot, the eviction counter (for the row's final writes),
-        the new key and value (in the cache's dtype) and the open page's key bounds (fp32)."""
+        the new key and value (in the cache's dtype) and the open page's key bounds (fp32); with
+        QLOAD also the row's queries (:func:`_load_q`, in the cache's dtype; else 0), issued before
+        any of those loads is waited for."""
         d = tl.arange(0, D)
         step_new = tl.load(step_ptr) + 1
         pos = tl.load(length_ptr + b)  # tokens written before this one
@@ -491,11 +501,15 @@ if HAS_TRITON:
         ev = tl.load(evictions_ptr + row64)
         kk = tl.load(kn_ptr + b * skb + h * skh + d * skd).to(k_ptr.dtype.element_ty)
         vv = tl.load(vn_ptr + b * svb + h * svh + d * svd).to(v_ptr.dtype.element_ty)
+        if QLOAD:
+            q = _load_q(q_ptr, sqb, sqh, sqd, b, h, k_ptr.dtype.element_ty, G, BG, D)
+        else:
+            q = 0
         # key bounds of the open page: the row updated unless a page is opened (then overwritten)
         optr = (base + open_old) * D + d
         old_max = tl.load(kmax_ptr + optr).to(tl.float32)
         old_min = tl.load(kmin_ptr + optr).to(tl.float32)
-        return step_new, pos, open_old, ev, kk, vv, old_max, old_min
+        return step_new, pos, open_old, ev, kk, vv, old_max, old_min, q
 
     @triton.jit
     def _append_kernel(
@@ -523,7 +537,7 @@ if HAS_TRITON:
         # every load that does not depend on the slot choice is issued up front
         bb = tl.arange(0, BLOCK_B)
         lens = tl.load(length_ptr + bb, mask=bb < B, other=0)  # (the last program writes lens + 1)
-        step_new, pos, open_old, ev, kk, vv, old_max, old_min = _append_inputs(
+        step_new, pos, open_old, ev, kk, vv, old_max, old_min, _ = _append_inputs(
             kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
             open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D)
         p = tl.arange(0, BLOCK_P)
@@ -845,19 +859,26 @@ if HAS_TRITON:
                            n_p, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, slot, LEAN)
 
     @triton.jit
-    def _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h, split,
+    def _load_q(q_ptr, sqb, sqh, sqd, b, h, dtype: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr):
+        """The G query heads of KV head h of sequence b as [BG, D] in ``dtype`` (rows past G: 0)."""
+        d = tl.arange(0, D)
+        gg = tl.arange(0, BG)
+        q = tl.load(q_ptr + b * sqb + (h * G + gg)[:, None] * sqh + d[None, :] * sqd, mask=(gg < G)[:, None],
+                    other=0.0)
+        return q.to(dtype)
+
+    @triton.jit
+    def _step_attend(q, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, split,
                      kk, vv, pos, opened, slot, new_id, t, scale_log2,
                      G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, S: tl.constexpr,
                      BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr):
         """The attention part of a raas step (see _step_kernel) for attention program ``split`` of
-        its row: TILES tiles of the row as they will be after the append (the new token from
-        registers, added by the program whose tiles hold slot t, which also writes it to the buffer);
-        the partial softmax result goes to ml / acc."""
+        its row, for the row's queries ``q`` [BG, D] (see _load_q): TILES tiles of the row as they
+        will be after the append (the new token from registers, added by the program whose tiles
+        hold slot t, which also writes it to the buffer); the partial softmax result goes to ml / acc."""
         d = tl.arange(0, D)
         gg = tl.arange(0, BG)
         gm = gg < G
-        q = tl.load(q_ptr + b * sqb + (h * G + gg)[:, None] * sqh + d[None, :] * sqd, mask=gm[:, None], other=0.0)
-        q = q.to(k_ptr.dtype.element_ty)
         m_i = tl.full([BG], float("-inf"), tl.float32)
         l_i = tl.zeros([BG], tl.float32)
         acc = tl.zeros([BG, D], tl.float32)
@@ -911,7 +932,7 @@ if HAS_TRITON:
         BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
         LAZY: tl.constexpr, BSTAGES: tl.constexpr = 0, DIAG: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
         OPREFETCH: tl.constexpr = False, LEAN_WRITES: tl.constexpr = False, WRITER: tl.constexpr = False,
-        ONLINE: tl.constexpr = False, EARLY: tl.constexpr = False,
+        ONLINE: tl.constexpr = False, EARLY: tl.constexpr = False, QFIRST: tl.constexpr = False,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -963,10 +984,12 @@ if HAS_TRITON:
                 _prefetch_l2(kmin_ptr + base * D, P * D * BSZ)
 
         # -- the append's decision (the same in every program of the row) -----------------------------
-        # (ev is used by the row's last program; loaded here, off its tail)
-        step_new, pos, open_old, ev, kk, vv, old_max, old_min = _append_inputs(
+        # (with QFIRST, the queries' load is issued beside the decision's first loads: ATTEND_Q_FIRST;
+        # ev is used by the row's last program; loaded here, off its tail)
+        step_new, pos, open_old, ev, kk, vv, old_max, old_min, q_att = _append_inputs(
             kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
-            open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D)
+            open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D,
+            q_ptr, sqb, sqh, sqd, G, BG, QFIRST)
         NPROG: tl.constexpr = SPLIT + 1 + WRITER if OBSERVER else SPLIT
         if EARLY and (DIAG & 32) == 0:
             # the global ticket, as soon as this program has read the lengths and the step (it reads
@@ -1036,11 +1059,15 @@ if HAS_TRITON:
                                      pid_new, new_max, new_min, ev, opened, has_free, write,
                                      D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, LEAN_WRITES)
             else:
-                _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h,
+                if not QFIRST:
+                    q_att = _load_q(q_ptr, sqb, sqh, sqd, b, h, k_ptr.dtype.element_ty, G, BG, D)
+                _step_attend(q_att, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base,
                              split - 1 - WRITER, kk, vv, pos, opened, slot, new_id, t, scale_log2,
                              G, BG, D, PS, S, BLOCK_N, TILES, SPLIT)
         else:
-            _step_attend(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base, b, h,
+            if not QFIRST:
+                q_att = _load_q(q_ptr, sqb, sqh, sqd, b, h, k_ptr.dtype.element_ty, G, BG, D)
+            _step_attend(q_att, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base,
                          split, kk, vv, pos, opened, slot, new_id, t, scale_log2,
                          G, BG, D, PS, S, BLOCK_N, TILES, SPLIT)
             # Quest's bound of this program's pages, as after the append (chunks of BPC pages)
@@ -1415,6 +1442,7 @@ if HAS_TRITON:
             LEAN_WRITES=lean, WRITER=writer,
             ONLINE=combine_online_for(split, observer),
             EARLY=_knob_bool("ATTEND_EARLY_TICKET", ATTEND_EARLY_TICKET),
+            QFIRST=_knob_bool("ATTEND_Q_FIRST", ATTEND_Q_FIRST),
             num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )
         return out
