@@ -33,6 +33,12 @@ def main(argv=None):
     ap.add_argument("--split-kv", type=int, default=None, help="flex kernel option SPLIT_KV")
     ap.add_argument("--attention", choices=["flex", "triton"], default="flex",
                     help="RaaSConfig.attention: flex_attention, or the one-kernel raas step (triton)")
+    ap.add_argument("--plain", action="store_true",
+                    help="only run --steps steps after the warm-up, no torch.profiler or timing (for running "
+                         "under Nsight Compute: ncu -k regex:_step_kernel ... python benchmarks/profile_step.py --plain)")
+    ap.add_argument("--sdpa", action="store_true",
+                    help="with --plain: then --steps calls of SDPA over a dense buffer of --budget tokens (the "
+                         "decode-step benchmark's sdpa_L), for profiling side by side")
     args = ap.parse_args(argv)
     hq, hkv = map(int, args.heads.split("/"))
     B, D, L, dev, dt = args.batch, 128, args.budget, "cuda", torch.bfloat16
@@ -55,6 +61,20 @@ def main(argv=None):
     for _ in range(5):
         step(q, k, v)
     torch.cuda.synchronize()
+    if args.plain:  # (inside the NVTX range "prof": ncu --nvtx --nvtx-include "prof/" profiles only these)
+        kd = torch.randn(B, hkv, L, D, dtype=dt, device=dev)
+        vd = torch.randn(B, hkv, L, D, dtype=dt, device=dev)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_push("prof")
+        for _ in range(args.steps):
+            step(q, k, v)
+        if args.sdpa:
+            for _ in range(args.steps):
+                torch.nn.functional.scaled_dot_product_attention(q, kd, vd, enable_gqa=True)
+        torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        print(f"ran {args.steps} steps" + (" and SDPA calls" if args.sdpa else ""))
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step(q, k, v)

@@ -1059,9 +1059,11 @@ if HAS_TRITON:
                                      pid_new, new_max, new_min, ev, opened, has_free, write,
                                      D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, LEAN_WRITES)
             else:
-                if not QFIRST:
-                    q_att = _load_q(q_ptr, sqb, sqh, sqd, b, h, k_ptr.dtype.element_ty, G, BG, D)
-                _step_attend(q_att, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base,
+                if QFIRST:
+                    q_use = q_att
+                else:  # (a name of its own: q_att is 0 here, and this branch is not a constexpr one)
+                    q_use = _load_q(q_ptr, sqb, sqh, sqd, b, h, k_ptr.dtype.element_ty, G, BG, D)
+                _step_attend(q_use, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, row64, base,
                              split - 1 - WRITER, kk, vv, pos, opened, slot, new_id, t, scale_log2,
                              G, BG, D, PS, S, BLOCK_N, TILES, SPLIT)
         else:
