@@ -119,7 +119,7 @@ TRITON_KNOB_TOKENS = {"tbn": "ATTEND_BLOCK_N", "tw": "ATTEND_WARPS", "ts": "ATTE
                       "tomin": "ATTEND_OBSERVER_MIN_SPLIT", "tlean": "ATTEND_LEAN_ROW_WRITES",
                       "trw": "ATTEND_ROW_WRITER", "trwmin": "ATTEND_ROW_WRITER_MIN_SPLIT",
                       "tco": "ATTEND_COMBINE_ONLINE", "tcomin": "ATTEND_COMBINE_ONLINE_MIN_SPLIT", "tet": "ATTEND_EARLY_TICKET",
-                      "tqf": "ATTEND_Q_FIRST"}
+                      "tqf": "ATTEND_Q_FIRST", "tol": "ATTEND_OBSERVER_LAST"}
 
 
 def parse_variant(name: str):
@@ -133,7 +133,8 @@ def parse_variant(name: str):
     (ATTEND_OBSERVER_MIN_SPLIT), tlean0/tlean1 (ATTEND_LEAN_ROW_WRITES), trw0/trw1
     (ATTEND_ROW_WRITER), trwminN (ATTEND_ROW_WRITER_MIN_SPLIT), tco0/tco1 (ATTEND_COMBINE_ONLINE), tcominN
     (ATTEND_COMBINE_ONLINE_MIN_SPLIT), tet0/tet1
-    (ATTEND_EARLY_TICKET), tqf0/tqf1 (ATTEND_Q_FIRST), e.g. 'raas_triton+tbn128+tw8'; and tdiagN (ATTEND_DIAG: diagnostic builds
+    (ATTEND_EARLY_TICKET), tqf0/tqf1 (ATTEND_Q_FIRST), tol0/tol1
+    (ATTEND_OBSERVER_LAST), e.g. 'raas_triton+tbn128+tw8'; and tdiagN (ATTEND_DIAG: diagnostic builds
     that skip parts of the step, timed but not checked, to say what each part costs).
     Returns (policy, fused, observe_in_append, attention, kernel_options, inductor_config, knobs)."""
     base, *opts = name.split("+")

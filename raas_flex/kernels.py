@@ -239,6 +239,11 @@ ATTEND_EARLY_TICKET = False
 # sm_90 with triton 3.6, the query's layout change through shared memory then waits for that load
 # before the first tile's asynchronous copies are issued).
 ATTEND_Q_FIRST = True
+# fused_step with the observer: the observer (and writer) programs take the last grid indices of
+# their row instead of the first, so the GPU dispatches every attention program before any observer
+# (blocks are dispatched in order of their linear index, the row index varying fastest). False (the
+# default): observers first, so they start at once.
+ATTEND_OBSERVER_LAST = False
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -778,6 +783,8 @@ if HAS_TRITON:
         attend, and the last program only combines."""
         row = tl.program_id(0)
         split = tl.program_id(1)
+        if OBSERVER and OLAST:  # grid index SPLIT is the observer (SPLIT + 1 the writer): dispatched last
+            split = (split + 1 + WRITER) % (SPLIT + 1 + WRITER)
         b = row // H
         h = row % H
         # torch.compile passes a Python float argument as fp64: keep the softmax in fp32
@@ -933,6 +940,7 @@ if HAS_TRITON:
         LAZY: tl.constexpr, BSTAGES: tl.constexpr = 0, DIAG: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
         OPREFETCH: tl.constexpr = False, LEAN_WRITES: tl.constexpr = False, WRITER: tl.constexpr = False,
         ONLINE: tl.constexpr = False, EARLY: tl.constexpr = False, QFIRST: tl.constexpr = False,
+        OLAST: tl.constexpr = False,
     ):
         """A whole raas decode step (append, attention, observe) for program (row, split).
 
@@ -957,6 +965,8 @@ if HAS_TRITON:
         ATTEND_EARLY_TICKET); ONLINE: the combine's (see _combine_row)."""
         row = tl.program_id(0)
         split = tl.program_id(1)
+        if OBSERVER and OLAST:  # grid index SPLIT is the observer (SPLIT + 1 the writer): dispatched last
+            split = (split + 1 + WRITER) % (SPLIT + 1 + WRITER)
         b = row // H
         h = row % H
         # torch.compile passes a Python float argument as fp64: keep the softmax in fp32
@@ -1445,6 +1455,7 @@ if HAS_TRITON:
             ONLINE=combine_online_for(split, observer),
             EARLY=_knob_bool("ATTEND_EARLY_TICKET", ATTEND_EARLY_TICKET),
             QFIRST=_knob_bool("ATTEND_Q_FIRST", ATTEND_Q_FIRST),
+            OLAST=_knob_bool("ATTEND_OBSERVER_LAST", ATTEND_OBSERVER_LAST),
             num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )
         return out

@@ -335,6 +335,10 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                       pin_prompt=False, steps=30)),
         ("raas", dict(B=1, Hq=7, Hkv=1, D=16, budget=40, ps=4, lens=[30], integer=False, attention="triton",
                       knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=False, ATTEND_Q_FIRST=False), steps=20)),
+        # the observer (and writer) programs at the row's last grid indices (ATTEND_OBSERVER_LAST)
+        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, attention="triton",
+                      block_size=8, knobs=dict(ATTEND_BLOCK_N=16, ATTEND_OBSERVER=True, ATTEND_ROW_WRITER=True,
+                                               ATTEND_OBSERVER_LAST=True), pin_prompt=False, steps=30)),
         # the writer and the lean writes as the rules pick them (8 programs per row, the knobs at None)
         ("raas", dict(B=1, Hq=4, Hkv=2, D=16, budget=128, ps=4, lens=[100], integer=True, attention="triton",
                       block_size=8, knobs=dict(ATTEND_BLOCK_N=16, ATTEND_SPLIT=8), pin_prompt=False, steps=20)),
@@ -542,12 +546,13 @@ def test_observer_bound_plan():
                                          ("ATTEND_LEAN_ROW_WRITES", "yes"), ("ATTEND_ROW_WRITER", 2),
                                          ("ATTEND_ROW_WRITER_MIN_SPLIT", 0), ("ATTEND_COMBINE_ONLINE", 2),
                                          ("ATTEND_EARLY_TICKET", "yes"), ("ATTEND_COMBINE_ONLINE_MIN_SPLIT", 0),
-                                         ("ATTEND_Q_FIRST", None)])
+                                         ("ATTEND_Q_FIRST", None),
+                                         ("ATTEND_OBSERVER_LAST", 2)])
 def test_step_knobs_validated(monkeypatch, knob, value):
     """fused_step refuses, before any launch, an ATTEND_DIAG outside its six bits, an
     ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_OBSERVER_BOUND_DOT / ATTEND_LAZY_SLOT /
     ATTEND_OBSERVER_PREFETCH / ATTEND_LEAN_ROW_WRITES / ATTEND_ROW_WRITER / ATTEND_COMBINE_ONLINE /
-    ATTEND_EARLY_TICKET / ATTEND_Q_FIRST other than True, False (or
+    ATTEND_EARLY_TICKET / ATTEND_Q_FIRST / ATTEND_OBSERVER_LAST other than True, False (or
     None where that is the default), an ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM / ATTEND_BOUND_STAGES /
     ATTEND_PREFETCH that is not an int >= 0, and observer chunk sizes / ATTEND_OBSERVER_MIN_SPLIT /
     ATTEND_ROW_WRITER_MIN_SPLIT / ATTEND_COMBINE_ONLINE_MIN_SPLIT that are not ints >= 1, naming the
@@ -602,7 +607,7 @@ def test_interpreter_matches_torch_on_cpu():
     over 4 and 2 programs per row, and the append kernel followed by the attention + observe kernel;
     page bounds as matrix products or element-wise, by the attention programs or by an observer
     program per row; the observer's row writes in full or lean, or by a writer program, by knob and
-    as the rules pick them; the combine merged online and the global ticket taken early; the queries loaded late),
+    as the rules pick them; the combine merged online and the global ticket taken early; the queries loaded late; observers last),
     streaming, and h2o with pinned prompt pages (it overflows)."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -610,7 +615,7 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 34 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 35 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
