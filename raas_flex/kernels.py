@@ -241,9 +241,19 @@ ATTEND_EARLY_TICKET = False
 ATTEND_Q_FIRST = True
 # fused_step with the observer: the observer (and writer) programs take the last grid indices of
 # their row instead of the first, so the GPU dispatches every attention program before any observer
-# (blocks are dispatched in order of their linear index, the row index varying fastest). False (the
-# default): observers first, so they start at once.
-ATTEND_OBSERVER_LAST = False
+# (blocks are dispatched in order of their linear index, the row index varying fastest), and no SM
+# gets a third attention program while others hold an observer. False: observers first, so they
+# start at once. None (the default): last when the whole grid fits on the GPU at
+# ATTEND_OBSERVER_LAST_MAX_PROGRAMS_PER_SM programs per SM (the builds of the 12 benchmark points
+# fit 3 per SM on sm_90: 72704 B of shared memory at B=32 28/4, 168 registers at B=8), so the
+# observers still start in the first wave; always on CPU. H200, N=8192, last against first, one run
+# (results/h200/decode_step_triton_olast_grid_h200), us: one wave (320-384 programs): B=8 28/4
+# 11.9 / 15.6 / 28.9 vs 11.4 / 15.5 / 29.8 at L=1024 / 2048 / 4096, B=8 32/8 14.1 / 26.6 / 46.7 vs
+# 15.2 / 28.0 / 47.2, B=32 28/4 L=1024 26.2 vs 28.2 (and 26.4 vs 26.9 in decode_step_triton_b32_
+# l1024_olast_h200), L=2048 42.8 vs 44.5; more than one wave: B=32 28/4 L=4096 (640 programs) 96.5
+# vs 79.8, B=32 32/8 L=1024 (768) 46.0 vs 45.2.
+ATTEND_OBSERVER_LAST: bool | None = None
+ATTEND_OBSERVER_LAST_MAX_PROGRAMS_PER_SM = 3
 
 
 def split_for(rows: int, tiles: int, sms: int | None = None, want: int | None = None) -> int:
@@ -783,8 +793,6 @@ if HAS_TRITON:
         attend, and the last program only combines."""
         row = tl.program_id(0)
         split = tl.program_id(1)
-        if OBSERVER and OLAST:  # grid index SPLIT is the observer (SPLIT + 1 the writer): dispatched last
-            split = (split + 1 + WRITER) % (SPLIT + 1 + WRITER)
         b = row // H
         h = row % H
         # torch.compile passes a Python float argument as fp64: keep the softmax in fp32
@@ -1328,6 +1336,15 @@ if HAS_TRITON:
             return observer and split >= least
         return _knob_bool("ATTEND_COMBINE_ONLINE", ATTEND_COMBINE_ONLINE)
 
+    def observer_last_for(rows: int, nprog: int, observer: bool, sms: int | None) -> bool:
+        """Whether fused_step's observers take the last grid indices of their rows of ``nprog``
+        programs (ATTEND_OBSERVER_LAST, checked; None: with the observer, when rows * nprog is at most
+        ATTEND_OBSERVER_LAST_MAX_PROGRAMS_PER_SM x ``sms``, the device's SMs; always on CPU)."""
+        if ATTEND_OBSERVER_LAST is not None:
+            return _knob_bool("ATTEND_OBSERVER_LAST", ATTEND_OBSERVER_LAST) and observer
+        most = _knob_int("ATTEND_OBSERVER_LAST_MAX_PROGRAMS_PER_SM", ATTEND_OBSERVER_LAST_MAX_PROGRAMS_PER_SM, 0)
+        return observer and (sms is None or rows * nprog <= most * sms)
+
     def row_writes_for(split: int, observer: bool) -> tuple[bool, bool]:
         """fused_step's row writes for rows of ``split`` attention programs (``observer``: with the
         row's observer): whether a writer program makes them (ATTEND_ROW_WRITER, checked; None: with
@@ -1455,7 +1472,7 @@ if HAS_TRITON:
             ONLINE=combine_online_for(split, observer),
             EARLY=_knob_bool("ATTEND_EARLY_TICKET", ATTEND_EARLY_TICKET),
             QFIRST=_knob_bool("ATTEND_Q_FIRST", ATTEND_Q_FIRST),
-            OLAST=_knob_bool("ATTEND_OBSERVER_LAST", ATTEND_OBSERVER_LAST),
+            OLAST=observer_last_for(B * H, split + observer + writer, observer, device_sms(q.device)),
             num_warps=ATTEND_WARPS, num_stages=attend_stages(B * H, G),
         )
         return out

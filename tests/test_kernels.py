@@ -494,6 +494,32 @@ def test_row_writes_rule(monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the attention kernels are defined with it)")
+def test_observer_last_rule(monkeypatch):
+    """fused_step's observers take the rows' last grid indices when the whole grid fits at
+    ATTEND_OBSERVER_LAST_MAX_PROGRAMS_PER_SM (3) programs per SM, as at the H200's one-wave points
+    (132 SMs): B=8 28/4 (32 rows of 8 + observer + writer), B=8 32/8 (64 of 4 + 1) and B=32 28/4
+    L<=2048 (128 of 2 + 1), not B=32 28/4 L=4096 (128 of 4 + 1) nor B=32 32/8 L=1024 (256 of 2 + 1);
+    never without the observer; always on CPU; explicit knobs win and are checked."""
+    assert kernels.observer_last_for(32, 10, True, 132)
+    assert kernels.observer_last_for(64, 5, True, 132)
+    assert kernels.observer_last_for(128, 3, True, 132)
+    assert not kernels.observer_last_for(128, 5, True, 132)
+    assert not kernels.observer_last_for(256, 3, True, 132)
+    assert not kernels.observer_last_for(8, 2, False, 132)
+    assert kernels.observer_last_for(4096, 9, True, None) and not kernels.observer_last_for(1, 4, False, None)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_LAST_MAX_PROGRAMS_PER_SM", 5)
+    assert kernels.observer_last_for(128, 5, True, 132)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_LAST", False)
+    assert not kernels.observer_last_for(32, 10, True, 132)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_LAST", True)
+    assert kernels.observer_last_for(256, 3, True, 132) and not kernels.observer_last_for(256, 2, False, 132)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_LAST", None)
+    monkeypatch.setattr(kernels, "ATTEND_OBSERVER_LAST_MAX_PROGRAMS_PER_SM", 2.5)
+    with pytest.raises(ValueError, match=r"kernels.ATTEND_OBSERVER_LAST_MAX_PROGRAMS_PER_SM=2.5 is not allowed"):
+        kernels.observer_last_for(32, 10, True, 132)
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the attention kernels are defined with it)")
 def test_combine_online_rule(monkeypatch):
     """fused_step merges a row's partial results online with the observer from
     ATTEND_COMBINE_ONLINE_MIN_SPLIT (4) programs per row (B=8 on the H200), not at 2 (B=32 28/4,
@@ -547,7 +573,7 @@ def test_observer_bound_plan():
                                          ("ATTEND_ROW_WRITER_MIN_SPLIT", 0), ("ATTEND_COMBINE_ONLINE", 2),
                                          ("ATTEND_EARLY_TICKET", "yes"), ("ATTEND_COMBINE_ONLINE_MIN_SPLIT", 0),
                                          ("ATTEND_Q_FIRST", None),
-                                         ("ATTEND_OBSERVER_LAST", 2)])
+                                         ("ATTEND_OBSERVER_LAST", 2), ("ATTEND_OBSERVER_LAST_MAX_PROGRAMS_PER_SM", -1)])
 def test_step_knobs_validated(monkeypatch, knob, value):
     """fused_step refuses, before any launch, an ATTEND_DIAG outside its six bits, an
     ATTEND_OBSERVER / ATTEND_BOUND_DOT / ATTEND_OBSERVER_BOUND_DOT / ATTEND_LAZY_SLOT /
