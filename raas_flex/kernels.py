@@ -126,7 +126,8 @@ ATTEND_BOUND_DOT = False
 # loads); 32: no global ticket (the lengths and the step are not advanced). benchmarks/decode_step.py
 # times them as tdiagN.
 ATTEND_DIAG = 0
-# the attention kernels: one extra program per row (dispatched first), the observer, computes every
+# the attention kernels: one extra program per row (dispatched first, or in fused_step last: see
+# ATTEND_OBSERVER_LAST), the observer, computes every
 # page bound of the row and the top-k set while the attention programs stream K/V; in fused_step it
 # also makes the row writes the attention does not read, and the row's last program only combines
 # and stores the page-table entry and the stamps of the set; in fused_attend_observe the observer
@@ -237,7 +238,8 @@ ATTEND_EARLY_TICKET = False
 # so that an attention program's K/V stream waits for one trip to memory instead of two (False: the
 # attention programs load them after the append's decision, just before their tiles: compiled for
 # sm_90 with triton 3.6, the query's layout change through shared memory then waits for that load
-# before the first tile's asynchronous copies are issued).
+# before the first tile's asynchronous copies are issued). H200, N=8192, B=32 28/4 L=1024, first
+# against after, one run (results/h200/decode_step_triton_b32_l1024_s14b_h200): 27.8 vs 28.2 us.
 ATTEND_Q_FIRST = True
 # fused_step with the observer: the observer (and writer) programs take the last grid indices of
 # their row instead of the first, so the GPU dispatches every attention program before any observer
@@ -961,7 +963,8 @@ if HAS_TRITON:
         the row's page-table entry, key bounds, open slot, counters, validity row and block lists,
         and refreshes the top REFRESH pages; the last row to finish advances lengths and step.
 
-        OBSERVER: program 0 of each row attends nothing; it computes all P bounds and the top-k set
+        OBSERVER: program 0 of each row (with OLAST, grid index SPLIT; the writer's index follows it)
+        attends nothing; it computes all P bounds and the top-k set
         (stored to imp as 1/0) and makes the row writes the attention does not read (key bounds,
         counters, validity row, block lists), and programs 1..SPLIT attend. The last program then
         stores the page-table entry and the stamps of the set, so the bounds, the sort and most row
