@@ -328,6 +328,12 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
         kernels.ATTEND_OBSERVER, kernels.ATTEND_LAZY_SLOT = saved
     assert [r["grid"] for r in obs] == [[2, 3], [2, 3]]  # (two attention programs and the observer per row)
     assert all(0 < r["registers"] <= 255 and r["async_copies"] > 0 for r in obs)
+    # fused_step with the observer and the queries loaded after the decision (ATTEND_Q_FIRST=False):
+    # that build once failed to compile (a name given two types across a runtime branch), which the
+    # CPU interpreter, running Python branches, does not see
+    late = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
+                    "--split", "2", "--kernels", "_step_kernel", "--knob", "ATTEND_Q_FIRST=0"])
+    assert late[0]["grid"] == [2, 3] and 0 < late[0]["registers"] <= 255
     # and fused_step without them (set by --knob, and restored after)
     plain = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
                      "--split", "2", "--kernels", "_step_kernel", "--knob", "ATTEND_OBSERVER=0",
