@@ -1,18 +1,20 @@
 """raas_flex: reasoning-aware KV-cache sparsity (RaaS) on FlexAttention.
 
-Nothing is patched at import time: call ``raas_flex.patch(model, budget=L)``. Attention tracing:
-``raas_flex.tracing`` (raas_flex.trace); plots: ``raas_flex.plots`` (needs matplotlib).
+Nothing is patched at import time: call ``raas_flex.patch(model, budget=L)``. Policies are small
+dataclasses (``RaaS``, ``Quest``, ``H2O``, ``Streaming``, ``Dense``); attention tracing:
+``raas_flex.tracing``; plots: ``raas_flex.plots`` (needs matplotlib).
 """
 
-from .config import POLICIES, RaaSConfig
+from .config import BACKENDS, POLICIES, RaaSConfig, make_config
 from .engine import PageState, PagedKVCache
-from .policies import POLICY_CLASSES, Policy, make_policy
+from .policies import POLICY_CLASSES, H2O, Dense, Policy, Quest, RaaS, Streaming, make_policy
 from .trace import AttentionTrace, MapClass, classify_heads, classify_map, summary_table, tracing
 
-__all__ = ["POLICIES", "POLICY_CLASSES", "PageState", "PagedKVCache", "Policy", "RaaSConfig", "make_policy",
+__all__ = ["BACKENDS", "POLICIES", "POLICY_CLASSES", "PageState", "PagedKVCache", "Policy", "RaaS", "Quest", "H2O",
+           "Streaming", "Dense", "RaaSConfig", "make_config", "make_policy",
            "RaaSCache", "SUPPORTED_MODEL_TYPES", "patch", "patched", "stats", "unpatch",
            "AttentionTrace", "MapClass", "classify_heads", "classify_map", "summary_table", "tracing"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The transformers integration (raas_flex.hf) is imported on first use, so that `import raas_flex`
 # does not import transformers. Importing it registers nothing: patch() does.

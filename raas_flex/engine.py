@@ -15,14 +15,19 @@ graphs:
     length    int64 [B]           tokens written to each sequence (prompt without padding + decoded)
     step      int64 []            decode steps taken (prefill is step 0)
 
-A decode step appends one token per sequence (opening a page, evicting one if the buffer is full),
-attends over the resident tokens with flex_attention, then lets the policy observe the query
-(RaaS refreshes the timestamps of the most important pages).
+A decode step (:meth:`PagedKVCache.decode`) appends one token per sequence (opening a page, evicting
+one if the buffer is full), attends over the resident tokens, then lets the policy observe the query
+(RaaS refreshes the timestamps of the most important pages). How it runs is the cache's
+``backend``, fixed when the cache is built:
 
-On CUDA the append (with the validity mask and block lists) and the RaaS observe run as one
-hand-fused Triton kernel per step (:mod:`raas_flex.kernels`, switches: :attr:`PagedKVCache.fused`,
-``observe_in_append``); the torch code below is the reference they match and the path on CPU and for
-the other policies.
+    torch    the torch code below (append, validity mask, flex_attention, the policy's observe): the
+             reference, every policy, every device
+    flex     one Triton bookkeeping kernel (append, eviction, validity row, exact block lists and,
+             for raas with the bound and top-k, the observe) then flex_attention; CUDA
+    triton   the whole step in one Triton kernel (raas with the bound and top-k); CUDA
+
+The observe reads only the query and the key bounds after the append, so the fused kernels run it
+before the attention; the state is that of the torch order (append, attend, observe).
 """
 
 from __future__ import annotations
@@ -37,18 +42,11 @@ from torch.nn.attention.flex_attention import flex_attention
 from . import kernels
 from .config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, RaaSConfig
 from .masks import all_partial_lists, build_block_mask
-from .policies import make_policy
 
 
 def default_kernel_options(device: torch.device, dtype: torch.dtype, block: int) -> dict | None:
-    """Flex decode kernel settings for the engine's packed-GQA layout.
-
-    On CUDA with 16-bit K/V: 64-key tiles, 3 pipeline stages, 2 warps. Measured on an H100 over a
-    full compacted buffer (benchmarks/tune_flex.py, results/tune_flex.md), flex's own default for
-    decoding (one stage, no prefetch) was 5-15% slower at B >= 8 for every shape tried; fp32 keeps
-    the default (three fp32 stages of 64 keys would not fit in shared memory at head_dim 256).
-    None elsewhere (CPU uses its own template).
-    """
+    """Flex decode kernel settings for the packed-GQA layout: on CUDA with 16-bit K/V, 64-key tiles,
+    3 pipeline stages, 2 warps (docs/kernels.md); fp32 and CPU keep flex's own defaults."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return None
     return {"BLOCK_N": min(64, block), "num_stages": 3, "num_warps": 2}
@@ -57,6 +55,37 @@ def default_kernel_options(device: torch.device, dtype: torch.dtype, block: int)
 @functools.cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot serve this config on this device and K/V dtype (None if it can)."""
+    if backend == "torch":
+        return None
+    reason = kernels.unsupported_reason(device, dtype)
+    if reason is not None:
+        return reason
+    policy = config.policy
+    if policy.append_code is None:
+        return f"the fused kernels serve policies raas, h2o, streaming; got policy={policy.name!r}"
+    if backend == "triton" and not policy.fused_observe:
+        return (f"the one-kernel step serves policy='raas' with importance='bound', refresh='topk'; got {policy!r}")
+    return None
+
+
+def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend a cache runs: ``config.backend`` if it can (else ValueError with the reason), or
+    for None the fastest that serves the policy: triton, then flex, on CUDA; torch elsewhere."""
+    if config.backend is not None:
+        why = backend_unsupported(config.backend, config, device, dtype)
+        if why is not None:
+            raise ValueError(f"backend={config.backend!r} is not supported for this cache: {why}; "
+                             "use backend=None (the fastest supported) or backend='torch'")
+        return config.backend
+    if device.type == "cuda":
+        for backend in ("triton", "flex"):
+            if backend_unsupported(backend, config, device, dtype) is None:
+                return backend
+    return "torch"
 
 
 @dataclass(frozen=True)
@@ -93,19 +122,16 @@ def _validate_tensor(name: str, t, ndim: int) -> None:
 
 
 class PagedKVCache(nn.Module):
-    """KV cache of one attention layer under a RaaS-style policy.
+    """KV cache of one attention layer under a RaaS-style policy (``config.policy``).
 
     Args:
-        config: the policy and its parameters.
+        config: cache-wide settings and the policy (see :class:`raas_flex.RaaSConfig`).
         batch_size, num_heads (query heads), num_kv_heads, head_dim: attention shape.
         dtype, device: of the K/V buffers.
         scale: softmax scale (default head_dim ** -0.5).
         max_length: tokens per sequence for the O(N) policies (overrides config.max_length).
 
-    Attribute ``fused`` (from ``config.fused``, settable before compiling): True runs the step's
-    bookkeeping with the Triton kernels of :mod:`raas_flex.kernels`, False with the torch code.
-    ``fused_observe`` says whether the policy's observe is fused too (raas with importance="bound"
-    and refresh="topk"); otherwise only the append is.
+    ``backend`` (read-only) is the decode path, resolved from ``config.backend`` at construction.
     """
 
     def __init__(
@@ -141,10 +167,11 @@ class PagedKVCache(nn.Module):
             raise ValueError(f"dtype={dtype} is not supported; allowed: {', '.join(SUPPORTED_DTYPES)}")
         device = torch.device(device)
         self.config = config
-        self.policy = make_policy(config)
+        self.policy = config.policy
         self.B, self.Hq, self.H, self.D = batch_size, num_heads, num_kv_heads, head_dim
         self.G = num_heads // num_kv_heads
-        self.ps = config.page_size
+        self.ps = self.page_size = config.page_size
+        self.budget_pages = config.budget_pages
         self.S = config.slots(max_length)
         self.P = self.S // self.ps
         self.block = config.kernel_block(self.S)
@@ -154,10 +181,14 @@ class PagedKVCache(nn.Module):
                 f"gives block_size={self.block}. Use a budget that is a multiple of 16 or set block_size"
             )
         self.scale = float(scale) if scale is not None else head_dim**-0.5
-        if config.compile_flex is None:
-            self.compile_flex = device.type == "cuda"
-        else:
-            self.compile_flex = config.compile_flex
+        self._backend = resolve_backend(config, device, dtype)
+        self._compile_flex = device.type == "cuda" if config.compile_flex is None else config.compile_flex
+        self._kernel_options = default_kernel_options(device, dtype, self.block)
+        # the fused kernels' eviction and observe parameters (policy hyperparameters at this budget)
+        pol = self.policy
+        self._sink_pages = pol.sink_pages(self.ps) if hasattr(pol, "sink_pages") else 0
+        self._recent_pages = pol.recent_pages(self.budget_pages) if hasattr(pol, "recent_pages") else 0
+        self._refresh_pages = pol.refresh_pages(self.budget_pages) if hasattr(pol, "refresh_pages") else 0
 
         B, H, P, S, D = batch_size, num_kv_heads, self.P, self.S, head_dim
         buf = functools.partial(self.register_buffer, persistent=False)
@@ -177,39 +208,28 @@ class PagedKVCache(nn.Module):
         # slots attended in the current step; the mask_mod reads this buffer (the CPU flex template
         # only accepts graph inputs, not intermediates, inside mask_mod)
         buf("valid", torch.zeros(B * H, S, dtype=torch.bool, device=device))
-        # constants used by the step (kept as buffers so the step allocates nothing that grows)
-        buf("_slot_ar", torch.arange(P, device=device))
+        # a step's new K/V as the transformers cache hands them to the attention function
+        buf("k_new", torch.zeros(B, H, 1, D, dtype=dtype, device=device))
+        buf("v_new", torch.zeros(B, H, 1, D, dtype=dtype, device=device))
+        # constants used by the step (buffers, so that the step allocates nothing that grows)
+        buf("slot_index", torch.arange(P, device=device))
         buf("_tok_ar", torch.arange(self.ps, device=device))
         buf("_b_ix", torch.arange(B, device=device)[:, None].expand(B, H).contiguous())
         buf("_h_ix", torch.arange(H, device=device)[None, :].expand(B, H).contiguous())
-        # Block lists: a policy that attends to every resident page gets constant lists (every
-        # block partial); one that picks pages (quest) gets exact lists computed per step, so the
-        # kernel skips the pages it did not pick. (A plain attribute, set before compiling. The
-        # fused kernels ignore it: their append kernel writes exact lists at no extra pass, which
-        # lets flex skip mask_mod in full blocks.)
-        self.static_lists = not self.policy.narrows
-        # flex kernel options (a plain attribute: set it before compiling to try others)
-        self.kernel_options = default_kernel_options(device, dtype, self.block)
-        for name, t in zip(("_kv_num", "_kv_idx", "_full_num", "_full_idx"),
-                           all_partial_lists(B * H, S, self.block, device)):
-            buf(name, t)
-        # fused kernels: support is fixed by config, device and dtype; their buffers (scratch,
-        # counters, exact block lists) exist only where they can run
-        self._fused_reason = kernels.unsupported_reason(config, device, dtype)
-        if self._fused_reason is None:
-            buf("_imp", torch.zeros(B, H, P, dtype=torch.float32, device=device))  # observe: bounds
-            buf("_ticket", torch.zeros(1, dtype=torch.int32, device=device))  # append: finish count
-            buf("_obs_count", torch.zeros(B * H, dtype=torch.int32, device=device))  # observe: per row
-            # exact block lists written by the append kernel (flex skips mask_mod in full blocks)
-            for name, t in zip(("_fkv_num", "_fkv_idx", "_ffull_num", "_ffull_idx"),
-                               all_partial_lists(B * H, S, self.block, device)):
+        # Block lists. torch backend: a policy that attends to every resident page gets constant
+        # lists (every block partial: in a full compacted buffer nearly every block is full anyway,
+        # and the one-byte mask costs the kernel less than exact lists cost the step); quest gets
+        # exact lists per step. flex backend: the bookkeeping kernel writes exact lists into them.
+        self._lists = None
+        if self._backend != "torch" or not self.policy.narrows:
+            lists = all_partial_lists(B * H, S, self.block, device)
+            for name, t in zip(("_kv_num", "_kv_idx", "_full_num", "_full_idx"), lists):
                 buf(name, t)
-        self.fused = config.fused
-        self.attention = config.attention
-        # fused observe: in decode(), run it inside the append kernel (one launch for the step's
-        # bookkeeping) rather than as its own kernel after the attention (plain attribute, set
-        # before compiling; the transformers path appends before it sees q and always splits)
-        self.observe_in_append = True
+            self._lists = (self._kv_num, self._kv_idx, self._full_num, self._full_idx)
+        if self._backend != "torch":
+            buf("_imp", torch.zeros(B, H, P, dtype=torch.float32, device=device))  # page bounds scratch
+            buf("_ticket", torch.zeros(1, dtype=torch.int32, device=device))  # programs finished
+            buf("_obs_count", torch.zeros(B * H, dtype=torch.int32, device=device))  # per-row programs finished
         if device.type == "cuda":
             # CUDA graphs need stable addresses for state mutated inside the captured step.
             for t in self.buffers():
@@ -217,59 +237,9 @@ class PagedKVCache(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     @property
-    def fused(self) -> bool:
-        """Whether the step's bookkeeping runs as the fused Triton kernels (see :mod:`raas_flex.kernels`).
-
-        Set it to True, False or None (None: fused where supported). True where unsupported raises
-        ValueError with the reason. Set it before compiling: a compiled step keeps the path it was
-        traced with until it recompiles.
-        """
-        return self._fused
-
-    @fused.setter
-    def fused(self, value: bool | None) -> None:
-        if value is not None and not isinstance(value, bool):
-            raise TypeError(f"fused must be True, False or None, got {value!r} ({type(value).__name__})")
-        if value is None:
-            value = self._fused_reason is None
-        elif value and self._fused_reason is not None:
-            raise ValueError(
-                f"fused=True is not supported for this cache: {self._fused_reason}; "
-                "use fused=False (torch code) or fused=None (fused where supported)"
-            )
-        observe = value and kernels.observe_fusable(self.config)
-        if not observe and getattr(self, "_attention", "flex") == "triton":
-            raise ValueError(f"fused={value!r} leaves no fused observe for attention='triton'; set attention='flex' first")
-        self._fused = value
-        self._fused_observe = observe
-
-    @property
-    def attention(self) -> str:
-        """The decode step's attention kernel: "flex" or "triton" (see RaaSConfig.attention). Settable
-        before compiling; "triton" raises ValueError where the fused observe cannot run."""
-        return self._attention
-
-    @attention.setter
-    def attention(self, value: str) -> None:
-        if value not in ("flex", "triton"):
-            raise ValueError(f"attention={value!r} is not supported; allowed: 'flex', 'triton'")
-        if value == "triton":
-            if not self._fused_observe:
-                if self._fused_reason is not None:
-                    why = self._fused_reason
-                elif not self._fused:
-                    why = "the cache has fused=False"
-                else:
-                    why = "the fused observe serves policy='raas' with importance='bound', refresh='topk'"
-                raise ValueError(f"attention='triton' is not supported for this cache: {why}")
-            if self.D & (self.D - 1):
-                raise ValueError(f"attention='triton' needs a power-of-two head_dim, got {self.D}")
-        self._attention = value
-
-    @property
-    def fused_observe(self) -> bool:
-        """Whether the policy's observe step runs as the fused kernel (raas, bound importance, top-k)."""
-        return self._fused_observe
+    def backend(self) -> str:
+        """The decode path: "torch", "flex" or "triton" (fixed at construction, see RaaSConfig.backend)."""
+        return self._backend
 
     @property
     def kv_bytes(self) -> int:
@@ -302,7 +272,7 @@ class PagedKVCache(nn.Module):
         """Raise if a token ever found no slot (host sync: call outside the decode loop)."""
         if bool(self.overflow):
             raise RuntimeError(
-                f"policy={self.config.policy!r}: a token found no free or evictable page in a buffer of "
+                f"policy={self.policy.name!r}: a token found no free or evictable page in a buffer of "
                 f"{self.S} slots; the output after that point is invalid. Raise max_length/budget."
             )
 
@@ -314,7 +284,7 @@ class PagedKVCache(nn.Module):
         self.pinned.zero_()
         self.overflow.zero_()
         self.valid.zero_()
-        if self._fused_reason is None:
+        if self._backend != "torch":
             self._ticket.zero_()
             self._obs_count.zero_()
 
@@ -346,14 +316,14 @@ class PagedKVCache(nn.Module):
         lengths = mask.sum(-1)
         n_max = int(lengths.max())
         pages_needed = -(-n_max // self.ps)
-        room = self.P - 1 if self.config.bounded else self.P
+        room = self.P - 1 if self.policy.bounded else self.P
         if pages_needed > room:
             what = (
                 f"budget={self.config.budget} holds {self.P} pages and one must stay free for decoding"
-                if self.config.bounded
+                if self.policy.bounded
                 else f"the buffer holds {self.P} pages (max_length)"
             )
-            need = (pages_needed + (1 if self.config.bounded else 0)) * self.ps
+            need = (pages_needed + (1 if self.policy.bounded else 0)) * self.ps
             raise ValueError(
                 f"prompt of {n_max} tokens needs {pages_needed} pages of page_size={self.ps}, but {what}; "
                 f"use at least {need}"
@@ -368,13 +338,13 @@ class PagedKVCache(nn.Module):
         self.v[:, :, :n_max].copy_(vc)
         self.length.copy_(lengths)
         pages = (lengths + self.ps - 1) // self.ps  # [B]
-        resident = self._slot_ar[None, :] < pages[:, None]  # [B, P]
-        ids = torch.where(resident, self._slot_ar[None, :], -1)
+        resident = self.slot_index[None, :] < pages[:, None]  # [B, P]
+        ids = torch.where(resident, self.slot_index[None, :], -1)
         self.page_id.copy_(ids[:, None, :].expand(B, H, self.P))
-        self.pinned.copy_(resident[:, None, :].expand(B, H, self.P) & self.policy.pin_prefill(self))
+        self.pinned.copy_(resident[:, None, :].expand(B, H, self.P) & self.policy.pin_prompt)
         self.open_slot.copy_((pages - 1).clamp(min=0)[:, None].expand(B, H))
         # Per-page key bounds over the real tokens only.
-        tok = self._slot_ar[:, None] * self.ps + self._tok_ar[None, :]  # [P, ps]
+        tok = self.slot_index[:, None] * self.ps + self._tok_ar[None, :]  # [P, ps]
         live = tok[None] < lengths[:, None, None]  # [B, P, ps]
         kp = self.k.view(B, H, self.P, self.ps, D).float()
         live = live[:, None, :, :, None]
@@ -393,76 +363,77 @@ class PagedKVCache(nn.Module):
         """One decode step: append k/v [B, Hkv, 1, D], attend with q [B, Hq, 1, D], observe q.
 
         Returns the attention output [B, Hq, 1, D]. No host synchronisation, fixed shapes, all
-        state updated in place: safe to torch.compile(fullgraph=True) and capture in CUDA graphs
-        on GPU. Use :meth:`compiled_decode` to get it compiled the right way for the device.
+        state updated in place: safe to torch.compile(fullgraph=True) and to capture in CUDA graphs.
+        :meth:`compiled_decode` compiles it the right way for the device. ``model.generate`` on a
+        patched model runs exactly this, once per layer and token.
         """
-        if self._attention == "triton":
-            if self.observe_in_append:  # the whole step in one kernel
-                return self._fused_append(k, v, q, attend=True)
-            self._fused_append(k, v)  # the append kernel, then attention and observe in one kernel
-            return self.attend_observe(q)
-        if self._fused_observe and self.observe_in_append:
-            # one bookkeeping kernel for the whole step (append, then the observe of q), then flex
-            self._fused_append(k, v, q)
+        self._check_step(q, k, v)
+        if self._backend == "torch":
+            self._prepare(q, k, v)
+            return self._attend_observe(q)
+        state = (self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
+                 self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
+                 *self._lists)
+        if self._backend == "triton":
+            return kernels.fused_step(q, k, v, *state, self._imp, self._obs_count, self.scale, self._refresh_pages,
+                                      self.block)
+        if self.policy.fused_observe:
+            kernels.fused_append_observe(q, k, v, *state, self._imp, self._sink_pages, self._recent_pages,
+                                         self.block, self._refresh_pages)
             return self.attend(q)
-        self.prepare(q, k, v)
-        return self.attend_observe(q)
-
-    def prepare(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        """First half of a step: append the token and fill ``self.valid`` for this step."""
-        self.append(k, v)
-        self.select(q)
-
-    def select(self, q: Tensor) -> None:
-        """Fill ``self.valid`` with the slots query ``q`` attends this step (after :meth:`append`).
-
-        Fused: nothing to do, the append kernel already wrote ``valid`` (the fused policies attend
-        to every resident page, so the mask does not depend on ``q``)."""
-        if self._fused:
-            return
-        self.valid.copy_(self.valid_slots(q).view(self.B * self.H, self.S))
-
-    def attend_observe(self, q: Tensor) -> Tensor:
-        """Second half of a step: attention over ``self.valid``, then the policy's update."""
-        if self._attention == "triton":
-            return kernels.fused_attend_observe(q, self.k, self.v, self.valid, self.page_id, self.stamp, self.score,
-                                                self.kmax, self.kmin, self.step, self._imp, self._obs_count,
-                                                self.scale, self.config.refresh_pages)
+        kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages, self.block)
         out = self.attend(q)
-        if self._fused_observe:
-            kernels.fused_observe(q, self.page_id, self.stamp, self.score, self.kmax, self.kmin,
-                                  self.step, self._imp, self._obs_count, self.config.refresh_pages)
-        else:
-            self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
+        self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
         return out
 
     def compiled_decode(self, **compile_kwargs):
-        """The decode step compiled with ``fullgraph=True``.
+        """:meth:`decode` compiled with ``fullgraph=True``.
 
-        CUDA: one graph for the whole step. CPU: two graphs (prepare, attend_observe) because
-        Inductor's CPU flex template only lets mask_mod read graph inputs, not tensors computed
-        or mutated in the same graph. Extra keyword arguments go to torch.compile.
+        CUDA: one graph for the whole step. CPU: two graphs (append + mask, attention + observe)
+        because Inductor's CPU flex template only lets mask_mod read graph inputs, not tensors
+        computed or mutated in the same graph. Extra keyword arguments go to torch.compile.
         """
-        if self.k.device.type != "cpu":
+        if self.k.device.type != "cpu" or self._backend != "torch":
             return torch.compile(self.decode, fullgraph=True, **compile_kwargs)
-        prepare = torch.compile(self.prepare, fullgraph=True, **compile_kwargs)
-        attend_observe = torch.compile(self.attend_observe, fullgraph=True, **compile_kwargs)
+        prepare = torch.compile(self._prepare, fullgraph=True, **compile_kwargs)
+        attend_observe = torch.compile(self._attend_observe, fullgraph=True, **compile_kwargs)
 
         def decode(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            self._check_step(q, k, v)
             prepare(q, k, v)
             return attend_observe(q)
 
         return decode
 
+    def _check_step(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """Shapes and devices of a step's inputs (Python checks only: no sync, nothing traced)."""
+        if q.dim() != 4 or tuple(q.shape) != (self.B, self.Hq, 1, self.D):
+            raise ValueError(f"q must be [batch_size={self.B}, num_heads={self.Hq}, 1, head_dim={self.D}], "
+                             f"got {tuple(q.shape)}")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if name != "q" and tuple(t.shape) != (self.B, self.H, 1, self.D):
+                raise ValueError(f"{name} must be [batch_size={self.B}, num_kv_heads={self.H}, 1, "
+                                 f"head_dim={self.D}], got {tuple(t.shape)}")
+            if t.device != self.k.device:
+                raise ValueError(f"{name} is on {t.device}, the cache on {self.k.device}")
+
+    def _prepare(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """torch backend, first half of a step: append the token, fill ``valid`` for this step."""
+        self.append(k, v)
+        self.valid.copy_(self.valid_slots(q).view(self.B * self.H, self.S))
+
+    def _attend_observe(self, q: Tensor) -> Tensor:
+        """torch backend, second half of a step: attention over ``valid``, then the policy's update."""
+        out = self.attend(q)
+        self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
+        return out
+
     def append(self, k: Tensor, v: Tensor) -> None:
         """Write one token per sequence, opening a page (and evicting one) when needed.
 
-        Fused: one kernel does all of it and also fills ``self.valid`` (see :mod:`raas_flex.kernels`).
+        The torch rule (the fused kernels implement the same one).
         """
-        B, H, P, ps = self.B, self.H, self.P, self.ps
-        if self._fused:
-            self._fused_append(k, v)
-            return
+        B, H, ps = self.B, self.H, self.ps
         self.step.add_(1)
         pos = self.length  # [B]
         off = (pos % ps)[:, None]  # [B, 1]
@@ -491,7 +462,7 @@ class PagedKVCache(nn.Module):
         self.v.index_put_((self._b_ix, self._h_ix, t), v[:, :, 0].to(self.v.dtype))
 
         # page table
-        at = self._slot_ar == slot[..., None]  # [B, H, P]
+        at = self.slot_index == slot[..., None]  # [B, H, P]
         new = at & opened[..., None]
         new_id = (pos // ps)[:, None, None]
         self.page_id.copy_(torch.where(new, new_id, self.page_id))
@@ -508,37 +479,6 @@ class PagedKVCache(nn.Module):
         self.kmin.index_put_(ix, torch.where(fresh, kn, torch.where(keep, old_min, torch.minimum(old_min, kn))))
         self.open_slot.copy_(torch.where(write, slot, self.open_slot))
         self.length.add_(1)
-
-    def _fused_append(self, k: Tensor, v: Tensor, q: Tensor | None = None, attend: bool = False) -> Tensor | None:
-        """The append kernel; with ``q`` also the RaaS observe of q in the same launch; with
-        ``attend`` the attention too (kernels.fused_step), whose output it returns."""
-        if q is not None:
-            if q.dim() != 4 or tuple(q.shape) != (self.B, self.Hq, 1, self.D):
-                raise ValueError(f"q must be [batch_size={self.B}, num_heads={self.Hq}, 1, head_dim={self.D}], "
-                                 f"got {tuple(q.shape)}")
-            if q.device != self.k.device:
-                raise ValueError(f"q is on {q.device}, the cache on {self.k.device}")
-        for name, t in (("k", k), ("v", v)):
-            if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (self.B, self.H, self.D) or t.shape[2] < 1:
-                raise ValueError(
-                    f"{name} must be [batch_size={self.B}, num_kv_heads={self.H}, 1, head_dim={self.D}], "
-                    f"got {tuple(t.shape)}"
-                )
-            if t.device != self.k.device:
-                raise ValueError(f"{name} is on {t.device}, the cache on {self.k.device}")
-        cfg = self.config
-        state = (self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
-                 self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
-                 self._fkv_num, self._fkv_idx, self._ffull_num, self._ffull_idx)
-        if attend:
-            return kernels.fused_step(q, k, v, *state, self._imp, self._obs_count, self.scale, cfg.refresh_pages,
-                                      self.block)
-        if q is not None:
-            kernels.fused_append_observe(q, k, v, *state, self._imp, cfg.sink_pages, cfg.recent_pages, self.block,
-                                         cfg.refresh_pages)
-        else:
-            kernels.fused_append(k, v, *state, kernels.APPEND_POLICIES[cfg.policy], cfg.sink_pages,
-                                 cfg.recent_pages, self.block)
 
     def token_valid(self) -> Tensor:
         """bool [B, Hkv, P, page_size]: slot holds a written token of a resident page."""
@@ -557,25 +497,18 @@ class PagedKVCache(nn.Module):
         """Exact softmax attention of q [B, Hq, 1, D] over the slots marked in ``self.valid``."""
         B, H, G, S, D = self.B, self.H, self.G, self.S, self.D
         bh = B * H
-        # CPU compiles read self.valid as a graph input (see compiled_decode); a GPU graph gets
-        # opaque copies so Inductor's flex lowering sees realized buffers.
-        # (fused: ``valid`` is the output of a Triton kernel, always a realized buffer: no copy)
-        barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu" and not self._fused
-        if self._fused:  # exact lists, written by the append kernel
-            lists = (self._fkv_num, self._fkv_idx, self._ffull_num, self._ffull_idx)
-        elif self.static_lists:
-            lists = (self._kv_num, self._kv_idx, self._full_num, self._full_idx)
-        else:
-            lists = None
-        block_mask = build_block_mask(self.valid, self.block, G, barrier=barrier, lists=lists)
+        # a torch-backend graph on GPU gets opaque copies so that Inductor's flex lowering sees
+        # realized buffers (the fused backends' ``valid`` and lists are Triton outputs already)
+        barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu" and self._backend == "torch"
+        block_mask = build_block_mask(self.valid, self.block, G, barrier=barrier, lists=self._lists)
         qp = q.reshape(B, H, G, D).reshape(bh, 1, G, D).to(self.k.dtype)
         kf = self.k.view(bh, 1, S, D)
         vf = self.v.view(bh, 1, S, D)
-        if self.compile_flex and not torch.compiler.is_compiling():
+        if self._compile_flex and not torch.compiler.is_compiling():
             fn = _compiled_flex()
         else:
             fn = flex_attention
-        out = fn(qp, kf, vf, block_mask=block_mask, scale=self.scale, kernel_options=self.kernel_options)
+        out = fn(qp, kf, vf, block_mask=block_mask, scale=self.scale, kernel_options=self._kernel_options)
         return out.view(B, H * G, 1, D).to(q.dtype)
 
     # -- importance ----------------------------------------------------------------------------

@@ -24,9 +24,9 @@ How it fits into transformers (5.17 and later):
   with the padding/causal mask, then ``PagedKVCache.prefill`` with the real-token mask: left padding
   is compacted away). A further prompt piece (``prefill_chunk_size``) attends the stored real
   tokens plus itself, and the engine is filled again with the prompt so far. For a decode step,
-  ``update`` appends the token to the layer's engine and
-  returns the engine's own K/V buffers; the attention function recognises them (``key is
-  engine.k``) and runs the rest of the step (``select`` + ``attend_observe``).
+  ``update`` copies the new K/V into the engine's input buffers and returns those; the attention
+  function recognises them (``key is engine.k_new``) and runs the whole step,
+  ``PagedKVCache.decode`` (append, attention, observe): the path the one-layer benchmark times.
 - Decode steps change no Python state (``RaaSLayer.is_compileable`` is True): the decode forward
   traces to one graph that replays for every step, so ``generate`` auto-compiles it on CUDA (the
   prompt stays eager). ``get_seq_length`` is the logical (padded) length that positions need: prompt
@@ -60,8 +60,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from .config import SUPPORTED_HEAD_DIMS, RaaSConfig
+from .config import CONFIG_OPTIONS, SUPPORTED_HEAD_DIMS, RaaSConfig, make_config
 from .engine import PagedKVCache
+from .policies import Dense, make_policy, policy_options, POLICY_CLASSES
 
 try:  # transformers is an install dependency, but keep `import raas_flex` usable without it
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -81,7 +82,7 @@ __all__ = [
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ATTN_IMPLEMENTATION = "raas_flex"
-_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(RaaSConfig) if f.name != "budget")
+_OPTION_NAMES = ("policy",) + CONFIG_OPTIONS + tuple(sorted({o for n in POLICY_CLASSES for o in policy_options(n)}))
 _RUNTIME_ATTR = "_raas_flex"
 _WRAPPED_METHODS = ("_prepare_cache_for_generation", "generate", "_prefill")
 
@@ -165,8 +166,7 @@ def raas_attention(module, query, key, value, attention_mask, scaling=None, drop
         # requires_grad even under no_grad, hence detach)
         with torch.no_grad():
             q = query.detach()
-            engine.select(q)
-            out = engine.attend_observe(q)  # [B, Hq, 1, D]
+            out = engine.decode(q, engine.k_new, engine.v_new)  # [B, Hq, 1, D]
             if runtime.tracer is not None:  # raas_flex.tracing block open (off: no op is added to the step)
                 runtime.tracer.on_decode(layer_idx, engine, q)
         return out.transpose(1, 2), None
@@ -214,11 +214,29 @@ def _make_config(model, budget, options: dict) -> RaaSConfig:
     for name in options:
         if name not in _OPTION_NAMES:
             raise TypeError(f"raas_flex.patch got an unknown option {name!r}; allowed: budget, {', '.join(_OPTION_NAMES)}")
-    config = RaaSConfig(budget=budget, **options)
-    n = model.config.num_hidden_layers
+    config = make_config(budget, **options)
+    _check_dense_layers(config, model.config.num_hidden_layers)
+    return config
+
+
+def _check_dense_layers(config: RaaSConfig, n: int) -> None:
     if config.dense_layers > n:
         raise ValueError(f"dense_layers={config.dense_layers} exceeds the model's {n} layers; allowed: 0..{n}")
-    return config
+
+
+def _override(config: RaaSConfig, options: dict) -> RaaSConfig:
+    """``config`` with some options changed (RaaSCache(model, **options)): a new ``policy`` takes the
+    policy options given with it; policy options alone change the current policy's."""
+    options = dict(options)
+    budget = options.pop("budget", config.budget)
+    cache_opts = {k: options.pop(k) for k in list(options) if k in CONFIG_OPTIONS}
+    policy = options.pop("policy", None)
+    if policy is None:
+        current = {f.name: getattr(config.policy, f.name) for f in dataclasses.fields(config.policy)}
+        policy = make_policy(config.policy.name, **{**current, **options}) if options else config.policy
+    else:
+        policy = make_policy(policy, **options)
+    return config.replace(budget=budget, policy=policy, **cache_opts)
 
 
 def _runtime_of(model) -> "_Runtime | None":
@@ -253,14 +271,14 @@ class _Runtime:
         self.last_cache = None
 
     def layer_config(self, config: RaaSConfig, layer_idx: int) -> RaaSConfig:
-        if layer_idx < config.dense_layers:  # (attention="triton" serves raas layers only)
-            return config.replace(policy="dense", attention="flex")
+        if layer_idx < config.dense_layers:
+            return config.replace(policy=Dense(), backend="torch" if config.backend == "torch" else None)
         return config
 
     def decode_engine(self, layer_idx, key: Tensor) -> PagedKVCache | None:
         """The engine whose K buffer ``key`` is: RaaSLayer.update returns it for a decode step."""
         entry = self.pool.get(layer_idx)
-        if entry is None or entry[1].k is not key:
+        if entry is None or entry[1].k_new is not key:
             return None
         return entry[1]
 
@@ -320,7 +338,7 @@ class RaaSLayer(CacheLayerMixin):
         self.capacity: int | None = None  # token slots per row for the O(N) policies
 
     def __repr__(self) -> str:
-        return f"RaaSLayer(layer={self.layer_idx}, policy={self.config.policy!r}, budget={self.config.budget}, seen={self.seen})"
+        return f"RaaSLayer(layer={self.layer_idx}, policy={self.config.policy.name!r}, budget={self.config.budget}, seen={self.seen})"
 
     @property
     def seen(self) -> int:
@@ -352,8 +370,8 @@ class RaaSLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.prefilled and key_states.shape[2] == 1 and not self.cache._prompt_pieces:
-            # decode step: append the token here and hand the engine's buffers to raas_attention,
-            # which recognises them and runs the rest of the step
+            # decode step: hand the new K/V to raas_attention through the engine's input buffers,
+            # which identify the engine there; it runs the whole step (PagedKVCache.decode)
             if not runtime.owns(self):
                 raise RuntimeError(
                     f"layer {self.layer_idx}: the KV state of this RaaSCache was taken over by a later generation on "
@@ -361,8 +379,9 @@ class RaaSLayer(CacheLayerMixin):
                 )
             self._check_capacity()
             with torch.no_grad():
-                self.engine.append(key_states.detach(), value_states.detach())
-            return self.engine.k, self.engine.v
+                self.engine.k_new.copy_(key_states.detach())
+                self.engine.v_new.copy_(value_states.detach())
+            return self.engine.k_new, self.engine.v_new
         runtime.pending[self.layer_idx] = (self, key_states)
         return key_states, value_states
 
@@ -375,7 +394,7 @@ class RaaSLayer(CacheLayerMixin):
         need = int(self.engine.length.max()) + 1
         if need > self.capacity:
             raise ValueError(
-                f"layer {self.layer_idx}: policy={self.config.policy!r} keeps every token and its buffer holds "
+                f"layer {self.layer_idx}: policy={self.config.policy.name!r} keeps every token and its buffer holds "
                 f"{self.capacity} tokens per sequence (max_length={self.cache.max_length}); this step needs "
                 f"{need}. Pass a larger max_length (RaaSCache(model, max_length=...) or the max_length "
                 "option), or generate fewer tokens"
@@ -449,11 +468,11 @@ class RaaSLayer(CacheLayerMixin):
         scale = float(scaling) if scaling is not None else D**-0.5
         cfg = self.config
         max_length = None
-        if not cfg.bounded:
+        if not cfg.policy.bounded:
             max_length = self.cache.max_length
             if max_length is None:
                 raise ValueError(
-                    f"policy={cfg.policy!r} (layer {self.layer_idx}) keeps every token and needs max_length, the most "
+                    f"policy={cfg.policy.name!r} (layer {self.layer_idx}) keeps every token and needs max_length, the most "
                     "tokens a sequence will hold: generate fills it in; when calling the model yourself pass "
                     "RaaSCache(model, max_length=...)"
                 )
@@ -472,11 +491,11 @@ class RaaSLayer(CacheLayerMixin):
         try:
             engine.prefill(torch.where(keep, key, 0), torch.where(keep, value, 0), real)
         except ValueError as e:
-            raise ValueError(f"layer {self.layer_idx}, policy={cfg.policy!r}: {e}") from None
+            raise ValueError(f"layer {self.layer_idx}, policy={cfg.policy.name!r}: {e}") from None
         if self.cache._runtime.tracer is not None:
             self.cache._runtime.tracer.on_prefill(self.layer_idx, engine)
         self.engine = engine
-        self.capacity = None if cfg.bounded else engine.S
+        self.capacity = None if cfg.policy.bounded else engine.S
         self.prefill_len = n
         self.final_len = None
         self.prefilled = True
@@ -505,7 +524,7 @@ class RaaSLayer(CacheLayerMixin):
             with torch.no_grad():
                 eng.prefill(torch.where(keep, k_all, 0).detach(), torch.where(keep, v_all, 0).detach(), real)
         except ValueError as e:
-            raise ValueError(f"layer {self.layer_idx}, policy={self.config.policy!r} (prompt in pieces, "
+            raise ValueError(f"layer {self.layer_idx}, policy={self.config.policy.name!r} (prompt in pieces, "
                              f"{self.prefill_len} + {n} tokens so far): {e}") from None
         if self.cache._runtime.tracer is not None:
             self.cache._runtime.tracer.on_prefill(self.layer_idx, eng, extend=True)
@@ -569,9 +588,8 @@ class RaaSCache(Cache):
                     raise TypeError(
                         f"RaaSCache got an unknown option {name!r}; allowed: max_length, budget, {', '.join(_OPTION_NAMES)}"
                     )
-            config = config.replace(**options)
-            if config.dense_layers > runtime.num_layers:
-                raise ValueError(f"dense_layers={config.dense_layers} exceeds the model's {runtime.num_layers} layers")
+            config = _override(config, options)
+            _check_dense_layers(config, runtime.num_layers)
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
         self._runtime = runtime
@@ -587,7 +605,7 @@ class RaaSCache(Cache):
 
     @property
     def needs_max_length(self) -> bool:
-        return any(not layer.config.bounded for layer in self.layers)
+        return any(not layer.config.policy.bounded for layer in self.layers)
 
     def prepare_generation(self, max_cache_length: int) -> None:
         """Called by the patched ``generate``: size the O(N) buffers for ``max_cache_length`` tokens
@@ -598,7 +616,7 @@ class RaaSCache(Cache):
         if self.fixed_max_length is None:
             self.max_length = max_cache_length
         elif max_cache_length > self.fixed_max_length:
-            policies = sorted({layer.config.policy for layer in self.layers if not layer.config.bounded})
+            policies = sorted({layer.config.policy.name for layer in self.layers if not layer.config.policy.bounded})
             raise ValueError(
                 f"this generation can hold up to {max_cache_length} tokens per sequence (prompt + max_new_tokens - 1) "
                 f"but max_length={self.fixed_max_length} (policies {policies} keep every token); raise max_length "
@@ -876,7 +894,7 @@ def stats(model_or_cache) -> dict:
         layers.append(
             {
                 "layer": layer.layer_idx,
-                "policy": layer.config.policy,
+                "policy": layer.config.policy.name,
                 "budget": layer.config.budget,
                 "slots": eng.S,
                 "tokens": ps.length.tolist(),
@@ -888,7 +906,7 @@ def stats(model_or_cache) -> dict:
             }
         )
     return {
-        "policy": cache.config.policy,
+        "policy": cache.config.policy.name,
         "budget": cache.config.budget,
         "page_size": cache.config.page_size,
         "batch_size": cache.layers[0].engine.B,

@@ -1,35 +1,72 @@
-"""KV policies on top of the paged engine: which pages are attended, evicted and refreshed.
+"""KV policies: which pages a step attends, evicts and refreshes.
 
-The engine (engine.PagedKVCache) owns buffers, page tables, masks and the eviction mechanics: a new
+A policy is a small frozen dataclass that owns its hyperparameters. The engine
+(:class:`raas_flex.engine.PagedKVCache`) owns the buffers, the page table and the mechanics: a new
 page goes to the lowest free page slot, else replaces the evictable page with the smallest
 ``eviction_key`` (ties toward the lower slot). A policy only says
 
 - ``evictable(c)``: which resident, unpinned pages it allows to evict (bool [B, Hkv, P]);
 - ``eviction_key(c)``: the order of eviction (smallest first), [B, Hkv, P];
 - ``attended_pages(c, q)``: pages attended this step (None = every resident page);
-- ``observe(c, q, valid)``: state updates after attention (RaaS refreshes timestamps);
-- ``pin_prefill(c)``: whether prompt pages are pinned.
+- ``observe(c, q, valid)``: state updates after attention (RaaS refreshes timestamps).
 
-Every hook runs inside the compiled decode step: fixed shapes, no host sync.
+``c`` is the engine; policies read its public page table (``page_id``, ``stamp``, ``pinned``,
+``score``, ``length``, ``step``, ``open_slot``, ``slot_index``, ``page_size``, ``budget_pages``)
+and its importance functions (``page_bound``, ``page_share``). Every hook runs inside the compiled
+decode step: fixed shapes, no host sync. The fused kernels (:mod:`raas_flex.kernels`) implement the
+same rules for the policies that declare an ``append_code``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
-from .config import RaaSConfig
+
+def check_int(name: str, value, *, low: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
 
 
+def check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+
+
+def check_float(name: str, value, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
+    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r} must be in {span}")
+
+
+@dataclass(frozen=True)
 class Policy:
-    name = "base"
-    narrows = False  # True when attended_pages() may select a subset of the resident pages
+    """Base policy: nothing is evicted early, every resident page is attended, nothing observed."""
 
-    def __init__(self, config: RaaSConfig) -> None:
-        self.config = config
+    name: ClassVar[str] = "base"
+    bounded: ClassVar[bool] = True  # holds at most ``budget`` tokens (O(L) memory)
+    narrows: ClassVar[bool] = False  # attended_pages() may pick a subset of the resident pages
+    append_code: ClassVar[int | None] = None  # eviction rule of the fused append kernel, if it has one
+    pin_prompt: bool = False
 
-    def pin_prefill(self, c) -> bool:
-        return self.config.pins_prompt
+    def __post_init__(self) -> None:
+        if not isinstance(self.pin_prompt, bool):
+            raise TypeError(f"pin_prompt must be True or False, got {self.pin_prompt!r}")
+
+    def validate(self, budget_pages: int, page_size: int) -> None:
+        """Raise ValueError if the policy cannot run at this budget."""
+
+    @property
+    def fused_observe(self) -> bool:
+        """True when the fused kernels implement observe() (raas with the bound and top-k)."""
+        return False
 
     def evictable(self, c) -> Tensor:
         return torch.ones_like(c.pinned)
@@ -44,116 +81,147 @@ class Policy:
         return None
 
 
+@dataclass(frozen=True)
 class RaaS(Policy):
-    """RaaS (arXiv 2502.11147): evict the page used longest ago; a page is "used" at a step when
-    it is among the top ``refresh_ratio`` of the budget's pages by importance (or its attention
-    share exceeds ``refresh_threshold``). Ties in age go to the older logical page."""
+    """RaaS (arXiv 2502.11147): evict the page used longest ago; a page is "used" at a step when it
+    is among the top ``refresh_ratio`` of the budget's pages by importance ("topk"), or when its
+    attention share exceeds ``refresh_threshold`` ("threshold", needs importance="attention").
+    importance: "bound" is Quest's page bound sum_d max(q_d M_d, q_d m_d) over per-page key max M and
+    min m; "attention" is the page's share of the current query's softmax mass. Under GQA each KV
+    head takes the max over its query heads. Ties in age go to the older logical page."""
 
-    name = "raas"
+    name: ClassVar[str] = "raas"
+    append_code: ClassVar[int | None] = 0
+    importance: str = "bound"
+    refresh: str = "topk"
+    refresh_ratio: float = 0.5
+    refresh_threshold: float = 1e-4
+    pin_prompt: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("importance", self.importance, ("bound", "attention"))
+        check_choice("refresh", self.refresh, ("topk", "threshold"))
+        check_float("refresh_ratio", self.refresh_ratio, 0.0, 1.0, low_open=True, high_open=False)
+        check_float("refresh_threshold", self.refresh_threshold, 0.0, 1.0, low_open=False, high_open=True)
+        if self.refresh == "threshold" and self.importance != "attention":
+            raise ValueError("refresh='threshold' compares attention shares with refresh_threshold and needs "
+                             f"importance='attention', got importance={self.importance!r}")
+
+    def validate(self, budget_pages: int, page_size: int) -> None:
+        if self.refresh == "topk" and self.refresh_pages(budget_pages) < 1:
+            raise ValueError(f"refresh_ratio={self.refresh_ratio!r} refreshes no page of the budget's {budget_pages} "
+                             f"pages; allowed: refresh_ratio >= {1 / budget_pages:.4g}")
+
+    def refresh_pages(self, budget_pages: int) -> int:
+        return int(self.refresh_ratio * budget_pages)
+
+    @property
+    def fused_observe(self) -> bool:
+        return self.importance == "bound" and self.refresh == "topk"
 
     def eviction_key(self, c) -> Tensor:
-        # stamp is the primary key, the logical page id breaks ties (older page first)
-        return c.stamp * (1 << 32) + c.page_id
+        return c.stamp * (1 << 32) + c.page_id  # stamp first, then the older logical page
 
     def observe(self, c, q: Tensor, valid: Tensor) -> None:
-        cfg = self.config
-        if cfg.importance == "bound":
-            imp = c.page_bound(q)
+        imp = c.page_bound(q) if self.importance == "bound" else c.page_share(q, valid)
+        resident = c.page_id >= 0
+        if self.refresh == "threshold":
+            refreshed = resident & (imp > self.refresh_threshold)
         else:
-            imp = c.page_share(q, valid.view(c.B, c.H, c.S))
-        refresh_mask = refreshed_pages(imp, c.page_id >= 0, cfg)
-        c.stamp.copy_(torch.where(refresh_mask, c.step, c.stamp))
+            key = torch.where(resident, imp, float("-inf"))
+            refreshed = resident & (descending_rank(key) < self.refresh_pages(c.budget_pages))
+        c.stamp.copy_(torch.where(refreshed, c.step, c.stamp))
         c.score.copy_(torch.nan_to_num(imp, neginf=0.0))
-
-
-def refreshed_pages(importance: Tensor, resident: Tensor, cfg: RaaSConfig) -> Tensor:
-    """bool [..., P]: pages refreshed by the configured rule.
-
-    topk: the ``cfg.refresh_pages`` resident pages with the highest importance; ties go to the
-    lower page slot (stable sort). threshold: resident pages whose importance > threshold.
-    """
-    if cfg.refresh == "threshold":
-        return resident & (importance > cfg.refresh_threshold)
-    key = torch.where(resident, importance, float("-inf"))
-    return resident & (descending_rank(key) < cfg.refresh_pages)
 
 
 def descending_rank(key: Tensor) -> Tensor:
     """Rank of each entry along the last dim in a stable descending sort (0 = largest; ties keep
-    index order), as int64 [..., P].
-
-    Computed by pairwise comparison, O(P^2) per row but one fused reduction kernel with no sort:
-    P (pages in the buffer) is at most a few hundred, and on GPU this is several times cheaper
-    than argsort + scatter.
-    """
+    index order), int64 [..., P]. Pairwise comparison: O(P^2) per row but one fused reduction with
+    no sort (P is at most a few hundred pages)."""
     p = key.shape[-1]
     idx = torch.arange(p, device=key.device)
-    a = key[..., :, None]  # entry being ranked
-    b = key[..., None, :]  # entries it is compared with
-    before = (b > a) | ((b == a) & (idx[None, :] < idx[:, None]))
-    return before.sum(-1)
+    a, b = key[..., :, None], key[..., None, :]
+    return ((b > a) | ((b == a) & (idx[None, :] < idx[:, None]))).sum(-1)
 
 
+@dataclass(frozen=True)
 class Streaming(Policy):
     """StreamingLLM: ``sink_tokens`` initial tokens (kept as whole pages) + the most recent pages."""
 
-    name = "streaming"
+    name: ClassVar[str] = "streaming"
+    append_code: ClassVar[int | None] = 1
+    sink_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("sink_tokens", self.sink_tokens, low=0)
+
+    def sink_pages(self, page_size: int) -> int:
+        return -(-self.sink_tokens // page_size)
+
+    def validate(self, budget_pages: int, page_size: int) -> None:
+        if self.sink_pages(page_size) >= budget_pages:
+            raise ValueError(f"sink_tokens={self.sink_tokens} takes {self.sink_pages(page_size)} pages of the budget's "
+                             f"{budget_pages}; at least one page must remain for the recent window")
 
     def evictable(self, c) -> Tensor:
-        return c.page_id >= self.config.sink_pages
-
-    def eviction_key(self, c) -> Tensor:
-        return c.page_id  # oldest page first
+        return c.page_id >= self.sink_pages(c.page_size)
 
 
+@dataclass(frozen=True)
 class H2O(Policy):
     """H2O at page granularity: the most recent half of the budget's pages is protected; among the
     rest the page with the least accumulated attention share is evicted, for good."""
 
-    name = "h2o"
+    name: ClassVar[str] = "h2o"
+    append_code: ClassVar[int | None] = 2
+
+    @staticmethod
+    def recent_pages(budget_pages: int) -> int:
+        return budget_pages - budget_pages // 2
 
     def evictable(self, c) -> Tensor:
-        recent = self.config.recent_pages
-        newest = c.length // c.ps  # logical page being opened when one is needed
-        return c.page_id <= (newest[:, None, None] - recent)
+        newest = c.length // c.page_size  # logical page being opened when one is needed
+        return c.page_id <= (newest[:, None, None] - self.recent_pages(c.budget_pages))
 
     def eviction_key(self, c) -> Tensor:
         return c.score
 
     def observe(self, c, q: Tensor, valid: Tensor) -> None:
-        c.score.add_(c.page_share(q, valid.view(c.B, c.H, c.S)))
+        c.score.add_(c.page_share(q, valid))
 
 
+@dataclass(frozen=True)
 class Quest(Policy):
     """Quest (arXiv 2406.10774): keep every page; attend to the ``budget_pages`` pages with the
     largest page bound, always including the open page."""
 
-    name = "quest"
-    narrows = True
+    name: ClassVar[str] = "quest"
+    bounded: ClassVar[bool] = False
+    narrows: ClassVar[bool] = True
 
     def evictable(self, c) -> Tensor:
         return torch.zeros_like(c.pinned)
 
     def attended_pages(self, c, q: Tensor) -> Tensor | None:
-        if self.config.budget_pages >= c.P:
-            return None  # the budget covers the whole buffer: attend to every resident page
-        bound = c.page_bound(q)
-        is_open = c._slot_ar == c.open_slot[..., None]
-        bound = torch.where(is_open, float("inf"), bound)
+        if c.budget_pages >= c.P:
+            return None  # the budget covers the whole buffer
+        bound = torch.where(c.slot_index == c.open_slot[..., None], float("inf"), c.page_bound(q))
         resident = c.page_id >= 0
-        # argsort rather than descending_rank: this result feeds the mask_mod, and a sort is always
-        # realized as its own buffer (the fully fused pairwise form tripped Inductor's flex lowering
-        # on GPU for tiny page counts: "convert FlexibleLayout to FixedLayout first").
-        key = torch.where(resident, bound, float("-inf"))
-        order = torch.argsort(key, dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, c._slot_ar.expand_as(order))
-        return resident & (rank < self.config.budget_pages)
+        # argsort, not descending_rank: this feeds the mask_mod, and a sort is always realized as its
+        # own buffer (the fused pairwise form tripped Inductor's flex lowering for tiny page counts)
+        order = torch.argsort(torch.where(resident, bound, float("-inf")), dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, c.slot_index.expand_as(order))
+        return resident & (rank < c.budget_pages)
 
 
+@dataclass(frozen=True)
 class Dense(Policy):
     """Full attention over every token; nothing is evicted (O(N) memory)."""
 
-    name = "dense"
+    name: ClassVar[str] = "dense"
+    bounded: ClassVar[bool] = False
 
     def evictable(self, c) -> Tensor:
         return torch.zeros_like(c.pinned)
@@ -162,5 +230,22 @@ class Dense(Policy):
 POLICY_CLASSES = {cls.name: cls for cls in (RaaS, Quest, H2O, Streaming, Dense)}
 
 
-def make_policy(config: RaaSConfig) -> Policy:
-    return POLICY_CLASSES[config.policy](config)
+def policy_options(name: str) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(POLICY_CLASSES[name]))
+
+
+def make_policy(policy: str | Policy = "raas", *, extra_allowed: tuple[str, ...] = (), **options) -> Policy:
+    """A policy from its name and options: ``make_policy("raas", refresh_ratio=0.25)``."""
+    if isinstance(policy, Policy):
+        if options:
+            raise TypeError(f"options {sorted(options)} given with a {type(policy).__name__} object: set them on it")
+        return policy
+    check_choice("policy", policy, tuple(POLICY_CLASSES))
+    allowed = policy_options(policy)
+    for key in options:
+        if key not in allowed:
+            others = sorted({o for n in POLICY_CLASSES for o in policy_options(n)} - set(allowed))
+            hint = f" ({key!r} belongs to another policy)" if key in others else ""
+            raise TypeError(f"policy={policy!r} got an unknown option {key!r}{hint}; allowed: "
+                            f"{', '.join(allowed + tuple(extra_allowed))}")
+    return POLICY_CLASSES[policy](**options)

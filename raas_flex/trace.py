@@ -197,7 +197,7 @@ class AttentionTrace:
         else:
             _check_index_list("heads", list(self.heads), engine.H)
         self.page_size, self.num_kv_heads, self.group_size = engine.ps, engine.H, engine.G
-        self.policy, self.budget = engine.config.policy, engine.config.budget
+        self.policy, self.budget = engine.policy.name, engine.config.budget
         self.prompt_tokens = int(engine.length[self.row])
         if self._auto_pages:
             self.max_pages = -(-(self.prompt_tokens + self.max_steps) // self.page_size)
