@@ -1,18 +1,20 @@
-"""One attention layer, one decode token: the engine's whole step per policy vs SDPA baselines.
+"""One attention layer, one decode token: the engine's whole step per configuration vs SDPA baselines.
 
 For each grid point (batch B, heads Hq/Hkv, head dim 128, context N, budget L) it times, by
-CUDA-graph replay of the compiled step (median over chunks of replays, CUDA events):
+CUDA-graph replay of ``PagedKVCache.compiled_decode()`` (the step ``model.generate`` runs per layer;
+median over chunks of replays, CUDA events):
 
-    raas / h2o / streaming   full engine step over an L-slot compacted buffer (O(L) memory);
-                             on CUDA with the fused Triton bookkeeping kernels (raas_flex.kernels)
-    raas_torch               raas with fused=False: the same step with the torch bookkeeping code
-    quest                    full engine step over an N-token buffer attending to L tokens
-    sdpa_dense_N             F.scaled_dot_product_attention over N cached tokens (today's dense decode)
-    sdpa_L                   SDPA over a dense L-token buffer: the ideal for a compacted cache
-    floor_L                  bytes of K and V in L slots / measured copy bandwidth
+    <config>       the engine step of a configuration named by its user-facing options, e.g.
+                   ``raas`` (the shipped default), ``raas:backend=flex``,
+                   ``raas:importance=attention,refresh=threshold``, ``h2o``, ``streaming``, ``quest``;
+                   bounded policies over an L-slot compacted buffer (O(L) memory), quest over N tokens
+    sdpa_dense_N   F.scaled_dot_product_attention over N cached tokens (today's dense decode)
+    sdpa_L         SDPA over a dense L-token buffer: the ideal for a compacted cache
+    floor_L        bytes of K and V in L slots / measured copy bandwidth
 
 Every engine output is checked against a float64 reference over the resident tokens before it is
-timed. Results: JSON and a markdown table under --out (default benchmarks/results/).
+timed, and the graphs compiled after warm-up are counted. Results: JSON (keys: the configuration
+names beside ``sdpa_L``), a markdown table and a plot under --out (default benchmarks/results/).
 
     python benchmarks/decode_step.py                 # full grid (GPU)
     python benchmarks/decode_step.py --quick         # two small points
@@ -43,7 +45,8 @@ except ImportError:  # pragma: no cover - tqdm is a dependency of raas_flex
         return x
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from raas_flex import PagedKVCache, RaaSConfig, kernels  # noqa: E402
+from raas_flex import PagedKVCache  # noqa: E402
+from raas_flex.config import make_config, parse_spec  # noqa: E402
 
 FULL_GRID = [
     # (B, Hq, Hkv)
@@ -102,139 +105,44 @@ def reference(cache: PagedKVCache, q: torch.Tensor, rows: int = 2) -> torch.Tens
     return F.scaled_dot_product_attention(q[:b].double(), k, v, attn_mask=valid, scale=cache.scale)
 
 
-VARIANTS = {  # name -> (policy, fused, observe_in_append, attention)
-    "raas_torch": ("raas", False, True, "flex"),  # the torch bookkeeping code (the fused kernels' reference)
-    "raas_split": ("raas", None, False, "flex"),  # fused, the observe as its own kernel after the attention
-    "raas_triton": ("raas", None, True, "triton"),  # the whole step in one kernel (kernels.fused_step)
-}
-
-
-KERNEL_OPTION_TOKENS = {"skv": "SPLIT_KV", "bn": "BLOCK_N", "w": "num_warps", "s": "num_stages"}
-# knobs of raas_flex.kernels' attention kernels (attention="triton"), set while a variant is compiled
-TRITON_KNOB_TOKENS = {"tbn": "ATTEND_BLOCK_N", "tw": "ATTEND_WARPS", "ts": "ATTEND_STAGES", "tsplit": "ATTEND_SPLIT",
-                      "ttp": "ATTEND_TILES_PER_PROGRAM", "tbe": "ATTEND_BOUND_ELEMS", "tbd": "ATTEND_BOUND_DOT", "tbs": "ATTEND_BOUND_STAGES", "tob": "ATTEND_OBSERVER",
-                      "toms": "ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM", "tobd": "ATTEND_OBSERVER_BOUND_DOT",
-                      "tobe": "ATTEND_OBSERVER_BOUND_ELEMS", "tobc": "ATTEND_OBSERVER_CHUNK_ELEMS", "tls": "ATTEND_LAZY_SLOT", "tdiag": "ATTEND_DIAG",
-                      "tpf": "ATTEND_PREFETCH", "topf": "ATTEND_OBSERVER_PREFETCH",
-                      "tomin": "ATTEND_OBSERVER_MIN_SPLIT", "tlean": "ATTEND_LEAN_ROW_WRITES",
-                      "trw": "ATTEND_ROW_WRITER", "trwmin": "ATTEND_ROW_WRITER_MIN_SPLIT",
-                      "tco": "ATTEND_COMBINE_ONLINE", "tcomin": "ATTEND_COMBINE_ONLINE_MIN_SPLIT", "tet": "ATTEND_EARLY_TICKET",
-                      "tqf": "ATTEND_Q_FIRST", "tol": "ATTEND_OBSERVER_LAST"}
-
-
-def parse_variant(name: str):
-    """'raas', 'raas_split', 'h2o', ... optionally with flex kernel options as '+' tokens: skvN
-    (SPLIT_KV), bnN (BLOCK_N), wN (num_warps), sN (num_stages), e.g. 'raas+skv8+bn128'; '+pdl'
-    (Inductor's programmatic dependent launch, ``config.triton.enable_pdl``, where the torch has it);
-    and for attention="triton" variants the kernel knobs tbnN (ATTEND_BLOCK_N), twN (ATTEND_WARPS),
-    tsN (ATTEND_STAGES), tsplitN (ATTEND_SPLIT), ttpN (ATTEND_TILES_PER_PROGRAM), tbeN
-    (ATTEND_BOUND_ELEMS), tbd0/tbd1 (ATTEND_BOUND_DOT), tbsN (ATTEND_BOUND_STAGES), tob0/tob1 (ATTEND_OBSERVER), tomsN (ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM), tobd0/tobd1 (ATTEND_OBSERVER_BOUND_DOT),
-    tobeN (ATTEND_OBSERVER_BOUND_ELEMS), tobcN (ATTEND_OBSERVER_CHUNK_ELEMS), tls0/tls1 (ATTEND_LAZY_SLOT), tpfN (ATTEND_PREFETCH), topf0/topf1 (ATTEND_OBSERVER_PREFETCH), tominN
-    (ATTEND_OBSERVER_MIN_SPLIT), tlean0/tlean1 (ATTEND_LEAN_ROW_WRITES), trw0/trw1
-    (ATTEND_ROW_WRITER), trwminN (ATTEND_ROW_WRITER_MIN_SPLIT), tco0/tco1 (ATTEND_COMBINE_ONLINE), tcominN
-    (ATTEND_COMBINE_ONLINE_MIN_SPLIT), tet0/tet1
-    (ATTEND_EARLY_TICKET), tqf0/tqf1 (ATTEND_Q_FIRST), tol0/tol1
-    (ATTEND_OBSERVER_LAST), e.g. 'raas_triton+tbn128+tw8'; and tdiagN (ATTEND_DIAG: diagnostic builds
-    that skip parts of the step, timed but not checked, to say what each part costs).
-    Returns (policy, fused, observe_in_append, attention, kernel_options, inductor_config, knobs)."""
-    base, *opts = name.split("+")
-    policy, fused, in_append, attention = VARIANTS.get(base, (base, None, True, "flex"))
-    kernel_options, inductor, knobs = {}, {}, {}
-    for opt in opts:
-        if opt == "pdl":
-            if not hasattr(torch._inductor.config.triton, "enable_pdl"):
-                # (config.patch of a missing key is not an error on every torch: refuse it here)
-                raise ValueError(f"policy variant {name!r}: +pdl needs torch._inductor.config.triton.enable_pdl, "
-                                 f"which torch {torch.__version__} does not have")
-            inductor["triton.enable_pdl"] = True
-            continue
-        prefix = opt.rstrip("0123456789")
-        if prefix in TRITON_KNOB_TOKENS and prefix != opt:
-            if attention != "triton":
-                raise ValueError(f"policy variant {name!r}: +{opt} sets a knob of the attention='triton' kernels; "
-                                 f"{base!r} uses attention={attention!r}")
-            knobs[TRITON_KNOB_TOKENS[prefix]] = int(opt[len(prefix):])
-            continue
-        if prefix not in KERNEL_OPTION_TOKENS or prefix == opt:
-            raise ValueError(f"policy variant {name!r}: +{opt} is not one of "
-                             f"{', '.join(t + 'N' for t in [*KERNEL_OPTION_TOKENS, *TRITON_KNOB_TOKENS])}, pdl")
-        kernel_options[KERNEL_OPTION_TOKENS[prefix]] = int(opt[len(prefix):])
-    return policy, fused, in_append, attention, kernel_options, inductor, knobs
-
-
-def is_diagnostic(name: str) -> bool:
-    """A tdiagN variant with some bit set: a build that skips parts of the step (timed, not checked)."""
-    return bool(parse_variant(name)[6].get("ATTEND_DIAG"))
-
-
-@contextlib.contextmanager
-def kernel_knobs(knobs: dict):
-    """Set raas_flex.kernels module knobs for the block, then restore them.
-
-    The knobs are read when Inductor lowers the op, after its graph cache has been consulted: with
-    the cache on, a later variant of the same shape gets the first variant's compiled kernel (seen on
-    the H200: every variant of a four-split sweep timed the first split). So the compile caches are off
-    inside."""
-    if not knobs:
-        yield
-        return
-    saved = {k: getattr(kernels, k) for k in knobs}
-    try:
-        for k, v in knobs.items():
-            setattr(kernels, k, v)
-        with torch.compiler.config.patch(force_disable_caches=True):
-            yield
-    finally:
-        for k, v in saved.items():
-            setattr(kernels, k, v)
-
-
-def make_cache(policy, B, Hq, Hkv, D, N, L, dtype, device, extra_steps):
+def make_cache(spec, B, Hq, Hkv, D, N, L, dtype, device, extra_steps):
+    """The engine of configuration ``spec`` with its buffer full: a bounded policy holds L - 16 tokens
+    (nothing pinned, so every new page evicts one), quest and dense hold N."""
+    name, options = parse_spec(spec)
     ps = 16
-    policy, fused, in_append, attention, kopts, _, _ = parse_variant(policy)
-    cfg = RaaSConfig(budget=L, policy=policy, page_size=ps, pin_prompt=False, fused=fused, attention=attention,
-                     max_length=(N + extra_steps) if policy in ("quest", "dense") else None)
-    cache = PagedKVCache(cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
-                         dtype=dtype, device=device, max_length=cfg.max_length)
-    cache.observe_in_append = in_append
-    if kopts:
-        cache.kernel_options = {**(cache.kernel_options or {}), **kopts}
-    n0 = N if policy in ("quest", "dense") else L - ps  # bounded: full buffer, evicting every page
-    k = torch.randn(B, Hkv, n0, D, dtype=dtype, device=device)
-    v = torch.randn(B, Hkv, n0, D, dtype=dtype, device=device)
-    cache.prefill(k, v)
+    cfg = make_config(L, name, **{"page_size": ps, "pin_prompt": False, **options})
+    bounded = cfg.policy.bounded
+    cache = PagedKVCache(cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, dtype=dtype,
+                         device=device, max_length=None if bounded else N + extra_steps)
+    n0 = L - ps if bounded else N
+    cache.prefill(torch.randn(B, Hkv, n0, D, dtype=dtype, device=device),
+                  torch.randn(B, Hkv, n0, D, dtype=dtype, device=device))
     return cache
 
 
-def time_policy(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, row, extra=400):
+def time_config(spec, B, Hq, Hkv, D, N, L, dtype, device, timed, row, extra=400):
     q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device)
     kn = torch.randn(B, Hkv, 1, D, dtype=dtype, device=device)
     vn = torch.randn(B, Hkv, 1, D, dtype=dtype, device=device)
-    cache = make_cache(policy, B, Hq, Hkv, D, N, L, dtype, device, extra)
+    cache = make_cache(spec, B, Hq, Hkv, D, N, L, dtype, device, extra)
     step = cache.compiled_decode()
-    # correctness of the compiled step against float64, on fresh inputs, over a few steps
     from torch._dynamo.utils import counters
 
-    errs = []
-    graphs = None
-    for i in range(3):
+    errs, graphs = [], None
+    for i in range(3):  # the compiled step against float64, on fresh inputs, over a few steps
         qq = torch.randn_like(q)
         out = step(qq, torch.randn_like(kn), torch.randn_like(vn))
         if i == 0:  # warm-up done: from here on a new graph would be a recompile
             graphs = counters["stats"]["unique_graphs"]
         ref = reference(cache, qq)
         errs.append(((out[: ref.shape[0]].double() - ref).norm() / ref.norm()).item())
-    row[f"{policy}_err"] = max(errs)
+    row[f"{spec}_err"] = max(errs)
+    row[f"{spec}_backend"] = cache.backend
     if timed:
-        row[policy] = graph_time_us(lambda: step(q, kn, vn))
-    row[f"{policy}_graphs_after_warmup"] = counters["stats"]["unique_graphs"] - graphs
-    row[f"{policy}_kv_bytes"] = cache.kv_bytes
-    if is_diagnostic(policy):
-        # a diagnostic build skips parts of the step: its output and state are wrong by design, and
-        # its time is only the cost of what it kept (the error above is recorded, not checked)
-        row[f"{policy}_diagnostic"] = True
-    else:
-        cache.check()
+        row[spec] = graph_time_us(lambda: step(q, kn, vn))
+    row[f"{spec}_graphs_after_warmup"] = counters["stats"]["unique_graphs"] - graphs
+    row[f"{spec}_kv_bytes"] = cache.kv_bytes
+    cache.check()
     del step, cache
     torch._dynamo.reset()  # compiled code holds the cache's buffers; free them before the next point
     if device != "cpu":
@@ -250,7 +158,7 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
     extra = 400
     q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device)
     for policy in policies:
-        bounded = parse_variant(policy)[0] not in ("quest", "dense")
+        bounded = parse_spec(policy)[0] not in ("quest", "dense")
         if not policy.startswith("raas") and baseline_budgets and L not in baseline_budgets:
             row[policy] = None  # baselines only at the budgets asked for (keeps the full grid short)
             continue
@@ -264,9 +172,7 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
             continue
         part = {}
         try:
-            variant = parse_variant(policy)
-            with torch._inductor.config.patch(variant[5]), kernel_knobs(variant[6]):  # (compiles happen in here)
-                time_policy(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra)
+            time_config(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra)
         except Exception as e:  # a failing point is a result to report, not a reason to lose the grid
             if not timed:
                 raise
@@ -297,9 +203,7 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
 
 def markdown(rows, policies) -> str:
     cols = ["B", "Hq/Hkv", "N", "L", "floor_L", "sdpa_L", *policies, "sdpa_dense_N", "raas/sdpa_L", "sdpa_N/raas"]
-    if "raas_torch" in policies:
-        cols.append("raas_torch/raas")
-    variants = [p for p in policies if p.startswith("raas") and p != "raas"]
+    variants = [p for p in policies if p != "raas"]
     cols += [f"{p}/sdpa_L" for p in variants]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     f = lambda x: "-" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))
@@ -309,8 +213,6 @@ def markdown(rows, policies) -> str:
                 *[r.get(p) for p in policies], r.get("sdpa_dense_N"),
                 (raas / r["sdpa_L"]) if raas and r.get("sdpa_L") else None,
                 (r["sdpa_dense_N"] / raas) if raas and r.get("sdpa_dense_N") else None]
-        if "raas_torch" in policies:
-            vals.append((r["raas_torch"] / raas) if raas and r.get("raas_torch") else None)
         vals += [(r[p] / r["sdpa_L"]) if r.get(p) and r.get("sdpa_L") else None for p in variants]
         out.append("| " + " | ".join(f(v) for v in vals) + " |")
     return "\n".join(out)
@@ -320,11 +222,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two small grid points")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU-sized run, checks only (no timing)")
-    ap.add_argument("--policies", default="raas,h2o,streaming,quest",
-                    help="comma list of raas, raas_split (fused, observe as its own kernel), raas_triton (attention and "
-                         "observe in one Triton kernel: attention='triton'), raas_torch (raas with "
-                         "fused=False), h2o, streaming, quest; any of them with flex kernel options: +skvN (SPLIT_KV), "
-                         "+bnN (BLOCK_N), +wN (num_warps), +sN (num_stages); +pdl: Inductor's programmatic dependent launch")
+    ap.add_argument("--configs", default="raas,h2o,streaming,quest",
+                    help="semicolon-separated configurations by their user-facing options: POLICY or "
+                         "POLICY:KEY=VALUE,..., e.g. 'raas;raas:backend=flex;raas:importance=attention,refresh=threshold;h2o'")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--max-gb", type=float, default=30.0, help="skip points whose KV exceeds this")
@@ -338,12 +238,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.replot:
         data = json.loads(Path(args.replot).read_text())
-        pols = [p for p in ("raas", "raas_torch", "h2o", "streaming", "quest") if any(p in r for r in data["rows"])]
+        pols = data["meta"]["configs"]
         print(markdown(data["rows"], pols))
         print("wrote", plot(data["rows"], data["meta"], Path(args.replot).with_suffix(".png")))
         return data["rows"]
     baseline_budgets = () if args.baseline_budgets == "all" else tuple(int(x) for x in args.baseline_budgets.split(","))
-    policies = args.policies.split(",")
+    policies = [c for c in args.configs.split(";") if c]
+    for spec in policies:
+        parse_spec(spec)  # a bad name fails here, not after the first grid point
     torch.manual_seed(0)
     if args.smoke:
         device, dtype, timed = "cpu", torch.float32, False
@@ -369,7 +271,7 @@ def main(argv=None):
     meta = dict(
         command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
         torch=torch.__version__, device=torch.cuda.get_device_name() if timed else platform.processor() or "cpu",
-        dtype=str(dtype), copy_bandwidth_TBps=bw / 1e12, time=time.strftime("%Y-%m-%d %H:%M:%S"),
+        dtype=str(dtype), copy_bandwidth_TBps=bw / 1e12, time=time.strftime("%Y-%m-%d %H:%M:%S"), configs=policies,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

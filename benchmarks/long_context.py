@@ -56,6 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import raas_flex  # noqa: E402
+from raas_flex.config import make_config, parse_spec  # noqa: E402
 from benchmarks.hf_generate import ARCHS, build  # noqa: E402
 
 try:
@@ -297,9 +298,10 @@ def main(argv=None):
     ap.add_argument("--raas-batches", default="",
                     help="extra raas batch sizes: integers and/or '<k>x' = k times the largest dense batch whose KV "
                          "fits at the largest dense context of this run (e.g. 128 or 8x)")
-    ap.add_argument("--raas-attention", default="flex",
-                    help="RaaSConfig.attention of the raas runs: flex, triton (opt-in, see README) or both, "
-                         "'flex,triton' (rows for each, and their tokens/s ratio at each batch)")
+    ap.add_argument("--raas-configs", default="raas",
+                    help="semicolon-separated raas-style configurations by their user-facing options (rows for each, "
+                         "and each one's tokens/s against the first at each batch), e.g. "
+                         "'raas;raas:backend=flex;raas:importance=attention,refresh=threshold'")
     ap.add_argument("--quest-contexts", default="", help="quest contexts N (comma separated; none by default)")
     ap.add_argument("--quest-budget", type=int, default=None, help="tokens quest attends to (default: --budget)")
     ap.add_argument("--quest-margin", type=int, default=64, help="quest max_length = N + this")
@@ -321,9 +323,14 @@ def main(argv=None):
         raas_items = parse_raas_batches(args.raas_batches)
     except ValueError as e:
         ap.error(str(e))
-    attentions = [a.strip() for a in args.raas_attention.split(",") if a.strip()]
-    if not attentions or len(set(attentions)) != len(attentions) or not set(attentions) <= {"flex", "triton"}:
-        ap.error(f"--raas-attention {args.raas_attention!r}: flex, triton or both (comma separated, no repeats)")
+    attentions = [a.strip() for a in args.raas_configs.split(";") if a.strip()]
+    try:
+        specs = {a: parse_spec(a) for a in attentions}
+    except ValueError as e:
+        ap.error(str(e))
+    if len(set(attentions)) != len(attentions) or any(not make_config(2048, n, **o).policy.bounded
+                                                      for n, o in specs.values()):
+        ap.error(f"--raas-configs {args.raas_configs!r}: bounded policies (raas, h2o, streaming), no repeats")
     order = [k.strip() for k in args.order.split(",") if k.strip()]
     if sorted(order) != sorted(set(order)) or not set(order) <= {"dense", "raas", "quest"}:
         ap.error(f"--order {args.order!r}: a permutation of some of dense,raas,quest")
@@ -405,7 +412,8 @@ def main(argv=None):
         ids = torch.randint(100, 1000, (b, P0), device=device, generator=gen)
         new = raas_new(b)
         kw = dict(prefill_chunk_size=args.prefill_chunk or None)
-        with raas_flex.patched(model, budget=L, attention=attention):
+        name, options = parse_spec(attention)
+        with raas_flex.patched(model, budget=L, policy=name, **options):
             phase["name"] = "warm-up"
             t_warm, g_warm = warm_up(model, ids, 48, device, **kw)  # compile + graphs
             phase["name"] = "timed"
@@ -478,8 +486,7 @@ def main(argv=None):
                 base, size, fn = dict(mode=f"quest budget={Lq}", kind="quest", B=B, N=x, budget=Lq), x, lambda: run_quest(x)
             else:
                 att, x = x
-                tag = "" if att == "flex" else f" attention={att}"
-                base = dict(mode=f"raas budget={L}{tag}", kind="raas", attention=att, batch_spec=spec_text(x))
+                base = dict(mode=f"{att} budget={L}", kind="raas", config=att, batch_spec=spec_text(x))
                 try:
                     b, derived = resolve_batch(x, rows)
                 except LookupError as e:
@@ -578,13 +585,15 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
 
 
 def attention_ratios(rows: list[dict]) -> list[dict]:
-    """raas rows of both attention kernels at the same batch in this run: tokens/s of triton / flex."""
+    """raas-style rows at the same batch in this run: each configuration's tokens/s over the first one's."""
     done = [r for r in rows if r.get("kind") == "raas" and "tokens_per_s" in r]
     out = []
-    for f in (r for r in done if r.get("attention", "flex") == "flex"):
-        for t in (r for r in done if r.get("attention") == "triton" and r["B"] == f["B"]):
-            out.append(dict(B=f["B"], flex_ms_per_step=f["ms_per_step"], triton_ms_per_step=t["ms_per_step"],
-                            triton_over_flex_tokens_per_s=t["tokens_per_s"] / f["tokens_per_s"]))
+    for f in done:
+        if f.get("config") != done[0].get("config"):
+            continue
+        for t in (r for r in done if r.get("config") != f.get("config") and r["B"] == f["B"]):
+            out.append(dict(B=f["B"], base=f["config"], config=t["config"], base_ms_per_step=f["ms_per_step"],
+                            ms_per_step=t["ms_per_step"], tokens_per_s_ratio=t["tokens_per_s"] / f["tokens_per_s"]))
     return out
 
 
@@ -637,10 +646,10 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int, att_ratio
     if not ratios:
         lines.append("| (no dense row and raas/quest row both measured in this run) | | | | | | | | | |")
     if att_ratios:
-        lines += ["", "raas attention kernels (rows of this run only): triton tokens/s / flex tokens/s", "",
-                  "| B | flex ms/step | triton ms/step | triton / flex tokens/s |", "|---|---|---|---|"]
-        lines += [f"| {q['B']} | {q['flex_ms_per_step']:.2f} | {q['triton_ms_per_step']:.2f} | "
-                  f"{q['triton_over_flex_tokens_per_s']:.2f}x |" for q in att_ratios]
+        lines += ["", "raas configurations (rows of this run only): tokens/s against the first configuration", "",
+                  "| B | first | ms/step | configuration | ms/step | tokens/s ratio |", "|---|---|---|---|---|---|"]
+        lines += [f"| {q['B']} | {q['base']} | {q['base_ms_per_step']:.2f} | {q['config']} | {q['ms_per_step']:.2f} | "
+                  f"{q['tokens_per_s_ratio']:.2f}x |" for q in att_ratios]
     head = ", ".join(f"{k}={meta[k]}" for k in ("device", "torch", "transformers", "arch", "layers") if k in meta)
     return (f"{head}\n\ncommand: `{meta['command']}`\n\nwall time: {meta['wall_s']:.0f} s"
             f"{' (interrupted: ' + meta['interrupted'] + ')' if meta.get('interrupted') else ''}\n\n"
