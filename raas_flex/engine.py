@@ -36,6 +36,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -183,6 +184,10 @@ class PagedKVCache(nn.Module):
         self.scale = float(scale) if scale is not None else head_dim**-0.5
         self._backend = resolve_backend(config, device, dtype)
         self._compile_flex = device.type == "cuda" if config.compile_flex is None else config.compile_flex
+        # on CPU without compiled flex, attention is SDPA over the buffer with the exact validity mask:
+        # the same softmax over the same slots, without eager flex's per-call vmap machinery (which
+        # made a small model's decode several times slower than dense)
+        self._sdpa = device.type == "cpu" and not self._compile_flex
         self._kernel_options = default_kernel_options(device, dtype, self.block)
         # the fused kernels' eviction and observe parameters (policy hyperparameters at this budget)
         pol = self.policy
@@ -494,9 +499,15 @@ class PagedKVCache(nn.Module):
         return valid.view(self.B, self.H, self.S)
 
     def attend(self, q: Tensor) -> Tensor:
-        """Exact softmax attention of q [B, Hq, 1, D] over the slots marked in ``self.valid``."""
+        """Exact softmax attention of q [B, Hq, 1, D] over the slots marked in ``self.valid``: flex_attention
+        with the block mask of those slots, or SDPA with them as its mask on CPU (see ``_sdpa``)."""
         B, H, G, S, D = self.B, self.H, self.G, self.S, self.D
         bh = B * H
+        if self._sdpa:
+            out = F.scaled_dot_product_attention(q.reshape(bh, G, D).to(self.k.dtype), self.k.view(bh, S, D),
+                                                 self.v.view(bh, S, D), attn_mask=self.valid[:, None, :],
+                                                 scale=self.scale)
+            return out.view(B, H * G, 1, D).to(q.dtype)
         # a torch-backend graph on GPU gets opaque copies so that Inductor's flex lowering sees
         # realized buffers (the fused backends' ``valid`` and lists are Triton outputs already)
         barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu" and self._backend == "torch"
