@@ -89,6 +89,20 @@ def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype
     return "torch"
 
 
+def prompt_slots(tokens: int, page_size: int, bounded: bool) -> int:
+    """The fewest buffer slots (a bounded policy's budget, else max_length) that hold a prompt of
+    ``tokens`` tokens: its pages, and for a bounded policy one free page for decoding."""
+    return (-(-tokens // page_size) + (1 if bounded else 0)) * page_size
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that does not fit the buffer; ``slots`` is the size that would hold it."""
+
+    def __init__(self, reason: str, tokens: int, slots: int) -> None:
+        super().__init__(f"{reason}; use at least {slots}")
+        self.reason, self.tokens, self.slots = reason, tokens, slots
+
+
 @dataclass(frozen=True)
 class PageState:
     """A snapshot (copies) of one layer's page table. Shapes: [B, Hkv, P] unless noted."""
@@ -328,11 +342,8 @@ class PagedKVCache(nn.Module):
                 if self.policy.bounded
                 else f"the buffer holds {self.P} pages (max_length)"
             )
-            need = (pages_needed + (1 if self.policy.bounded else 0)) * self.ps
-            raise ValueError(
-                f"prompt of {n_max} tokens needs {pages_needed} pages of page_size={self.ps}, but {what}; "
-                f"use at least {need}"
-            )
+            raise PromptTooLongError(f"prompt of {n_max} tokens needs {pages_needed} pages of page_size={self.ps}, "
+                                     f"but {what}", n_max, prompt_slots(n_max, self.ps, self.policy.bounded))
         self.reset()
         # Move real tokens to the front of each row, keeping their order.
         order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n_max]

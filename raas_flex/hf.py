@@ -54,6 +54,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import warnings
 import weakref
 from collections.abc import Iterator
 
@@ -61,7 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import CONFIG_OPTIONS, SUPPORTED_HEAD_DIMS, RaaSConfig, make_config
-from .engine import PagedKVCache
+from .engine import PagedKVCache, PromptTooLongError, prompt_slots
 from .policies import Dense, make_policy, policy_options, POLICY_CLASSES
 
 try:  # transformers is an install dependency, but keep `import raas_flex` usable without it
@@ -262,6 +263,7 @@ class _Runtime:
         self.saved_methods: dict[str, object] = {}
         self.attn_modules: list[nn.Module] = []
         self.tracer = None  # raas_flex.trace.AttentionTrace while a raas_flex.tracing block is open
+        self.warned_foreign_cache = False  # generate was given a cache of another type (warned once)
         self.configure(config)
 
     def configure(self, config: RaaSConfig) -> None:
@@ -491,7 +493,7 @@ class RaaSLayer(CacheLayerMixin):
         try:
             engine.prefill(torch.where(keep, key, 0), torch.where(keep, value, 0), real)
         except ValueError as e:
-            raise ValueError(f"layer {self.layer_idx}, policy={cfg.policy.name!r}: {e}") from None
+            raise ValueError(f"layer {self.layer_idx}, policy={cfg.policy.name!r}: {self._whole_prompt(e)}") from None
         if self.cache._runtime.tracer is not None:
             self.cache._runtime.tracer.on_prefill(self.layer_idx, engine)
         self.engine = engine
@@ -502,6 +504,16 @@ class RaaSLayer(CacheLayerMixin):
         self.cache._runtime.last_cache = self.cache
         return out, weights
 
+
+    def _whole_prompt(self, e: ValueError) -> str:
+        """The engine's prompt-too-long message, sized for the whole prompt when generate told the cache
+        its length (a prompt in pieces is refused at the piece that overflows, before the rest is read)."""
+        total = self.cache._prompt_tokens
+        if not isinstance(e, PromptTooLongError) or total is None or total <= e.tokens:
+            return str(e)
+        need = prompt_slots(total, self.config.page_size, self.config.policy.bounded)
+        what = "budget" if self.config.policy.bounded else "max_length"
+        return f"{e.reason}; the whole prompt holds {total} tokens: use {what} >= {need}"
 
     def _extend(self, module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
         """A further piece of the prompt (generate's ``prefill_chunk_size``): its queries attend the
@@ -525,7 +537,7 @@ class RaaSLayer(CacheLayerMixin):
                 eng.prefill(torch.where(keep, k_all, 0).detach(), torch.where(keep, v_all, 0).detach(), real)
         except ValueError as e:
             raise ValueError(f"layer {self.layer_idx}, policy={self.config.policy.name!r} (prompt in pieces, "
-                             f"{self.prefill_len} + {n} tokens so far): {e}") from None
+                             f"{self.prefill_len} + {n} tokens so far): {self._whole_prompt(e)}") from None
         if self.cache._runtime.tracer is not None:
             self.cache._runtime.tracer.on_prefill(self.layer_idx, eng, extend=True)
         self.prefill_len += n
@@ -600,6 +612,7 @@ class RaaSCache(Cache):
         # True while generate hands the prompt over in pieces (prefill_chunk_size): then a 1-token
         # forward is the prompt's last piece, not a decode step (a constant False while decoding)
         self._prompt_pieces = False
+        self._prompt_tokens: int | None = None  # real tokens of the longest prompt row, set by generate
         layers = [RaaSLayer(self, i, runtime.layer_config(config, i)) for i in range(runtime.num_layers)]
         super().__init__(layers=layers)
 
@@ -683,6 +696,13 @@ def _make_prepare_cache(model: nn.Module, runtime: _Runtime, original):
             user_cache.prepare_generation(max_cache_length)
             runtime.generation_cache = user_cache
             return result
+        if user_cache is not None and not runtime.warned_foreign_cache:
+            runtime.warned_foreign_cache = True
+            warnings.warn(
+                f"generate got {key}={type(user_cache).__name__}(...) on a model patched by raas_flex: this call "
+                "decodes densely, without RaaS, and raas_flex.stats() will not describe it. Pass no cache (generate "
+                "then creates a RaaSCache) or raas_flex.RaaSCache(model). (Said once per patched model.)",
+                UserWarning, stacklevel=3)
         if uses_raas:
             cache = RaaSCache(model_ref())
             cache.prepare_generation(max_cache_length)
@@ -732,6 +752,10 @@ def _make_prefill(model: nn.Module, runtime: _Runtime, original):
         bound = sig.bind(*args, **kwargs)
         gen_config = bound.arguments["generation_config"]
         cache = runtime.generation_cache
+        if cache is not None:  # so that a prompt-too-long error sizes the budget for the whole prompt
+            mask = bound.arguments["model_kwargs"].get("attention_mask")
+            ids = bound.arguments["input_ids"]
+            cache._prompt_tokens = int(mask.sum(-1).max()) if mask is not None else ids.shape[-1]
         if cache is None or getattr(gen_config, "prefill_chunk_size", None) is None:
             return original(model_ref())(*bound.args, **bound.kwargs)
         if not gen_config.disable_compile:
