@@ -352,7 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tok = load_gguf(result["gguf"])
     seconds = time.perf_counter() - t0
     info = describe_config(model.config)
-    info.update(params=sum(p.numel() for p in model.parameters()), dtype=str(model.dtype),
+    header = gguf_metadata(result["gguf"])
+    info.update(name=header["general.name"], gguf_file_type=header["general.file_type"],
+                gguf_license=header["general.license"],
+                params=sum(p.numel() for p in model.parameters()), dtype=str(model.dtype),
                 tokenizer=type(tok).__name__, chat_template=bool(getattr(tok, "chat_template", None)),
                 load_seconds=round(seconds, 1))
     for k, v in info.items():
