@@ -58,10 +58,43 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
-def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The model's own attention semantics that a layer's cache composes with its policy.
+
+    window: sliding window in tokens (a query sees the ``window`` newest tokens, itself included,
+        counted in logical positions); None for full attention.
+    softcap: logit soft-capping, scores -> softcap * tanh(scores / softcap) (Gemma 2); None for none.
+    sinks: the layer has learned per-head sink logits that join every softmax's denominator and
+        contribute no value (gpt-oss); set them with :meth:`PagedKVCache.set_sinks`.
+    """
+
+    window: int | None = None
+    softcap: float | None = None
+    sinks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise ValueError(f"window must be a positive int or None, got {self.window!r}")
+        if self.softcap is not None and (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
+                                         or not self.softcap > 0):
+            raise ValueError(f"softcap must be a positive float or None, got {self.softcap!r}")
+        if not isinstance(self.sinks, bool):
+            raise TypeError(f"sinks must be True or False, got {self.sinks!r}")
+
+    @property
+    def plain(self) -> bool:
+        return self.window is None and self.softcap is None and not self.sinks
+
+
+def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, dtype: torch.dtype,
+                        spec: AttentionSpec = AttentionSpec()) -> str | None:
     """Why ``backend`` cannot serve this config on this device and K/V dtype (None if it can)."""
     if backend == "torch":
         return None
+    if not spec.plain:
+        return f"the fused kernels serve plain attention (no sliding window, softcap or sinks); got {spec}"
     reason = kernels.unsupported_reason(device, dtype)
     if reason is not None:
         return reason
@@ -73,18 +106,19 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
     return None
 
 
-def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype,
+                    spec: AttentionSpec = AttentionSpec()) -> str:
     """The backend a cache runs: ``config.backend`` if it can (else ValueError with the reason), or
     for None the fastest that serves the policy: triton, then flex, on CUDA; torch elsewhere."""
     if config.backend is not None:
-        why = backend_unsupported(config.backend, config, device, dtype)
+        why = backend_unsupported(config.backend, config, device, dtype, spec)
         if why is not None:
             raise ValueError(f"backend={config.backend!r} is not supported for this cache: {why}; "
                              "use backend=None (the fastest supported) or backend='torch'")
         return config.backend
     if device.type == "cuda":
         for backend in ("triton", "flex"):
-            if backend_unsupported(backend, config, device, dtype) is None:
+            if backend_unsupported(backend, config, device, dtype, spec) is None:
                 return backend
     return "torch"
 
@@ -161,8 +195,11 @@ class PagedKVCache(nn.Module):
         device: torch.device | str = "cpu",
         scale: float | None = None,
         max_length: int | None = None,
+        spec: AttentionSpec = AttentionSpec(),
     ) -> None:
         super().__init__()
+        if not isinstance(spec, AttentionSpec):
+            raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
         if not isinstance(config, RaaSConfig):
             raise TypeError(f"config must be a RaaSConfig, got {type(config).__name__}")
         for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
@@ -196,7 +233,8 @@ class PagedKVCache(nn.Module):
                 f"gives block_size={self.block}. Use a budget that is a multiple of 16 or set block_size"
             )
         self.scale = float(scale) if scale is not None else head_dim**-0.5
-        self._backend = resolve_backend(config, device, dtype)
+        self.spec = spec
+        self._backend = resolve_backend(config, device, dtype, spec)
         self._compile_flex = device.type == "cuda" if config.compile_flex is None else config.compile_flex
         # on CPU without compiled flex, attention is SDPA over the buffer with the exact validity mask:
         # the same softmax over the same slots, without eager flex's per-call vmap machinery (which
@@ -230,6 +268,8 @@ class PagedKVCache(nn.Module):
         # a step's new K/V as the transformers cache hands them to the attention function
         buf("k_new", torch.zeros(B, H, 1, D, dtype=dtype, device=device))
         buf("v_new", torch.zeros(B, H, 1, D, dtype=dtype, device=device))
+        if spec.sinks:  # learned sink logit per query head, as [B*Hkv, G, 1] (set_sinks)
+            buf("sink_logits", torch.zeros(H, self.G, dtype=torch.float32, device=device))
         # constants used by the step (buffers, so that the step allocates nothing that grows)
         buf("slot_index", torch.arange(P, device=device))
         buf("_tok_ar", torch.arange(self.ps, device=device))
@@ -259,6 +299,14 @@ class PagedKVCache(nn.Module):
     def backend(self) -> str:
         """The decode path: "torch", "flex" or "triton" (fixed at construction, see RaaSConfig.backend)."""
         return self._backend
+
+    @property
+    def window_fits(self) -> bool:
+        """A sliding-window cache whose buffer keeps every token of the window however pages fall (its
+        policy evicts the oldest page, nothing pinned): attention is then exactly the model's."""
+        w = self.spec.window
+        return (w is not None and self.policy.name == "streaming" and self.policy.sink_tokens == 0
+                and not self.policy.pin_prompt and (self.P - 1) * self.ps >= w)
 
     @property
     def kv_bytes(self) -> int:
@@ -307,6 +355,15 @@ class PagedKVCache(nn.Module):
             self._ticket.zero_()
             self._obs_count.zero_()
 
+    def set_sinks(self, sinks: Tensor) -> None:
+        """The layer's learned sink logits, [num_heads] (copied; a cache built with spec.sinks)."""
+        if not self.spec.sinks:
+            raise ValueError("set_sinks needs a cache built with AttentionSpec(sinks=True)")
+        _validate_tensor("sinks", sinks, 1)
+        if sinks.shape[0] != self.Hq:
+            raise ValueError(f"sinks must be [num_heads={self.Hq}], got {tuple(sinks.shape)}")
+        self.sink_logits.copy_(sinks.detach().view(self.H, self.G))
+
     # -- prefill -------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, k: Tensor, v: Tensor, mask: Tensor | None = None) -> None:
@@ -335,8 +392,12 @@ class PagedKVCache(nn.Module):
         lengths = mask.sum(-1)
         n_max = int(lengths.max())
         pages_needed = -(-n_max // self.ps)
-        room = self.P - 1 if self.policy.bounded else self.P
-        if pages_needed > room:
+        # a bounded policy keeps a page free for decoding; a sliding-window cache that holds its whole
+        # window (see window_fits) evicts its oldest page instead, and keeps the prompt's newest pages
+        # only: older tokens are outside every later query's window
+        room = self.P - 1 if self.policy.bounded and not self.window_fits else self.P
+        first = ((lengths + self.ps - 1) // self.ps - room).clamp(min=0) if self.window_fits else 0 * lengths
+        if pages_needed > room and not self.window_fits:
             what = (
                 f"budget={self.config.budget} holds {self.P} pages and one must stay free for decoding"
                 if self.policy.bounded
@@ -345,23 +406,24 @@ class PagedKVCache(nn.Module):
             raise PromptTooLongError(f"prompt of {n_max} tokens needs {pages_needed} pages of page_size={self.ps}, "
                                      f"but {what}", n_max, prompt_slots(n_max, self.ps, self.policy.bounded))
         self.reset()
-        # Move real tokens to the front of each row, keeping their order.
-        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n_max]
-        gather = order[:, None, :, None].expand(B, H, n_max, D)
-        kc = k.gather(2, gather).to(self.k.dtype)
-        vc = v.gather(2, gather).to(self.v.dtype)
-        self.k[:, :, :n_max].copy_(kc)
-        self.v[:, :, :n_max].copy_(vc)
+        # Real tokens to the front of each row, in order; from the row's first kept page on.
+        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)  # [B, n] real tokens first
+        kept = min(n_max, room * self.ps)
+        src = first[:, None] * self.ps + torch.arange(kept, device=k.device)[None, :]  # logical token per slot
+        order = order.gather(1, src.clamp(max=n - 1))
+        gather = order[:, None, :, None].expand(B, H, kept, D)
+        self.k[:, :, :kept].copy_(k.gather(2, gather).to(self.k.dtype))
+        self.v[:, :, :kept].copy_(v.gather(2, gather).to(self.v.dtype))
         self.length.copy_(lengths)
-        pages = (lengths + self.ps - 1) // self.ps  # [B]
+        pages = (lengths + self.ps - 1) // self.ps - first  # [B] pages kept
         resident = self.slot_index[None, :] < pages[:, None]  # [B, P]
-        ids = torch.where(resident, self.slot_index[None, :], -1)
+        ids = torch.where(resident, self.slot_index[None, :] + first[:, None], -1)
         self.page_id.copy_(ids[:, None, :].expand(B, H, self.P))
         self.pinned.copy_(resident[:, None, :].expand(B, H, self.P) & self.policy.pin_prompt)
         self.open_slot.copy_((pages - 1).clamp(min=0)[:, None].expand(B, H))
         # Per-page key bounds over the real tokens only.
-        tok = self.slot_index[:, None] * self.ps + self._tok_ar[None, :]  # [P, ps]
-        live = tok[None] < lengths[:, None, None]  # [B, P, ps]
+        tok = (self.slot_index[None, :, None] + first[:, None, None]) * self.ps + self._tok_ar  # [B, P, ps]
+        live = resident[:, :, None] & (tok < lengths[:, None, None])  # [B, P, ps]
         kp = self.k.view(B, H, self.P, self.ps, D).float()
         live = live[:, None, :, :, None]
         inf = torch.tensor(float("inf"), device=k.device)
@@ -370,8 +432,8 @@ class PagedKVCache(nn.Module):
         has = live.any(3)
         self.kmax.copy_(torch.where(has, kmax, 0.0).to(self.kmax.dtype))
         self.kmin.copy_(torch.where(has, kmin, 0.0).to(self.kmin.dtype))
-        # the resident tokens (what a step's validity row starts from; kernels.ATTEND_LEAN_ROW_WRITES
-        # rewrites only the page a step changes)
+        # the resident tokens (what a step's validity row starts from: the fused kernels rewrite only
+        # the page a step changes)
         self.valid.copy_(self.token_valid().view(B * H, self.S))
 
     # -- decode step ---------------------------------------------------------------------------
@@ -504,34 +566,63 @@ class PagedKVCache(nn.Module):
     def valid_slots(self, q: Tensor) -> Tensor:
         """bool [B, Hkv, S]: slots attended this step (resident tokens, narrowed by the policy)."""
         valid = self.token_valid()
+        if self.spec.window is not None:  # the newest `window` logical tokens, the current one included
+            logical = self.page_id[..., None] * self.ps + self._tok_ar
+            valid = valid & (logical >= (self.length - self.spec.window)[:, None, None, None])
         pages = self.policy.attended_pages(self, q)
         if pages is not None:
             valid = valid & pages[..., None]
         return valid.view(self.B, self.H, self.S)
 
     def attend(self, q: Tensor) -> Tensor:
-        """Exact softmax attention of q [B, Hq, 1, D] over the slots marked in ``self.valid``: flex_attention
-        with the block mask of those slots, or SDPA with them as its mask on CPU (see ``_sdpa``)."""
+        """Exact softmax attention of q [B, Hq, 1, D] over the slots marked in ``self.valid``, with the
+        layer's softcap and sinks (``spec``): flex_attention with the block mask of those slots, or on
+        CPU (see ``_sdpa``) SDPA with them as its mask (plain attention) or the same math written out."""
         B, H, G, S, D = self.B, self.H, self.G, self.S, self.D
         bh = B * H
-        if self._sdpa:
-            out = F.scaled_dot_product_attention(q.reshape(bh, G, D).to(self.k.dtype), self.k.view(bh, S, D),
-                                                 self.v.view(bh, S, D), attn_mask=self.valid[:, None, :],
-                                                 scale=self.scale)
-            return out.view(B, H * G, 1, D).to(q.dtype)
-        # a torch-backend graph on GPU gets opaque copies so that Inductor's flex lowering sees
-        # realized buffers (the fused backends' ``valid`` and lists are Triton outputs already)
-        barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu" and self._backend == "torch"
-        block_mask = build_block_mask(self.valid, self.block, G, barrier=barrier, lists=self._lists)
-        qp = q.reshape(B, H, G, D).reshape(bh, 1, G, D).to(self.k.dtype)
-        kf = self.k.view(bh, 1, S, D)
-        vf = self.v.view(bh, 1, S, D)
-        if self._compile_flex and not torch.compiler.is_compiling():
-            fn = _compiled_flex()
+        qp = q.reshape(bh, G, D).to(self.k.dtype)
+        if self._sdpa and self.spec.softcap is None and not self.spec.sinks:
+            out = F.scaled_dot_product_attention(qp, self.k.view(bh, S, D), self.v.view(bh, S, D),
+                                                 attn_mask=self.valid[:, None, :], scale=self.scale)
+        elif self._sdpa:
+            p = self._probs(qp, self.valid.view(B, H, S))  # [B, H, G, S]
+            out = p.view(bh, G, S).to(self.v.dtype) @ self.v.view(bh, S, D)
         else:
-            fn = flex_attention
-        out = fn(qp, kf, vf, block_mask=block_mask, scale=self.scale, kernel_options=self._kernel_options)
-        return out.view(B, H * G, 1, D).to(q.dtype)
+            # a torch-backend graph on GPU gets opaque copies so that Inductor's flex lowering sees
+            # realized buffers (the fused backends' ``valid`` and lists are Triton outputs already)
+            barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu" and self._backend == "torch"
+            block_mask = build_block_mask(self.valid, self.block, G, barrier=barrier, lists=self._lists)
+            fn = _compiled_flex() if self._compile_flex and not torch.compiler.is_compiling() else flex_attention
+            out = fn(qp.view(bh, 1, G, D), self.k.view(bh, 1, S, D), self.v.view(bh, 1, S, D), block_mask=block_mask,
+                     scale=self.scale, kernel_options=self._kernel_options, score_mod=self._score_mod(),
+                     return_lse=self.spec.sinks)
+            if self.spec.sinks:  # a sink's logit joins the denominator: out * e^lse / (e^lse + e^sink)
+                out, lse = out
+                out = out * torch.sigmoid(lse - self.sink_logits.repeat(B, 1).view(bh, 1, G))[..., None].to(out.dtype)
+        return out.reshape(B, H * G, 1, D).to(q.dtype)
+
+    def _score_mod(self):
+        cap = self.spec.softcap
+        if cap is None:
+            return None
+
+        def softcap(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / cap) * cap
+
+        return softcap
+
+    def _probs(self, q: Tensor, valid: Tensor) -> Tensor:
+        """fp32 [B, Hkv, G, S]: the softmax of q (any [B*Hkv*G*D]-sized layout) over the ``valid`` slots
+        [B, Hkv, S], with the layer's softcap and sinks (a sink takes its share of the mass, no slot)."""
+        qg = q.reshape(self.B, self.H, self.G, self.D).float()
+        logits = (qg @ self.k.float().transpose(-1, -2)) * self.scale  # [B, H, G, S]
+        if self.spec.softcap is not None:
+            logits = torch.tanh(logits / self.spec.softcap) * self.spec.softcap
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        if self.spec.sinks:
+            sink = self.sink_logits[None, :, :, None].expand(self.B, self.H, self.G, 1)
+            return torch.softmax(torch.cat([logits, sink], -1), dim=-1)[..., :-1]
+        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
     # -- importance ----------------------------------------------------------------------------
     def page_bound(self, q: Tensor) -> Tensor:
@@ -555,8 +646,4 @@ class PagedKVCache(nn.Module):
     def page_share(self, q: Tensor, valid: Tensor) -> Tensor:
         """Share of the current query's softmax mass on each page slot, max over the KV head's
         query heads: fp32 [B, Hkv, P] (0 for pages not attended)."""
-        qg = q.reshape(self.B, self.H, self.G, self.D).float()
-        logits = (qg @ self.k.float().transpose(-1, -2)) * self.scale  # [B, H, G, S]
-        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        return p.view(self.B, self.H, self.G, self.P, self.ps).sum(-1).amax(2)
+        return self._probs(q, valid).view(self.B, self.H, self.G, self.P, self.ps).sum(-1).amax(2)

@@ -54,6 +54,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -62,8 +63,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import CONFIG_OPTIONS, SUPPORTED_HEAD_DIMS, RaaSConfig, make_config
-from .engine import PagedKVCache, PromptTooLongError, prompt_slots
-from .policies import Dense, make_policy, policy_options, POLICY_CLASSES
+from .engine import AttentionSpec, PagedKVCache, PromptTooLongError, prompt_slots
+from .policies import POLICY_CLASSES, Dense, Streaming, make_policy, policy_options
 
 try:  # transformers is an install dependency, but keep `import raas_flex` usable without it
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -81,7 +82,18 @@ __all__ = [
     "unpatch",
 ]
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "phi3", "olmo2", "olmo3",
+                         "smollm3", "granite", "gemma2", "gemma3_text", "gpt_oss")
+# what each family brings beyond plain causal attention (composed with the policy in every layer)
+FAMILY_NOTES = {
+    "llama": "plain", "qwen2": "optional sliding window", "qwen3": "optional sliding window",
+    "mistral": "sliding window in every layer when set", "qwen2_moe": "MoE MLP", "qwen3_moe": "MoE MLP",
+    "phi3": "fused qkv projection, optional sliding window", "olmo2": "q/k norms",
+    "olmo3": "sliding-window and full layers", "smollm3": "layers without RoPE",
+    "granite": "attention multiplier as the softmax scale", "gemma2": "logit softcapping, sliding and full layers",
+    "gemma3_text": "query_pre_attn_scalar, sliding and full layers", "gpt_oss": "learned attention sinks, sliding "
+    "and full layers, MoE",
+}
 ATTN_IMPLEMENTATION = "raas_flex"
 _OPTION_NAMES = ("policy",) + CONFIG_OPTIONS + tuple(sorted({o for n in POLICY_CLASSES for o in policy_options(n)}))
 _RUNTIME_ATTR = "_raas_flex"
@@ -133,10 +145,31 @@ def _unregister() -> None:
     _SAVED_REGISTRATIONS = None
 
 
-def _sdpa_attention():
+# id(model config) -> the attention implementation it had before patch (what prompts and forwards
+# without a RaaSCache run, so that they match the unpatched model)
+_ORIGINAL_IMPL: dict[int, str] = {}
+
+
+def _original_impl(config) -> str:
+    impl = _ORIGINAL_IMPL.get(id(config), "sdpa")
+    return impl if impl == "eager" else "sdpa"
+
+
+def _model_attention(module):
+    """The attention function the unpatched model runs for ``module``: its own eager function (which
+    knows its softcap and sinks) for an eager model, else SDPA."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if _original_impl(getattr(module, "config", None)) == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def _additive(mask, dtype):
+    """A boolean attention mask as the additive float mask an eager attention function adds."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
 def raas_mask(*args, **kwargs):
@@ -147,7 +180,7 @@ def raas_mask(*args, **kwargs):
     kv_length = kwargs["kv_length"] if "kv_length" in kwargs else (args[2] if len(args) > 2 else None)
     if isinstance(kv_length, int) and kv_length == _DECODE_KV_LENGTH:
         return None
-    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+    return ALL_MASK_ATTENTION_FUNCTIONS[_original_impl(kwargs.get("config"))](*args, **kwargs)
 
 
 def raas_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -173,13 +206,14 @@ def raas_attention(module, query, key, value, attention_mask, scaling=None, drop
         return out.transpose(1, 2), None
     layer = runtime.take(layer_idx, key) if runtime is not None else None
     if layer is None:
-        return _sdpa_attention()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return _model_attention(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        **kwargs)
     return layer.attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 # -- model checks and options ----------------------------------------------------------------------
 def _supported_text() -> str:
-    return ", ".join(SUPPORTED_MODEL_TYPES) + " (decoder-only, full attention in every layer)"
+    return ", ".join(SUPPORTED_MODEL_TYPES) + " (decoder-only; full and sliding-window attention layers)"
 
 
 def _check_model(model) -> None:
@@ -195,17 +229,11 @@ def _check_model(model) -> None:
         )
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type={mt!r} is not supported by raas_flex; supported: {_supported_text()}")
-    layer_types = getattr(cfg, "layer_types", None)
-    sliding = getattr(cfg, "sliding_window", None)
-    if getattr(cfg, "use_sliding_window", False) or sliding is not None or (
-        layer_types is not None and any(t != "full_attention" for t in layer_types)
-    ):
-        raise ValueError(
-            f"model_type={mt!r} with sliding-window attention (sliding_window={sliding!r}, "
-            f"use_sliding_window={getattr(cfg, 'use_sliding_window', None)!r}, layer_types={layer_types!r}) is not "
-            f"supported by raas_flex; supported: {_supported_text()}. For a model whose contexts never reach the "
-            "window, set config.sliding_window=None (and use_sliding_window=False) before patching"
-        )
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    other = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if other:
+        raise ValueError(f"model_type={mt!r} has layers of type {other}, which raas_flex does not support; supported: "
+                         "full_attention and sliding_attention layers")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"model_type={mt!r} has head_dim={head_dim}, not supported; allowed: {SUPPORTED_HEAD_DIMS}")
@@ -338,6 +366,7 @@ class RaaSLayer(CacheLayerMixin):
         self.prefill_len: int | None = None  # padded prompt length; None until the prompt ran
         self.final_len: int | None = None  # length when the engine was handed to a later generation
         self.capacity: int | None = None  # token slots per row for the O(N) policies
+        self.spec = AttentionSpec()  # the model's attention semantics in this layer (read at the prompt)
 
     def __repr__(self) -> str:
         return f"RaaSLayer(layer={self.layer_idx}, policy={self.config.policy.name!r}, budget={self.config.budget}, seen={self.seen})"
@@ -465,10 +494,14 @@ class RaaSLayer(CacheLayerMixin):
     def _prefill(self, module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
         B, Hq, n, D = query.shape
         Hkv = key.shape[1]
-        out, weights = _sdpa_attention()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out, weights = _model_attention(module)(module, query, key, value, attention_mask, dropout=dropout,
+                                                scaling=scaling, **kwargs)
         real = _real_tokens(attention_mask, B, n, key.device)
         scale = float(scaling) if scaling is not None else D**-0.5
-        cfg = self.config
+        sinks = kwargs.get("s_aux")
+        self.spec = AttentionSpec(window=kwargs.get("sliding_window") or None, softcap=kwargs.get("softcap"),
+                                  sinks=sinks is not None)
+        cfg = _layer_config(self.config, self.spec)
         max_length = None
         if not cfg.policy.bounded:
             max_length = self.cache.max_length
@@ -479,15 +512,17 @@ class RaaSLayer(CacheLayerMixin):
                     "RaaSCache(model, max_length=...)"
                 )
         slots = cfg.slots(max_length)
-        pool_key = (cfg, B, Hq, Hkv, D, key.dtype, key.device, scale, slots)
+        pool_key = (cfg, self.spec, B, Hq, Hkv, D, key.dtype, key.device, scale, slots)
 
         def make() -> PagedKVCache:
             return PagedKVCache(
                 cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, dtype=key.dtype,
-                device=key.device, scale=scale, max_length=max_length,
+                device=key.device, scale=scale, max_length=max_length, spec=self.spec,
             )
 
         engine = self.cache._runtime.engine(self, pool_key, make)
+        if sinks is not None:
+            engine.set_sinks(sinks)
         # padding positions never get attended; zero them so no non-finite value enters the buffer
         keep = real[:, None, :, None]
         try:
@@ -522,15 +557,28 @@ class RaaSLayer(CacheLayerMixin):
         as if it had come in one forward."""
         eng = self.engine
         B, _, n, _ = query.shape
-        lengths = eng.length.clone()
-        n_prev = int(lengths.max())
-        prev_real = torch.arange(n_prev, device=key.device)[None, :] < lengths[:, None]  # [B, n_prev]
-        piece = _piece_mask(attention_mask, B, n, key.device)  # [B, 1, n, n] bool
-        mask = torch.cat([prev_real[:, None, None, :].expand(B, 1, n, n_prev), piece], dim=-1)
-        k_all = torch.cat([eng.k[:, :, :n_prev].to(key.dtype), key], dim=2)
-        v_all = torch.cat([eng.v[:, :, :n_prev].to(value.dtype), value], dim=2)
-        out, weights = _sdpa_attention()(module, query, k_all, v_all, mask, dropout=dropout, scaling=scaling, **kwargs)
-        real = torch.cat([prev_real, _real_tokens(attention_mask, B, n, key.device)], dim=1)
+        # the stored prompt in logical order (a sliding-window cache may hold only its newest pages)
+        logical = (eng.page_id[:, 0, :, None] * eng.page_size + torch.arange(eng.page_size, device=key.device)
+                   ).view(B, eng.S)
+        stored = eng.token_valid()[:, 0].reshape(B, eng.S)
+        order = torch.argsort(torch.where(stored, logical, torch.iinfo(logical.dtype).max), dim=-1, stable=True)
+        n_prev = int(stored.sum(-1).max())
+        order = order[:, :n_prev]
+        prev_real = stored.gather(1, order)  # [B, n_prev]
+        prev_pos = logical.gather(1, order)
+        gather = order[:, None, :, None].expand(B, eng.H, n_prev, eng.D)
+        k_all = torch.cat([eng.k.gather(2, gather).to(key.dtype), key], dim=2)
+        v_all = torch.cat([eng.v.gather(2, gather).to(value.dtype), value], dim=2)
+        piece_real = _real_tokens(attention_mask, B, n, key.device)
+        prev = prev_real[:, None, :].expand(B, n, n_prev)
+        if self.spec.window is not None:  # the window over the stored part, in logical positions
+            q_pos = eng.length[:, None] + piece_real.long().cumsum(-1) - 1  # [B, n]
+            prev = prev & (prev_pos[:, None, :] > q_pos[:, :, None] - self.spec.window)
+        mask = torch.cat([prev[:, None], _piece_mask(attention_mask, B, n, key.device)], dim=-1)
+        attn = _model_attention(module)
+        out, weights = attn(module, query, k_all, v_all, mask if _original_impl(module.config) == "sdpa"
+                            else _additive(mask, query.dtype), dropout=dropout, scaling=scaling, **kwargs)
+        real = torch.cat([prev_real, piece_real], dim=1)
         keep = real[:, None, :, None]
         try:
             with torch.no_grad():
@@ -542,6 +590,19 @@ class RaaSLayer(CacheLayerMixin):
             self.cache._runtime.tracer.on_prefill(self.layer_idx, eng, extend=True)
         self.prefill_len += n
         return out, weights
+
+
+def _layer_config(config: RaaSConfig, spec: AttentionSpec) -> RaaSConfig:
+    """The configuration of one layer's cache. A sliding-window layer whose window fits the budget (or
+    whose policy keeps every token) gets a ring of the window's pages plus one, evicting the oldest
+    page: exactly the model's attention in O(window) memory. A larger window keeps the policy, with
+    the window applied to the resident tokens."""
+    if spec.window is None:
+        return config
+    ring = (-(-spec.window // config.page_size) + 1) * config.page_size
+    if config.policy.bounded and ring > config.budget:
+        return config
+    return config.replace(budget=max(ring, 2 * config.page_size), policy=Streaming(sink_tokens=0))
 
 
 def _piece_mask(mask, batch: int, n: int, device) -> Tensor:
@@ -807,7 +868,7 @@ def patch(model: nn.Module, budget: int, **options) -> nn.Module:
         runtime.configure(config)
         return model
 
-    attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
     idx = sorted(m.layer_idx for m in attn_modules)
     if idx != list(range(model.config.num_hidden_layers)):
         raise ValueError(
@@ -824,6 +885,7 @@ def patch(model: nn.Module, budget: int, **options) -> nn.Module:
             configs[id(c)] = c
     for c in configs.values():
         runtime.saved_attn.append((c, c._attn_implementation_internal))
+        _ORIGINAL_IMPL[id(c)] = c._attn_implementation
         c._attn_implementation_internal = ATTN_IMPLEMENTATION
     for m in attn_modules:
         m.__dict__[_RUNTIME_ATTR] = runtime
@@ -852,6 +914,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise ValueError("model is not patched by raas_flex (nothing to unpatch)")
     for c, impl in runtime.saved_attn:
         c._attn_implementation_internal = impl
+        _ORIGINAL_IMPL.pop(id(c), None)
     for m in runtime.attn_modules:
         m.__dict__.pop(_RUNTIME_ATTR, None)
     for name, saved in runtime.saved_methods.items():
@@ -918,8 +981,8 @@ def stats(model_or_cache) -> dict:
         layers.append(
             {
                 "layer": layer.layer_idx,
-                "policy": layer.config.policy.name,
-                "budget": layer.config.budget,
+                "policy": eng.policy.name,
+                "budget": eng.config.budget,
                 "slots": eng.S,
                 "tokens": ps.length.tolist(),
                 "resident_tokens": ps.resident_tokens.amax(-1).tolist(),
