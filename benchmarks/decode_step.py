@@ -222,7 +222,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two small grid points")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU-sized run, checks only (no timing)")
-    ap.add_argument("--configs", default="raas,h2o,streaming,quest",
+    ap.add_argument("--configs", default="raas;h2o;streaming;quest",
                     help="semicolon-separated configurations by their user-facing options: POLICY or "
                          "POLICY:KEY=VALUE,..., e.g. 'raas;raas:backend=flex;raas:importance=attention,refresh=threshold;h2o'")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

@@ -1,14 +1,15 @@
 """Compile the Triton kernels of raas_flex for an NVIDIA GPU without one, and report their resources.
 
-Every kernel is launched through its own op (``kernels.fused_step`` and the others) on CPU tensors
-of the requested shape, with the launch intercepted: the arguments and compile-time constants it
+Every kernel is launched through its op (``kernels.fused_append_observe``, ``kernels.fused_step``)
+on CPU tensors of the requested shape, planned as on a GPU of ``--sms`` SMs (``kernels.step_plan``),
+with the launch intercepted: the arguments and compile-time constants it
 would have used are compiled ahead of time for the chosen architecture (Triton's own ptxas), and
 ``cuobjdump`` reads registers, stack (register spills) and static shared memory per thread block;
 the compiler's metadata gives the dynamic shared memory (where Triton keeps pipelined tiles).
 It catches code that does not compile for the GPU, and shows register pressure before a GPU run.
 It measures no speed.
 
-    python benchmarks/kernel_resources.py --batch 8 --heads 32/8 --budget 2048 --split 4
+    python benchmarks/kernel_resources.py --batch 8 --heads 32/8 --budget 2048 --sms 132
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ def compile_launch(fn, args, kw, arch: int):
                 warps=options.num_warps, stages=options.num_stages, compile_s=round(seconds, 1))
 
 
-def launches(B, Hq, Hkv, D, L, ps, dtype, split, sms=132):
+def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132):
     """Call every op once on CPU tensors (raas state of one layer) and capture the launches, with the
-    defaults a GPU of ``sms`` SMs would get (programs per row unless ``split`` is given, the observer)."""
+    plan a GPU of ``sms`` SMs would get (kernels.step_plan)."""
     P, S = L // ps, L
     block = min(128, S)
     G = Hq // Hkv
@@ -124,17 +125,17 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, split, sms=132):
              ticket, *lists)
     refresh = max(1, P // 2)
     scale = D**-0.5
+    from raas_flex.kernels import attention, bookkeeping
+
     capture = Capture()
-    saved = kernels.wrap_triton, kernels.ATTEND_SPLIT, kernels.device_sms
-    kernels.wrap_triton, kernels.ATTEND_SPLIT, kernels.device_sms = capture, split, (lambda device: sms)
+    saved = bookkeeping.wrap_triton, attention.wrap_triton, kernels.device_sms
+    bookkeeping.wrap_triton = attention.wrap_triton = capture
+    kernels.device_sms = lambda device: sms
     try:
         kernels.fused_append_observe(q, kn, vn, *state, imp, 0, 0, block, refresh)
-        kernels.fused_observe(q, page_id, stamp, score, kmax, kmin, step, imp, count, refresh)
-        kernels.fused_attend_observe(q, k, v, valid, page_id, stamp, score, kmax, kmin, step, imp, count, scale,
-                                     refresh)
         kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block)
     finally:
-        kernels.wrap_triton, kernels.ATTEND_SPLIT, kernels.device_sms = saved
+        bookkeeping.wrap_triton, attention.wrap_triton, kernels.device_sms = saved
     assert G * Hkv == Hq
     return capture.launches
 
@@ -147,45 +148,19 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--split", type=int, default=None,
-                    help="programs per row of the attention kernels (default: kernels.split_for with --sms, as "
-                         "on that GPU: about 2 * SMs / (batch * Hkv))")
     ap.add_argument("--sms", type=int, default=132,
-                    help="SM count of the GPU whose default rules (programs per row, the observer) the launches "
-                         "follow (132: H200)")
+                    help="SM count of the GPU whose launch plan (kernels.step_plan) the launches follow (132: H200)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--kernels", default=None,
-                    help="comma list of kernel names to compile (default: all: _append_kernel, _observe_kernel, "
-                         "_attend_observe_kernel, _step_kernel)")
-    ap.add_argument("--knob", action="append", default=[], metavar="NAME=INT",
-                    help="set a raas_flex.kernels ATTEND_* knob while the kernels are captured, e.g. "
-                         "ATTEND_OBSERVER=1 or ATTEND_BOUND_STAGES=2 (repeatable; 'none' for None)")
+                    help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel)")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     args = ap.parse_args(argv)
     if not kernels.HAS_TRITON:
         raise SystemExit("kernel_resources.py needs triton installed")
-    knobs = {}
-    for item in args.knob:
-        name, _, value = item.partition("=")
-        if not name.startswith("ATTEND_") or not hasattr(kernels, name) or not value:
-            ap.error(f"--knob {item!r}: expected NAME=INT with NAME one of "
-                     f"{', '.join(k for k in dir(kernels) if k.startswith('ATTEND_'))}")
-        try:
-            knobs[name] = None if value.lower() == "none" else int(value)
-        except ValueError:
-            ap.error(f"--knob {item!r}: the value must be an int or 'none'")
     hq, hkv = map(int, args.heads.split("/"))
     dtype = getattr(torch, args.dtype)
     rows = []
-    saved = {k: getattr(kernels, k) for k in knobs}
-    try:
-        for k, v in knobs.items():
-            setattr(kernels, k, v)
-        captured = launches(args.batch, hq, hkv, args.head_dim, args.budget, args.page_size, dtype, args.split,
-                            args.sms)
-    finally:
-        for k, v in saved.items():
-            setattr(kernels, k, v)
+    captured = launches(args.batch, hq, hkv, args.head_dim, args.budget, args.page_size, dtype, args.sms)
     known = [fn.fn.__name__ for fn, *_ in captured]
     wanted = known if args.kernels is None else [k.strip() for k in args.kernels.split(",") if k.strip()]
     unknown = sorted(set(wanted) - set(known))

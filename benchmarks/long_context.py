@@ -328,7 +328,7 @@ def main(argv=None):
         specs = {a: parse_spec(a) for a in attentions}
     except ValueError as e:
         ap.error(str(e))
-    if len(set(attentions)) != len(attentions) or any(not make_config(2048, n, **o).policy.bounded
+    if not attentions or len(set(attentions)) != len(attentions) or any(not make_config(2048, n, **o).policy.bounded
                                                       for n, o in specs.values()):
         ap.error(f"--raas-configs {args.raas_configs!r}: bounded policies (raas, h2o, streaming), no repeats")
     order = [k.strip() for k in args.order.split(",") if k.strip()]

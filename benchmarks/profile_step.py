@@ -28,8 +28,6 @@ def main(argv=None):
     ap.add_argument("--exact-lists", action="store_true", help="compute exact block lists every step")
     ap.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                     help="bookkeeping by the fused Triton kernels (on), the torch code (off) or where supported (auto)")
-    ap.add_argument("--observe", choices=["append", "split"], default="append",
-                    help="fused raas observe inside the append kernel (append) or as its own kernel (split)")
     ap.add_argument("--split-kv", type=int, default=None, help="flex kernel option SPLIT_KV")
     ap.add_argument("--attention", choices=["flex", "triton"], default="flex",
                     help="RaaSConfig.attention: flex_attention, or the one-kernel raas step (triton)")
@@ -49,7 +47,6 @@ def main(argv=None):
     cache = PagedKVCache(cfg, batch_size=B, num_heads=hq, num_kv_heads=hkv, head_dim=D, dtype=dt, device=dev)
     n0 = L - 16 if cfg.bounded else L
     cache.prefill(torch.randn(B, hkv, n0, D, dtype=dt, device=dev), torch.randn(B, hkv, n0, D, dtype=dt, device=dev))
-    cache.observe_in_append = args.observe == "append"
     if args.split_kv is not None:
         cache.kernel_options = {**(cache.kernel_options or {}), "SPLIT_KV": args.split_kv}
     if args.exact_lists:
@@ -80,7 +77,7 @@ def main(argv=None):
             step(q, k, v)
         torch.cuda.synchronize()
     print(f"policy={args.policy} B={B} heads={hq}/{hkv} L={L} block={cache.block} fused={cache.fused}: "
-          f"attention={args.attention} observe={args.observe} split_kv={args.split_kv}: per-step kernel times (us, {args.steps} steps)")
+          f"attention={args.attention} split_kv={args.split_kv}: per-step kernel times (us, {args.steps} steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
     from decode_step import graph_time_us  # same folder
 

@@ -86,7 +86,9 @@ def main(argv=None):
                     help="KV token slots per sequence and head (default: 576, half a testbed chain; 64 for tiny)")
     ap.add_argument("--policy", default="raas", choices=raas_flex.POLICIES)
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra RaaSConfig option (repeatable), e.g. --option refresh_ratio=0.25")
+                    help="an option of the policy (e.g. refresh_ratio=0.25, sink_tokens=16) or of the cache "
+                         "(e.g. page_size=16, backend=torch); repeatable. raas_flex.make_config says which "
+                         "options a policy takes")
     ap.add_argument("--new", type=int, default=256, help="tokens to generate")
     args = ap.parse_args(argv)
     args.options = parse_options(args.option)

@@ -41,7 +41,8 @@ def check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
 def check_float(name: str, value, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
-    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+    inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not inside:  # (NaN is never inside)
         span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name}={value!r} must be in {span}")
 

@@ -6,6 +6,11 @@ from __future__ import annotations
 import torch
 
 VOCAB, PAD = 128, 0
+# transformers >= 5.25 wraps model forwards with the `kernels` package's context variable, which (kernels
+# 0.19.1) leaves a global set after the first compiled call, so the second call of a compiled model forward
+# compiles once more (the same constant as in test_hf.py). Tests that count the graphs of a compiled forward
+# warm it up with two calls, allow this many extra graphs there, then require that nothing compiles again.
+HUB_KERNELS_EXTRA_GRAPHS = 1
 
 
 def prompts(lengths, seed: int = 1):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from raas_flex import PagedKVCache, RaaSConfig
+from raas_flex import PagedKVCache, make_config
 
 D = 16
 TOL = {
@@ -102,7 +102,7 @@ class Seq:
 def attended_positions(cache: PagedKVCache, seq: Seq) -> list[list[list[int]]]:
     """Logical positions each (row, KV head) attends this step, read off the page table (all
     policies but quest) or off cache.valid after checking it against Quest's rule (quest)."""
-    ps, P, policy = cache.ps, cache.P, cache.config.policy
+    ps, P, policy = cache.ps, cache.P, cache.policy.name
     page_id = cache.page_id.cpu().tolist()
     length = cache.length.cpu().tolist()
     valid = cache.valid.cpu().view(cache.B, cache.H, P, ps).tolist()
@@ -149,7 +149,7 @@ def assert_step(cache, seq, q, out, tol):
 
 
 def make_cache(policy, *, budget, ps, B, Hq, Hkv, head_dim=D, dtype=torch.float32, device="cpu", **kw):
-    cfg = RaaSConfig(budget=budget, page_size=ps, policy=policy, **kw)
+    cfg = make_config(budget, policy, page_size=ps, **kw)
     return PagedKVCache(cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=head_dim, dtype=dtype, device=device)
 
 
@@ -184,7 +184,7 @@ def test_eager_matches_float64_reference(policy, heads, ps, budget, kw, dtype):
         q, k, v = seq.next()
         assert_step(cache, seq, q, cache.decode(q, k, v), TOL[dtype])
     cache.check()
-    if cache.config.bounded:
+    if cache.policy.bounded:
         assert cache.evictions.min().item() > 0, "the run must exercise eviction"
     if policy == "quest":
         resident = (cache.page_id >= 0).sum(-1)
@@ -325,8 +325,8 @@ GPU_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat1
 GPU_HEADS = [pytest.param((6, 2), id="G3"), pytest.param((7, 1), id="G7")]
 GPU_DEVICE = "cuda"  # a module constant so the GPU code path can be dry-run elsewhere
 GPU_CONFIGS = {  # test name -> (policy, config)
-    "raas": ("raas", dict(budget=64, ps=16)),
-    "raas-triton": ("raas", dict(budget=64, ps=16, attention="triton")),  # attention + observe in one kernel
+    "raas": ("raas", dict(budget=64, ps=16, backend="flex")),  # bookkeeping kernel + flex_attention
+    "raas-triton": ("raas", dict(budget=64, ps=16, backend="triton")),  # the whole step in one kernel
     "quest": ("quest", dict(budget=64, ps=16, max_length=256)),
 }
 GPU_POLICIES = list(GPU_CONFIGS)
@@ -338,6 +338,7 @@ def gpu_run(policy, heads, dtype, *, compile_mode, steps=60, lens=(20, 45), seed
     seq = Seq(2, Hq, Hkv, lens, dtype=dtype, device=GPU_DEVICE, seed=seed, head_dim=64)
     base, cfg = GPU_CONFIGS[policy]
     cache = make_cache(base, **cfg, B=2, Hq=Hq, Hkv=Hkv, head_dim=64, dtype=dtype, device=GPU_DEVICE)
+    assert cache.backend == cfg.get("backend", "torch")  # quest: the torch code (no fused kernels for it)
     cache.prefill(*seq.prompt())
     if compile_mode is None:
         fn = cache.decode

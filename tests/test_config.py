@@ -3,12 +3,14 @@ offending value (checked with pytest.raises(match=...))."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 import torch
 
-from raas_flex import POLICIES, PagedKVCache, RaaSConfig, kernels
+from raas_flex import (H2O, POLICIES, POLICY_CLASSES, Dense, PagedKVCache, Quest, RaaS, RaaSConfig, Streaming, engine,
+                       kernels, make_config, make_policy)
 from reference import RefCache
 
 D = 16
@@ -21,7 +23,8 @@ def m(text: str) -> str:
 
 # -- RaaSConfig ----------------------------------------------------------------------------------
 CONFIG_ERRORS = [
-    # (kwargs, exception, text that must appear in the message)
+    # cache-wide settings: (kwargs, exception, text that must appear in the message); raised by
+    # RaaSConfig itself and by make_config, which hands these options to it
     (dict(budget=40, page_size=16), ValueError, "budget=40 must be a multiple of page_size=16"),
     (dict(budget=30, page_size=4), ValueError, "budget=30 must be a multiple of page_size=4"),
     (dict(budget=16, page_size=16), ValueError, "budget=16 must hold at least 2 pages of page_size=16"),
@@ -35,37 +38,13 @@ CONFIG_ERRORS = [
     (dict(budget=32, page_size=4.0), TypeError, "page_size must be an int, got 4.0"),
     (dict(budget=32, policy="lru"), ValueError, "policy='lru' is not supported"),
     (dict(budget=32, policy="RaaS"), ValueError, "policy='RaaS' is not supported"),
-    (dict(budget=32, policy=None), ValueError, "policy=None is not supported"),
-    (dict(budget=32, refresh="lru"), ValueError, "refresh='lru' is not supported"),
-    (dict(budget=32, importance="norm"), ValueError, "importance='norm' is not supported"),
-    (dict(budget=32, refresh_ratio=0.0), ValueError, "refresh_ratio=0.0 must be in (0, 1]"),
-    (dict(budget=32, refresh_ratio=-0.5), ValueError, "refresh_ratio=-0.5 must be in (0, 1]"),
-    (dict(budget=32, refresh_ratio=1.5), ValueError, "refresh_ratio=1.5 must be in (0, 1]"),
-    (dict(budget=32, refresh_ratio=float("nan")), ValueError, "refresh_ratio=nan"),
-    (dict(budget=32, refresh_ratio=float("inf")), ValueError, "refresh_ratio=inf"),
-    (dict(budget=32, refresh_ratio="0.5"), TypeError, "refresh_ratio must be a float, got '0.5'"),
-    (dict(budget=32, refresh_ratio=True), TypeError, "refresh_ratio must be a float, got True"),
-    # 2 pages in the budget: 0.4 * 2 = 0.8 pages -> refreshes nothing
-    (dict(budget=32, page_size=16, refresh_ratio=0.4), ValueError, "refresh_ratio=0.4 refreshes no page"),
-    (dict(budget=32, refresh_threshold=1.0, refresh="threshold", importance="attention"), ValueError, "refresh_threshold=1.0 must be in [0, 1)"),
-    (dict(budget=32, refresh_threshold=-0.1), ValueError, "refresh_threshold=-0.1 must be in [0, 1)"),
-    (dict(budget=32, refresh_threshold="1e-4"), TypeError, "refresh_threshold must be a float, got '1e-4'"),
-    (dict(budget=32, refresh="threshold"), ValueError, "importance='bound'"),
-    (dict(budget=32, refresh="threshold", importance="bound"), ValueError, "refresh='threshold'"),
-    (dict(budget=32, pin_prompt="yes"), TypeError, "pin_prompt must be True, False or None, got 'yes'"),
-    (dict(budget=32, pin_prompt=1), TypeError, "pin_prompt must be True, False or None, got 1"),
-    (dict(budget=32, sink_tokens=-1), ValueError, "sink_tokens must be >= 0, got -1"),
-    (dict(budget=32, sink_tokens=2.0), TypeError, "sink_tokens must be an int, got 2.0"),
-    (dict(budget=32, page_size=16, policy="streaming", sink_tokens=17), ValueError, "sink_tokens=17 takes 2 pages"),
     (dict(budget=32, dense_layers=-1), ValueError, "dense_layers must be >= 0, got -1"),
     (dict(budget=32, max_length=0), ValueError, "max_length must be >= 1, got 0"),
     (dict(budget=32, max_length=True), TypeError, "max_length must be an int, got True"),
     (dict(budget=32, block_size=0), ValueError, "block_size must be >= 1, got 0"),
     (dict(budget=32, compile_flex="yes"), TypeError, "compile_flex must be True, False or None, got 'yes'"),
-    (dict(budget=32, attention="sdpa"), ValueError, "attention='sdpa' is not supported; allowed: 'flex', 'triton'"),
-    (dict(budget=32, attention="triton", policy="h2o"), ValueError, "got policy='h2o', importance='bound'"),
-    (dict(budget=32, attention="triton", importance="attention"), ValueError, "needs policy='raas', importance='bound'"),
-    (dict(budget=32, attention="triton", fused=False), ValueError, "attention='triton' needs the fused kernels; got fused=False"),
+    (dict(budget=32, backend="sdpa"), ValueError, "backend='sdpa' is not supported; allowed: None, 'torch', 'flex', 'triton'"),
+    (dict(budget=32, backend="Triton"), ValueError, "backend='Triton' is not supported"),
 ]
 
 
@@ -73,15 +52,155 @@ CONFIG_ERRORS = [
 def test_config_rejects(kw, exc, text):
     with pytest.raises(exc, match=m(text)):
         RaaSConfig(**kw)
+    with pytest.raises(exc, match=m(text)):
+        make_config(**kw)
+
+
+def test_policy_must_be_a_name_or_a_policy():
+    with pytest.raises(ValueError, match=m("policy=None is not supported")):
+        make_config(32, policy=None)
+    with pytest.raises(TypeError, match=m("policy must be a policy name or a raas_flex Policy, got None")):
+        RaaSConfig(budget=32, policy=None)
+    with pytest.raises(TypeError, match=m("got {'policy': 'raas'}")):
+        RaaSConfig(budget=32, policy={"policy": "raas"})
+
+
+NAN, INF = float("nan"), float("inf")
+POLICY_ERRORS = [
+    # a policy's own options: (policy, options, exception, text). Raised when the policy object is
+    # built (RaaS(...), make_policy) and through make_config (what raas_flex.patch uses), budget 32
+    ("raas", dict(refresh="lru"), ValueError, "refresh='lru' is not supported"),
+    ("raas", dict(importance="norm"), ValueError, "importance='norm' is not supported"),
+    ("raas", dict(refresh_ratio=0.0), ValueError, "refresh_ratio=0.0 must be in (0, 1]"),
+    ("raas", dict(refresh_ratio=-0.5), ValueError, "refresh_ratio=-0.5 must be in (0, 1]"),
+    ("raas", dict(refresh_ratio=1.5), ValueError, "refresh_ratio=1.5 must be in (0, 1]"),
+    ("raas", dict(refresh_ratio=NAN), ValueError, "refresh_ratio=nan"),
+    ("raas", dict(refresh_ratio=INF), ValueError, "refresh_ratio=inf"),
+    ("raas", dict(refresh_ratio="0.5"), TypeError, "refresh_ratio must be a float, got '0.5'"),
+    ("raas", dict(refresh_ratio=True), TypeError, "refresh_ratio must be a float, got True"),
+    ("raas", dict(refresh_threshold=1.0, refresh="threshold", importance="attention"), ValueError,
+     "refresh_threshold=1.0 must be in [0, 1)"),
+    ("raas", dict(refresh_threshold=-0.1), ValueError, "refresh_threshold=-0.1 must be in [0, 1)"),
+    ("raas", dict(refresh_threshold=NAN), ValueError, "refresh_threshold=nan"),
+    ("raas", dict(refresh_threshold="1e-4"), TypeError, "refresh_threshold must be a float, got '1e-4'"),
+    ("raas", dict(refresh="threshold"), ValueError, "importance='bound'"),
+    ("raas", dict(refresh="threshold", importance="bound"), ValueError, "refresh='threshold'"),
+    ("raas", dict(pin_prompt="yes"), TypeError, "pin_prompt must be True or False, got 'yes'"),
+    ("raas", dict(pin_prompt=1), TypeError, "pin_prompt must be True or False, got 1"),
+    ("raas", dict(pin_prompt=None), TypeError, "pin_prompt must be True or False, got None"),
+    ("h2o", dict(pin_prompt="yes"), TypeError, "pin_prompt must be True or False, got 'yes'"),
+    ("streaming", dict(sink_tokens=-1), ValueError, "sink_tokens must be >= 0, got -1"),
+    ("streaming", dict(sink_tokens=2.0), TypeError, "sink_tokens must be an int, got 2.0"),
+    ("streaming", dict(sink_tokens=True), TypeError, "sink_tokens must be an int, got True"),
+]
+
+
+@pytest.mark.parametrize("policy,kw,exc,text", POLICY_ERRORS, ids=[t for *_, t in POLICY_ERRORS])
+def test_policy_rejects(policy, kw, exc, text):
+    with pytest.raises(exc, match=m(text)):
+        POLICY_CLASSES[policy](**kw)
+    with pytest.raises(exc, match=m(text)):
+        make_policy(policy, **kw)
+    with pytest.raises(exc, match=m(text)):
+        make_config(32, policy, **kw)
+
+
+BUDGET_ERRORS = [
+    # options that are valid alone but not at this budget: checked when the configuration is built
+    # 2 pages in the budget: 0.4 * 2 = 0.8 pages -> refreshes nothing
+    (RaaS(refresh_ratio=0.4), dict(budget=32, page_size=16), "refresh_ratio=0.4 refreshes no page"),
+    (RaaS(refresh_ratio=0.4), dict(budget=32, page_size=16), "allowed: refresh_ratio >= 0.5"),
+    (Streaming(sink_tokens=17), dict(budget=32, page_size=16), "sink_tokens=17 takes 2 pages"),
+    (Streaming(sink_tokens=16), dict(budget=16, page_size=8), "sink_tokens=16 takes 2 pages of the budget's 2"),
+]
+
+
+@pytest.mark.parametrize("policy,kw,text", BUDGET_ERRORS, ids=[t for *_, t in BUDGET_ERRORS])
+def test_config_rejects_policy_at_budget(policy, kw, text):
+    with pytest.raises(ValueError, match=m(text)):
+        RaaSConfig(policy=policy, **kw)
+    options = {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}
+    with pytest.raises(ValueError, match=m(text)):
+        make_config(policy=policy.name, **kw, **options)
 
 
 def test_unknown_names_list_the_allowed_ones():
     with pytest.raises(ValueError, match=m("allowed: " + ", ".join(map(repr, POLICIES)))):
         RaaSConfig(budget=32, policy="lru")
     with pytest.raises(ValueError, match=m("allowed: 'topk', 'threshold'")):
-        RaaSConfig(budget=32, refresh="lru")
+        RaaS(refresh="lru")
+    with pytest.raises(ValueError, match=m("allowed: 'topk', 'threshold'")):
+        make_config(32, refresh="lru")
     with pytest.raises(ValueError, match=m("allowed: 'bound', 'attention'")):
-        RaaSConfig(budget=32, importance="norm")
+        RaaS(importance="norm")
+    with pytest.raises(ValueError, match=m("allowed: 'bound', 'attention'")):
+        make_config(32, importance="norm")
+
+
+def test_unknown_options_are_type_errors_listing_the_allowed_ones():
+    cache_wide = "page_size, dense_layers, max_length, block_size, backend, compile_flex"
+    with pytest.raises(TypeError, match=m("policy='raas' got an unknown option 'refresh_rate'; allowed: pin_prompt, "
+                                          "importance, refresh, refresh_ratio, refresh_threshold, " + cache_wide)):
+        make_config(32, refresh_rate=0.5)
+    # an option of another policy says so
+    with pytest.raises(TypeError, match=m("policy='h2o' got an unknown option 'sink_tokens' ('sink_tokens' belongs "
+                                          "to another policy); allowed: pin_prompt, " + cache_wide)):
+        make_config(32, "h2o", sink_tokens=4)
+    with pytest.raises(TypeError, match=m("policy='quest' got an unknown option 'refresh_ratio' ('refresh_ratio' belongs")):
+        make_policy("quest", refresh_ratio=0.5)
+    # the options of the old flat configuration that are gone
+    for old in ("attention", "fused"):
+        with pytest.raises(TypeError, match=m(f"got an unknown option {old!r}") + ".*" + m("backend")):
+            make_config(32, **{old: True})
+        with pytest.raises(TypeError, match=old):
+            RaaSConfig(budget=32, **{old: True})
+    # a policy object carries its options: giving them again is an error, not a silent override
+    with pytest.raises(TypeError, match=m("options ['refresh_ratio'] are not cache-wide options and policy is "
+                                          "already a RaaS object")):
+        make_config(32, RaaS(), refresh_ratio=0.25)
+    with pytest.raises(TypeError, match=m("options ['sink_tokens'] given with a Streaming object")):
+        make_policy(Streaming(), sink_tokens=8)
+    with pytest.raises(TypeError):
+        RaaS(sink_tokens=4)
+
+
+def test_make_config_splits_options_between_policy_and_cache():
+    cfg = make_config(64, "raas", refresh_ratio=0.25, importance="attention", page_size=8, dense_layers=1,
+                      backend="torch")
+    assert cfg.policy == RaaS(refresh_ratio=0.25, importance="attention")
+    assert (cfg.budget, cfg.page_size, cfg.dense_layers, cfg.backend) == (64, 8, 1, "torch")
+    assert cfg == RaaSConfig(budget=64, policy=RaaS(refresh_ratio=0.25, importance="attention"), page_size=8,
+                             dense_layers=1, backend="torch")
+    assert make_config(64, "streaming", sink_tokens=20).policy == Streaming(sink_tokens=20)
+    assert make_config(64, Quest(), max_length=100).policy == Quest()
+    assert make_config(64).policy == RaaS() == RaaSConfig(budget=64).policy
+    assert RaaSConfig(budget=64, policy="h2o").policy == H2O()
+    # defaults the policies own
+    assert RaaS().pin_prompt and not any(P().pin_prompt for P in (Quest, H2O, Streaming, Dense))
+    assert (RaaS().importance, RaaS().refresh, RaaS().refresh_ratio, RaaS().refresh_threshold) == ("bound", "topk", 0.5, 1e-4)
+    assert Streaming().sink_tokens == 4
+    # what the configuration used to derive now comes from the policy
+    assert [make_config(64, p, max_length=64).policy.bounded for p in POLICIES] == [True, False, True, True, False]
+    assert [POLICY_CLASSES[p].narrows for p in POLICIES] == [False, True, False, False, False]
+    cfg = make_config(128, "raas", refresh_ratio=0.25)  # 8 pages
+    assert cfg.policy.refresh_pages(cfg.budget_pages) == 2
+    assert make_config(128, "streaming", sink_tokens=17).policy.sink_pages(16) == 2
+    assert H2O.recent_pages(8) == 4 and H2O.recent_pages(5) == 3
+    assert RaaS().fused_observe and not RaaS(importance="attention").fused_observe
+    assert not RaaS(importance="attention", refresh="threshold").fused_observe
+    assert not any(P().fused_observe for P in (Quest, H2O, Streaming, Dense))
+    assert [POLICY_CLASSES[p].append_code for p in POLICIES] == [0, None, 2, 1, None]
+
+
+def test_policies_are_frozen_and_hashable():
+    pol = RaaS()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pol.refresh_ratio = 0.25
+    assert hash(RaaS(refresh_ratio=0.25)) == hash(RaaS(refresh_ratio=0.25))
+    assert RaaS(refresh_ratio=0.25) != RaaS()
+    assert dataclasses.replace(pol, refresh_ratio=0.25).refresh_ratio == 0.25
+    with pytest.raises(ValueError, match=m("refresh_ratio=2.0 must be in (0, 1]")):
+        dataclasses.replace(pol, refresh_ratio=2.0)
 
 
 def test_budget_error_suggests_valid_budgets():
@@ -103,7 +222,7 @@ def test_budget_error_suggests_valid_budgets():
     ],
 )
 def test_config_accepts_boundaries(kw):
-    RaaSConfig(**kw)
+    make_config(**kw)
 
 
 def test_config_is_frozen_and_replace_revalidates():
@@ -177,7 +296,9 @@ def test_gpu_kernel_block_too_small_is_rejected_before_allocating():
 
 # -- prefill -------------------------------------------------------------------------------------
 def cache_for(policy="raas", budget=32, ps=8, B=2, Hkv=1, **kw):
-    cfg = RaaSConfig(budget=budget, page_size=ps, policy=policy, **kw)
+    """A cache of the given options (pin_prompt=None: the policy's default)."""
+    kw = {k: v for k, v in kw.items() if not (k == "pin_prompt" and v is None)}
+    cfg = make_config(budget, policy, page_size=ps, **kw)
     return PagedKVCache(cfg, batch_size=B, num_heads=2 * Hkv, num_kv_heads=Hkv, head_dim=D)
 
 
@@ -251,23 +372,85 @@ def test_parse_options_reads_literals_and_names_bad_items():
         parse_options(["=3"])
     with pytest.raises(TypeError, match="KEY=VALUE"):
         parse_options([3])
-    # the parsed values go through RaaSConfig's own validation
-    with pytest.raises(ValueError, match="refresh_ratio"):
-        RaaSConfig(budget=256, **parse_options(["refresh_ratio=2.0"]))
+    # the parsed values go through the policy's own validation
+    with pytest.raises(ValueError, match=m("refresh_ratio=2.0 must be in (0, 1]")):
+        make_config(256, **parse_options(["refresh_ratio=2.0"]))
+    cfg = make_config(256, **parse_options(["refresh=threshold", "importance=attention", "refresh_threshold=0.01",
+                                            "page_size=8", "compile_flex=None"]))
+    assert cfg.policy == RaaS(refresh="threshold", importance="attention", refresh_threshold=0.01)
+    assert (cfg.page_size, cfg.compile_flex) == (8, None)
+
+
+def test_parse_spec_names_the_policy_and_its_options():
+    from raas_flex.config import parse_spec
+
+    assert parse_spec("raas") == ("raas", {})
+    assert parse_spec("raas:importance=attention,refresh=threshold") == (
+        "raas", {"importance": "attention", "refresh": "threshold"})
+    assert parse_spec("streaming:sink_tokens=16,page_size=8") == ("streaming", {"sink_tokens": 16, "page_size": 8})
+    name, options = parse_spec("raas:refresh_ratio=0.25")
+    assert make_config(64, name, **options).policy == RaaS(refresh_ratio=0.25)
+    with pytest.raises(ValueError, match=m("policy 'lru' is not one of raas, quest, h2o, streaming, dense")):
+        parse_spec("lru:refresh=topk")
+    for bad in ("", None):
+        with pytest.raises(ValueError, match="'POLICY' or 'POLICY:KEY=VALUE"):
+            parse_spec(bad)
+    with pytest.raises(ValueError, match="KEY=VALUE, got 'refresh'"):
+        parse_spec("raas:refresh")
+
+
+# -- backend ----------------------------------------------------------------------------------------
+def _cache(config, **kw):
+    return PagedKVCache(config, batch_size=1, num_heads=2, num_kv_heads=1, head_dim=16, **kw)
+
+
+def test_backend_is_resolved_at_construction_and_read_only():
+    c = _cache(RaaSConfig(budget=32, page_size=8))
+    assert c.backend == "torch"  # None on a CPU cache: the torch code
+    for policy in POLICIES:
+        assert _cache(make_config(32, policy, page_size=8, backend="torch", max_length=64)).backend == "torch"
+    with pytest.raises(AttributeError):
+        c.backend = "triton"
+    assert c.backend == "torch"
+    for gone in ("fused", "attention", "observe_in_append", "static_lists", "kernel_options", "compile_flex"):
+        assert not hasattr(c, gone), gone
 
 
 @pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter makes CPU caches fusable")
-def test_triton_attention_is_refused_where_the_fused_observe_cannot_run():
-    """attention='triton' on a CPU cache (no fused kernels there) fails loudly, naming why; the
-    attribute keeps its value; fused=False under attention='triton' is refused too."""
-    mk = lambda **kw: PagedKVCache(RaaSConfig(budget=32, page_size=8, **kw), batch_size=1, num_heads=2,
-                                   num_kv_heads=1, head_dim=16)
-    with pytest.raises(ValueError, match=r"attention='triton' is not supported for this cache: (device='cpu'|triton)"):
-        mk(attention="triton")
-    c = mk()
-    assert c.attention == "flex"
-    with pytest.raises(ValueError, match="attention='triton' is not supported for this cache"):
-        c.attention = "triton"
-    with pytest.raises(ValueError, match="attention='fast' is not supported; allowed: 'flex', 'triton'"):
-        c.attention = "fast"
-    assert c.attention == "flex"
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_fused_backend_is_refused_on_cpu(backend):
+    """backend='flex'/'triton' on a CPU cache (no fused kernels there) fails loudly, naming why."""
+    with pytest.raises(ValueError, match=m(f"backend={backend!r} is not supported for this cache: ")
+                       + "(device='cpu'|triton)" + ".*" + m("use backend=None (the fastest supported) or backend='torch'")):
+        _cache(RaaSConfig(budget=32, page_size=8, backend=backend))
+
+
+BACKEND_ERRORS = [
+    # (backend, policy, text): what a fused backend cannot serve, on a device where the kernels run
+    ("triton", H2O(), "the one-kernel step serves policy='raas' with importance='bound', refresh='topk'; got H2O("),
+    ("triton", Streaming(), "the one-kernel step serves policy='raas' with importance='bound', refresh='topk'"),
+    ("triton", RaaS(importance="attention"), "serves policy='raas' with importance='bound', refresh='topk'; got "
+                                             "RaaS(pin_prompt=True, importance='attention'"),
+    ("triton", RaaS(importance="attention", refresh="threshold"), "refresh='threshold'"),
+    ("triton", Quest(), "the fused kernels serve policies raas, h2o, streaming; got policy='quest'"),
+    ("flex", Quest(), "the fused kernels serve policies raas, h2o, streaming; got policy='quest'"),
+    ("flex", Dense(), "the fused kernels serve policies raas, h2o, streaming; got policy='dense'"),
+]
+
+
+@pytest.mark.parametrize("backend,policy,text", BACKEND_ERRORS, ids=[f"{b}-{i}" for i, (b, _, _) in enumerate(BACKEND_ERRORS)])
+def test_fused_backend_is_refused_for_policies_it_does_not_serve(monkeypatch, backend, policy, text):
+    """The policy checks of resolve_backend, on a device the kernels serve (simulated: the device/dtype
+    check says yes), so that they run on CPU."""
+    monkeypatch.setattr(kernels, "unsupported_reason", lambda *args, **kwargs: None)
+    cfg = RaaSConfig(budget=32, page_size=8, policy=policy, backend=backend, max_length=64)
+    with pytest.raises(ValueError, match=m(f"backend={backend!r} is not supported for this cache: ") + ".*" + m(text)):
+        engine.resolve_backend(cfg, torch.device("cpu"), torch.float32)
+    # what they serve is accepted; None picks the fastest on CUDA, the torch code elsewhere
+    for pol, best in ((RaaS(), "triton"), (RaaS(importance="attention"), "flex"), (H2O(), "flex"),
+                      (Streaming(), "flex"), (Quest(), "torch"), (Dense(), "torch")):
+        cfg = RaaSConfig(budget=32, page_size=8, policy=pol, max_length=64)
+        assert engine.resolve_backend(cfg, torch.device("cuda"), torch.float16) == best
+        assert engine.resolve_backend(cfg, torch.device("cpu"), torch.float16) == "torch"
+        assert engine.resolve_backend(cfg.replace(backend="torch"), torch.device("cuda"), torch.float16) == "torch"
+    assert engine.resolve_backend(RaaSConfig(budget=32, backend="flex"), torch.device("cpu"), torch.float32) == "flex"

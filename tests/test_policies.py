@@ -22,7 +22,7 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from raas_flex import PagedKVCache, RaaSConfig
+from raas_flex import PagedKVCache, RaaSConfig, make_config
 from raas_flex import masks
 from reference import RefCache, f32
 
@@ -149,8 +149,14 @@ def stub_attention(cache: PagedKVCache) -> None:
     cache.attend = lambda q: torch.zeros_like(q)
 
 
+def config_of(kw: dict) -> RaaSConfig:
+    """The engine's configuration for a scenario's options (pin_prompt=None: the policy's default)."""
+    kw = {k: v for k, v in kw.items() if not (k == "pin_prompt" and v is None)}
+    return make_config(**kw)
+
+
 def build(sc):
-    cfg = RaaSConfig(**sc["config"])
+    cfg = config_of(sc["config"])
     cache = PagedKVCache(cfg, batch_size=sc["B"], num_heads=sc["Hq"], num_kv_heads=sc["Hkv"], head_dim=D)
     c = sc["config"]
     ref = RefCache(
@@ -228,7 +234,8 @@ class Run:
         out = c.decode(q, kk, vv)
         assert out.shape == q.shape
 
-        policy = self.cfg.policy
+        pol = self.cfg.policy
+        policy = pol.name
         events = ref.append()
         bound = None
         if policy == "quest":
@@ -239,8 +246,8 @@ class Run:
         ref_valid = ref.valid(bound)
         imp = None
         if policy == "raas":
-            key = "bound" if self.cfg.importance == "bound" else "share"
-            assert key in self.inj.calls, f"raas with importance={self.cfg.importance} must call page_{key}"
+            key = "bound" if pol.importance == "bound" else "share"
+            assert key in self.inj.calls, f"raas with importance={pol.importance} must call page_{key}"
             imp = self.inj.calls[key].tolist()
         elif policy == "h2o":
             assert "share" in self.inj.calls, "h2o must accumulate page_share every step"
@@ -264,7 +271,7 @@ class Run:
                     continue
                 assert stamp[b][h][i] == p.stamp, (b, h, i, ref.step)
                 assert pinned[b][h][i] == p.pinned, (b, h, i)
-                if self.cfg.policy in ("raas", "h2o"):
+                if self.cfg.policy.name in ("raas", "h2o"):
                     assert score[b][h][i] == p.score, (b, h, i, ref.step)
                 else:
                     assert score[b][h][i] == 0.0
@@ -283,7 +290,7 @@ class Run:
             assert res[b][h] == ref.resident_tokens(b, h)
             if ref.bounded:
                 assert res[b][h] <= self.cfg.budget
-        if self.cfg.policy in ("quest", "dense"):
+        if self.cfg.policy.name in ("quest", "dense"):
             assert st_.evictions.sum().item() == 0
 
         # every written token: resident in exactly one slot holding its key, or its whole page gone
@@ -321,7 +328,8 @@ class Run:
 
     def check_invariants(self, pre, events, refreshed, imp) -> None:
         """Eviction/refresh rules checked against the engine's own state before the step."""
-        c, ps, policy = self.c, self.cfg.page_size, self.cfg.policy
+        c, ps, pol = self.c, self.cfg.page_size, self.cfg.policy
+        policy = pol.name
         post = c.page_state()
         p_id, p_stamp, p_pin, p_score = pre.page_id.tolist(), pre.stamp.tolist(), pre.pinned.tolist(), pre.score.tolist()
         n_id, n_stamp = post.page_id.tolist(), post.stamp.tolist()
@@ -354,10 +362,11 @@ class Run:
                         best = min(cand, key=lambda j: (p_stamp[b][h][j], p_id[b][h][j]))
                         assert i == best, (p_stamp[b][h], p_id[b][h])
                     elif policy == "streaming":
-                        cand = [j for j in cand if p_id[b][h][j] >= self.cfg.sink_pages]
+                        cand = [j for j in cand if p_id[b][h][j] >= pol.sink_pages(ps)]
                         assert i == min(cand, key=lambda j: p_id[b][h][j])
                     elif policy == "h2o":
                         limit = pos // ps - (self.cfg.budget_pages - self.cfg.budget_pages // 2)
+                        assert pol.recent_pages(self.cfg.budget_pages) == self.cfg.budget_pages - self.cfg.budget_pages // 2
                         assert old <= limit, "h2o evicted a protected recent page"
                         cand = [j for j in cand if p_id[b][h][j] <= limit]
                         assert i == min(cand, key=lambda j: (p_score[b][h][j], j))
@@ -369,10 +378,10 @@ class Run:
                 stamped = {i for i in range(c.P) if n_id[b][h][i] >= 0 and n_stamp[b][h][i] == step}
                 new = {changed[0]} if changed else set()
                 resident = [i for i in range(c.P) if n_id[b][h][i] >= 0]
-                if self.cfg.refresh == "topk":
-                    top = set(sorted(resident, key=lambda i: (-imp[b][h][i], i))[: self.cfg.refresh_pages])
+                if pol.refresh == "topk":
+                    top = set(sorted(resident, key=lambda i: (-imp[b][h][i], i))[: pol.refresh_pages(self.cfg.budget_pages)])
                 else:
-                    top = {i for i in resident if imp[b][h][i] > f32(self.cfg.refresh_threshold)}
+                    top = {i for i in resident if imp[b][h][i] > f32(pol.refresh_threshold)}
                 assert set(refreshed[b][h]) == top
                 assert stamped == top | new, (stamped, top, new)
                 self.refreshes += len(top)
@@ -411,14 +420,14 @@ def test_bounded_long_run_evicts(policy, data):
     run = run_scenario(sc)
     assert run.c.evictions.min().item() > 0
     assert not run.c.overflow
-    if policy == "raas" and run.cfg.refresh == "topk":
+    if policy == "raas" and run.cfg.policy.refresh == "topk":
         assert run.refreshes >= sc["B"] * sc["Hkv"] * sc["steps"]  # >= 1 page per step
 
 
 # -- hand-worked examples (they pin the reference model itself down) -----------------------------
 def _hand_run(policy, steps, imp_of_page, **cfg_kw):
     """ps = 1, budget = 4, one prompt token; importance per logical page id."""
-    cfg = RaaSConfig(budget=4, page_size=1, policy=policy, **cfg_kw)
+    cfg = make_config(4, policy, page_size=1, **cfg_kw)
     c = PagedKVCache(cfg, batch_size=1, num_heads=1, num_kv_heads=1, head_dim=D)
     stub_attention(c)
 
@@ -558,7 +567,7 @@ def test_memory_class(policy):
 # -- overflow -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy,kw", [("dense", {"max_length": 8}), ("quest", {"max_length": 8}), ("h2o", {"pin_prompt": True})])
 def test_overflow_is_flagged_and_page_table_kept(policy, kw):
-    cfg = RaaSConfig(budget=8, page_size=2, policy=policy, **kw)
+    cfg = make_config(8, policy, page_size=2, **kw)
     c = PagedKVCache(cfg, batch_size=1, num_heads=1, num_kv_heads=1, head_dim=D)
     stub_attention(c)
     c.prefill(torch.randn(1, 1, 6, D), torch.randn(1, 1, 6, D))

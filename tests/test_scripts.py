@@ -21,7 +21,7 @@ def test_decode_step_benchmark_smoke(tmp_path):
         import decode_step
     finally:
         sys.path.pop(0)
-    rows = decode_step.main(["--smoke", "--policies", "raas", "--out", str(tmp_path)])
+    rows = decode_step.main(["--smoke", "--configs", "raas", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "decode_step_smoke.json").read_text())
     assert data["rows"] == rows and len(rows) == 1
     row = rows[0]
@@ -33,12 +33,22 @@ def test_decode_step_benchmark_smoke(tmp_path):
     assert "| raas |" in (tmp_path / "decode_step_smoke.md").read_text().replace("raas/sdpa_L", "")
 
 
+def _env_with_checkout():
+    """The environment of a script run from this checkout (whether or not raas_flex is installed)."""
+    import os
+
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + path if path else ""))
+
+
 def test_generate_example_runs():
-    out = subprocess.run(
+    res = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "generate.py"), "--model", "tiny", "--new", "80", "--budget", "48",
          "--option", "refresh_ratio=0.34"],
-        capture_output=True, text=True, timeout=300, check=True,
-    ).stdout
+        capture_output=True, text=True, timeout=300, env=_env_with_checkout(),
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout
     assert "answer (80 tokens" in out
     # budget 48 tokens x 2 layers x 2 KV heads x head_dim 16 x fp32 x (K and V)
     assert f"{2 * 2 * 2 * 48 * 16 * 4 / 2**20:.3f} MiB allocated" in out
@@ -74,47 +84,31 @@ def test_decode_step_smoke_all_policies_and_replot(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_decode_step_variant_names():
-    """Variant names set what the timing is labelled with; bad tokens are refused, not ignored."""
+def test_decode_step_configurations_are_named_by_their_options():
+    """A configuration is named by its user-facing options ('POLICY' or 'POLICY:KEY=VALUE,...'); the
+    benchmark's cache is exactly that configuration (with nothing pinned, so that every new page evicts
+    one, and its buffer full); bad names and options are refused, not ignored."""
+    from raas_flex import RaaS, Streaming
+
     ds = _bench_module("decode_step")
-    assert ds.parse_variant("raas") == ("raas", None, True, "flex", {}, {}, {})
-    assert ds.parse_variant("raas_split+skv4") == ("raas", None, False, "flex", {"SPLIT_KV": 4}, {}, {})
-    assert ds.parse_variant("raas_triton")[3] == "triton"
-    assert ds.parse_variant("raas_triton+tbn128+tw8+tsplit4+ts3+ttp8+tbe4096")[6] == dict(
-        ATTEND_BLOCK_N=128, ATTEND_WARPS=8, ATTEND_SPLIT=4, ATTEND_STAGES=3, ATTEND_TILES_PER_PROGRAM=8,
-        ATTEND_BOUND_ELEMS=4096)
-    assert all(hasattr(ds.kernels, k) for k in ds.TRITON_KNOB_TOKENS.values())
-    assert ds.parse_variant("raas_triton+tdiag15")[6] == dict(ATTEND_DIAG=15)
-    assert ds.parse_variant("raas_triton+tob1+tbd0")[6] == dict(ATTEND_OBSERVER=1, ATTEND_BOUND_DOT=0)
-    assert ds.parse_variant("raas_triton+toms6+tbs3")[6] == dict(ATTEND_OBSERVER_MAX_PROGRAMS_PER_SM=6, ATTEND_BOUND_STAGES=3)
-    assert ds.parse_variant("raas_triton+tobd0+tobe4096+tobc2048")[6] == dict(
-        ATTEND_OBSERVER_BOUND_DOT=0, ATTEND_OBSERVER_BOUND_ELEMS=4096, ATTEND_OBSERVER_CHUNK_ELEMS=2048)
-    assert ds.parse_variant("raas_triton+tpf2+topf1+tomin4+tlean1+trw1+trwmin4")[6] == dict(
-        ATTEND_PREFETCH=2, ATTEND_OBSERVER_PREFETCH=1, ATTEND_OBSERVER_MIN_SPLIT=4, ATTEND_LEAN_ROW_WRITES=1,
-        ATTEND_ROW_WRITER=1, ATTEND_ROW_WRITER_MIN_SPLIT=4)
-    assert ds.parse_variant("raas_triton+tco1+tet1")[6] == dict(ATTEND_COMBINE_ONLINE=1, ATTEND_EARLY_TICKET=1)
-    assert ds.is_diagnostic("raas_triton+tdiag15") and not ds.is_diagnostic("raas_triton+tdiag0")
-    assert not ds.is_diagnostic("raas_triton+tsplit2")
-    with pytest.raises(ValueError, match="attention='flex'"):
-        ds.parse_variant("raas+tbn128")
-    before = ds.kernels.ATTEND_BLOCK_N
-    caches_off = torch.compiler.config.force_disable_caches
-    with pytest.raises(RuntimeError):
-        with ds.kernel_knobs({"ATTEND_BLOCK_N": before * 2}):
-            assert ds.kernels.ATTEND_BLOCK_N == before * 2
-            # (a cached graph would not read the knob again)
-            assert torch.compiler.config.force_disable_caches
-            raise RuntimeError
-    assert ds.kernels.ATTEND_BLOCK_N == before
-    assert torch.compiler.config.force_disable_caches == caches_off
-    if hasattr(torch._inductor.config.triton, "enable_pdl"):
-        assert ds.parse_variant("raas+pdl")[5] == {"triton.enable_pdl": True}
-    else:  # (torch 2.11 has no such switch, and config.patch would not say so)
-        with pytest.raises(ValueError, match=r"\+pdl needs torch._inductor.config.triton.enable_pdl"):
-            ds.parse_variant("raas+pdl")
-    assert ds.parse_variant("raas_torch")[:3] == ("raas", False, True)
-    with pytest.raises(ValueError, match=r"\+xyz4 is not one of skvN, bnN, wN, sN, tbnN, twN, tsN, tsplitN, ttpN, tbeN, tbdN, tbsN, tobN, tomsN, tobdN, tobeN, tobcN, tlsN, tdiagN, tpfN, topfN, tominN, tleanN, trwN, trwminN, tcoN, tcominN, tetN, tqfN, tolN, pdl"):
-        ds.parse_variant("raas+xyz4")
+    args = (1, 2, 1, 16, 128, 64, torch.float32, "cpu", 16)  # B, Hq, Hkv, D, N, L, dtype, device, extra steps
+    c = ds.make_cache("raas:importance=attention,refresh=threshold,refresh_threshold=0.01", *args)
+    assert c.policy == RaaS(importance="attention", refresh="threshold", refresh_threshold=0.01, pin_prompt=False)
+    assert (c.backend, c.page_size, c.S, c.length.tolist()) == ("torch", 16, 64, [48])  # a bounded policy: L - 16
+    c = ds.make_cache("raas:backend=torch", *args)
+    assert c.policy == RaaS(pin_prompt=False) and c.config.backend == "torch"
+    assert ds.make_cache("streaming:sink_tokens=16", *args).policy == Streaming(sink_tokens=16)
+    c = ds.make_cache("quest", *args)
+    assert c.policy.name == "quest" and c.S == 144 and c.length.tolist() == [128]  # O(N): N + extra steps
+    with pytest.raises(TypeError, match=r"unknown option 'fused'; allowed: .*backend"):
+        ds.make_cache("raas:fused=True", *args)
+    with pytest.raises(TypeError, match=r"unknown option 'sink_tokens' \('sink_tokens' belongs to another policy\)"):
+        ds.make_cache("raas:sink_tokens=4", *args)
+    with pytest.raises(ValueError, match="policy 'lru' is not one of raas, quest, h2o, streaming, dense"):
+        ds.main(["--smoke", "--configs", "raas;lru"])  # before the first grid point
+    with pytest.raises(ValueError, match="KEY=VALUE, got 'refresh'"):
+        ds.main(["--smoke", "--configs", "raas:refresh"])
+
 
 def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
     import torch
@@ -144,15 +138,17 @@ def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
     assert est is None and "no earlier quest" in how
     assert long_context.estimate_s("dense", 8192, done[1:], 16, 1)[0] is None
 
-    # both raas attention kernels in one run: their same-batch tokens/s ratio; a bad list is refused
-    both = [dict(kind="raas", attention="flex", B=8, ms_per_step=8.0, tokens_per_s=1000.0),
-            dict(kind="raas", attention="triton", B=8, ms_per_step=10.0, tokens_per_s=800.0),
-            dict(kind="raas", attention="triton", B=16, ms_per_step=12.0, tokens_per_s=1333.0)]
-    assert long_context.attention_ratios(both) == [dict(B=8, flex_ms_per_step=8.0, triton_ms_per_step=10.0,
-                                                        triton_over_flex_tokens_per_s=0.8)]
-    for bad in ("flex,flex", "flex,cuda", ","):
+    # several raas-style configurations in one run: each one's same-batch tokens/s against the first's;
+    # a bad list is refused
+    both = [dict(kind="raas", config="raas", B=8, ms_per_step=8.0, tokens_per_s=1000.0),
+            dict(kind="raas", config="raas:backend=flex", B=8, ms_per_step=10.0, tokens_per_s=800.0),
+            dict(kind="raas", config="raas:backend=flex", B=16, ms_per_step=12.0, tokens_per_s=1333.0)]
+    assert long_context.attention_ratios(both) == [dict(B=8, base="raas", config="raas:backend=flex",
+                                                        base_ms_per_step=8.0, ms_per_step=10.0,
+                                                        tokens_per_s_ratio=0.8)]
+    for bad in ("raas;raas", "raas;lru", "quest", "raas:refresh", ";"):
         with pytest.raises(SystemExit):
-            long_context.main(["--smoke", "--out", str(tmp_path), "--raas-attention", bad])
+            long_context.main(["--smoke", "--out", str(tmp_path), "--raas-configs", bad])
 
     # The allocation-checked largest batch needs CUDA; on CPU pretend the dense KV fits once more so
     # that 8x resolves (8 x 1 = 8). A simulated OOM in the quest run at N=80 must become an error row,
@@ -264,80 +260,32 @@ def test_importance_recall_runs_on_the_shipped_model(tmp_path):
     assert "| 0 |" in (tmp_path / "ir.md").read_text()
 
 
-def test_kernel_variants_smoke(tmp_path):
-    """Every knob combination of the fused kernels through Triton's CPU interpreter, against the torch
-    bookkeeping from the same state (the script raises if a variant's append state differs)."""
-    pytest.importorskip("triton", reason="the kernels run on CPU only through Triton's interpreter")
-    import os
-
-    out = tmp_path / "kv.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_variants.py"), "--smoke", "--out", str(out)],
-                         env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    combos = [r for r in rows if r["kernel"] == "append+observe"]
-    assert len(combos) == 2  # BOUND_DOT on and off (one warps/elems setting)
-    # random normal bounds: no exact ties at the top-k boundary, so every variant's stamps match
-    assert all(r["stamp_mismatch"] == 0 for r in combos), combos
-    assert sum(r["kernel"] == "observe (split)" for r in rows) == 2
-
-
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
 def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
-    """The resource report compiles every kernel for sm_90 on this CPU machine, specialised as a
-    launch would be, with a Python float argument typed fp64 as torch.compile launches it (a kernel
-    whose fp32 softmax state turns fp64 fails to compile), and reads back its registers, shared
-    memory and pipelined loads; an unknown kernel name is refused."""
+    """The resource report compiles the shipped kernels for sm_90 on this CPU machine, specialised as
+    a launch would be, with a Python float argument typed fp64 as torch.compile launches it (a kernel
+    whose fp32 softmax state turns fp64 fails to compile), and reads back registers, shared memory and
+    pipelined loads. fused_step is compiled under the plans (kernels.step_plan) of GPUs of 132 and 1
+    SMs, which build it with the observer last and the online combine, with the observer first and
+    full row writes, without the observer, and with the writer; an unknown kernel name is refused."""
     kr = _bench_module("kernel_resources")
     out = tmp_path / "res.json"
-    rows = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
-                    "--split", "2", "--out", str(out)])
-    assert [r["kernel"] for r in rows] == ["_append_kernel", "_observe_kernel", "_attend_observe_kernel",
-                                           "_step_kernel"]
-    assert all(0 < r["registers"] <= 255 for r in rows)
-    # (one row per (sequence, KV head), two attention programs per row; by default (the observer rule:
-    # rows x (split + 1) <= 5 per SM of --sms, 132) fused_step adds the observer, fused_attend_observe not)
-    assert rows[2]["grid"] == [2, 2] and rows[3]["grid"] == [2, 3]
-    # on a GPU of one SM the rule leaves the observer out (2 rows x 3 > 5); with no --split, programs per
-    # row come from split_for on the --sms GPU
-    one = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
-                   "--split", "2", "--sms", "1", "--kernels", "_step_kernel"])
-    assert one[0]["grid"] == [2, 2]
-    auto = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
-                    "--kernels", "_step_kernel"])
-    assert auto[0]["grid"] == [2, 4 + 1]  # 132 SMs: 4 programs per row (one per tile), and the observer
-    # compiled as a launch specialises it (16-byte aligned pointers), the attention kernels' tile
-    # loads are pipelined into asynchronous copies; without that they were not
-    assert rows[2]["async_copies"] > 0 and rows[3]["async_copies"] > 0
-    assert rows[3]["dynamic_shared_bytes"] > 0
+    small = ["--heads", "4/2", "--head-dim", "16", "--page-size", "8"]
+    rows = kr.main(["--batch", "1", *small, "--budget", "256", "--out", str(out)])
+    assert [r["kernel"] for r in rows] == ["_append_kernel", "_step_kernel"]
+    assert rows[1]["grid"] == [2, 4 + 1]  # 132 SMs: 4 programs per row (one per tile) and the observer
     assert json.loads(out.read_text())["rows"][0]["registers"] == rows[0]["registers"]
+    first = kr.main(["--batch", "1", *small, "--budget", "256", "--sms", "1", "--kernels", "_step_kernel"])
+    assert first[0]["grid"] == [2, 2 + 1]  # one SM: 2 programs per row, the observer first in the grid
+    plain = kr.main(["--batch", "2", *small, "--budget", "256", "--sms", "1", "--kernels", "_step_kernel"])
+    assert plain[0]["grid"] == [4, 1]  # 4 rows on one SM: no observer
+    writer = kr.main(["--batch", "1", *small, "--budget", "1024", "--kernels", "_step_kernel"])
+    assert writer[0]["grid"] == [2, 16 + 2]  # 16 programs per row: the observer and the writer
+    steps = [rows[1], first[0], plain[0], writer[0]]
+    assert all(0 < r["registers"] <= 255 for r in [rows[0], *steps])
+    # compiled as a launch specialises it (16-byte aligned pointers), the K/V tile loads of programs
+    # of more than one tile are pipelined into asynchronous copies
+    assert first[0]["async_copies"] > 0 and plain[0]["async_copies"] > 0
+    assert all(r["dynamic_shared_bytes"] > 0 for r in steps)
     with pytest.raises(SystemExit):
         kr.main(["--kernels", "_nope"])
-    with pytest.raises(SystemExit):
-        kr.main(["--knob", "BLOCK_N=3"])
-    # the attention kernels with an observer program per row (kernels.ATTEND_OBSERVER) and the lazy
-    # page choice (ATTEND_LAZY_SLOT) compile too
-    from raas_flex import kernels
-
-    saved = kernels.ATTEND_OBSERVER, kernels.ATTEND_LAZY_SLOT
-    kernels.ATTEND_OBSERVER = kernels.ATTEND_LAZY_SLOT = True
-    try:
-        obs = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
-                       "--split", "2", "--kernels", "_attend_observe_kernel,_step_kernel", "--out", str(out)])
-    finally:
-        kernels.ATTEND_OBSERVER, kernels.ATTEND_LAZY_SLOT = saved
-    assert [r["grid"] for r in obs] == [[2, 3], [2, 3]]  # (two attention programs and the observer per row)
-    assert all(0 < r["registers"] <= 255 and r["async_copies"] > 0 for r in obs)
-    # fused_step with the observer and the queries loaded after the decision (ATTEND_Q_FIRST=False):
-    # that build once failed to compile (a name given two types across a runtime branch), which the
-    # CPU interpreter, running Python branches, does not see
-    late = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
-                    "--split", "2", "--kernels", "_step_kernel", "--knob", "ATTEND_Q_FIRST=0"])
-    assert late[0]["grid"] == [2, 3] and 0 < late[0]["registers"] <= 255
-    # and fused_step without them (set by --knob, and restored after)
-    plain = kr.main(["--batch", "1", "--heads", "4/2", "--head-dim", "16", "--budget", "256", "--page-size", "8",
-                     "--split", "2", "--kernels", "_step_kernel", "--knob", "ATTEND_OBSERVER=0",
-                     "--knob", "ATTEND_LAZY_SLOT=0"])
-    assert (kernels.ATTEND_OBSERVER, kernels.ATTEND_LAZY_SLOT) == saved
-    assert [r["grid"] for r in plain] == [[2, 2]]
-    assert 0 < plain[0]["registers"] <= 255 and plain[0]["async_copies"] > 0

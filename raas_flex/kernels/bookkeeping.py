@@ -1,0 +1,128 @@
+"""The append kernel: one program per (sequence, KV head) row appends the step's token, and with
+OBSERVE runs the RaaS observe of the step's query for the row (the flex path's one launch a step)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import APPEND_BOUND_ELEMS, RAAS_EVICTION, WARPS, lists_in_regs
+from .rules import (append_inputs, bound_loop, bound_pages, choose_slot, finish_step, new_key_bounds, page_entry,
+                    refresh_set, row_writes)
+
+
+@triton.jit
+def _append_kernel(
+    kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd,
+    k_ptr, v_ptr, page_id_ptr, stamp_ptr, pinned_ptr, score_ptr, kmax_ptr, kmin_ptr,
+    open_slot_ptr, length_ptr, step_ptr, evictions_ptr, overflow_ptr, valid_ptr, ticket_ptr,
+    kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, q_ptr, sqb, sqh, sqd, imp_ptr,
+    B: tl.constexpr, H: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
+    POLICY: tl.constexpr, SINK_PAGES: tl.constexpr, RECENT_PAGES: tl.constexpr,
+    KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr,
+    OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = row // H
+    h = row % H
+    S: tl.constexpr = P * PS
+    row64 = row.to(tl.int64)
+    base = row64 * P
+    d = tl.arange(0, D)
+    step_new, pos, open_old, ev, kk, vv, old_max, old_min, _ = append_inputs(
+        kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
+        open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D)
+    p = tl.arange(0, BLOCK_P)
+    in_row = p < P
+    pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
+    off = pos % PS
+    slot, opened, write, has_free = choose_slot(pid, p, in_row, off == 0, open_old, pos, stamp_ptr, pinned_ptr,
+                                                score_ptr, base, POLICY, SINK_PAGES, RECENT_PAGES, PS, BLOCK_P)
+    new_id = pos // PS
+    new_max, new_min = new_key_bounds(kk, old_max, old_min, opened, write, kmax_ptr, kmin_ptr)
+    pid_new = tl.where(opened & (p == slot), new_id, pid)
+    # the token (after an overflow it overwrites the open page's first slot, as in torch)
+    t = slot * PS + off
+    tl.store(k_ptr + (row64 * S + t) * D + d, kk)
+    tl.store(v_ptr + (row64 * S + t) * D + d, vv)
+    page_entry(page_id_ptr, stamp_ptr, pinned_ptr, open_slot_ptr, row64, base, slot, new_id, step_new,
+               opened, write, open_old)
+    tl.store(score_ptr + base + slot, 0.0, mask=opened)
+    row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr,
+               full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min, ev, opened, has_free,
+               write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False)
+    if OBSERVE:  # the RaaS observe of this step's query over the row after the append
+        tl.debug_barrier()  # (the score stores above are complete)
+        if BPC == BLOCK_P:  # one chunk: the bounds stay in registers
+            a = bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr, p, in_row,
+                            slot, opened, new_id, new_max, new_min, b, h, base, G, D, BPC, True)
+        else:
+            bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr, 0, P,
+                       slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BLOCK_P, BPC, True)
+            tl.debug_barrier()  # the row of bounds is complete
+            a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
+        refresh = refresh_set(a, pid_new, p, in_row, P, REFRESH, BLOCK_P)
+        tl.store(stamp_ptr + base + p, tl.zeros([BLOCK_P], tl.int64) + step_new, mask=refresh)
+    finish_step(ticket_ptr, length_ptr, step_ptr, step_new, B * H, B, BLOCK_B)
+
+
+def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0):
+    k_cache, page_id = state[0], state[2]
+    B, H, S, D = k_cache.shape
+    P = page_id.shape[-1]
+    ps = S // P
+    nb = S // block
+    observe = q is not None
+    qq = q if observe else k_new  # (not read without OBSERVE)
+    block_p = triton.next_power_of_2(P)
+    wrap_triton(_append_kernel)[(B * H,)](
+        k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
+        v_new.stride(0), v_new.stride(1), v_new.stride(3), *state,
+        qq, qq.stride(0), qq.stride(1), qq.stride(3), imp if observe else state[5],
+        B=B, H=H, P=P, D=D, PS=ps, BLOCK_P=block_p, BLOCK_PS=triton.next_power_of_2(ps),
+        BLOCK_B=triton.next_power_of_2(B), POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
+        KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
+        LISTS_IN_REGS=lists_in_regs(nb, P), OBSERVE=observe, G=(q.shape[1] // H) if observe else 1,
+        REFRESH=refresh_pages, BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), num_warps=WARPS,
+    )
+
+
+_STATE = {"k_cache", "v_cache", "page_id", "stamp", "pinned", "score", "kmax", "kmin", "open_slot", "length", "step",
+          "evictions", "overflow", "valid", "ticket", "kv_num", "kv_idx", "full_num", "full_idx"}
+
+
+@triton_op("raas_flex::fused_append", mutates_args=_STATE)
+def fused_append(
+    k_new: Tensor, v_new: Tensor,
+    k_cache: Tensor, v_cache: Tensor, page_id: Tensor, stamp: Tensor, pinned: Tensor, score: Tensor,
+    kmax: Tensor, kmin: Tensor, open_slot: Tensor, length: Tensor, step: Tensor, evictions: Tensor,
+    overflow: Tensor, valid: Tensor, ticket: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor,
+    full_idx: Tensor, policy: int, sink_pages: int, recent_pages: int, block: int,
+) -> None:
+    """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy`` (Policy.append_code);
+    refresh ``valid`` and the exact flex block lists for KV blocks of ``block`` slots (layout of
+    masks.block_lists). ``ticket``: int32 [1], 0 at launch (left 0)."""
+    _launch_append(k_new, v_new, (k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length,
+                                  step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx),
+                   policy, sink_pages, recent_pages, block)
+
+
+@triton_op("raas_flex::fused_append_observe", mutates_args=_STATE | {"imp"})
+def fused_append_observe(
+    q: Tensor, k_new: Tensor, v_new: Tensor,
+    k_cache: Tensor, v_cache: Tensor, page_id: Tensor, stamp: Tensor, pinned: Tensor, score: Tensor,
+    kmax: Tensor, kmin: Tensor, open_slot: Tensor, length: Tensor, step: Tensor, evictions: Tensor,
+    overflow: Tensor, valid: Tensor, ticket: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor,
+    full_idx: Tensor, imp: Tensor, sink_pages: int, recent_pages: int, block: int, refresh_pages: int,
+) -> None:
+    """:func:`fused_append` (raas), then in the same program the RaaS observe of q [B, Hq, 1, D]
+    (Quest's bound over the row after the append, the top ``refresh_pages`` stamped). imp: fp32
+    [B, Hkv, P] scratch."""
+    _launch_append(k_new, v_new, (k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length,
+                                  step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx),
+                   RAAS_EVICTION, sink_pages, recent_pages, block, q=q, imp=imp,
+                   refresh_pages=refresh_pages)
+
