@@ -406,8 +406,8 @@ class MilestoneSpec:
 
     min_lines: int = 110
     max_lines: int = 170
-    phase_lines: int = 40
-    phoenix_every: int = 10
+    phase_lines: int = 60
+    phoenix_every: int = 14
     answer_digits: int = 3
     heldout_mod: int = 61
 
