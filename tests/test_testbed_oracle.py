@@ -285,3 +285,56 @@ def test_lru_keeps_a_page_until_enough_other_pages_are_used(case):
             others = {p for x, p in touches if last <= x <= s and p != page and p >= prompt_pages}
             if len(others) < unpinned:
                 assert (s, q) not in lost, (s, q, last, others)
+
+
+# -- training on the milestone task ----------------------------------------------------------------------------------
+def _train_module():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        return importlib.import_module("train_testbed")
+    finally:
+        sys.path.pop(0)
+
+
+def test_train_milestone_smoke_with_page_dropout(tmp_path):
+    train = _train_module()
+    log = train.main(["--smoke", "--task", "milestone", "--out", str(tmp_path), "--device", "cpu",
+                      "--gen-problems", "1", "--page-dropout", "0.25"])
+    assert log["task"] == "milestone" and log["spec"]["phase_lines"] == 6 and log["steps"] == 3
+    assert log["args"]["page_dropout"] == 0.25 and log["args"]["window"] is None
+    assert all(np.isfinite(e["loss"]) for e in log["loss"]) and 0 <= log["final"]["gen_acc"] <= 1
+    assert log["prompt_tokens"] == tb.MILESTONE_SPEC.prompt_tokens
+    assert (tmp_path / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="--window"):
+        train.main(["--smoke", "--task", "milestone", "--out", str(tmp_path), "--window", "20", "40"])
+    with pytest.raises(ValueError, match="--page-dropout"):
+        train.main(["--smoke", "--task", "milestone", "--out", str(tmp_path), "--page-dropout", "1.0"])
+
+
+def test_page_dropout_mask_hides_whole_pages_from_later_queries():
+    import torch
+
+    train = _train_module()
+    assert train.page_dropout_mask(torch.Generator(), 2, 40, 0.0) is None
+    mask = train.page_dropout_mask(torch.Generator().manual_seed(0), 8, 40, 0.5, page_size=4)[:, 0]
+    i, j = torch.meshgrid(torch.arange(40), torch.arange(40), indexing="ij")
+    assert not mask[:, i < j].any()  # causal
+    assert mask[:, (i >= j) & (i // 4 == j // 4)].all()  # its own page, always
+    for b in range(8):
+        for page in range(10):
+            seen = mask[b, (page + 1) * 4:, page * 4:(page + 1) * 4]
+            assert seen.all() or not seen.any()  # a page is kept or hidden for every later query
+    assert 0 < mask[:, 39, :36].float().mean() < 1
+    with pytest.raises(ValueError, match="page dropout p=1.5"):
+        train.page_dropout_mask(torch.Generator(), 2, 40, 1.5)
+
+
+def test_default_model_fits_25_mb():
+    train = _train_module()
+    model = train.build_model("llama", 4, 256, 8, 2, 32, 1024, max_positions=2 * tb.MILESTONE_SPEC.seq_len)
+    assert model.config.model_type == "llama"
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) <= 25e6
