@@ -1,4 +1,9 @@
-"""A synthetic multi-step reasoning task with milestone and phoenix tokens, and its tokenizer.
+"""Synthetic multi-step reasoning tasks with milestone and phoenix tokens, and their tokenizer.
+
+Two tasks share the tokenizer: the lag task below (:class:`TaskSpec`), where recency keeps everything
+a step needs, and the milestone task (:class:`MilestoneSpec`, :func:`milestone_dataset`; docs/testbed.md),
+where milestones are read by name over a whole phase, filler once, and question facts after long gaps,
+with an exact read trace per problem for :mod:`raas_flex.oracle`. The rest of this docstring is the lag task.
 
 The question gives a lookup table ``T`` of ten digits, a seed digit ``v`` and a line count ``n``::
 
@@ -70,6 +75,12 @@ __all__ = [
     "sample",
     "window_mask",
     "write_jsonl",
+    "MILESTONE_SPEC",
+    "MilestoneProblem",
+    "MilestoneSpec",
+    "encode_milestone_batch",
+    "make_milestone_problem",
+    "milestone_dataset",
 ]
 
 # -- vocabulary ---------------------------------------------------------------------------------------
