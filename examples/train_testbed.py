@@ -2,6 +2,19 @@
 
     python examples/train_testbed.py --out runs/testbed            # one GPU, ~8 minutes (the shipped model)
     python examples/train_testbed.py --smoke --out /tmp/tb          # CPU, seconds: a few steps, tiny model
+    python examples/train_testbed.py --task milestone --out runs/milestone   # the milestone task, <= 15 min
+
+``--task`` picks the task: ``lag`` (default; every value is read by the next line and ``lag`` lines
+later) or ``milestone`` (:class:`raas_flex.testbed.MilestoneSpec`, docs/testbed.md: milestones read by
+name over a whole phase, filler read once, question facts read again after long gaps). The milestone
+task trains with plain causal attention on full sequences (``--window`` is refused for it), by default
+for 13 minutes of wall clock so that the run with its final evaluation ends within 15 minutes.
+
+``--page-dropout P`` (off by default, either task) hides, for each training sequence, every 16-token
+page of keys with probability P from all queries after it (a query always sees its own page). The
+dropped pages are drawn at random, independent of the task: the model sees KV go missing the way an
+eviction policy makes it go missing, without being told which tokens a step needs. It needs a dense 4D
+mask (slower attention kernels); evaluation is always dense.
 
 ``--window MIN MAX`` trains under windowed attention (:func:`raas_flex.testbed.window_mask`): each
 sequence of a batch sees its question plus its last W tokens, W drawn uniformly from MIN..MAX, except
@@ -26,6 +39,7 @@ throughput, device, command), so a run stopped from outside still leaves a usabl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -54,18 +68,38 @@ from raas_flex.testbed import (  # noqa: E402
     PAD,
     VOCAB,
     TaskSpec,
+    MilestoneSpec,
     _encode,
+    _encode_milestone,
     build_tokenizer,
     encode_batch,
+    encode_milestone_batch,
     parse_answer,
     sample,
-    spec_dict,
     window_mask,
 )
 
 ARCHS = ("llama", "qwen2")
+TASKS = ("lag", "milestone")
 SMOKE = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, batch_size=4,
-             steps=3, eval_problems=4, gen_problems=2, min_lines=12, max_lines=14, lag=4)
+             steps=3, eval_problems=4, gen_problems=2, min_lines=12, max_lines=14, lag=4, phase_lines=6,
+             phoenix_every=4)
+SPEC_ARGS = {"lag": ("min_lines", "max_lines", "lag"), "milestone": ("min_lines", "max_lines", "phase_lines", "phoenix_every")}
+DEFAULT_MINUTES = {"lag": 8.0, "milestone": 13.0}
+
+
+def make_spec(task: str, **overrides):
+    """The task's spec (:class:`TaskSpec` or :class:`MilestoneSpec`) with the given fields overridden."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not supported; allowed: {', '.join(TASKS)}")
+    return (TaskSpec if task == "lag" else MilestoneSpec)(**overrides)
+
+
+def encode_problems(rng: np.random.Generator, n: int, spec, split: str):
+    """Token ids ``[n, spec.seq_len]`` and lengths of ``n`` problems of the spec's task."""
+    if isinstance(spec, MilestoneSpec):
+        return encode_milestone_batch(rng, n, spec, split)
+    return encode_batch(rng, n, spec, split)
 
 
 def build_model(arch: str, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
@@ -111,7 +145,7 @@ class Batches:
 
     def _work(self):
         while not self.stop.is_set():
-            ids, _ = encode_batch(self.rng, self.batch_size, self.spec, split="train")
+            ids, _ = encode_problems(self.rng, self.batch_size, self.spec, split="train")
             t = torch.from_numpy(ids)
             if self.pin:
                 t = t.pin_memory()
@@ -144,10 +178,32 @@ def attention_mask(windows: torch.Tensor | None, ids: torch.Tensor, prompt_len: 
     return window_mask(windows.to(ids.device), ids.shape[1], prompt_len)
 
 
-def loss_fn(model, ids: torch.Tensor, prompt_len: int, windows: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy on the chain, answer and </s> (tokens after the question, padding excluded)."""
+def page_dropout_mask(gen: torch.Generator, n: int, seq_len: int, p: float, page_size: int = 16):
+    """Random page dropout: bool ``[n, 1, seq_len, seq_len]`` (True = attend). Row ``b`` hides each key
+    page with probability ``p`` from every later query (causal; a query's own page is always seen).
+    Independent of the task. ``p == 0`` returns None (plain causal attention)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"page dropout p={p!r} must be a number in [0, 1)")
+    if p == 0:
+        return None
+    pages = -(-seq_len // page_size)
+    keep = torch.rand(n, pages, generator=gen) >= p  # [n, pages]
+    page = torch.arange(seq_len) // page_size
+    causal = torch.arange(seq_len)[:, None] >= torch.arange(seq_len)[None, :]
+    same = page[:, None] == page[None, :]
+    return (causal[None] & (same[None] | keep[:, page][:, None, :]))[:, None]
+
+
+def loss_fn(model, ids: torch.Tensor, prompt_len: int, windows: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy on the chain, answer and </s> (tokens after the question, padding excluded).
+    ``mask`` (4D bool over the whole sequence, e.g. :func:`page_dropout_mask`) replaces the window mask."""
     x = ids[:, :-1]
-    logits = model(input_ids=x, attention_mask=attention_mask(windows, x, prompt_len)).logits
+    if mask is None:
+        mask = attention_mask(windows, x, prompt_len)
+    else:
+        mask = mask[:, :, : x.shape[1], : x.shape[1]].to(x.device, non_blocking=True)
+    logits = model(input_ids=x, attention_mask=mask).logits
     target = ids[:, 1:].clone()
     target[:, : prompt_len - 1] = -100
     target[target == PAD] = -100
@@ -156,7 +212,7 @@ def loss_fn(model, ids: torch.Tensor, prompt_len: int, windows: torch.Tensor | N
 
 @torch.no_grad()
 def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, chunk: int,
-                        window: int | None = None) -> dict:
+                        window: int | None = None, columns: bool = True) -> dict:
     """Per-token and per-sequence argmax accuracy on the chain under teacher forcing, and per line
     column (the looked-up b and the computed value v are the hard ones). With ``window`` every
     sequence sees only its question and its last ``window`` tokens."""
@@ -188,24 +244,25 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
             col_ok[c] += (ok & m).sum().item()
             col_n[c] += m.sum().item()
     model.train()
-    return {
+    out = {
         "tf_loss": loss_sum / max(tok_n, 1),
         "tf_token_acc": tok_ok / max(tok_n, 1),
         "tf_seq_acc": seq_ok / len(ids),
-        "tf_b_acc": float(col_ok[6] / max(col_n[6], 1)),
-        "tf_v_acc": float(col_ok[8] / max(col_n[8], 1)),
     }
+    if columns:  # the lag task's fixed-width lines: the looked-up b and the computed v
+        out.update(tf_b_acc=float(col_ok[6] / max(col_n[6], 1)), tf_v_acc=float(col_ok[8] / max(col_n[8], 1)))
+    return out
 
 
 @torch.no_grad()
 def generate_eval(model, tok, spec: TaskSpec, n: int, seed: int, device, batch_size: int) -> dict:
     """Exact-answer accuracy of dense greedy ``generate`` on ``n`` held-out problems."""
-    from raas_flex.testbed import dataset
+    from raas_flex.testbed import dataset, milestone_dataset
 
     model.eval()
-    problems = dataset(n, seed=seed, spec=spec)
+    problems = (milestone_dataset if isinstance(spec, MilestoneSpec) else dataset)(n, seed=seed, spec=spec)
     correct, lengths, t0 = 0, [], time.perf_counter()
-    max_new = spec.cot_tokens(spec.max_lines) + 16
+    max_new = spec.seq_len - spec.prompt_tokens + 16
     for i in range(0, n, batch_size):
         chunk = problems[i:i + batch_size]
         enc = tok([p.question for p in chunk], return_tensors="pt", padding=True).to(device)
@@ -225,7 +282,7 @@ def evaluate(model, ids, prompt_len: int, device, amp, args) -> dict:
     """Teacher-forced eval with dense attention and, when training windowed, with the smallest window
     (keys suffixed ``_window``); training stops when both reach ``--target``."""
     chunk = max(1, min(64, args.batch_size))
-    ev = teacher_forced_eval(model, ids, prompt_len, device, amp, chunk)
+    ev = teacher_forced_eval(model, ids, prompt_len, device, amp, chunk, columns=args.task == "lag")
     if args.window is not None:
         win = teacher_forced_eval(model, ids, prompt_len, device, amp, chunk, window=args.window[0])
         ev.update({f"{k}_window": v for k, v in win.items()})
@@ -242,7 +299,9 @@ def save(model, tok, out: Path, log: dict) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (checkpoint, tokenizer, train_log.json)")
-    ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the training loop, from script start")
+    ap.add_argument("--task", default="lag", choices=TASKS, help="lag (default) or milestone (docs/testbed.md)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall-clock budget of the training loop, from script start (default: 8 for lag, 13 for milestone)")
     ap.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: time only)")
     ap.add_argument("--target", type=float, default=1.0,
                     help="stop once tf_seq_acc on the held-out set reaches this (default 1.0: every sequence right; with --window, under the smallest window too)")
@@ -253,7 +312,7 @@ def parse_args(argv=None):
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--intermediate", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=64, help="problems per step (each ~1.2k tokens)")
+    ap.add_argument("--batch-size", type=int, default=64, help="problems per step (~1.2k tokens each; milestone ~2k)")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to 5%% by the time budget)")
     ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     ap.add_argument("--weight-decay", type=float, default=0.05)
@@ -263,7 +322,11 @@ def parse_args(argv=None):
     ap.add_argument("--gen-problems", type=int, default=256, help="held-out problems for the final generate eval")
     ap.add_argument("--min-lines", type=int, default=None)
     ap.add_argument("--max-lines", type=int, default=None)
-    ap.add_argument("--lag", type=int, default=None)
+    ap.add_argument("--lag", type=int, default=None, help="lag task only")
+    ap.add_argument("--phase-lines", type=int, default=None, help="milestone task only")
+    ap.add_argument("--phoenix-every", type=int, default=None, help="milestone task only")
+    ap.add_argument("--page-dropout", type=float, default=0.0,
+                    help="probability of hiding each 16-token key page of a training sequence (default 0: off)")
     ap.add_argument("--window", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                     help="train under windowed attention: question + last W tokens, W uniform in MIN..MAX")
     ap.add_argument("--full-frac", type=float, default=0.25,
@@ -276,7 +339,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.smoke:
         for k, v in SMOKE.items():
-            if k in ("min_lines", "max_lines", "lag"):
+            if k in ("min_lines", "max_lines", "lag", "phase_lines", "phoenix_every"):
                 if getattr(args, k) is None:
                     setattr(args, k, v)
             else:
@@ -284,10 +347,19 @@ def parse_args(argv=None):
     for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "batch_size", "eval_problems"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.minutes is None:
+        args.minutes = DEFAULT_MINUTES[args.task]
     if args.minutes <= 0:
         raise ValueError(f"--minutes must be > 0, got {args.minutes}")
     if args.window is not None and not 1 <= args.window[0] <= args.window[1]:
         raise ValueError(f"--window MIN MAX needs 1 <= MIN <= MAX, got {args.window}")
+    if args.task == "milestone" and args.window is not None:
+        raise ValueError(f"--window {args.window} is not allowed with --task milestone (it trains with plain causal "
+                         "attention; use --page-dropout for an optional task-independent sparsity)")
+    if args.window is not None and args.page_dropout > 0:
+        raise ValueError("--page-dropout and --window cannot be combined; pick one")
+    if not 0.0 <= args.page_dropout < 1.0:
+        raise ValueError(f"--page-dropout must be in [0, 1), got {args.page_dropout}")
     if not 0.0 <= args.full_frac <= 1.0:
         raise ValueError(f"--full-frac must be in [0, 1], got {args.full_frac}")
     if args.gen_problems < 0:
@@ -297,8 +369,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    spec_kwargs = {k: getattr(args, k) for k in ("min_lines", "max_lines", "lag") if getattr(args, k) is not None}
-    spec = TaskSpec(**spec_kwargs)
+    spec_kwargs = {k: getattr(args, k) for k in SPEC_ARGS[args.task] if getattr(args, k) is not None}
+    spec = make_spec(args.task, **spec_kwargs)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if cuda:
@@ -334,13 +406,14 @@ def main(argv=None) -> dict:
         step_model = torch.compile(model)
 
     # held-out set for the teacher-forced eval (fixed; the generate eval uses another seed)
-    ev_ids = torch.from_numpy(_encode(*sample(np.random.default_rng(10_000 + args.seed), args.eval_problems, spec,
-                                               "heldout"), spec)[0])
+    encode = _encode_milestone if args.task == "milestone" else _encode
+    ev_ids = torch.from_numpy(encode(*sample(np.random.default_rng(10_000 + args.seed), args.eval_problems, spec,
+                                             "heldout"), spec)[0])
     batches = Batches(args.seed, args.batch_size, spec, pin=cuda)
     budget_s = args.minutes * 60
     log = {
         "command": " ".join([Path(sys.executable).name] + sys.argv) if argv is None else "train_testbed.py " + " ".join(argv),
-        "args": vars(args), "spec": spec_dict(spec), "params": n_params, "model_config": model.config.to_dict(),
+        "args": vars(args), "task": args.task, "spec": dataclasses.asdict(spec), "params": n_params, "model_config": model.config.to_dict(),
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "seq_len": spec.seq_len, "prompt_tokens": P, "loss": [], "evals": [],
@@ -369,15 +442,16 @@ def main(argv=None) -> dict:
             g["lr"] = lr
         ids = batches.next().to(device, non_blocking=True)
         windows = draw_windows(win_gen, len(ids), args.window, args.full_frac, ids.shape[1])
+        drop = page_dropout_mask(win_gen, len(ids), ids.shape[1], args.page_dropout)
         with amp():
             try:
-                loss = loss_fn(step_model, ids, P, windows)
+                loss = loss_fn(step_model, ids, P, windows, drop)
             except Exception as e:  # a failed compile must not cost the run
                 if step_model is model:
                     raise
                 print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing eager", flush=True)
                 step_model = model
-                loss = loss_fn(step_model, ids, P, windows)
+                loss = loss_fn(step_model, ids, P, windows, drop)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

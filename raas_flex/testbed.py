@@ -1,4 +1,9 @@
-"""A synthetic multi-step reasoning task with milestone and phoenix tokens, and its tokenizer.
+"""Synthetic multi-step reasoning tasks with milestone and phoenix tokens, and their tokenizer.
+
+Two tasks share the tokenizer: the lag task below (:class:`TaskSpec`), where recency keeps everything
+a step needs, and the milestone task (:class:`MilestoneSpec`, :func:`milestone_dataset`; docs/testbed.md),
+where milestones are read by name over a whole phase, filler once, and question facts after long gaps,
+with an exact read trace per problem for :mod:`raas_flex.oracle`. The rest of this docstring is the lag task.
 
 The question gives a lookup table ``T`` of ten digits, a seed digit ``v`` and a line count ``n``::
 
@@ -70,6 +75,12 @@ __all__ = [
     "sample",
     "window_mask",
     "write_jsonl",
+    "MILESTONE_SPEC",
+    "MilestoneProblem",
+    "MilestoneSpec",
+    "encode_milestone_batch",
+    "make_milestone_problem",
+    "milestone_dataset",
 ]
 
 # -- vocabulary ---------------------------------------------------------------------------------------
@@ -388,3 +399,173 @@ def window_mask(windows, seq_len: int, prompt_tokens: int):
 
 def spec_dict(spec: TaskSpec = DEFAULT_SPEC) -> dict:
     return dataclasses.asdict(spec)
+
+
+# -- the milestone task -------------------------------------------------------------------------------
+# A second task whose information flow is the RaaS paper's (docs/testbed.md): long-lived milestones,
+# filler read once, and question facts read again after long gaps, every read by name.
+@dataclass(frozen=True)
+class MilestoneSpec:
+    """Shape of the milestone task. Lines per problem are drawn uniformly from ``min_lines..max_lines``.
+
+    phase_lines: lines ``phase_lines``, ``2 * phase_lines``, ... define milestones; every line of a phase
+        reads the phase's milestone (line 0 is the question's seed ``000``).
+    phoenix_every: lines ``i`` with ``i % phoenix_every == phoenix_every // 2`` (and the last line) read a
+        question fact instead of the previous line.
+    heldout_mod: one (facts, seed) pair in about ``heldout_mod`` is held out (:func:`is_heldout`).
+    """
+
+    min_lines: int = 110
+    max_lines: int = 170
+    phase_lines: int = 60
+    phoenix_every: int = 14
+    answer_digits: int = 3
+    heldout_mod: int = 61
+
+    def __post_init__(self) -> None:
+        for name in ("min_lines", "max_lines", "phase_lines", "phoenix_every", "answer_digits", "heldout_mod"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        if self.phase_lines < 2:
+            raise ValueError(f"phase_lines={self.phase_lines} must be >= 2")
+        if self.phoenix_every < 2:
+            raise ValueError(f"phoenix_every={self.phoenix_every} must be >= 2")
+        if not 1 <= self.answer_digits <= 9:
+            raise ValueError(f"answer_digits={self.answer_digits} must be in 1..9")
+        if not max(self.phase_lines, self.answer_digits) <= self.min_lines <= self.max_lines <= 999:
+            raise ValueError(
+                "need max(phase_lines, answer_digits) <= min_lines <= max_lines <= 999 (3-digit labels), got "
+                f"min_lines={self.min_lines}, max_lines={self.max_lines}, phase_lines={self.phase_lines}"
+            )
+        if self.heldout_mod < 2:
+            raise ValueError(f"heldout_mod={self.heldout_mod} must be >= 2")
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of every question, ``<s>`` included (the same for all problems)."""
+        return len(format_milestone_question(np.zeros(10, dtype=np.int64), 0, self.min_lines)) + 1
+
+    def line_kind(self, i: int, lines: int) -> str:
+        """``"phoenix"`` (reads a fact), ``"milestone"`` (defines one) or ``"filler"`` for line ``i`` of ``lines``."""
+        if i == lines or i % self.phoenix_every == self.phoenix_every // 2:
+            return "phoenix"
+        return "milestone" if i % self.phase_lines == 0 else "filler"
+
+    def milestone_of(self, i: int) -> int:
+        """Label of the milestone line ``i`` reads (0: the question's seed)."""
+        return self.phase_lines * ((i - 1) // self.phase_lines)
+
+    def cot_tokens(self, lines: int) -> int:
+        """Tokens after the prompt: the lines, ``A:`` and the answer, ``</s>`` excluded."""
+        phoenix = sum(self.line_kind(i, lines) == "phoenix" for i in range(1, lines + 1))
+        return 14 * lines - phoenix + len(ANSWER_MARK) + self.answer_digits
+
+    @property
+    def seq_len(self) -> int:
+        """Longest training sequence: prompt + longest chain + ``</s>``."""
+        return self.prompt_tokens + max(self.cot_tokens(k) for k in range(self.min_lines, self.max_lines + 1)) + 1
+
+
+MILESTONE_SPEC = MilestoneSpec()
+
+
+@dataclass(frozen=True)
+class MilestoneProblem:
+    """One milestone-task problem. ``values[i]`` is the value of line i (``values[0]`` the seed);
+    ``question + cot`` is the full text; ``trace`` the exact reads of every decode step
+    (positions count ``<s>`` as 0)."""
+
+    facts: tuple[int, ...]
+    seed: int
+    lines: int
+    values: tuple[int, ...]
+    question: str
+    cot: str
+    answer: str
+    trace: object  # raas_flex.oracle.Trace
+
+    def to_json(self) -> dict:
+        return {"question": self.question, "answer": self.answer, "cot": self.cot}
+
+
+def format_milestone_question(facts, seed: int, lines: int) -> str:
+    pairs = ",".join(f"q{k}={int(f)}" for k, f in enumerate(facts))
+    return f"{pairs};000={int(seed)};n={int(lines):03d}\n"
+
+
+def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec) -> MilestoneProblem:
+    from raas_flex.oracle import Trace
+
+    facts = [int(x) for x in facts]
+    question = format_milestone_question(facts, seed, lines)
+    base = 1 + len(question)  # position of the chain's first token (<s> is position 0)
+    fact_pos = [1 + question.index(f"q{k}=") + 3 for k in range(10)]
+    seed_pos = 1 + question.index(";000=") + 5
+    n_pos = 1 + question.index(";n=") + 3
+    vpos = {0: seed_pos}  # line label -> position of its value token
+    values = [int(seed)]
+    parts, reads, cur = [], [], base
+    for i in range(1, lines + 1):
+        a = spec.milestone_of(i)
+        prev = values[i - 1]
+        if spec.line_kind(i, lines) == "phoenix":
+            operand, b_val, b_pos = f"q{prev}", facts[prev], fact_pos[prev]
+            reads.append((cur + 9, (vpos[i - 1],)))  # writing the fact's key digit needs the previous value
+        else:
+            operand, b_val, b_pos = f"{i - 1:03d}", prev, vpos[i - 1]
+        v = (values[a] + b_val + i) % 10
+        text = f"{i:03d}:{a:03d}+{operand}={v}\n"
+        vp = cur + len(text) - 2
+        reads.append((vp, tuple(sorted({vpos[a], b_pos}))))
+        vpos[i] = vp
+        values.append(v)
+        parts.append(text)
+        cur += len(text)
+    d = spec.answer_digits
+    answer = "".join(str(x) for x in values[lines - d + 1:])
+    reads.append((cur, (n_pos, n_pos + 1, n_pos + 2)))  # stopping ("A") needs the line count
+    for k in range(d):
+        reads.append((cur + 2 + k, (vpos[lines - d + 1 + k],)))
+    cot = "".join(parts) + ANSWER_MARK + answer
+    trace = Trace(prompt_len=base, length=base + len(cot) + 1, reads=tuple(reads))
+    return MilestoneProblem(facts=tuple(facts), seed=int(seed), lines=int(lines), values=tuple(values),
+                            question=question, cot=cot, answer=answer, trace=trace)
+
+
+def milestone_dataset(n: int, seed: int = 0, spec: MilestoneSpec = MILESTONE_SPEC,
+                      split: str = "heldout") -> list[MilestoneProblem]:
+    """``n`` milestone-task problems, deterministic in ``seed``; held-out ones by default."""
+    _check_count("n", n)
+    if not isinstance(spec, MilestoneSpec):
+        raise TypeError(f"spec must be a MilestoneSpec, got {type(spec).__name__}")
+    facts, seeds, lines = sample(np.random.default_rng(seed), n, spec, split)
+    return [_milestone_problem(f, s, k, spec) for f, s, k in zip(facts, seeds, lines)]
+
+
+def make_milestone_problem(rng: np.random.Generator, spec: MilestoneSpec = MILESTONE_SPEC,
+                           split: str = "any") -> MilestoneProblem:
+    """One milestone-task problem drawn from ``rng`` (a ``numpy.random.Generator``)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    return _milestone_problem(*(x[0] for x in sample(rng, 1, spec, split)), spec)
+
+
+def encode_milestone_batch(rng: np.random.Generator, n: int, spec: MilestoneSpec = MILESTONE_SPEC,
+                           split: str = "train"):
+    """A batch of whole milestone-task problems as token ids: ``(ids [n, spec.seq_len] int64, lengths [n])``,
+    ``<s>`` question chain ``</s>``, right padded with ``<pad>``; the first ``spec.prompt_tokens`` tokens are
+    the question (the same layout as :func:`encode_batch`)."""
+    facts, seeds, lines = sample(rng, n, spec, split)
+    return _encode_milestone(facts, seeds, lines, spec)
+
+
+def _encode_milestone(facts, seeds, lines, spec: MilestoneSpec):
+    ids = np.full((len(seeds), spec.seq_len), PAD, dtype=np.int64)
+    lengths = np.zeros(len(seeds), dtype=np.int64)
+    for j, (f, s, k) in enumerate(zip(facts, seeds, lines)):
+        p = _milestone_problem(f, s, k, spec)
+        row = np.concatenate([encode_text(p.question + p.cot), [EOS]])
+        ids[j, :len(row)] = row
+        lengths[j] = len(row)
+    return ids, lengths

@@ -1,0 +1,340 @@
+"""The milestone task (raas_flex.testbed) and the oracle retention analysis (raas_flex.oracle).
+
+- Acceptance: on 40 held-out problems, at a budget of 1/4 of the mean chain, LRU pages with the prompt
+  pinned (RaaS with perfect importance) lose no needed token, while recency with the prompt pinned,
+  StreamingLLM and H2O with perfect importance each lose one in at least half of the chains.
+- The generator, checked by an independent reading of the text (every line re-evaluated, the answer,
+  the trace's reads point at the named values, milestone/filler/phoenix use), chain and prompt sizes,
+  determinism, the tokenizer round trip, the batch encoder and the held-out split.
+- The simulator on hand-made traces and on random ones (hypothesis): nothing is lost when the budget
+  holds the whole sequence, recency keeps exactly its window, H2O never loses its protected pages, and
+  LRU never loses a page fewer than (unpinned budget) other pages were touched since its last use.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from raas_flex import oracle
+from raas_flex import testbed as tb
+
+SPEC = tb.MILESTONE_SPEC
+QUESTION = re.compile(r"((?:q\d=\d,){9}q\d=\d);000=(\d);n=(\d{3})\n")
+LINE = re.compile(r"(\d{3}):(\d{3})\+(\d{3}|q\d)=(\d)\n")
+
+
+@lru_cache(maxsize=1)
+def heldout40():
+    return tb.milestone_dataset(40, seed=0)
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    return tb.build_tokenizer()
+
+
+# -- acceptance -------------------------------------------------------------------------------------------------
+def test_oracle_acceptance_at_a_quarter_of_the_chain():
+    table = oracle.oracle_table([p.trace for p in heldout40()], fractions=(0.125, 0.25, 0.5))
+    quarter = table["fractions"].index(0.25)
+    share = {k: v[quarter] for k, v in table["loss_share"].items()}
+    assert table["budgets"][quarter] % 16 == 0
+    assert share["lru"] == 0.0, share
+    for policy in ("recency", "streaming", "h2o"):
+        assert share[policy] >= 0.5, (policy, share)
+    md = oracle.markdown_table(table)
+    assert md.count("\n| (") == 4 and "0.25 (" in md
+
+
+def test_oracle_cli_prints_the_table(capsys):
+    table = oracle.main(["--problems", "4", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert "| policy |" in out and table["problems"] == 4 and len(table["budgets"]) == 3
+    with pytest.raises(ValueError, match="--fractions"):
+        oracle.main(["--problems", "2", "--fractions", "a,0.5"])
+
+
+# -- the generator ------------------------------------------------------------------------------------------------
+def read_problem(question: str, cot: str):
+    """Independent reading: returns (values by name, value positions by name, reads by line, lines)."""
+    m = QUESTION.fullmatch(question)
+    assert m, question
+    values = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split(","))}
+    values["000"] = int(m.group(2))
+    n = int(m.group(3))
+    pos = {k: 1 + question.index(f"{k}=") + len(k) + 1 for k in values}
+    base = 1 + len(question)
+    body, answer = cot.rsplit("A:", 1)
+    lines = LINE.findall(body)
+    assert "".join(f"{a}:{b}+{c}={d}\n" for a, b, c, d in lines) == body
+    assert len(lines) == n
+    off, operands = base, []
+    for i, (label, a, b, v) in enumerate(lines, start=1):
+        assert label == f"{i:03d}"
+        assert a == f"{SPEC.phase_lines * ((i - 1) // SPEC.phase_lines):03d}"  # the current milestone
+        prev = values[f"{i - 1:03d}"]
+        phoenix = i == n or i % SPEC.phoenix_every == SPEC.phoenix_every // 2
+        assert b == (f"q{prev}" if phoenix else f"{i - 1:03d}")
+        assert int(v) == (values[a] + values[b] + i) % 10, (i, a, b, v)
+        values[label] = int(v)
+        pos[label] = off + len(f"{label}:{a}+{b}=")
+        operands.append((a, b))
+        off += len(f"{label}:{a}+{b}={v}\n")
+    assert answer == "".join(str(values[f"{i:03d}"]) for i in range(n - SPEC.answer_digits + 1, n + 1))
+    return values, pos, operands, n
+
+
+def test_generator_chains_answers_and_reads():
+    problems = heldout40()
+    lengths = [len(tb.encode_text(p.cot, bos=False)) for p in problems]
+    budget = oracle.budgets_for([p.trace for p in problems], (0.25,))[0]
+    for p, cot_len in zip(problems, lengths):
+        assert cot_len >= 1500 and SPEC.prompt_tokens <= 0.1 * cot_len
+        assert p.trace.prompt_len == SPEC.prompt_tokens == len(tb.encode_text(p.question))
+        assert p.trace.length == SPEC.prompt_tokens + cot_len + 1 == len(tb.encode_text(p.question + p.cot)) + 1
+        assert tb.parse_answer(p.cot) == p.answer
+        values, pos, operands, n = read_problem(p.question, p.cot)
+        # the trace: each line's value step reads exactly the named operands' value tokens
+        value_reads = {step: set(ps) for step, ps in p.trace.reads}
+        for i, (a, b) in enumerate(operands, start=1):
+            assert value_reads[pos[f"{i:03d}"]] == {pos[a], pos[b]}
+        full = "\0" + p.question + p.cot  # position 0 is <s>
+        for step, ps in p.trace.reads:
+            assert all(full[q].isdigit() and full[q - 1] == "=" or q >= 1 + p.question.index(";n=") for q in ps)
+        # milestones: read by every line of their phase, over a span longer than the 1/4 budget, then never
+        spans = []
+        for m in range(SPEC.phase_lines, n, SPEC.phase_lines):
+            readers = [i for i, (a, _) in enumerate(operands, start=1) if a == f"{m:03d}"]
+            assert readers == list(range(m + 1, min(m + SPEC.phase_lines, n) + 1))
+            spans.append(pos[f"{readers[-1]:03d}"] - pos[f"{m:03d}"])
+        assert max(spans) > budget
+        # filler: every other chain value is read once (the next line) and never again
+        uses = {}
+        for step, ps in p.trace.reads:
+            for q in ps:
+                uses.setdefault(q, set()).add(step)
+        milestones = {pos[f"{m:03d}"] for m in range(SPEC.phase_lines, n, SPEC.phase_lines)}
+        for i in range(1, n - SPEC.answer_digits + 1):
+            q = pos[f"{i:03d}"]
+            if q not in milestones:
+                assert max(uses[q]) - q < 2 * 14, i  # used by the next line only
+        # phoenix: some question fact is read again more than the 1/4 budget after its previous read
+        fact_steps = sorted((q, s) for s, ps in p.trace.reads for q in ps if q < p.trace.prompt_len)
+        gaps = [s2 - s1 for (q1, s1), (q2, s2) in zip(fact_steps, fact_steps[1:]) if q1 == q2]
+        assert gaps and max(gaps) > budget
+
+
+def test_generator_is_deterministic_and_the_encoder_matches_the_text():
+    a, b = tb.milestone_dataset(3, seed=7), tb.milestone_dataset(3, seed=7)
+    assert [p.to_json() for p in a] == [p.to_json() for p in b] and a[0].trace == b[0].trace
+    assert [p.cot for p in tb.milestone_dataset(3, seed=8)] != [p.cot for p in a]
+    ids, lengths = tb.encode_milestone_batch(np.random.default_rng(0), 4)
+    assert ids.shape == (4, SPEC.seq_len) and (lengths <= SPEC.seq_len).all()
+    again, _ = tb.encode_milestone_batch(np.random.default_rng(0), 4)
+    np.testing.assert_array_equal(ids, again)
+    facts, seeds, lines = tb.sample(np.random.default_rng(0), 4, SPEC, "train")
+    for j in range(4):
+        p = tb._milestone_problem(facts[j], seeds[j], lines[j], SPEC)
+        row = np.concatenate([tb.encode_text(p.question + p.cot), [tb.EOS]])
+        assert lengths[j] == len(row) == p.trace.length
+        np.testing.assert_array_equal(ids[j, :len(row)], row)
+        assert (ids[j, len(row):] == tb.PAD).all()
+    assert SPEC.seq_len == SPEC.prompt_tokens + SPEC.cot_tokens(SPEC.max_lines) + 1
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_tokenizer_round_trip(seed):
+    p = tb.make_milestone_problem(np.random.default_rng(seed))
+    text = p.question + p.cot
+    tok = tokenizer()
+    ids = tok(text).input_ids
+    assert ids == tb.encode_text(text).tolist() and tb.UNK not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_heldout_split_is_disjoint_from_training():
+    rng = np.random.default_rng(0)
+    train = tb.sample(rng, 4000, SPEC, "train")
+    held = tb.sample(rng, 300, SPEC, "heldout")
+    key = lambda f, s: {tuple(x) + (int(y),) for x, y in zip(f, s)}  # noqa: E731
+    assert not key(train[0], train[1]) & key(held[0], held[1])
+    assert not tb.is_heldout(train[0], train[1], SPEC).any() and tb.is_heldout(held[0], held[1], SPEC).all()
+    assert all(tb.is_heldout(np.array(p.facts), np.array(p.seed), SPEC) for p in heldout40())
+
+
+def test_milestone_spec_rejects_bad_input():
+    with pytest.raises(ValueError, match="phase_lines=1"):
+        tb.MilestoneSpec(phase_lines=1)
+    with pytest.raises(ValueError, match="min_lines=50"):
+        tb.MilestoneSpec(min_lines=50)
+    with pytest.raises(TypeError, match="phoenix_every"):
+        tb.MilestoneSpec(phoenix_every=2.5)
+    with pytest.raises(ValueError, match="split='test'"):
+        tb.milestone_dataset(2, split="test")
+    with pytest.raises(TypeError, match="spec must be a MilestoneSpec"):
+        tb.milestone_dataset(2, spec=tb.DEFAULT_SPEC)
+    with pytest.raises(TypeError, match="rng"):
+        tb.make_milestone_problem(0)
+
+
+# -- the simulator --------------------------------------------------------------------------------------------------
+def hand_trace():
+    # page_size 4, prompt = page 0 (positions 0..3), budget 3 pages. Position 5 (page 1) is read at
+    # steps 10, 15 and 19; the prompt's position 1 at step 18.
+    return oracle.Trace(prompt_len=4, length=21, reads=((10, (5,)), (15, (5,)), (18, (1,)), (19, (5,))))
+
+
+def test_simulator_hand_made_trace():
+    t = hand_trace()
+    sim = {p: oracle.simulate(t, 12, p, page_size=4) for p in oracle.POLICIES}
+    # LRU: page 1 was refreshed at step 10, so the new page at step 13 evicts page 2 (opened at 9), and the
+    # one at step 17 evicts page 3 (13) rather than page 1 (15): nothing lost.
+    assert sim["lru"].lost == [] and sim["lru"].evictions == 2
+    # recency and streaming evict page 1 at step 13 (oldest after the pinned page 0)
+    assert sim["recency"].lost == sim["streaming"].lost == [(15, 5), (19, 5)]
+    # H2O (one protected page: the new one) evicts page 0 at step 13 (0 reads, the lowest) and loses it
+    assert sim["h2o"].lost == [(18, 1)]
+
+
+def test_simulator_rejects_bad_input():
+    t = hand_trace()
+    with pytest.raises(ValueError, match="policy='quest'"):
+        oracle.simulate(t, 12, "quest", page_size=4)
+    with pytest.raises(ValueError, match="budget=10 must be a multiple of page_size=4"):
+        oracle.simulate(t, 10, "lru", page_size=4)
+    with pytest.raises(ValueError, match="budget=4 holds 1 pages"):
+        oracle.simulate(t, 4, "lru", page_size=4)
+    with pytest.raises(TypeError, match="budget must be an int"):
+        oracle.simulate(t, 12.0, "lru", page_size=4)
+    with pytest.raises(TypeError, match="trace must be"):
+        oracle.simulate([(5, (1,))], 12, "lru")
+    with pytest.raises(ValueError, match="reads position 7"):
+        oracle.Trace(prompt_len=4, length=10, reads=((6, (7,)),))
+    with pytest.raises(ValueError, match="fractions"):
+        oracle.budgets_for([t], (1.5,))
+
+
+@st.composite
+def traces(draw):
+    ps = draw(st.sampled_from([2, 4]))
+    prompt = draw(st.integers(1, 12))
+    length = prompt + draw(st.integers(1, 90))
+    steps = draw(st.lists(st.integers(prompt, length - 1), max_size=40, unique=True))
+    reads = tuple((s, tuple(sorted(set(draw(st.lists(st.integers(0, s - 1), min_size=1, max_size=3))))))
+                  for s in sorted(steps))
+    extra = draw(st.integers(1, 8))
+    return oracle.Trace(prompt, length, reads), ps, (-(-prompt // ps) + extra) * ps
+
+
+@given(traces())
+def test_nothing_is_lost_when_the_budget_holds_everything(case):
+    t, ps, _ = case
+    budget = max(-(-t.length // ps), -(-t.prompt_len // ps) + 1) * ps
+    for policy in oracle.POLICIES:
+        res = oracle.simulate(t, budget, policy, page_size=ps)
+        assert res.lost == [] and res.evictions == 0
+
+
+@given(traces())
+def test_window_policies_keep_exactly_their_window(case):
+    t, ps, budget = case
+    cap, prompt_pages = budget // ps, -(-t.prompt_len // ps)
+    for policy, pinned in (("recency", set(range(prompt_pages))), ("streaming", {0})):
+        window = cap - len(pinned)
+        expected = [(s, q) for s, qs in t.reads for q in qs
+                    if q // ps not in pinned and (s - 1) // ps - q // ps >= window]
+        assert oracle.simulate(t, budget, policy, page_size=ps).lost == expected
+
+
+@given(traces())
+def test_h2o_never_loses_its_protected_recent_pages(case):
+    t, ps, budget = case
+    protect = budget // ps // 2
+    lost = oracle.simulate(t, budget, "h2o", page_size=ps).lost
+    assert all((s - 1) // ps - q // ps >= protect for s, q in lost)
+
+
+@given(traces())
+def test_lru_keeps_a_page_until_enough_other_pages_are_used(case):
+    """LRU's stack property: a page is not evicted while fewer than (budget pages - prompt pages) other
+    unpinned pages were opened or read since its own last use; the prompt's pages are never lost."""
+    t, ps, budget = case
+    prompt_pages = -(-t.prompt_len // ps)
+    unpinned = budget // ps - prompt_pages
+    lost = oracle.simulate(t, budget, "lru", page_size=ps).lost
+    assert all(q // ps >= prompt_pages for _, q in lost)
+    touches = [((q * ps) + 1 if q * ps >= t.prompt_len else t.prompt_len, q)  # page q opens when its first token joins
+               for q in range(prompt_pages, -(-t.length // ps))]
+    touches += [(s, q // ps) for s, qs in t.reads for q in qs]
+    touches.sort()
+    first_loss = {}
+    for s, q in lost:
+        first_loss.setdefault(q // ps, (s, q))
+    for s, qs in t.reads:
+        for q in qs:
+            page = q // ps
+            if page < prompt_pages or (page in first_loss and first_loss[page][0] < s):
+                continue
+            last = max([x for x, p in touches if p == page and x < s], default=s)  # its last use before s
+            others = {p for x, p in touches if last <= x <= s and p != page and p >= prompt_pages}
+            if len(others) < unpinned:
+                assert (s, q) not in lost, (s, q, last, others)
+
+
+# -- training on the milestone task ----------------------------------------------------------------------------------
+def _train_module():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        return importlib.import_module("train_testbed")
+    finally:
+        sys.path.pop(0)
+
+
+def test_train_milestone_smoke_with_page_dropout(tmp_path):
+    train = _train_module()
+    log = train.main(["--smoke", "--task", "milestone", "--out", str(tmp_path), "--device", "cpu",
+                      "--gen-problems", "1", "--page-dropout", "0.25"])
+    assert log["task"] == "milestone" and log["spec"]["phase_lines"] == 6 and log["steps"] == 3
+    assert log["args"]["page_dropout"] == 0.25 and log["args"]["window"] is None
+    assert all(np.isfinite(e["loss"]) for e in log["loss"]) and 0 <= log["final"]["gen_acc"] <= 1
+    assert log["prompt_tokens"] == tb.MILESTONE_SPEC.prompt_tokens
+    assert (tmp_path / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="--window"):
+        train.main(["--smoke", "--task", "milestone", "--out", str(tmp_path), "--window", "20", "40"])
+    with pytest.raises(ValueError, match="--page-dropout"):
+        train.main(["--smoke", "--task", "milestone", "--out", str(tmp_path), "--page-dropout", "1.0"])
+
+
+def test_page_dropout_mask_hides_whole_pages_from_later_queries():
+    import torch
+
+    train = _train_module()
+    assert train.page_dropout_mask(torch.Generator(), 2, 40, 0.0) is None
+    mask = train.page_dropout_mask(torch.Generator().manual_seed(0), 8, 40, 0.5, page_size=4)[:, 0]
+    i, j = torch.meshgrid(torch.arange(40), torch.arange(40), indexing="ij")
+    assert not mask[:, i < j].any()  # causal
+    assert mask[:, (i >= j) & (i // 4 == j // 4)].all()  # its own page, always
+    for b in range(8):
+        for page in range(10):
+            seen = mask[b, (page + 1) * 4:, page * 4:(page + 1) * 4]
+            assert seen.all() or not seen.any()  # a page is kept or hidden for every later query
+    assert 0 < mask[:, 39, :36].float().mean() < 1
+    with pytest.raises(ValueError, match="page dropout p=1.5"):
+        train.page_dropout_mask(torch.Generator(), 2, 40, 1.5)
+
+
+def test_default_model_fits_25_mb():
+    train = _train_module()
+    model = train.build_model("llama", 4, 256, 8, 2, 32, 1024, max_positions=2 * tb.MILESTONE_SPEC.seq_len)
+    assert model.config.model_type == "llama"
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) <= 25e6
