@@ -160,3 +160,33 @@ def test_fused_backends_refuse_windowed_layers_by_name(unpatch_everything):
     ids, mask = prompts([6], seed=9)
     with pytest.raises(ValueError, match="backend='flex' is not supported for this cache"):
         generate(model, ids, mask, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
+def test_gpu_compiled_generate_is_the_model(family, unpatch_everything):
+    """On CUDA, generate compiles the patched decode forward with CUDA graphs (its auto-compile): the
+    tokens and logits are the unpatched model's (fp32), and after a warm-up generation nothing compiles
+    again (see tests/test_hf.py on the extra warm-up graph of transformers' hub kernels)."""
+    model = tiny_model(family).cuda()
+    ids, mask = prompts([12, 7], seed=1)
+    ids, mask = ids.cuda(), mask.cuda()
+    ref = generate(model, ids, mask, 40, disable_compile=True)
+    raas_flex.patch(model, budget=64, page_size=16)
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    try:
+        generate(model, ids, mask, 4)  # warm-up: compiles and records the graphs
+        warm = counters["stats"]["unique_graphs"]
+        skips = counters["inductor"]["cudagraph_skips"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = generate(model, ids, mask, 40)
+        assert counters["stats"]["unique_graphs"] == warm
+        assert counters["inductor"]["cudagraph_skips"] == skips
+    finally:
+        torch._dynamo.reset()
+        for name in ("_compiled_call", "_last_compile_config"):
+            model.__dict__.pop(name, None)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=1e-3)

@@ -197,7 +197,7 @@ def _step_kernel(
     if OBSERVER:
         if split == 0:  # the observer: every bound of the row, the top-k set (to imp as 1/0)
             bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr, 0, P,
-                       slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BP, BPC, DOT)
+                       slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BP, BPC, DOT, False)
             tl.debug_barrier()  # the row of bounds is complete
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
             sel = refresh_set(a, pid_new, p, in_row, P, REFRESH, BLOCK_P)
@@ -221,7 +221,7 @@ def _step_kernel(
                      pos, opened, slot, new_id, t, scale_log2, G, BG, D, PS, S, BLOCK_N, TILES, SPLIT)
         bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                    split * PAGES, split * PAGES + PAGES, slot, opened, new_id, new_max, new_min, b, h, base,
-                   G, P, D, BP, BPC, DOT)
+                   G, P, D, BP, BPC, DOT, False)
 
     if _last_of_row(count_ptr, row64, NPROG):
         # the bounds, or the observer's top-k set, first: its latency overlaps the combine's loads
@@ -241,7 +241,7 @@ def _step_kernel(
         tl.store(stamp_ptr + base + p, tl.zeros([BLOCK_P], tl.int64) + step_new, mask=sel)
         if NPROG > 1:
             tl.store(count_ptr + row64, 0)
-        finish_step(ticket_ptr, length_ptr, step_ptr, step_new, B * H, B, BLOCK_B)
+        finish_step(ticket_ptr, length_ptr, step_ptr, step_new, 0, B * H, B, BLOCK_B, True)
 
 
 @triton_op(

@@ -32,6 +32,8 @@ def _append_kernel(
     row64 = row.to(tl.int64)
     base = row64 * P
     d = tl.arange(0, D)
+    bb = tl.arange(0, BLOCK_B)
+    lens = tl.load(length_ptr + bb, mask=bb < B, other=0)  # up front (the last program writes lens + 1)
     step_new, pos, open_old, ev, kk, vv, old_max, old_min, _ = append_inputs(
         kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
         open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D)
@@ -55,18 +57,18 @@ def _append_kernel(
                full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min, ev, opened, has_free,
                write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False)
     if OBSERVE:  # the RaaS observe of this step's query over the row after the append
-        tl.debug_barrier()  # (the score stores above are complete)
+        tl.debug_barrier()  # the page-table entry and key bounds stored above are complete
         if BPC == BLOCK_P:  # one chunk: the bounds stay in registers
             a = bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr, p, in_row,
-                            slot, opened, new_id, new_max, new_min, b, h, base, G, D, BPC, True)
+                            slot, opened, new_id, new_max, new_min, b, h, base, G, D, BPC, True, True)
         else:
             bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr, 0, P,
-                       slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BLOCK_P, BPC, True)
+                       slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BLOCK_P, BPC, True, True)
             tl.debug_barrier()  # the row of bounds is complete
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
         refresh = refresh_set(a, pid_new, p, in_row, P, REFRESH, BLOCK_P)
         tl.store(stamp_ptr + base + p, tl.zeros([BLOCK_P], tl.int64) + step_new, mask=refresh)
-    finish_step(ticket_ptr, length_ptr, step_ptr, step_new, B * H, B, BLOCK_B)
+    finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, B * H, B, BLOCK_B, False)
 
 
 def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0):

@@ -168,19 +168,27 @@ def write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_
 @triton.jit
 def bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                 pp, mp, slot, opened, new_id, new_max, new_min, b, h, base,
-                G: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, DOT: tl.constexpr):
+                G: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, DOT: tl.constexpr, STORED: tl.constexpr):
     """Quest's bound of the BP pages ``pp`` (``mp``: in the row) as they are after the append (slot
     ``slot`` with key bounds new_max / new_min, id new_id if ``opened``): sum_d max(q_d M_d, q_d m_d)
     = q+ . M + q- . m, max over the G query heads, -inf for empty slots. Stored to ``imp`` and, -inf /
     nan as 0, to ``score``; returned. DOT: two matrix products (fp32 operands exact, no tf32); else
-    element-wise with a reduction over D per query head."""
+    element-wise with a reduction over D per query head. STORED: the program has stored the step's
+    writes to the tables already (and passed a barrier), so they are read as they are: merging the new
+    row from registers instead costs a layout change through shared memory (the append kernel's
+    observe took 36 KB of it and was slower on the H200)."""
     d = tl.arange(0, D)
     off2 = (base + pp)[:, None] * D + d[None, :]
-    is_slot = (pp == slot)[:, None]
-    kmax = tl.where(is_slot, new_max[None, :], tl.load(kmax_ptr + off2, mask=mp[:, None], other=0.0))
-    kmin = tl.where(is_slot, new_min[None, :], tl.load(kmin_ptr + off2, mask=mp[:, None], other=0.0))
-    pid = tl.load(page_id_ptr + base + pp, mask=mp, other=-1)
-    pid = tl.where(opened & (pp == slot), new_id, pid)
+    if STORED:
+        kmax = tl.load(kmax_ptr + off2, mask=mp[:, None], other=0.0, cache_modifier=".cg")
+        kmin = tl.load(kmin_ptr + off2, mask=mp[:, None], other=0.0, cache_modifier=".cg")
+        pid = tl.load(page_id_ptr + base + pp, mask=mp, other=-1, cache_modifier=".cg")
+    else:
+        is_slot = (pp == slot)[:, None]
+        kmax = tl.where(is_slot, new_max[None, :], tl.load(kmax_ptr + off2, mask=mp[:, None], other=0.0))
+        kmin = tl.where(is_slot, new_min[None, :], tl.load(kmin_ptr + off2, mask=mp[:, None], other=0.0))
+        pid = tl.load(page_id_ptr + base + pp, mask=mp, other=-1)
+        pid = tl.where(opened & (pp == slot), new_id, pid)
     if DOT:
         BG: tl.constexpr = 16 if G <= 16 else triton.next_power_of_2(G)
         gg = tl.arange(0, BG)
@@ -214,12 +222,13 @@ def bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr
 def bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                lo, hi, slot, opened, new_id, new_max, new_min, b, h, base,
                G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, BPC: tl.constexpr,
-               DOT: tl.constexpr):
+               DOT: tl.constexpr, STORED: tl.constexpr):
     """:func:`bound_pages` of the pages lo .. min(hi, P) - 1 (BP >= hi - lo), in unrolled chunks of BPC."""
     for c0 in tl.static_range(0, BP, BPC):
         pp = lo + c0 + tl.arange(0, BPC)
         bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
-                    pp, (pp < P) & (pp < hi), slot, opened, new_id, new_max, new_min, b, h, base, G, D, BPC, DOT)
+                    pp, (pp < P) & (pp < hi), slot, opened, new_id, new_max, new_min, b, h, base, G, D, BPC, DOT,
+                    STORED)
 
 
 @triton.jit
@@ -243,14 +252,19 @@ def refresh_set(imp, pid, i, in_row, P: tl.constexpr, REFRESH: tl.constexpr, BLO
 
 
 @triton.jit
-def finish_step(ticket_ptr, length_ptr, step_ptr, step_new, NPROG: tl.constexpr, B: tl.constexpr,
-                BLOCK_B: tl.constexpr):
+def finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, NPROG: tl.constexpr, B: tl.constexpr,
+                BLOCK_B: tl.constexpr, LOAD_LENS: tl.constexpr):
     """The last of NPROG programs to get here (a ticket after a barrier; every program has read the
-    lengths and the step by then) advances the lengths and the step and resets the ticket."""
+    lengths and the step by then) advances the lengths and the step and resets the ticket. ``lens``:
+    the lengths [BLOCK_B] as loaded at the program's start (the append kernel, whose tail this
+    shortens by a trip to memory); with LOAD_LENS they are loaded here instead (``lens`` unused)."""
     tl.debug_barrier()
     if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == NPROG - 1:
         bb = tl.arange(0, BLOCK_B)
-        lens = tl.load(length_ptr + bb, mask=bb < B, other=0, cache_modifier=".cg")
-        tl.store(length_ptr + bb, lens + 1, mask=bb < B)
+        if LOAD_LENS:
+            tl.store(length_ptr + bb, tl.load(length_ptr + bb, mask=bb < B, other=0, cache_modifier=".cg") + 1,
+                     mask=bb < B)
+        else:
+            tl.store(length_ptr + bb, lens + 1, mask=bb < B)
         tl.store(step_ptr, step_new)
         tl.store(ticket_ptr, 0)
