@@ -440,20 +440,22 @@ def test_gpu_fused_matches_torch_exact(case, mode):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_fused_switch():
-    cfg = RaaSConfig(budget=64, page_size=16)
-    make = lambda c: PagedKVCache(c, batch_size=1, num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
-                                  device="cuda")
-    assert make(cfg).fused and make(cfg).fused_observe
-    assert make(cfg.replace(policy="h2o")).fused and not make(cfg.replace(policy="h2o")).fused_observe
-    quest = cfg.replace(policy="quest", max_length=128, fused=None)
-    assert not make(quest).fused
-    with pytest.raises(ValueError, match="fused=True is not supported for this cache: policy='quest'"):
-        make(quest.replace(fused=True))
-    c = make(cfg)
+def test_gpu_backends():
+    """On CUDA, backend=None picks the one-kernel step for raas (bound, top-k), the fused bookkeeping +
+    flex for the other policies the kernels serve, torch for quest; a refused choice names the policy."""
+    make = lambda budget, policy, **kw: PagedKVCache(make_config(budget, policy, page_size=16, **kw), batch_size=1,
+                                                     num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
+                                                     device="cuda")
+    assert make(64, "raas").backend == "triton"
+    assert make(64, "raas", importance="attention", refresh="threshold").backend == "flex"
+    assert make(64, "h2o").backend == "flex" and make(64, "streaming").backend == "flex"
+    assert make(64, "quest", max_length=128).backend == "torch"
+    with pytest.raises(ValueError, match="backend='flex' is not supported for this cache: .*policy='quest'"):
+        make(64, "quest", max_length=128, backend="flex")
+    c = make(64, "raas")
+    z = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match=r"k must be \[batch_size=1, num_kv_heads=1, 1, head_dim=64\]"):
-        c.append(torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16, device="cuda"),
-                 torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16, device="cuda"))
+        c.decode(z(1, 2, 1, 64), z(1, 2, 1, 64), z(1, 1, 1, 64))
 
 
 RANK_SCRIPT = textwrap.dedent("""
