@@ -30,7 +30,6 @@ Policies (``POLICIES``):
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field
 
 __all__ = ["POLICIES", "SimResult", "Trace", "budgets_for", "markdown_table", "oracle_table", "simulate"]

@@ -37,7 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 import raas_flex
-from raas_flex import hf
+from raas_flex import hf, hf_cache
 from hf_batches import PAD, VOCAB, greedy, prompts
 
 POLICIES = ("raas", "quest", "h2o", "streaming", "dense")
@@ -411,17 +411,17 @@ def test_piece_mask_from_each_mask_form():
     """The piece's own key columns from a 4D bool or additive mask, a 2D padding mask (causal, real
     keys, every query keeping itself) or no mask (causal); another rank is refused."""
     causal = torch.ones(3, 3, dtype=torch.bool).tril()
-    assert torch.equal(hf._piece_mask(None, 2, 3, "cpu"), causal.expand(2, 1, 3, 3))
+    assert torch.equal(hf_cache._piece_mask(None, 2, 3, "cpu"), causal.expand(2, 1, 3, 3))
     four = torch.zeros(1, 1, 3, 5, dtype=torch.bool)
     four[..., 2:] = causal
-    assert torch.equal(hf._piece_mask(four, 1, 3, "cpu"), causal[None, None])
+    assert torch.equal(hf_cache._piece_mask(four, 1, 3, "cpu"), causal[None, None])
     additive = torch.where(four, 0.0, torch.finfo(torch.float32).min)
-    assert torch.equal(hf._piece_mask(additive, 1, 3, "cpu"), causal[None, None])
+    assert torch.equal(hf_cache._piece_mask(additive, 1, 3, "cpu"), causal[None, None])
     two = torch.tensor([[1, 1, 0, 1, 1]])  # keys of the piece: 0 (pad), 1, 1
     expect = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
-    assert torch.equal(hf._piece_mask(two, 1, 3, "cpu"), expect[None, None])
+    assert torch.equal(hf_cache._piece_mask(two, 1, 3, "cpu"), expect[None, None])
     with pytest.raises(ValueError, match=r"unexpected attention mask of shape \(1, 3, 5\)"):
-        hf._piece_mask(torch.ones(1, 3, 5), 1, 3, "cpu")
+        hf_cache._piece_mask(torch.ones(1, 3, 5), 1, 3, "cpu")
 
 
 @pytest.mark.gpu
@@ -720,13 +720,8 @@ SUPPORTED = r"supported: llama, qwen2, qwen3, mistral"
         (_gpt2, rf"model_type='gpt2' is not supported.*{SUPPORTED}"),
         (_t5, rf"model_type='t5' is an encoder-decoder model.*{SUPPORTED}"),
         (_deepseek_v3, rf"model_type='deepseek_v3' is not supported.*{SUPPORTED}"),
-        (lambda: make_model("mistral", sliding_window=4096), rf"model_type='mistral' with sliding-window.*{SUPPORTED}"),
-        (
-            lambda: make_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1),
-            rf"model_type='qwen2' with sliding-window.*{SUPPORTED}",
-        ),
     ],
-    ids=["gpt2", "t5", "deepseek_v3-mla", "mistral-sliding", "qwen2-sliding"],
+    ids=["gpt2", "t5", "deepseek_v3-mla"],  # (sliding-window models are supported: tests/test_families.py)
 )
 def test_unsupported_models_are_refused(build, match):
     model = build()

@@ -168,8 +168,6 @@ def _step_kernel(
     S: tl.constexpr = P * PS
     row64 = row.to(tl.int64)
     base = row64 * P
-    d = tl.arange(0, D)
-    gg = tl.arange(0, BG)
 
     step_new, pos, open_old, ev, kk, vv, old_max, old_min, q = append_inputs(
         kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
