@@ -236,9 +236,9 @@ class PagedKVCache(nn.Module):
         self.spec = spec
         self._backend = resolve_backend(config, device, dtype, spec)
         self._compile_flex = device.type == "cuda" if config.compile_flex is None else config.compile_flex
-        # on CPU without compiled flex, attention is SDPA over the buffer with the exact validity mask:
-        # the same softmax over the same slots, without eager flex's per-call vmap machinery (which
-        # made a small model's decode several times slower than dense)
+        # on CPU without compiled flex, attention is the softmax over the buffer with the exact validity
+        # mask written out: the same softmax over the same slots, without eager flex's per-call vmap
+        # machinery (which made a small model's decode several times slower than dense)
         self._sdpa = device.type == "cpu" and not self._compile_flex
         self._kernel_options = default_kernel_options(device, dtype, self.block)
         # the fused kernels' eviction and observe parameters (policy hyperparameters at this budget)
@@ -577,13 +577,15 @@ class PagedKVCache(nn.Module):
     def attend(self, q: Tensor) -> Tensor:
         """Exact softmax attention of q [B, Hq, 1, D] over the slots marked in ``self.valid``, with the
         layer's softcap and sinks (``spec``): flex_attention with the block mask of those slots, or on
-        CPU (see ``_sdpa``) SDPA with them as its mask (plain attention) or the same math written out."""
+        CPU (see ``_sdpa``) the same softmax written out with them as its mask."""
         B, H, G, S, D = self.B, self.H, self.G, self.S, self.D
         bh = B * H
         qp = q.reshape(bh, G, D).to(self.k.dtype)
         if self._sdpa and self.spec.softcap is None and not self.spec.sinks:
-            out = F.scaled_dot_product_attention(qp, self.k.view(bh, S, D), self.v.view(bh, S, D),
-                                                 attn_mask=self.valid[:, None, :], scale=self.scale)
+            # written out: SDPA with a boolean mask takes its math path on CPU, which costs more ops
+            logits = qp.float() @ self.k.view(bh, S, D).transpose(1, 2).float()
+            logits = logits.mul_(self.scale).masked_fill_(~self.valid[:, None, :], float("-inf"))
+            out = torch.softmax(logits, dim=-1).to(self.v.dtype) @ self.v.view(bh, S, D)
         elif self._sdpa:
             p = self._probs(qp, self.valid.view(B, H, S))  # [B, H, G, S]
             out = p.view(bh, G, S).to(self.v.dtype) @ self.v.view(bh, S, D)
@@ -633,7 +635,10 @@ class PagedKVCache(nn.Module):
         """
         qg = q.reshape(self.B, self.H, self.G, 1, self.D).float()
         kmax, kmin = self.kmax.float(), self.kmin.float()
-        # one reduction over D per query head of the group, combined with max: Inductor fuses
+        if not torch.compiler.is_compiling():  # eager (the CPU path): two batched products, few ops
+            s = qg[..., 0, :].clamp(min=0) @ kmax.transpose(-1, -2) + qg[..., 0, :].clamp(max=0) @ kmin.transpose(-1, -2)
+            return torch.where(self.page_id >= 0, s.amax(2), float("-inf"))
+        # compiled: one reduction over D per query head of the group, combined with max: Inductor fuses
         # these into a single pass over kmax/kmin (a batched matmul would need fp32 copies of the
         # tables and a separate cuBLAS call)
         s = None

@@ -1,0 +1,83 @@
+"""CPU: a patched ``model.generate`` against the unpatched one, one shot each, in one process.
+
+Times the shipped testbed model (models/testbed) decoding ``--new`` tokens greedily after a held-out
+question, dense and then patched at ``--budget``, each a single call with its warm-up inside (what a
+user waits for), and prints the ratio. Writes JSON and markdown under --out.
+
+    python benchmarks/cpu_generate.py                         # 600 new tokens, budget 256
+    python benchmarks/cpu_generate.py --new 2400 --tag long   # a sequence past the model's training length
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import raas_flex  # noqa: E402
+from raas_flex.config import parse_spec  # noqa: E402
+
+TESTBED = Path(__file__).resolve().parents[1] / "models" / "testbed"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new", type=int, default=600, help="new tokens per generate call")
+    ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--configs", default="raas", help="semicolon-separated configurations (decode_step.py's names)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--tag", default="default")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args(argv)
+    if args.new < 1:
+        ap.error(f"--new must be >= 1, got {args.new}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raas_flex.testbed import dataset
+
+    tok = AutoTokenizer.from_pretrained(TESTBED)
+    model = AutoModelForCausalLM.from_pretrained(TESTBED, dtype=torch.float32).eval()
+    enc = tok(dataset(1, seed=7)[0].question, return_tensors="pt")
+    gen = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
+
+    def timed() -> tuple[float, torch.Tensor]:
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, **gen)
+        return time.perf_counter() - t, out
+
+    dense_s, dense_out = timed()
+    rows = [dict(config="dense (unpatched)", seconds=dense_s, ratio=1.0)]
+    for spec in [c for c in args.configs.split(";") if c]:
+        name, options = parse_spec(spec)
+        with raas_flex.patched(model, budget=args.budget, policy=name, **options):
+            s, out = timed()
+            kv = raas_flex.stats(model)["kv_bytes"]
+        rows.append(dict(config=f"{spec} budget={args.budget}", seconds=s, ratio=s / dense_s, kv_bytes=kv,
+                         same_tokens_as_dense=bool(torch.equal(out, dense_out))))
+    meta = dict(command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+                torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                cores=os.cpu_count(), prompt_tokens=enc.input_ids.shape[1], new_tokens=args.new,
+                time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    lines = [f"CPU generate, one shot each (warm-up included). {meta}", "",
+             "| configuration | seconds | / dense |", "|---|---|---|"]
+    lines += [f"| {r['config']} | {r['seconds']:.2f} | {r['ratio']:.2f}x |" for r in rows]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"cpu_generate_{args.tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (out / f"cpu_generate_{args.tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
