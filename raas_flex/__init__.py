@@ -5,12 +5,12 @@ dataclasses (``RaaS``, ``Quest``, ``H2O``, ``Streaming``, ``Dense``); attention 
 ``raas_flex.tracing``; plots: ``raas_flex.plots`` (needs matplotlib).
 """
 
-from .config import BACKENDS, POLICIES, RaaSConfig, make_config
+from .config import BACKENDS, POLICIES, AttentionSpec, RaaSConfig, make_config
 from .engine import PageState, PagedKVCache
 from .policies import POLICY_CLASSES, H2O, Dense, Policy, Quest, RaaS, Streaming, make_policy
 from .trace import AttentionTrace, MapClass, classify_heads, classify_map, summary_table, tracing
 
-__all__ = ["BACKENDS", "POLICIES", "POLICY_CLASSES", "PageState", "PagedKVCache", "Policy", "RaaS", "Quest", "H2O",
+__all__ = ["AttentionSpec", "BACKENDS", "POLICIES", "POLICY_CLASSES", "PageState", "PagedKVCache", "Policy", "RaaS", "Quest", "H2O",
            "Streaming", "Dense", "RaaSConfig", "make_config", "make_policy",
            "RaaSCache", "SUPPORTED_MODEL_TYPES", "patch", "patched", "stats", "unpatch",
            "AttentionTrace", "MapClass", "classify_heads", "classify_map", "summary_table", "tracing"]

@@ -96,6 +96,36 @@ class RaaSConfig:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The model's own attention semantics that a layer's cache composes with its policy.
+
+    window: sliding window in tokens (a query sees the ``window`` newest tokens, itself included,
+        counted in logical positions); None for full attention.
+    softcap: logit soft-capping, scores -> softcap * tanh(scores / softcap) (Gemma 2); None for none.
+    sinks: the layer has learned per-head sink logits that join every softmax's denominator and
+        contribute no value (gpt-oss); set them with :meth:`PagedKVCache.set_sinks`.
+    """
+
+    window: int | None = None
+    softcap: float | None = None
+    sinks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise ValueError(f"window must be a positive int or None, got {self.window!r}")
+        if self.softcap is not None and (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
+                                         or not self.softcap > 0):
+            raise ValueError(f"softcap must be a positive float or None, got {self.softcap!r}")
+        if not isinstance(self.sinks, bool):
+            raise TypeError(f"sinks must be True or False, got {self.sinks!r}")
+
+    @property
+    def plain(self) -> bool:
+        return self.window is None and self.softcap is None and not self.sinks
+
+
 CONFIG_OPTIONS = tuple(f.name for f in dataclasses.fields(RaaSConfig) if f.name not in ("budget", "policy"))
 
 

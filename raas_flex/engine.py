@@ -36,12 +36,11 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
 
 from . import kernels
-from .config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, RaaSConfig
+from .config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, AttentionSpec, RaaSConfig
 from .masks import all_partial_lists, build_block_mask
 
 
@@ -56,36 +55,6 @@ def default_kernel_options(device: torch.device, dtype: torch.dtype, block: int)
 @functools.cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False, fullgraph=True)
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """The model's own attention semantics that a layer's cache composes with its policy.
-
-    window: sliding window in tokens (a query sees the ``window`` newest tokens, itself included,
-        counted in logical positions); None for full attention.
-    softcap: logit soft-capping, scores -> softcap * tanh(scores / softcap) (Gemma 2); None for none.
-    sinks: the layer has learned per-head sink logits that join every softmax's denominator and
-        contribute no value (gpt-oss); set them with :meth:`PagedKVCache.set_sinks`.
-    """
-
-    window: int | None = None
-    softcap: float | None = None
-    sinks: bool = False
-
-    def __post_init__(self) -> None:
-        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
-                                        or self.window < 1):
-            raise ValueError(f"window must be a positive int or None, got {self.window!r}")
-        if self.softcap is not None and (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
-                                         or not self.softcap > 0):
-            raise ValueError(f"softcap must be a positive float or None, got {self.softcap!r}")
-        if not isinstance(self.sinks, bool):
-            raise TypeError(f"sinks must be True or False, got {self.sinks!r}")
-
-    @property
-    def plain(self) -> bool:
-        return self.window is None and self.softcap is None and not self.sinks
 
 
 def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, dtype: torch.dtype,

@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from .testbed import Trace, milestone_dataset
+
 __all__ = ["POLICIES", "SimResult", "Trace", "budgets_for", "markdown_table", "oracle_table", "simulate"]
 
 POLICIES = ("lru", "recency", "streaming", "h2o")
@@ -42,36 +44,6 @@ POLICY_LABELS = {
     "h2o": "(d) H2O, perfect importance (accumulated reads + recent half)",
 }
 DEFAULT_FRACTIONS = (0.125, 0.25, 0.5)
-
-
-@dataclass(frozen=True)
-class Trace:
-    """What one sequence reads. ``reads``: ``(step, positions)`` pairs, each position ``< step``;
-    ``length``: tokens of the whole sequence (prompt, chain and ``</s>``); steps run from
-    ``prompt_len`` to ``length - 1``."""
-
-    prompt_len: int
-    length: int
-    reads: tuple[tuple[int, tuple[int, ...]], ...]
-
-    def __post_init__(self) -> None:
-        for name in ("prompt_len", "length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-        if not 1 <= self.prompt_len <= self.length:
-            raise ValueError(f"need 1 <= prompt_len <= length, got prompt_len={self.prompt_len}, length={self.length}")
-        for step, positions in self.reads:
-            if not self.prompt_len <= step < self.length:
-                raise ValueError(f"read step {step} is outside the decode steps {self.prompt_len}..{self.length - 1}")
-            for p in positions:
-                if not 0 <= p < step:
-                    raise ValueError(f"step {step} reads position {p}; allowed: 0..{step - 1} (already written)")
-
-    @property
-    def chain_tokens(self) -> int:
-        """Tokens generated after the prompt (``</s>`` included): what a fractional budget scales."""
-        return self.length - self.prompt_len
 
 
 @dataclass
@@ -204,8 +176,6 @@ def markdown_table(table: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from raas_flex import testbed
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=200, help="held-out milestone-task problems")
     ap.add_argument("--seed", type=int, default=0)
@@ -218,13 +188,11 @@ def main(argv=None) -> dict:
             fractions.append(float(part))
         except ValueError:
             raise ValueError(f"--fractions: {part!r} is not a number in (0, 1]") from None
-    problems = testbed.milestone_dataset(args.problems, seed=args.seed)
+    problems = milestone_dataset(args.problems, seed=args.seed)
     table = oracle_table([p.trace for p in problems], fractions, page_size=args.page_size)
     print(markdown_table(table))
     return table
 
 
-if __name__ == "__main__":  # run the package's copy: the traces' Trace class is raas_flex.oracle.Trace
-    from raas_flex.oracle import main as _main
-
-    _main()
+if __name__ == "__main__":
+    main()

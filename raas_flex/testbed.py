@@ -471,6 +471,36 @@ MILESTONE_SPEC = MilestoneSpec()
 
 
 @dataclass(frozen=True)
+class Trace:
+    """What one sequence reads. ``reads``: ``(step, positions)`` pairs, each position ``< step``;
+    ``length``: tokens of the whole sequence (prompt, chain and ``</s>``); steps run from
+    ``prompt_len`` to ``length - 1``."""
+
+    prompt_len: int
+    length: int
+    reads: tuple[tuple[int, tuple[int, ...]], ...]
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_len", "length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        if not 1 <= self.prompt_len <= self.length:
+            raise ValueError(f"need 1 <= prompt_len <= length, got prompt_len={self.prompt_len}, length={self.length}")
+        for step, positions in self.reads:
+            if not self.prompt_len <= step < self.length:
+                raise ValueError(f"read step {step} is outside the decode steps {self.prompt_len}..{self.length - 1}")
+            for p in positions:
+                if not 0 <= p < step:
+                    raise ValueError(f"step {step} reads position {p}; allowed: 0..{step - 1} (already written)")
+
+    @property
+    def chain_tokens(self) -> int:
+        """Tokens generated after the prompt (``</s>`` included): what a fractional budget scales."""
+        return self.length - self.prompt_len
+
+
+@dataclass(frozen=True)
 class MilestoneProblem:
     """One milestone-task problem. ``values[i]`` is the value of line i (``values[0]`` the seed);
     ``question + cot`` is the full text; ``trace`` the exact reads of every decode step
@@ -483,7 +513,7 @@ class MilestoneProblem:
     question: str
     cot: str
     answer: str
-    trace: object  # raas_flex.oracle.Trace
+    trace: Trace
 
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.answer, "cot": self.cot}
@@ -495,7 +525,6 @@ def format_milestone_question(facts, seed: int, lines: int) -> str:
 
 
 def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec) -> MilestoneProblem:
-    from raas_flex.oracle import Trace
 
     facts = [int(x) for x in facts]
     question = format_milestone_question(facts, seed, lines)
