@@ -55,6 +55,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import math
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -210,6 +211,38 @@ def _check_model(model) -> None:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"model_type={mt!r} has head_dim={head_dim}, not supported; allowed: {SUPPORTED_HEAD_DIMS}")
+    _check_tensor_parallel(model)
+
+
+# projections whose colwise sharding splits the attention heads across tensor-parallel ranks (styles
+# "colwise", "unit_colwise", "packed_colwise"; "colwise_gather_output"/"colwise_rep", as in phi3 and
+# olmo2/3, gather the output: every rank then holds all heads)
+_TP_HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value")
+
+
+def _check_tensor_parallel(model) -> None:
+    """A model loaded with transformers' tensor parallelism (``from_pretrained(..., tp_plan="auto")`` or
+    ``distributed_config=DistributedConfig(tp_size=N)``) runs each rank's attention on its local heads,
+    Hq/N query and Hkv/N KV heads, and each rank's engine keeps the page table of its own KV heads (no
+    collective in the decode step). That needs whole heads per rank and each KV head's query group on
+    the same rank: N must divide both head counts."""
+    tp = getattr(model, "tp_size", None) or getattr(model, "_tp_size", None) or 1
+    if tp <= 1:
+        return
+    plan = getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {}
+    if not any(key.rsplit(".", 1)[-1] in _TP_HEAD_PROJECTIONS and str(style).endswith("colwise")
+               for key, style in plan.items()):
+        return  # the attention heads are not sharded: every rank holds all of them
+    cfg = model.config
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or hq
+    if hq % tp or hkv % tp:
+        g = math.gcd(hq, hkv)
+        raise ValueError(
+            f"model_type={cfg.model_type!r} is tensor-parallel over {tp} ranks, but its {hq} query / {hkv} KV heads do "
+            f"not shard evenly: raas_flex keeps each rank's page table per local KV head, so the tensor-parallel size "
+            f"must divide both head counts; allowed: {[d for d in range(1, g + 1) if g % d == 0]}"
+        )
 
 
 def _make_config(model, budget, options: dict) -> RaaSConfig:
