@@ -238,7 +238,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.replot:
         data = json.loads(Path(args.replot).read_text())
-        pols = data["meta"]["configs"]
+        pols = data["meta"].get("configs") or [p for p in ("raas", "h2o", "streaming", "quest")
+                                                 if any(p in r for r in data["rows"])]  # (files from before configs)
         print(markdown(data["rows"], pols))
         print("wrote", plot(data["rows"], data["meta"], Path(args.replot).with_suffix(".png")))
         return data["rows"]

@@ -552,7 +552,8 @@ class PagedKVCache(nn.Module):
         qp = q.reshape(bh, G, D).to(self.k.dtype)
         if self._sdpa and self.spec.softcap is None and not self.spec.sinks:
             # written out: SDPA with a boolean mask takes its math path on CPU, which costs more ops
-            logits = qp.float() @ self.k.view(bh, S, D).transpose(1, 2).float()
+            acc = torch.promote_types(self.k.dtype, torch.float32)  # fp32 softmax for 16-bit caches, fp64 kept
+            logits = qp.to(acc) @ self.k.view(bh, S, D).transpose(1, 2).to(acc)
             logits = logits.mul_(self.scale).masked_fill_(~self.valid[:, None, :], float("-inf"))
             out = torch.softmax(logits, dim=-1).to(self.v.dtype) @ self.v.view(bh, S, D)
         elif self._sdpa:
@@ -583,15 +584,17 @@ class PagedKVCache(nn.Module):
         return softcap
 
     def _probs(self, q: Tensor, valid: Tensor) -> Tensor:
-        """fp32 [B, Hkv, G, S]: the softmax of q (any [B*Hkv*G*D]-sized layout) over the ``valid`` slots
-        [B, Hkv, S], with the layer's softcap and sinks (a sink takes its share of the mass, no slot)."""
-        qg = q.reshape(self.B, self.H, self.G, self.D).float()
-        logits = (qg @ self.k.float().transpose(-1, -2)) * self.scale  # [B, H, G, S]
+        """[B, Hkv, G, S] (fp32, fp64 for fp64 caches): the softmax of q (any [B*Hkv*G*D]-sized layout)
+        over the ``valid`` slots [B, Hkv, S], with the layer's softcap and sinks (a sink takes its share
+        of the mass, no slot)."""
+        acc = torch.promote_types(self.k.dtype, torch.float32)
+        qg = q.reshape(self.B, self.H, self.G, self.D).to(acc)
+        logits = (qg @ self.k.to(acc).transpose(-1, -2)) * self.scale  # [B, H, G, S]
         if self.spec.softcap is not None:
             logits = torch.tanh(logits / self.spec.softcap) * self.spec.softcap
         logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
         if self.spec.sinks:
-            sink = self.sink_logits[None, :, :, None].expand(self.B, self.H, self.G, 1)
+            sink = self.sink_logits[None, :, :, None].expand(self.B, self.H, self.G, 1).to(acc)
             return torch.softmax(torch.cat([logits, sink], -1), dim=-1)[..., :-1]
         return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
@@ -620,4 +623,4 @@ class PagedKVCache(nn.Module):
     def page_share(self, q: Tensor, valid: Tensor) -> Tensor:
         """Share of the current query's softmax mass on each page slot, max over the KV head's
         query heads: fp32 [B, Hkv, P] (0 for pages not attended)."""
-        return self._probs(q, valid).view(self.B, self.H, self.G, self.P, self.ps).sum(-1).amax(2)
+        return self._probs(q, valid).float().view(self.B, self.H, self.G, self.P, self.ps).sum(-1).amax(2)

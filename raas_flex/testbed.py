@@ -186,10 +186,10 @@ SPLITS = ("train", "heldout", "any")
 
 
 @dataclass(frozen=True)
-class Problem:
-    """One problem. ``values[i]`` is v_i (``values[0]`` the seed); ``question + cot`` is the full text."""
+class Chain:
+    """What every task's problem has: ``values[i]`` is the value of line i (``values[0]`` the seed),
+    ``question + cot`` the full text, ``answer`` the digits after the answer mark."""
 
-    table: tuple[int, ...]
     seed: int
     lines: int
     values: tuple[int, ...]
@@ -199,6 +199,13 @@ class Problem:
 
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.answer, "cot": self.cot}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem(Chain):
+    """One lag-task problem: its lookup table besides the chain."""
+
+    table: tuple[int, ...]
 
 
 def format_question(table, seed: int, lines: int) -> str:
@@ -500,23 +507,13 @@ class Trace:
         return self.length - self.prompt_len
 
 
-@dataclass(frozen=True)
-class MilestoneProblem:
-    """One milestone-task problem. ``values[i]`` is the value of line i (``values[0]`` the seed);
-    ``question + cot`` is the full text; ``trace`` the exact reads of every decode step
-    (positions count ``<s>`` as 0)."""
+@dataclass(frozen=True, kw_only=True)
+class MilestoneProblem(Chain):
+    """One milestone-task problem: its question facts and ``trace``, the exact reads of every decode
+    step (positions count ``<s>`` as 0), besides the chain."""
 
     facts: tuple[int, ...]
-    seed: int
-    lines: int
-    values: tuple[int, ...]
-    question: str
-    cot: str
-    answer: str
     trace: Trace
-
-    def to_json(self) -> dict:
-        return {"question": self.question, "answer": self.answer, "cot": self.cot}
 
 
 def format_milestone_question(facts, seed: int, lines: int) -> str:
