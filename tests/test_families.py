@@ -108,7 +108,7 @@ def test_small_budget_evicts_and_stays_flat(family, unpatch_everything):
     assert all(torch.isfinite(x).all() for x in short.logits + long.logits)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss", "olmo3", "phi3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_ragged_batch_equals_rows_alone(family, unpatch_everything):
     model = tiny_model(family, seed=4)
     raas_flex.patch(model, budget=32, page_size=16)
