@@ -24,7 +24,6 @@ names beside ``sdpa_L``), a markdown table and a plot under --out (default bench
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
