@@ -29,6 +29,7 @@ stop where it should ("stop") or stopped early ("early_stop").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import re
@@ -157,6 +158,31 @@ def diagnose(generated: str, reference_cot: str, spec: testbed.TaskSpec = testbe
     return "correct_chain"
 
 
+MILESTONE_DIAGNOSES = ("correct_chain", "fact", "value", "format", "stop", "early_stop")
+
+
+def diagnose_milestone(generated: str, reference_cot: str, spec: testbed.MilestoneSpec = testbed.MILESTONE_SPEC) -> str:
+    """Where a milestone-task chain first went wrong (one of ``MILESTONE_DIAGNOSES``): a wrong value on a
+    line that reads a question fact ("fact") or on one that reads only the milestone and the previous
+    value ("value"), a line's layout ("format"), running past the last line ("stop") or answering
+    before it ("early_stop")."""
+    line = r"(\d{3}):(\d{3})\+(q\d|\d{3})=(\d)"
+    ref, gen = reference_cot.split("\n"), generated.split("\n")
+    for i, r in enumerate(ref):
+        g = gen[i] if i < len(gen) else ""
+        if g == r:
+            continue
+        rm, gm = re.fullmatch(line, r), re.fullmatch(line, g)
+        if rm is None:
+            return "stop" if gm is not None else "format"
+        if gm is None:
+            return "early_stop" if g.startswith(testbed.ANSWER_MARK) else "format"
+        if gm.group(1, 2) != rm.group(1, 2) or gm.group(3)[0] != rm.group(3)[0]:
+            return "format"
+        return "fact" if rm.group(3).startswith("q") else "value"
+    return "correct_chain"
+
+
 # -- inputs ----------------------------------------------------------------------------------------------
 def load_problems(path) -> list[dict]:
     """JSONL rows with "question" and "answer" (other keys kept)."""
@@ -281,7 +307,8 @@ def run_config(model, tok, prompts, problems, policy: str, budget: int, args, ba
                     res = {"pred": pred, "gold": prob["answer"], "correct": answers_match(pred, prob["answer"]),
                            "length": length, "stopped": stop is not None}
                     if "cot" in prob:
-                        res["diagnosis"] = diagnose(text, prob["cot"], spec)
+                        res["diagnosis"] = (diagnose_milestone(text, prob["cot"], spec)
+                                            if isinstance(spec, testbed.MilestoneSpec) else diagnose(text, prob["cot"], spec))
                     if args.save_text:
                         res["text"] = text
                     results.append(res)
@@ -300,7 +327,8 @@ def run_config(model, tok, prompts, problems, policy: str, budget: int, args, ba
         kv_bytes_per_seq=int(kv_per_seq), evictions=int(evictions),
     )
     if any("diagnosis" in r for r in results):
-        row["diagnosis"] = {d: sum(r.get("diagnosis") == d for r in results) for d in DIAGNOSES}
+        kinds = MILESTONE_DIAGNOSES if isinstance(spec, testbed.MilestoneSpec) else DIAGNOSES
+        row["diagnosis"] = {d: sum(r.get("diagnosis") == d for r in results) for d in kinds}
     row["results"] = results
     return row
 
@@ -370,7 +398,8 @@ def parse_args(argv=None):
     ap.add_argument("--model", required=True, help="hub id or local path of a causal LM (llama/qwen2/qwen3/mistral)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--problems", help='JSONL with {"question", "answer"} per line')
-    src.add_argument("--testbed", type=int, metavar="N", help="N held-out raas_flex.testbed problems")
+    src.add_argument("--testbed", type=int, metavar="N", help="N held-out raas_flex.testbed problems (lag task)")
+    src.add_argument("--milestone", type=int, metavar="N", help="N held-out milestone-task problems (docs/testbed.md)")
     ap.add_argument("--testbed-seed", type=int, default=0)
     ap.add_argument("--testbed-min-lines", type=int, default=None)
     ap.add_argument("--testbed-max-lines", type=int, default=None)
@@ -405,8 +434,9 @@ def parse_args(argv=None):
     for name in ("batch_size", "page_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.testbed is not None and args.testbed < 1:
-        raise ValueError(f"--testbed must be >= 1, got {args.testbed}")
+    for name in ("testbed", "milestone"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     args.policy_list = parse_policies(args.policies)
@@ -428,6 +458,11 @@ def main(argv=None) -> dict:
         spec = testbed.TaskSpec(**overrides)
         problems = [p.to_json() for p in testbed.dataset(args.testbed, seed=args.testbed_seed, spec=spec)]
         source = f"testbed held-out, seed {args.testbed_seed}, {spec.min_lines}-{spec.max_lines} lines, lag {spec.lag}"
+        default_new = int(1.25 * (spec.cot_tokens(spec.max_lines) + 1))
+    elif args.milestone is not None:
+        spec = testbed.MILESTONE_SPEC
+        problems = [p.to_json() for p in testbed.milestone_dataset(args.milestone, seed=args.testbed_seed, spec=spec)]
+        source = f"milestone task held-out, seed {args.testbed_seed}, {spec.min_lines}-{spec.max_lines} lines"
         default_new = int(1.25 * (spec.cot_tokens(spec.max_lines) + 1))
     else:
         problems = load_problems(args.problems)[: args.limit]
@@ -459,7 +494,7 @@ def main(argv=None) -> dict:
         "page_size": args.page_size, "budgets_requested": args.budget_list, "policies": args.policy_list,
         "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
         "max_prompt_tokens": max(map(len, prompts)),
-        "spec": testbed.spec_dict(spec) if args.testbed is not None else None,
+        "spec": dataclasses.asdict(spec) if args.testbed is not None or args.milestone is not None else None,
         "reference_length": None, "rows": [],
     }
     out = Path(args.out)

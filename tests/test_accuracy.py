@@ -499,3 +499,38 @@ def test_shipped_model_solves_heldout_problems():
         out = model.generate(**one, max_new_tokens=340, do_sample=False)
     text = tok.decode(out[0, one.input_ids.shape[1]:], skip_special_tokens=True)
     assert accuracy.diagnose(text, problem.cot) == "table"
+
+
+# -- the milestone task in the harness ---------------------------------------------------------------------
+def test_milestone_diagnosis_names_the_first_wrong_read():
+    """The first differing line of a milestone chain: a fact line's value, another line's value, the
+    layout, or where the chain stops."""
+    p = tb.milestone_dataset(1, seed=3)[0]
+    cot = p.cot
+    lines = cot.split("\n")
+    assert accuracy.diagnose_milestone(cot, cot) == "correct_chain"
+    fact_i = next(i for i, line in enumerate(lines) if "+q" in line)
+    plain_i = next(i for i, line in enumerate(lines) if re.fullmatch(r"\d{3}:\d{3}\+\d{3}=\d", line))
+
+    def wrong_value(i):
+        broken = lines[:i] + [lines[i][:-1] + str((int(lines[i][-1]) + 1) % 10)] + lines[i + 1:]
+        return "\n".join(broken)
+
+    assert accuracy.diagnose_milestone(wrong_value(fact_i), cot) == "fact"
+    assert accuracy.diagnose_milestone(wrong_value(plain_i), cot) == "value"
+    assert accuracy.diagnose_milestone("\n".join(lines[:plain_i] + ["garbage"]), cot) == "format"
+    assert accuracy.diagnose_milestone("\n".join(lines[:plain_i] + [tb.ANSWER_MARK + "123"]), cot) == "early_stop"
+
+
+def test_accuracy_harness_runs_the_milestone_task(tmp_path):
+    """--milestone N feeds held-out milestone problems (a model trained on the lag task gets them wrong:
+    this checks the harness, not a model)."""
+    report = accuracy.main(["--model", str(SHIPPED), "--milestone", "2", "--policies", "dense", "--budgets", "0.25",
+                            "--max-new-tokens", "24", "--dtype", "float32", "--batch-size", "2", "--compile", "off",
+                            "--out", str(tmp_path), "--name", "m"])
+    assert report["problems"] == 2 and report["source"].startswith("milestone task held-out")
+    assert report["spec"]["min_lines"] == tb.MILESTONE_SPEC.min_lines
+    (row,) = report["rows"]
+    assert set(row["diagnosis"]) == set(accuracy.MILESTONE_DIAGNOSES) and sum(row["diagnosis"].values()) == 2
+    with pytest.raises(ValueError, match="--milestone must be >= 1, got 0"):
+        accuracy.main(["--model", str(SHIPPED), "--milestone", "0"])
