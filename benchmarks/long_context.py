@@ -57,6 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import raas_flex  # noqa: E402
 from raas_flex.config import make_config, parse_spec  # noqa: E402
+from benchmarks.decode_step import copy_bandwidth  # noqa: E402
 from benchmarks.hf_generate import ARCHS, build  # noqa: E402
 
 try:
@@ -266,11 +267,11 @@ def estimate_s(kind: str, size: float, done: list[dict], weights: int, kv_seq: i
     it skipped a 93 s raas run on a 237 s guess and a 100 s dense run on a 173 s one."""
     ok = [r for r in done if "wall_s" in r and "t_timed_s" in r]
     same = [r for r in ok if r["kind"] == kind]
-    if not same and kind == "quest":
+    if not same and kind in ("quest", "dense_flash"):
         same = [r for r in ok if r["kind"] == "dense"]
     if not same:
         return None, ("nothing measured yet" if not ok else f"no earlier {kind} measurement to scale from")
-    if kind in ("dense", "quest"):
+    if kind in ("dense", "quest", "dense_flash"):
         ref = min(same, key=lambda r: abs(math.log(size / r["N"])))
         ratio = size / ref["N"]
         work = 2 * ref["t_timed_s"]  # warm-up and timed generate each prefill and decode
@@ -306,7 +307,9 @@ def main(argv=None):
     ap.add_argument("--quest-budget", type=int, default=None, help="tokens quest attends to (default: --budget)")
     ap.add_argument("--quest-margin", type=int, default=64, help="quest max_length = N + this")
     ap.add_argument("--order", default="dense,raas,quest",
-                    help="measurement kinds in the order they run; a kind left out is not run (e.g. 'quest')")
+                    help="measurement kinds in the order they run; a kind left out is not run (e.g. 'quest'); "
+                         "'dense_flash': the engine's own dense policy (every cached token, flash-decoding style: "
+                         "no repeated K/V, no materialized mask) at each dense context, a dense anchor near its floor")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="skip (row with skipped='deadline') each measurement that is not expected to finish within "
                          "this many seconds of the script's start; the first measurement always runs")
@@ -332,8 +335,8 @@ def main(argv=None):
                                                       for n, o in specs.values()):
         ap.error(f"--raas-configs {args.raas_configs!r}: bounded policies (raas, h2o, streaming), no repeats")
     order = [k.strip() for k in args.order.split(",") if k.strip()]
-    if sorted(order) != sorted(set(order)) or not set(order) <= {"dense", "raas", "quest"}:
-        ap.error(f"--order {args.order!r}: a permutation of some of dense,raas,quest")
+    if sorted(order) != sorted(set(order)) or not set(order) <= {"dense", "raas", "quest", "dense_flash"}:
+        ap.error(f"--order {args.order!r}: a permutation of some of dense,raas,quest,dense_flash")
     quest_contexts = [int(x) for x in args.quest_contexts.split(",") if x.strip()]
     if args.smoke:
         device, dtype = "cpu", torch.float32
@@ -354,6 +357,11 @@ def main(argv=None):
     rows: list[dict] = []
     B, L, P0 = args.batch, args.budget, args.raas_prompt
     Lq = args.quest_budget or L
+    bandwidth = copy_bandwidth(device) if device != "cpu" else None  # bytes/s of a device-to-device copy
+
+    def floor_ms(state_bytes: int) -> float | None:
+        """The step's memory floor: (weight bytes + every byte the cache state holds) / copy bandwidth."""
+        return (weights + state_bytes) / bandwidth * 1e3 if bandwidth else None
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,11 +393,12 @@ def main(argv=None):
                     ms_per_step=ms, tokens_per_s=B / ms * 1e3, peak_gb=peak / 2**30, kv_gb=kvb / 2**30, **comp,
                     graphs_compiled_warmup=g_warm, max_batch_kv_fits=fits, t_warmup_s=t_warm, t_timed_s=t_timed)
 
-    def run_quest(N):
+    def run_quest(N, policy="quest"):
+        """A policy that keeps every token (quest; dense: the dense_flash anchor) at context N."""
         ids = torch.randint(100, 1000, (B, N - args.steps), device=device, generator=gen)
         max_length = N + args.quest_margin
         kw = dict(prefill_chunk_size=args.prefill_chunk or None)
-        with raas_flex.patched(model, budget=Lq, policy="quest", max_length=max_length):
+        with raas_flex.patched(model, budget=Lq, policy=policy, max_length=max_length):
             phase["name"] = "warm-up"
             t_warm, g_warm = warm_up(model, ids, args.steps, device, **kw)
             phase["name"] = "timed"
@@ -399,7 +408,8 @@ def main(argv=None):
         ms = median_ms(d[len(d) // 4:])
         lay = st["layers"][0]
         return dict(prompt=N - args.steps, steps=args.steps, max_length=max_length, slots=lay["slots"],
-                    tokens_kept=max(lay["tokens"]), attended_tokens=Lq, prefill_chunk=args.prefill_chunk or None,
+                    tokens_kept=max(lay["tokens"]), attended_tokens=Lq if policy == "quest" else max(lay["tokens"]),
+                    prefill_chunk=args.prefill_chunk or None, floor_ms=floor_ms(st["state_bytes"]),
                     ms_per_step=ms, tokens_per_s=B / ms * 1e3, peak_gb=peak / 2**30, kv_gb=st["kv_bytes"] / 2**30,
                     state_gb=st["state_bytes"] / 2**30, evictions=st["evictions"], **comp,
                     graphs_compiled_warmup=g_warm, t_warmup_s=t_warm, t_timed_s=t_timed)
@@ -425,7 +435,10 @@ def main(argv=None):
         ms = median_ms(full[-args.steps:])
         row = dict(prompt=P0, prefill_chunk=args.prefill_chunk or None, decoded=new, ms_per_step=ms, tokens_per_s=b / ms * 1e3, peak_gb=peak / 2**30,
                    kv_gb=st["kv_bytes"] / 2**30, state_gb=st["state_bytes"] / 2**30, evictions=st["evictions"],
-                   **comp, graphs_compiled_warmup=g_warm, t_warmup_s=t_warm, t_timed_s=t_timed)
+                   floor_ms=floor_ms(st["state_bytes"]), **comp, graphs_compiled_warmup=g_warm, t_warmup_s=t_warm,
+                   t_timed_s=t_timed)
+        if row["floor_ms"]:
+            row["over_floor"] = ms / row["floor_ms"]
         if args.raas_long and b == B:
             windows = {}
             for lo in sorted({L + 256, (P0 + new) // 2, P0 + new - 512}):
@@ -448,6 +461,8 @@ def main(argv=None):
                 plan += [("dense-alloc", N) for N in contexts]
         elif kind == "raas":
             plan += [("raas", (att, item)) for att in attentions for item in [("abs", B)] + raas_items]
+        elif kind == "dense_flash":
+            plan += [("dense_flash", N) for N in contexts]
         else:
             plan += [("quest", N) for N in quest_contexts]
     raas_kv_seq = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * L * (
@@ -484,6 +499,9 @@ def main(argv=None):
                 base, size, fn = dict(mode="dense static compiled", kind="dense", B=B, N=x), x, lambda: run_dense(x)
             elif kind == "quest":
                 base, size, fn = dict(mode=f"quest budget={Lq}", kind="quest", B=B, N=x, budget=Lq), x, lambda: run_quest(x)
+            elif kind == "dense_flash":
+                base = dict(mode="dense_flash (raas_flex dense policy)", kind="dense_flash", B=B, N=x)
+                size, fn = x, (lambda x=x: run_quest(x, "dense"))
             else:
                 att, x = x
                 base = dict(mode=f"{att} budget={L}", kind="raas", config=att, batch_spec=spec_text(x))
@@ -571,13 +589,15 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
     """raas and quest rows against each measured dense context of this run: tokens/s ratio
     (other / dense) and KV ratio (dense / other)."""
     dense = [r for r in rows if r.get("kind") == "dense" and "tokens_per_s" in r]
+    dense += [r for r in rows if r.get("kind") == "dense_flash" and "tokens_per_s" in r]
     others = [r for r in rows if r.get("kind") in ("raas", "quest") and "tokens_per_s" in r]
     out = []
     for d in dense:
         for o in others:
             if o["kind"] == "quest" and o["N"] != d["N"]:
                 continue
-            out.append(dict(dense_N=d["N"], dense_B=d["B"], dense_tokens_per_s=d["tokens_per_s"], dense_kv_gb=d["kv_gb"],
+            out.append(dict(dense_kind=d["kind"], dense_N=d["N"], dense_B=d["B"], dense_tokens_per_s=d["tokens_per_s"],
+                            dense_kv_gb=d["kv_gb"],
                             mode=o["mode"], B=o["B"], batch_spec=o.get("batch_spec"), tokens_per_s=o["tokens_per_s"],
                             kv_gb=o["kv_gb"], tokens_per_s_ratio=o["tokens_per_s"] / d["tokens_per_s"],
                             kv_ratio_dense_over=d["kv_gb"] / o["kv_gb"]))
@@ -612,6 +632,9 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int, att_ratio
         if r.get("kind") in ("quest", "raas") and "ms_per_step" in r:
             piece = r.get("prefill_chunk")
             note = (note + "; " if note else "") + (f"prompt in pieces of {piece}" if piece else "prompt in one forward")
+        if r.get("floor_ms"):
+            note = (note + "; " if note else "") + (f"floor {r['floor_ms']:.2f} ms (weights + cache state / copy "
+                                                   f"bandwidth): {r['ms_per_step'] / r['floor_ms']:.2f}x")
         if meta.get("device") != "cpu" and r.get("graphs_compiled_warmup") == 0:
             note = (note + "; " if note else "") + "no graph compiled in its warm-up (decode eager, or graphs reused)"
         if "skipped" in r:
@@ -636,11 +659,11 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int, att_ratio
                      f"{wall} | {note} |")
     lines += ["", "ratio (rows of this run only): tokens/s of the row / tokens/s of dense at that context, and "
               "KV of dense / KV of the row", "",
-              "| dense context | dense B | dense tokens/s | vs | B | tokens/s | tokens/s ratio | dense KV GB | KV GB | "
+              "| dense (context) | dense B | dense tokens/s | vs | B | tokens/s | tokens/s ratio | dense KV GB | KV GB | "
               "KV ratio (dense / row) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for q in ratios:
-        lines.append(f"| {q['dense_N']} | {q['dense_B']} | {q['dense_tokens_per_s']:.0f} | {q['mode']} | {q['B']} | "
+        lines.append(f"| {q.get('dense_kind', 'dense')} ({q['dense_N']}) | {q['dense_B']} | {q['dense_tokens_per_s']:.0f} | {q['mode']} | {q['B']} | "
                      f"{q['tokens_per_s']:.0f} | {q['tokens_per_s_ratio']:.2f}x | {q['dense_kv_gb']:.2f} | "
                      f"{q['kv_gb']:.2f} | {q['kv_ratio_dense_over']:.1f}x |")
     if not ratios:
