@@ -132,6 +132,11 @@ class PageState:
     page_size: int = 16
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without an op when it already is (the CPU step counts its ops)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _validate_tensor(name: str, t, ndim: int) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -551,11 +556,12 @@ class PagedKVCache(nn.Module):
         bh = B * H
         qp = q.reshape(bh, G, D).to(self.k.dtype)
         if self._sdpa and self.spec.softcap is None and not self.spec.sinks:
-            # written out: SDPA with a boolean mask takes its math path on CPU, which costs more ops
+            # written out with bmm on 3-d views (SDPA with a boolean mask takes its math path on CPU, and
+            # matmul's broadcasting adds views): a CPU step is a few dozen small ops, each one counts
             acc = torch.promote_types(self.k.dtype, torch.float32)  # fp32 softmax for 16-bit caches, fp64 kept
-            logits = qp.to(acc) @ self.k.view(bh, S, D).transpose(1, 2).to(acc)
-            logits = logits.mul_(self.scale).masked_fill_(~self.valid[:, None, :], float("-inf"))
-            out = torch.softmax(logits, dim=-1).to(self.v.dtype) @ self.v.view(bh, S, D)
+            logits = torch.bmm(_as(qp, acc), _as(self.k.view(bh, S, D), acc).transpose(1, 2)).mul_(self.scale)
+            logits.masked_fill_(self.valid.view(bh, 1, S).logical_not(), float("-inf"))
+            out = torch.bmm(_as(torch.softmax(logits, dim=-1), self.v.dtype), self.v.view(bh, S, D))
         elif self._sdpa:
             p = self._probs(qp, self.valid.view(B, H, S))  # [B, H, G, S]
             out = p.view(bh, G, S).to(self.v.dtype) @ self.v.view(bh, S, D)
@@ -571,7 +577,7 @@ class PagedKVCache(nn.Module):
             if self.spec.sinks:  # a sink's logit joins the denominator: out * e^lse / (e^lse + e^sink)
                 out, lse = out
                 out = out * torch.sigmoid(lse - self.sink_logits.repeat(B, 1).view(bh, 1, G))[..., None].to(out.dtype)
-        return out.reshape(B, H * G, 1, D).to(q.dtype)
+        return _as(out.reshape(B, H * G, 1, D), q.dtype)
 
     def _score_mod(self):
         cap = self.spec.softcap
@@ -605,11 +611,15 @@ class PagedKVCache(nn.Module):
         sum_d max(q_d M_d, q_d m_d) = q+ . M + q- . m  (q+ = max(q, 0), q- = min(q, 0)), so it is
         two small matmuls instead of a [G, P, D] intermediate. Empty slots get -inf.
         """
+        if not torch.compiler.is_compiling():  # eager (the CPU path): two batched products, few ops
+            bh, f32 = self.B * self.H, torch.float32
+            qg = _as(q.reshape(bh, self.G, self.D), f32)
+            kmax = _as(self.kmax.view(bh, self.P, self.D), f32).transpose(1, 2)
+            kmin = _as(self.kmin.view(bh, self.P, self.D), f32).transpose(1, 2)
+            s = torch.bmm(qg.clamp(min=0), kmax).add_(torch.bmm(qg.clamp(max=0), kmin)).amax(1)
+            return torch.where(self.page_id >= 0, s.view(self.B, self.H, self.P), float("-inf"))
         qg = q.reshape(self.B, self.H, self.G, 1, self.D).float()
         kmax, kmin = self.kmax.float(), self.kmin.float()
-        if not torch.compiler.is_compiling():  # eager (the CPU path): two batched products, few ops
-            s = qg[..., 0, :].clamp(min=0) @ kmax.transpose(-1, -2) + qg[..., 0, :].clamp(max=0) @ kmin.transpose(-1, -2)
-            return torch.where(self.page_id >= 0, s.amax(2), float("-inf"))
         # compiled: one reduction over D per query head of the group, combined with max: Inductor fuses
         # these into a single pass over kmax/kmin (a batched matmul would need fp32 copies of the
         # tables and a separate cuBLAS call)
