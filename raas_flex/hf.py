@@ -88,16 +88,6 @@ __all__ = [
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "phi3", "olmo2", "olmo3",
                          "smollm3", "granite", "gemma2", "gemma3_text", "gpt_oss")
-# what each family brings beyond plain causal attention (composed with the policy in every layer)
-FAMILY_NOTES = {
-    "llama": "plain", "qwen2": "optional sliding window", "qwen3": "optional sliding window",
-    "mistral": "sliding window in every layer when set", "qwen2_moe": "MoE MLP", "qwen3_moe": "MoE MLP",
-    "phi3": "fused qkv projection, optional sliding window", "olmo2": "q/k norms",
-    "olmo3": "sliding-window and full layers", "smollm3": "layers without RoPE",
-    "granite": "attention multiplier as the softmax scale", "gemma2": "logit softcapping, sliding and full layers",
-    "gemma3_text": "query_pre_attn_scalar, sliding and full layers", "gpt_oss": "learned attention sinks, sliding "
-    "and full layers, MoE",
-}
 _WRAPPED_METHODS = ("_prepare_cache_for_generation", "generate", "_prefill")
 
 # Models currently patched (registrations are removed when the last one is unpatched) and what the

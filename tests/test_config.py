@@ -416,7 +416,7 @@ def test_backend_is_resolved_at_construction_and_read_only():
         assert not hasattr(c, gone), gone
 
 
-@pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter makes CPU caches fusable")
+@pytest.mark.skipif(kernels.interpreting(), reason="the interpreter makes CPU caches fusable")
 @pytest.mark.parametrize("backend", ["flex", "triton"])
 def test_fused_backend_is_refused_on_cpu(backend):
     """backend='flex'/'triton' on a CPU cache (no fused kernels there) fails loudly, naming why."""

@@ -30,9 +30,7 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs usually lack i
 except ImportError:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-RAAS_EVICTION = 0  # the append kernel's eviction rules (Policy.append_code): raas 0, streaming 1, h2o 2
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Rule constants (measurements behind each: docs/kernels.md).
@@ -55,13 +53,18 @@ STAGES_WIDE_ROWS = 128  # (see STAGES_WIDE)
 STAGES_WIDE_G = 7  # (see STAGES_WIDE)
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET set before it loads)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the kernels cannot run on this device with this K/V dtype (None if they can). Which policies
     they serve is the policy's to say (``Policy.append_code``, ``Policy.fused_observe``)."""
     if not HAS_TRITON:
         return "triton is not installed"
     dev = torch.device(device)
-    if dev.type != "cuda" and not (INTERPRET and dev.type == "cpu"):
+    if dev.type != "cuda" and not (interpreting() and dev.type == "cpu"):
         return f"device={dev.type!r} (the kernels need a CUDA device)"
     if dtype not in FUSED_DTYPES:
         allowed = ", ".join(str(t).removeprefix("torch.") for t in FUSED_DTYPES)

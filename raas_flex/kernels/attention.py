@@ -12,6 +12,7 @@ from torch.library import triton_op, wrap_triton
 import raas_flex.kernels as _pkg
 
 from . import BLOCK_N, WARPS, lists_in_regs, step_plan
+from .bookkeeping import _STATE
 from .rules import (append_inputs, bound_loop, choose_slot, finish_step, new_key_bounds, page_entry, page_tokens,
                     refresh_set, row_writes)
 
@@ -242,12 +243,7 @@ def _step_kernel(
         finish_step(ticket_ptr, length_ptr, step_ptr, step_new, 0, B * H, B, BLOCK_B, True)
 
 
-@triton_op(
-    "raas_flex::fused_step",
-    mutates_args={"k_cache", "v_cache", "page_id", "stamp", "pinned", "score", "kmax", "kmin", "open_slot", "length",
-                  "step", "evictions", "overflow", "valid", "ticket", "count", "kv_num", "kv_idx", "full_num",
-                  "full_idx", "imp"},
-)
+@triton_op("raas_flex::fused_step", mutates_args=_STATE | {"imp", "count"})
 def fused_step(
     q: Tensor, k_new: Tensor, v_new: Tensor,
     k_cache: Tensor, v_cache: Tensor, page_id: Tensor, stamp: Tensor, pinned: Tensor, score: Tensor,

@@ -8,7 +8,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import APPEND_BOUND_ELEMS, RAAS_EVICTION, WARPS, lists_in_regs
+from ..policies import RaaS
+from . import APPEND_BOUND_ELEMS, WARPS, lists_in_regs
 from .rules import (append_inputs, bound_loop, bound_pages, choose_slot, finish_step, new_key_bounds, page_entry,
                     refresh_set, row_writes)
 
@@ -104,7 +105,7 @@ def fused_append(
     overflow: Tensor, valid: Tensor, ticket: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor,
     full_idx: Tensor, policy: int, sink_pages: int, recent_pages: int, block: int,
 ) -> None:
-    """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy`` (Policy.append_code);
+    """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy`` (``Policy.append_code``: raas 0, streaming 1, h2o 2);
     refresh ``valid`` and the exact flex block lists for KV blocks of ``block`` slots (layout of
     masks.block_lists). ``ticket``: int32 [1], 0 at launch (left 0)."""
     _launch_append(k_new, v_new, (k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length,
@@ -125,6 +126,6 @@ def fused_append_observe(
     [B, Hkv, P] scratch."""
     _launch_append(k_new, v_new, (k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length,
                                   step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx),
-                   RAAS_EVICTION, sink_pages, recent_pages, block, q=q, imp=imp,
+                   RaaS.append_code, sink_pages, recent_pages, block, q=q, imp=imp,
                    refresh_pages=refresh_pages)
 
