@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import raas_flex  # noqa: E402
-from raas_flex.config import POLICIES, parse_options  # noqa: E402
+from raas_flex.config import parse_options, parse_spec  # noqa: E402
 from raas_flex import testbed  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -233,10 +233,25 @@ def resolve_budget(budget, reference_length: float | None, page_size: int = 16) 
 
 
 def parse_policies(text: str) -> list[str]:
-    out = [p.strip() for p in str(text).split(",") if p.strip()]
+    """Configurations to run, each named by its user-facing options: ``"dense,raas,h2o"`` (plain
+    names, comma-separated) or ``"dense;raas;raas:importance=attention,refresh=threshold"``
+    (``;``-separated when any configuration carries options). Each is checked by
+    :func:`raas_flex.config.parse_spec`."""
+    text = str(text)
+    if ";" in text:
+        out = [p.strip() for p in text.split(";") if p.strip()]
+    else:
+        out = [p.strip() for p in text.split(",") if p.strip()]
+        if any(":" in p for p in out) and len(out) > 1:
+            raise ValueError(f"--policies {text!r}: separate configurations that carry options with ';' "
+                             "(e.g. 'dense;raas:importance=attention,refresh=threshold')")
+    if not out:
+        raise ValueError(f"--policies {text!r} names no configuration")
     for p in out:
-        if p not in POLICIES:
-            raise ValueError(f"--policies: {p!r} is not supported; allowed: {', '.join(POLICIES)}")
+        try:
+            parse_spec(p)
+        except ValueError as e:
+            raise ValueError(f"--policies: {e}") from None
     return out
 
 
@@ -272,13 +287,14 @@ def run_config(model, tok, prompts, problems, policy: str, budget: int, args, ba
         gen.update(temperature=args.temperature, top_p=args.top_p)
     if args.compile == "off":
         gen["disable_compile"] = True
-    options = dict(page_size=args.page_size, **parse_options(args.option))
+    name, spec_options = parse_spec(policy)
+    options = dict(page_size=args.page_size, **parse_options(args.option), **spec_options)
     row = {"policy": policy, "budget": budget, "problems": len(problems)}
     if args.option:
         row["options"] = parse_options(args.option)
     results, seconds, kv_per_seq, evictions = [], 0.0, 0, 0
     try:
-        with raas_flex.patched(model, budget, policy=policy, **options):
+        with raas_flex.patched(model, budget, policy=name, **options):
             for i in range(0, len(prompts), args.batch_size):
                 chunk = prompts[i:i + args.batch_size]
                 width = max(map(len, chunk))
@@ -412,6 +428,9 @@ def parse_args(argv=None):
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra RaaSConfig option for every policy (repeatable), e.g. --option refresh_ratio=0.25")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="worker processes sharing the device, each with its own model copy (decoding a small "
+                         "model is launch-bound, so several processes fill one GPU); the dense reference runs first")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="default: 1.25x the longest testbed chain, else 4096")
     ap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -431,7 +450,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="accuracy", help="file stem of the JSON / markdown / PNG")
     args = ap.parse_args(argv)
-    for name in ("batch_size", "page_size"):
+    for name in ("batch_size", "page_size", "jobs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("testbed", "milestone"):
@@ -444,13 +463,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+def load_problems_for(args):
+    """The problems ``args`` name: (problems, task spec, source description, default max new tokens)."""
     spec = testbed.DEFAULT_SPEC
     if args.testbed is not None:
         overrides = {k: getattr(args, f"testbed_{k}") for k in ("min_lines", "max_lines", "lag")
@@ -458,30 +472,59 @@ def main(argv=None) -> dict:
         spec = testbed.TaskSpec(**overrides)
         problems = [p.to_json() for p in testbed.dataset(args.testbed, seed=args.testbed_seed, spec=spec)]
         source = f"testbed held-out, seed {args.testbed_seed}, {spec.min_lines}-{spec.max_lines} lines, lag {spec.lag}"
-        default_new = int(1.25 * (spec.cot_tokens(spec.max_lines) + 1))
-    elif args.milestone is not None:
+        return problems, spec, source, int(1.25 * (spec.cot_tokens(spec.max_lines) + 1))
+    if args.milestone is not None:
         spec = testbed.MILESTONE_SPEC
         problems = [p.to_json() for p in testbed.milestone_dataset(args.milestone, seed=args.testbed_seed, spec=spec)]
         source = f"milestone task held-out, seed {args.testbed_seed}, {spec.min_lines}-{spec.max_lines} lines"
-        default_new = int(1.25 * (spec.cot_tokens(spec.max_lines) + 1))
-    else:
-        problems = load_problems(args.problems)[: args.limit]
-        source = Path(args.problems).name
-        default_new = 4096
-    args.max_new_tokens = args.max_new_tokens or default_new
+        return problems, spec, source, int(1.25 * (spec.cot_tokens(spec.max_lines) + 1))
+    return load_problems(args.problems)[: args.limit], spec, Path(args.problems).name, 4096
 
+
+def load_model(args):
+    """(tokenizer, model in eval mode on the run's device and dtype)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if model.generation_config.eos_token_id is None:
         model.generation_config.eos_token_id = tok.eos_token_id
+    return tok, model
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(args) -> None:
+    """A ``--jobs`` worker process: its own copy of the model and the problems."""
+    problems, spec, _, _ = load_problems_for(args)
+    tok, model = load_model(args)
+    _WORKER.update(args=args, problems=problems, spec=spec, tok=tok, model=model,
+                   prompts=build_prompts(tok, problems, args.prompt_format, args.instruction))
+
+
+def _run_in_worker(policy: str, budget: int) -> dict:
+    w = _WORKER
+    with tqdm(disable=True) as quiet:
+        return run_config(w["model"], w["tok"], w["prompts"], w["problems"], policy, budget, w["args"], quiet, w["spec"])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    problems, spec, source, default_new = load_problems_for(args)
+    args.max_new_tokens = args.max_new_tokens or default_new
+    tok, model = load_model(args)
+    device, dtype = model.device, model.dtype
     prompts = build_prompts(tok, problems, args.prompt_format, args.instruction)
 
     needs_dense = "dense" in args.policy_list or any(isinstance(b, float) for b in args.budget_list)
-    configs = [("dense", 2 * args.page_size)] if needs_dense else []
     sparse = [p for p in args.policy_list if p != "dense"]
-    n_configs = len(configs) + len(sparse) * len(args.budget_list)
+    n_configs = int(needs_dense) + len(sparse) * len(args.budget_list)
     report = {
         "command": " ".join(["python", "benchmarks/accuracy.py"] + (sys.argv[1:] if argv is None else list(argv))),
         "model": args.model, "source": source, "problems": len(problems), "device": (
@@ -490,7 +533,7 @@ def main(argv=None) -> dict:
         "transformers": __import__("transformers").__version__,
         "generation": {"sample": args.sample, "temperature": args.temperature if args.sample else None,
                        "top_p": args.top_p if args.sample else None, "max_new_tokens": args.max_new_tokens,
-                       "batch_size": args.batch_size, "compile": args.compile},
+                       "batch_size": args.batch_size, "compile": args.compile, "jobs": args.jobs},
         "page_size": args.page_size, "budgets_requested": args.budget_list, "policies": args.policy_list,
         "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
         "max_prompt_tokens": max(map(len, prompts)),
@@ -504,22 +547,43 @@ def main(argv=None) -> dict:
               mininterval=2.0 if sys.stderr.isatty() else 30.0) as bar:
         if needs_dense:
             bar.set_postfix_str("dense")
-            row = run_config(model, tok, prompts, problems, "dense", configs[0][1], args, bar, spec)
+            row = run_config(model, tok, prompts, problems, "dense", 2 * args.page_size, args, bar, spec)
             report["rows"].append(row)
             if "error" in row:
                 raise RuntimeError(f"the dense reference failed: {row['error']}")
             report["reference_length"] = row["mean_length"]
-        for policy in sparse:
-            for b in args.budget_list:
-                budget = resolve_budget(b, report["reference_length"], args.page_size)
+        todo = [(policy, b, resolve_budget(b, report["reference_length"], args.page_size))
+                for policy in sparse for b in args.budget_list]
+
+        def record(i: int, row: dict) -> None:
+            policy, requested, budget = todo[i]
+            row["budget_requested"] = requested
+            rows[i] = row
+            summary = ("error" if "error" in row else
+                       f"acc {row['accuracy']:.3f} len {row['mean_length']:.0f} {row['decode_seconds']:.1f}s")
+            tqdm.write(f"{policy} budget {budget}: {summary}")
+            # the rows so far, so that a run stopped from outside keeps what it measured
+            partial = dict(report, rows=report["rows"] + [r for r in rows if r is not None], complete=False)
+            (out / f"{args.name}.json").write_text(json.dumps(partial, indent=1))
+
+        rows: list = [None] * len(todo)
+        if args.jobs == 1:
+            for i, (policy, _, budget) in enumerate(todo):
                 bar.set_postfix_str(f"{policy} {budget}")
-                row = run_config(model, tok, prompts, problems, policy, budget, args, bar, spec)
-                row["budget_requested"] = b
-                report["rows"].append(row)
-                summary = ("error" if "error" in row else
-                           f"acc {row['accuracy']:.3f} len {row['mean_length']:.0f} {row['decode_seconds']:.1f}s")
-                tqdm.write(f"{policy:>9} budget {budget:>5}: {summary}")
+                record(i, run_config(model, tok, prompts, problems, policy, budget, args, bar, spec))
+        else:  # decoding a small model is launch-bound: several processes share one device
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(args,)) as pool:
+                futures = {pool.submit(_run_in_worker, policy, budget): i for i, (policy, _, budget) in enumerate(todo)}
+                for f in as_completed(futures):
+                    record(futures[f], f.result())
+                    bar.update(len(prompts))
+        report["rows"] += rows
     report["total_seconds"] = time.perf_counter() - t_all
+    report["complete"] = True
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     (out / f"{args.name}.md").write_text(markdown(report))
     try:

@@ -247,8 +247,9 @@ class PagedKVCache(nn.Module):
         # constants used by the step (buffers, so that the step allocates nothing that grows)
         buf("slot_index", torch.arange(P, device=device))
         buf("_tok_ar", torch.arange(self.ps, device=device))
-        buf("_b_ix", torch.arange(B, device=device)[:, None].expand(B, H).contiguous())
-        buf("_h_ix", torch.arange(H, device=device)[None, :].expand(B, H).contiguous())
+        # first row of each (sequence, KV head) in the flattened [B*H*P, ...] page tables: a step's row
+        # writes index one flat dimension (few ops eager, one in-place scatter compiled)
+        buf("_row0", torch.arange(B * H, device=device).view(B, H) * P)
         # Block lists. torch backend: a policy that attends to every resident page gets constant
         # lists (every block partial: in a full compacted buffer nearly every block is full anyway,
         # and the one-byte mask costs the kernel less than exact lists cost the step); quest gets
@@ -471,7 +472,8 @@ class PagedKVCache(nn.Module):
 
     def _prepare(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         """torch backend, first half of a step: append the token, fill ``valid`` for this step."""
-        self.append(k, v)
+        if self.append(k, v) and self.spec.window is None and not self.policy.narrows:
+            return  # only the new token's slot changed: append marked it valid
         self.valid.copy_(self.valid_slots(q).view(self.B * self.H, self.S))
 
     def _attend_observe(self, q: Tensor) -> Tensor:
@@ -480,15 +482,23 @@ class PagedKVCache(nn.Module):
         self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
         return out
 
-    def append(self, k: Tensor, v: Tensor) -> None:
+    def append(self, k: Tensor, v: Tensor) -> bool:
         """Write one token per sequence, opening a page (and evicting one) when needed.
 
-        The torch rule (the fused kernels implement the same one).
+        The torch rule (the fused kernels implement the same one). On the eager CPU path a step in
+        which no row starts a page (15 of 16 steps) skips the slot choice: its outcome is known (the
+        open slot, nothing opened), and the CPU reads ``length`` without a device to wait for. Such a
+        step changes the resident tokens by the new one only; it marks that slot in ``valid`` and
+        returns True (False: a full step, ``valid`` to be rebuilt).
         """
         B, H, ps = self.B, self.H, self.ps
         self.step.add_(1)
         pos = self.length  # [B]
         off = (pos % ps)[:, None]  # [B, 1]
+        if self._sdpa and not torch.compiler.is_compiling() and not bool((off == 0).any()):
+            t = self._write(k, v, self.open_slot, off, opened=None, write=None)
+            self.valid.view(-1).index_fill_(0, t, True)
+            return True
         need = (off == 0).expand(B, H)  # a new page must be opened
         resident = self.page_id >= 0
         free = ~resident
@@ -506,13 +516,6 @@ class PagedKVCache(nn.Module):
         slot = torch.where(opened, torch.where(has_free, first_free, victim), self.open_slot)
         self.evictions.add_((opened & ~has_free).to(torch.int64))
 
-        # Token write. index_put_ on the buffer lets Inductor update it in place (a scatter_ that
-        # also reads the buffer made it copy the whole K/V buffer every step). After an overflow
-        # (flagged above, raised by check()) the token overwrites the open page's first slot.
-        t = slot * ps + off  # [B, H]
-        self.k.index_put_((self._b_ix, self._h_ix, t), k[:, :, 0].to(self.k.dtype))
-        self.v.index_put_((self._b_ix, self._h_ix, t), v[:, :, 0].to(self.v.dtype))
-
         # page table
         at = self.slot_index == slot[..., None]  # [B, H, P]
         new = at & opened[..., None]
@@ -521,16 +524,37 @@ class PagedKVCache(nn.Module):
         self.stamp.copy_(torch.where(new, self.step, self.stamp))
         self.pinned.copy_(self.pinned & ~new)
         self.score.copy_(torch.where(new, 0.0, self.score))
+        self._write(k, v, slot, off, opened, write)
+        return False
+
+    def _write(self, k: Tensor, v: Tensor, slot: Tensor, off: Tensor, opened: Tensor | None,
+               write: Tensor | None) -> Tensor:
+        """The token's row writes at ``slot`` [B, H], offset ``off``: K/V, the page's key bounds (reset
+        where ``opened``, left alone where not ``write``; None: neither), the open slot, the length.
+        Returns the token's flat slot index [B*H] (row of ``k.view(-1, D)`` and of ``valid.view(-1)``)."""
+        # Token write. index_put_ on the buffer lets Inductor update it in place (a scatter_ that
+        # also reads the buffer made it copy the whole K/V buffer every step). After an overflow
+        # (flagged in append, raised by check()) the token overwrites the open page's first slot.
+        D = self.D
+        row = self._row0 + slot  # [B, H]: the page's row in [B*H*P, ...]
+        t = (row * self.ps + off).view(-1)  # the token's row in [B*H*S, D]
+        self.k.view(-1, D).index_put_((t,), k.reshape(-1, D).to(self.k.dtype))
+        self.v.view(-1, D).index_put_((t,), v.reshape(-1, D).to(self.v.dtype))
         # key bounds: only the written page's row changes (index_put_ of B*H rows, not a pass over
         # the whole [B, H, P, D] tables)
-        kn = k[:, :, 0, :].to(self.kmax.dtype)  # [B, H, D]
-        ix = (self._b_ix, self._h_ix, slot)
-        old_max, old_min = self.kmax[ix], self.kmin[ix]
-        fresh, keep = opened[..., None], ~write[..., None]
-        self.kmax.index_put_(ix, torch.where(fresh, kn, torch.where(keep, old_max, torch.maximum(old_max, kn))))
-        self.kmin.index_put_(ix, torch.where(fresh, kn, torch.where(keep, old_min, torch.minimum(old_min, kn))))
-        self.open_slot.copy_(torch.where(write, slot, self.open_slot))
+        kn = k.reshape(-1, D).to(self.kmax.dtype)  # [B*H, D]
+        row = row.view(-1)
+        old_max, old_min = self.kmax.view(-1, D)[row], self.kmin.view(-1, D)[row]
+        new_max, new_min = torch.maximum(old_max, kn), torch.minimum(old_min, kn)
+        if opened is not None:
+            fresh, keep = opened.view(-1, 1), ~write.view(-1, 1)
+            new_max = torch.where(fresh, kn, torch.where(keep, old_max, new_max))
+            new_min = torch.where(fresh, kn, torch.where(keep, old_min, new_min))
+            self.open_slot.copy_(torch.where(write, slot, self.open_slot))
+        self.kmax.view(-1, D).index_put_((row,), new_max)
+        self.kmin.view(-1, D).index_put_((row,), new_min)
         self.length.add_(1)
+        return t
 
     def token_valid(self) -> Tensor:
         """bool [B, Hkv, P, page_size]: slot holds a written token of a resident page."""

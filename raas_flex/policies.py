@@ -130,18 +130,23 @@ class RaaS(Policy):
         if self.refresh == "threshold":
             refreshed = resident & (imp > self.refresh_threshold)
         else:
-            key = torch.where(resident, imp, float("-inf"))
+            # page bounds are -inf on empty slots already; shares are 0 there
+            key = imp if self.importance == "bound" else torch.where(resident, imp, float("-inf"))
             refreshed = resident & (descending_rank(key) < self.refresh_pages(c.budget_pages))
-        c.stamp.copy_(torch.where(refreshed, c.step, c.stamp))
-        c.score.copy_(torch.nan_to_num(imp, neginf=0.0))
+        c.stamp.masked_fill_(refreshed, c.step)
+        torch.nan_to_num(imp, neginf=0.0, out=c.score)
 
 
 def descending_rank(key: Tensor) -> Tensor:
     """Rank of each entry along the last dim in a stable descending sort (0 = largest; ties keep
-    index order), int64 [..., P]. Pairwise comparison: O(P^2) per row but one fused reduction with
-    no sort (P is at most a few hundred pages)."""
+    index order), int64 [..., P]. Compiled: pairwise comparison, O(P^2) per row but one fused
+    reduction with no sort (P is at most a few hundred pages). Eager: a stable sort and its inverse
+    permutation (three ops instead of eight: an eager CPU step pays per op)."""
     p = key.shape[-1]
     idx = torch.arange(p, device=key.device)
+    if not torch.compiler.is_compiling():
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+        return torch.empty_like(order).scatter_(-1, order, idx.expand_as(order))
     a, b = key[..., :, None], key[..., None, :]
     return ((b > a) | ((b == a) & (idx[None, :] < idx[:, None]))).sum(-1)
 

@@ -517,7 +517,7 @@ class MilestoneProblem(Chain):
 
 
 def format_milestone_question(facts, seed: int, lines: int) -> str:
-    pairs = ",".join(f"q{k}={int(f)}" for k, f in enumerate(facts))
+    pairs = ",".join(f"q{k}:{int(f)}" for k, f in enumerate(facts))  # ":" as in a line label, never "q<d>=" (a chain line)
     return f"{pairs};000={int(seed)};n={int(lines):03d}\n"
 
 
@@ -526,7 +526,7 @@ def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec) -> Mil
     facts = [int(x) for x in facts]
     question = format_milestone_question(facts, seed, lines)
     base = 1 + len(question)  # position of the chain's first token (<s> is position 0)
-    fact_pos = [1 + question.index(f"q{k}=") + 3 for k in range(10)]
+    fact_pos = [1 + question.index(f"q{k}:") + 3 for k in range(10)]
     seed_pos = 1 + question.index(";000=") + 5
     n_pos = 1 + question.index(";n=") + 3
     vpos = {0: seed_pos}  # line label -> position of its value token

@@ -252,7 +252,7 @@ def test_bad_arguments_are_named():
         accuracy.parse_budgets("0.25,abc")
     with pytest.raises(ValueError, match="'1.5' must be a fraction"):
         accuracy.parse_budgets("1.5")
-    with pytest.raises(ValueError, match="'lru' is not supported"):
+    with pytest.raises(ValueError, match="policy 'lru' is not one of raas"):
         accuracy.parse_policies("raas,lru")
 
 
@@ -534,3 +534,30 @@ def test_accuracy_harness_runs_the_milestone_task(tmp_path):
     assert set(row["diagnosis"]) == set(accuracy.MILESTONE_DIAGNOSES) and sum(row["diagnosis"].values()) == 2
     with pytest.raises(ValueError, match="--milestone must be >= 1, got 0"):
         accuracy.main(["--model", str(SHIPPED), "--milestone", "0"])
+
+
+def test_configurations_with_options_and_worker_processes_match_one_process(tiny_model_dir, tmp_path, monkeypatch):
+    """--policies takes configurations named by their options (';'-separated); --jobs 2 runs them in two
+    worker processes and gives the same rows as one process (greedy decoding is deterministic)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the spawned workers import this module by name
+    configs = "dense;raas:importance=attention,refresh=threshold,refresh_threshold=0.01;streaming:sink_tokens=64"
+    common = ["--model", str(tiny_model_dir), "--testbed", "2", "--testbed-min-lines", "12", "--testbed-max-lines", "14",
+              "--testbed-lag", "4", "--policies", configs, "--budgets", "80,96", "--max-new-tokens", "64",
+              "--device", "cpu", "--save-text", "--out", str(tmp_path)]
+    one = accuracy.main(common + ["--name", "one"])
+    two = accuracy.main(common + ["--name", "two", "--jobs", "2"])
+    assert [(r["policy"], r["budget"]) for r in one["rows"]] == [
+        ("dense", 32), ("raas:importance=attention,refresh=threshold,refresh_threshold=0.01", 80),
+        ("raas:importance=attention,refresh=threshold,refresh_threshold=0.01", 96),
+        ("streaming:sink_tokens=64", 80), ("streaming:sink_tokens=64", 96)]
+    assert two["generation"]["jobs"] == 2
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("decode_seconds", "tokens_per_s")} for r in rows]  # noqa: E731
+    assert strip(two["rows"]) == strip(one["rows"])
+    assert all("error" not in r for r in one["rows"])
+    assert all(r["evictions"] > 0 for r in one["rows"][1:])  # the budgets bind: the options matter
+    with pytest.raises(ValueError, match="separate configurations that carry options with ';'"):
+        accuracy.parse_policies("raas:importance=attention,h2o")
+    with pytest.raises(ValueError, match="policy 'lru' is not one of"):
+        accuracy.parse_policies("raas;lru")
+    with pytest.raises(ValueError, match="--jobs must be >= 1, got 0"):
+        accuracy.main(common + ["--jobs", "0"])

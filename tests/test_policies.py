@@ -583,3 +583,26 @@ def test_overflow_is_flagged_and_page_table_kept(policy, kw):
     assert ref.overflow
     with pytest.raises(RuntimeError, match=f"policy='{policy}'"):
         c.check()
+
+
+_compiled_rank = None
+
+
+@settings(max_examples=60)
+@given(st.lists(st.lists(st.sampled_from([float("-inf"), -1.0, 0.0, 0.5, 2.0]), min_size=7, max_size=7),
+                min_size=1, max_size=3))
+def test_descending_rank_is_a_stable_descending_sort_eager_and_compiled(rows):
+    """The top-k refresh's rank: 0 = largest, ties (repeated values, -inf for empty slots) in index
+    order, against a plain Python sort; the compiled form (pairwise comparison) gives the same ranks."""
+    global _compiled_rank
+    from raas_flex.policies import descending_rank
+
+    key = torch.tensor(rows)
+    want = torch.zeros(key.shape, dtype=torch.int64)
+    for r, row in enumerate(rows):
+        for rank, i in enumerate(sorted(range(len(row)), key=lambda i: (-row[i], i))):
+            want[r, i] = rank
+    assert torch.equal(descending_rank(key), want)
+    if _compiled_rank is None:
+        _compiled_rank = torch.compile(descending_rank, fullgraph=True, dynamic=False)
+    assert torch.equal(_compiled_rank(key), want)

@@ -25,7 +25,7 @@ from raas_flex import oracle
 from raas_flex import testbed as tb
 
 SPEC = tb.MILESTONE_SPEC
-QUESTION = re.compile(r"((?:q\d=\d,){9}q\d=\d);000=(\d);n=(\d{3})\n")
+QUESTION = re.compile(r"((?:q\d:\d,){9}q\d:\d);000=(\d);n=(\d{3})\n")
 LINE = re.compile(r"(\d{3}):(\d{3})\+(\d{3}|q\d)=(\d)\n")
 
 
@@ -65,10 +65,10 @@ def read_problem(question: str, cot: str):
     """Independent reading: returns (values by name, value positions by name, reads by line, lines)."""
     m = QUESTION.fullmatch(question)
     assert m, question
-    values = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split(","))}
+    values = {k: int(v) for k, v in (kv.split(":") for kv in m.group(1).split(","))}
     values["000"] = int(m.group(2))
     n = int(m.group(3))
-    pos = {k: 1 + question.index(f"{k}=") + len(k) + 1 for k in values}
+    pos = {k: 1 + question.index(f"{k}{':' if k.startswith('q') else '='}") + len(k) + 1 for k in values}
     base = 1 + len(question)
     body, answer = cot.rsplit("A:", 1)
     lines = LINE.findall(body)
@@ -106,7 +106,7 @@ def test_generator_chains_answers_and_reads():
             assert value_reads[pos[f"{i:03d}"]] == {pos[a], pos[b]}
         full = "\0" + p.question + p.cot  # position 0 is <s>
         for step, ps in p.trace.reads:
-            assert all(full[q].isdigit() and full[q - 1] == "=" or q >= 1 + p.question.index(";n=") for q in ps)
+            assert all(full[q].isdigit() and full[q - 1] in "=:" or q >= 1 + p.question.index(";n=") for q in ps)
         # milestones: read by every line of their phase, over a span longer than the 1/4 budget, then never
         spans = []
         for m in range(SPEC.phase_lines, n, SPEC.phase_lines):
