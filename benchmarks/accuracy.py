@@ -321,7 +321,7 @@ def run_config(model, tok, prompts, problems, policy: str, budget: int, args, ba
                     prob = problems[i + j]
                     pred = extract_answer(text)
                     res = {"pred": pred, "gold": prob["answer"], "correct": answers_match(pred, prob["answer"]),
-                           "length": length, "stopped": stop is not None}
+                           "length": length, "stopped": stop is not None, "tokens": new[:length]}
                     if "cot" in prob:
                         res["diagnosis"] = (diagnose_milestone(text, prob["cot"], spec)
                                             if isinstance(spec, testbed.MilestoneSpec) else diagnose(text, prob["cot"], spec))
@@ -349,6 +349,35 @@ def run_config(model, tok, prompts, problems, policy: str, budget: int, args, ba
     return row
 
 
+def compare_with_dense(rows: list[dict], keep_tokens: bool = False) -> None:
+    """Per sparse row, against the dense row's outputs on the same problems: ``agreement`` (share of
+    answers equal to dense's), ``identical`` (share of outputs token for token equal) and
+    ``mean_first_departure`` (mean index of the first generated token that differs from dense's,
+    over the outputs that differ). Token lists stay only in the dense row (and everywhere with
+    ``keep_tokens``)."""
+    dense = next((r for r in rows if r["policy"] == "dense" and "results" in r), None)
+    for r in rows:
+        if "results" not in r:
+            continue
+        if dense is not None and r is not dense:
+            departures, agree = [], 0
+            for x, d in zip(r["results"], dense["results"]):
+                agree += answers_match(x["pred"], d["pred"]) or (x["pred"] is None and d["pred"] is None)
+                a, b = x["tokens"], d["tokens"]
+                first = next((i for i, (s, t) in enumerate(zip(a, b)) if s != t), None)
+                if first is None and len(a) != len(b):
+                    first = min(len(a), len(b))
+                x["first_departure"] = first
+                if first is not None:
+                    departures.append(first)
+            n = len(r["results"])
+            r.update(agreement=agree / n, identical=1 - len(departures) / n,
+                     mean_first_departure=sum(departures) / len(departures) if departures else None)
+        if not keep_tokens and r is not dense:
+            for x in r["results"]:
+                x.pop("tokens", None)
+
+
 # -- reports ---------------------------------------------------------------------------------------------
 def _fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
@@ -361,19 +390,20 @@ def markdown(report: dict) -> str:
         f"{'sampling' if report['generation']['sample'] else 'greedy'}, {report['dtype']}, {report['device']}"
         + (f"; mean dense output {ref:.0f} tokens" if ref else "") + ".",
         "",
-        "| policy | budget | budget / dense length | accuracy | mean length | max length | stopped | decode s | tok/s "
-        "| KV MiB / seq | first error (testbed) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | budget | budget / dense length | accuracy | answer = dense | output = dense | mean length | max length "
+        "| stopped | decode s | tok/s | KV MiB / seq | first error (testbed) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         frac = f"{r['budget'] / ref:.3f}" if ref and r["policy"] != "dense" else "-"
         budget = "all" if r["policy"] == "dense" else str(r["budget"])
         if "error" in r:
-            lines.append(f"| {r['policy']} | {budget} | {frac} | error: {r['error'][:120]} |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['policy']} | {budget} | {frac} | error: {r['error'][:120]} |  |  |  |  |  |  |  |  |  |")
             continue
         diag = ", ".join(f"{k} {v}" for k, v in r.get("diagnosis", {}).items() if v and k != "correct_chain") or "-"
         lines.append(
-            f"| {r['policy']} | {budget} | {frac} | {r['accuracy']:.3f} | {r['mean_length']:.0f} | {r['max_length']} "
+            f"| {r['policy']} | {budget} | {frac} | {r['accuracy']:.3f} | {_fmt(r.get('agreement'), '.2f')} "
+            f"| {_fmt(r.get('identical'), '.2f')} | {r['mean_length']:.0f} | {r['max_length']} "
             f"| {r['stopped']:.2f} | {r['decode_seconds']:.1f} | {_fmt(r['tokens_per_s'], ',.0f')} "
             f"| {r['kv_bytes_per_seq'] / 2**20:.3f} | {diag} |"
         )
@@ -411,7 +441,8 @@ def plot(report: dict, path: Path) -> None:
 # -- main ------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="hub id or local path of a causal LM (llama/qwen2/qwen3/mistral)")
+    ap.add_argument("--model", required=True,
+                    help="hub id or local path of a causal LM, or a .gguf file (benchmarks/fetch_gguf.py)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--problems", help='JSONL with {"question", "answer"} per line')
     src.add_argument("--testbed", type=int, metavar="N", help="N held-out raas_flex.testbed problems (lag task)")
@@ -488,8 +519,14 @@ def load_model(args):
     warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    if str(args.model).endswith(".gguf"):  # a llama.cpp checkpoint (benchmarks/fetch_gguf.py), dequantized
+        from benchmarks.fetch_gguf import load_gguf
+
+        model, tok = load_gguf(args.model, dtype=dtype)
+        model = model.to(device)
+    else:
+        tok = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if model.generation_config.eos_token_id is None:
@@ -527,7 +564,7 @@ def main(argv=None) -> dict:
     n_configs = int(needs_dense) + len(sparse) * len(args.budget_list)
     report = {
         "command": " ".join(["python", "benchmarks/accuracy.py"] + (sys.argv[1:] if argv is None else list(argv))),
-        "model": args.model, "source": source, "problems": len(problems), "device": (
+        "model": Path(args.model).stem if str(args.model).endswith(".gguf") else args.model, "source": source, "problems": len(problems), "device": (
             torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"),
         "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
@@ -582,6 +619,7 @@ def main(argv=None) -> dict:
                     record(futures[f], f.result())
                     bar.update(len(prompts))
         report["rows"] += rows
+    compare_with_dense(report["rows"], keep_tokens=args.save_text)
     report["total_seconds"] = time.perf_counter() - t_all
     report["complete"] = True
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))

@@ -332,6 +332,7 @@ def test_harness_smoke_writes_json_markdown_and_plot(tiny_model_dir, tmp_path):
         assert r["evictions"] == 0
         assert [x["text"] for x in r["results"]] == [x["text"] for x in dense["results"]], policy
         assert r["accuracy"] == dense["accuracy"] and 0 <= r["accuracy"] <= 1
+        assert r["agreement"] == r["identical"] == 1.0 and r["mean_first_departure"] is None
     # KV memory: bounded policies allocate exactly the budget (K and V, 2 layers, 2 KV heads, head_dim 16, fp32)
     # so do h2o and streaming: every bounded policy stores the whole prompt first; quest keeps every page
     for policy in ("h2o", "streaming"):
@@ -553,6 +554,15 @@ def test_configurations_with_options_and_worker_processes_match_one_process(tiny
     assert two["generation"]["jobs"] == 2
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("decode_seconds", "tokens_per_s")} for r in rows]  # noqa: E731
     assert strip(two["rows"]) == strip(one["rows"])
+    # against dense: the first differing token, counted the same way as a plain comparison
+    dense = one["rows"][0]
+    for r in one["rows"][1:]:
+        for x, d in zip(r["results"], dense["results"]):
+            a, b = x["tokens"], d["tokens"]
+            diff = [i for i in range(min(len(a), len(b))) if a[i] != b[i]]
+            want = diff[0] if diff else (None if len(a) == len(b) else min(len(a), len(b)))
+            assert x["first_departure"] == want
+        assert r["identical"] == sum(x["first_departure"] is None for x in r["results"]) / len(r["results"])
     assert all("error" not in r for r in one["rows"])
     assert all(r["evictions"] > 0 for r in one["rows"][1:])  # the budgets bind: the options matter
     with pytest.raises(ValueError, match="separate configurations that carry options with ';'"):
