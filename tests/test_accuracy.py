@@ -571,3 +571,34 @@ def test_configurations_with_options_and_worker_processes_match_one_process(tiny
         accuracy.parse_policies("raas;lru")
     with pytest.raises(ValueError, match="--jobs must be >= 1, got 0"):
         accuracy.main(common + ["--jobs", "0"])
+
+
+def test_teacher_forced_fidelity_is_exact_when_nothing_is_evicted(tiny_model_dir, tmp_path, monkeypatch):
+    """benchmarks/fidelity.py along dense's chains: a budget that holds prompt and chain gives dense's
+    distributions (top-1 1.0, KL ~0); a small one drifts (KL > 0); problems that are not the run's are refused."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import fidelity
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
+                                for p in tb.dataset(3, seed=4)))
+    accuracy.main(["--model", str(tiny_model_dir), "--problems", str(problems), "--policies", "dense", "--budgets", "64",
+                   "--max-new-tokens", "40", "--device", "cpu", "--out", str(tmp_path), "--name", "acc"])
+    report = fidelity.main(["--accuracy", str(tmp_path / "acc.json"), "--problems", str(problems),
+                            "--model", str(tiny_model_dir), "--policies", "raas;streaming", "--budgets", "96,80",
+                            "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path), "--name", "fid"])
+    rows = {(r["policy"], r["budget"]): r for r in report["rows"]}
+    assert set(rows) == {("raas", 96), ("raas", 80), ("streaming", 96), ("streaming", 80)}
+    for policy in ("raas", "streaming"):
+        # 53 prompt + 40 chain tokens fit: nothing evicted; the reference is kept in fp16 (about 1e-3
+        # relative), which bounds the KL noise far below the drift of a budget that evicts
+        full = rows[(policy, 96)]
+        assert full["top1_agreement"] == 1.0 and full["mean_kl"] < 1e-4 and full["tokens"] == 3 * 40
+        assert rows[(policy, 80)]["mean_kl"] > 1e-3
+    assert json.loads((tmp_path / "fid.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    other = tmp_path / "q.jsonl"
+    other.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
+                             for p in tb.dataset(3, seed=5)))
+    with pytest.raises(ValueError, match="are not the problems of"):
+        fidelity.main(["--accuracy", str(tmp_path / "acc.json"), "--problems", str(other), "--model", str(tiny_model_dir),
+                       "--device", "cpu", "--out", str(tmp_path)])

@@ -1,0 +1,179 @@
+"""Teacher-forced fidelity: how far each policy's next-token distributions drift from dense's along
+dense's own chains.
+
+    python benchmarks/fidelity.py --accuracy benchmarks/results/accuracy_X.json --problems problems.jsonl \\
+        --model path/or/file.gguf --policies "raas;h2o;streaming" --budgets 0.25
+
+Reads the dense row of a ``benchmarks/accuracy.py`` run (its generated tokens per problem and
+``reference_length``), then for every (policy, budget) feeds each problem's prompt and dense's chain
+token by token through the patched model (a ``RaaSCache`` stepped by hand, positions from the
+left-padded prompt, as ``generate`` does) and compares each step's next-token distribution with the
+unpatched model's on the same prefix: top-1 agreement and mean KL(dense || policy) in nats, over
+every chain token of every problem. Budgets as in accuracy.py (fractions of the mean dense chain or
+token counts). Writes ``<out>/<name>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import raas_flex  # noqa: E402
+from benchmarks import accuracy  # noqa: E402
+from raas_flex.config import parse_spec  # noqa: E402
+
+
+@torch.no_grad()
+def dense_logprobs(model, prompts: list[list[int]], chains: list[list[int]]) -> list[torch.Tensor]:
+    """The unpatched model's log-probabilities of the token after every chain prefix: per problem
+    fp16 ``[len(chain), vocab]`` (row t: the distribution that chain token t was drawn from)."""
+    out = []
+    for p, c in zip(prompts, chains):
+        ids = torch.tensor([p + c[:-1]], device=model.device)
+        logits = model(ids).logits[0, len(p) - 1:].float()
+        out.append(F.log_softmax(logits, -1).half())
+    return out
+
+
+@torch.no_grad()
+def policy_fidelity(model, prompts, chains, reference, policy: str, budget: int, page_size: int, pad: int,
+                    batch_size: int, bar) -> dict:
+    """Top-1 agreement and mean KL(dense || policy) of ``policy`` at ``budget`` along the chains."""
+    name, options = parse_spec(policy)
+    agree = total = 0
+    kl_sum = 0.0
+    per_problem = []
+    with raas_flex.patched(model, budget, policy=name, page_size=page_size, **options):
+        for i in range(0, len(prompts), batch_size):
+            rows = range(i, min(i + batch_size, len(prompts)))
+            width = max(len(prompts[r]) for r in rows)
+            steps = max(len(chains[r]) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, r in enumerate(rows):  # left padding, as generate gets it
+                ids[j, width - len(prompts[r]):] = torch.tensor(prompts[r])
+                mask[j, width - len(prompts[r]):] = 1
+            chain = torch.full((len(rows), steps), pad, dtype=torch.long)
+            for j, r in enumerate(rows):
+                chain[j, :len(chains[r])] = torch.tensor(chains[r])
+            ids, mask, chain = ids.to(model.device), mask.to(model.device), chain.to(model.device)
+            cache = raas_flex.RaaSCache(model, max_length=width + steps)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+            pos = pos[:, -1:]
+            stats = {r: [0, 0, 0.0] for r in rows}  # agree, tokens, kl
+            for t in range(steps):
+                lp = F.log_softmax(logits.float(), -1)
+                for j, r in enumerate(rows):
+                    if t < len(chains[r]):
+                        ref = reference[r][t].float()
+                        s = stats[r]
+                        s[0] += int(lp[j].argmax() == ref.argmax())
+                        s[1] += 1
+                        s[2] += float((ref.exp() * (ref - lp[j])).sum())
+                if t + 1 < steps:
+                    pos = pos + 1
+                    logits = model(input_ids=chain[:, t:t + 1], position_ids=pos, past_key_values=cache,
+                                   use_cache=True).logits[:, -1]
+            for r in rows:
+                a, n, k = stats[r]
+                agree, total, kl_sum = agree + a, total + n, kl_sum + k
+                per_problem.append({"top1_agreement": a / n, "mean_kl": k / n, "tokens": n})
+            bar.update(len(rows))
+    return {"policy": policy, "budget": budget, "tokens": total, "top1_agreement": agree / total,
+            "mean_kl": kl_sum / total, "problems": per_problem}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Teacher-forced along dense's chains: model `{report['model']}`, {report['problems']} problems, "
+             f"{report['dtype']}, {report['device']}; mean dense chain {report['reference_length']:.0f} tokens.", "",
+             "| policy | budget | budget / dense length | top-1 = dense | mean KL (nats) | tokens |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        frac = r["budget"] / report["reference_length"]
+        if "error" in r:
+            lines.append(f"| {r['policy']} | {r['budget']} | {frac:.3f} | error: {r['error'][:120]} |  |  |")
+            continue
+        lines.append(f"| {r['policy']} | {r['budget']} | {frac:.3f} | {r['top1_agreement']:.4f} | {r['mean_kl']:.4f} "
+                     f"| {r['tokens']} |")
+    lines += ["", f"Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--accuracy", required=True, help="an accuracy.py JSON with a dense row")
+    ap.add_argument("--problems", required=True, help="the JSONL that accuracy.py ran (--problems)")
+    ap.add_argument("--model", required=True, help="the model accuracy.py ran (path, hub id or .gguf file)")
+    ap.add_argument("--policies", default="raas;h2o;streaming")
+    ap.add_argument("--budgets", default="0.25")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", choices=tuple(accuracy.DTYPES))
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--prompt-format", default="auto", choices=accuracy.PROMPT_FORMATS)
+    ap.add_argument("--instruction", default=accuracy.DEFAULT_INSTRUCTION)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="fidelity")
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    policies = [p for p in accuracy.parse_policies(args.policies) if p != "dense"]
+    budgets = accuracy.parse_budgets(args.budgets)
+    acc = json.loads(Path(args.accuracy).read_text())
+    dense = next((r for r in acc["rows"] if r["policy"] == "dense" and "results" in r), None)
+    if dense is None or any("tokens" not in x for x in dense["results"]):
+        raise ValueError(f"--accuracy {args.accuracy}: no dense row with generated tokens (run accuracy.py with dense)")
+    problems = accuracy.load_problems(args.problems)[: len(dense["results"])]
+    if len(problems) != len(dense["results"]) or any(p["answer"] != x["gold"] for p, x in zip(problems, dense["results"])):
+        raise ValueError(f"--problems {args.problems} are not the problems of --accuracy {args.accuracy}")
+    tok, model = accuracy.load_model(args)
+    prompts = accuracy.build_prompts(tok, problems, args.prompt_format, args.instruction)
+    chains = [x["tokens"] for x in dense["results"]]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else chains[0][-1]
+    ref_len = acc["reference_length"]
+    t0 = time.perf_counter()
+    report = {
+        "command": " ".join(["python", "benchmarks/fidelity.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "model": acc["model"], "accuracy_json": args.accuracy, "problems": len(problems),
+        "reference_length": ref_len, "dtype": args.dtype, "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu",
+        "rows": [],
+    }
+    reference = dense_logprobs(model, prompts, chains)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = [(p, accuracy.resolve_budget(b, ref_len, args.page_size)) for p in policies for b in budgets]
+    with tqdm(total=len(configs) * len(problems), unit="problem", desc="fidelity", dynamic_ncols=True,
+              mininterval=2.0 if sys.stderr.isatty() else 30.0) as bar:
+        for policy, budget in configs:
+            try:
+                row = policy_fidelity(model, prompts, chains, reference, policy, budget, args.page_size, pad,
+                                      args.batch_size, bar)
+            except (ValueError, RuntimeError) as e:
+                row = {"policy": policy, "budget": budget, "error": f"{type(e).__name__}: {e}"[:500]}
+            report["rows"].append(row)
+            tqdm.write(f"{policy} budget {budget}: " + ("error" if "error" in row else
+                       f"top-1 {row['top1_agreement']:.4f} KL {row['mean_kl']:.4f}"))
+            (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    report["total_seconds"] = time.perf_counter() - t0
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{args.name}.md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
