@@ -483,14 +483,10 @@ class PagedKVCache(nn.Module):
         return out
 
     def append(self, k: Tensor, v: Tensor) -> bool:
-        """Write one token per sequence, opening a page (and evicting one) when needed.
-
-        The torch rule (the fused kernels implement the same one). On the eager CPU path a step in
-        which no row starts a page (15 of 16 steps) skips the slot choice: its outcome is known (the
-        open slot, nothing opened), and the CPU reads ``length`` without a device to wait for. Such a
-        step changes the resident tokens by the new one only; it marks that slot in ``valid`` and
-        returns True (False: a full step, ``valid`` to be rebuilt).
-        """
+        """Write one token per sequence, opening a page (and evicting one) when needed: the torch rule
+        (the fused kernels implement the same one). Eager on CPU, a step in which no row starts a page
+        (15 of 16) skips the slot choice (the open slot, nothing opened), marks its one new slot in
+        ``valid`` and returns True; otherwise False (``valid`` to be rebuilt)."""
         B, H, ps = self.B, self.H, self.ps
         self.step.add_(1)
         pos = self.length  # [B]
@@ -516,9 +512,7 @@ class PagedKVCache(nn.Module):
         slot = torch.where(opened, torch.where(has_free, first_free, victim), self.open_slot)
         self.evictions.add_((opened & ~has_free).to(torch.int64))
 
-        # page table
-        at = self.slot_index == slot[..., None]  # [B, H, P]
-        new = at & opened[..., None]
+        new = (self.slot_index == slot[..., None]) & opened[..., None]  # [B, H, P]: the page table's new entry
         new_id = (pos // ps)[:, None, None]
         self.page_id.copy_(torch.where(new, new_id, self.page_id))
         self.stamp.copy_(torch.where(new, self.step, self.stamp))
@@ -529,20 +523,16 @@ class PagedKVCache(nn.Module):
 
     def _write(self, k: Tensor, v: Tensor, slot: Tensor, off: Tensor, opened: Tensor | None,
                write: Tensor | None) -> Tensor:
-        """The token's row writes at ``slot`` [B, H], offset ``off``: K/V, the page's key bounds (reset
-        where ``opened``, left alone where not ``write``; None: neither), the open slot, the length.
-        Returns the token's flat slot index [B*H] (row of ``k.view(-1, D)`` and of ``valid.view(-1)``)."""
-        # Token write. index_put_ on the buffer lets Inductor update it in place (a scatter_ that
-        # also reads the buffer made it copy the whole K/V buffer every step). After an overflow
-        # (flagged in append, raised by check()) the token overwrites the open page's first slot.
+        """The token's writes at ``slot`` [B, H], offset ``off``: K/V, the page's key bounds (reset where
+        ``opened``, kept where not ``write``; None: neither), open slot, length. Returns the token's
+        flat slot [B*H]. index_put_ lets Inductor write in place (a scatter_ copied the whole buffer);
+        after an overflow (flagged in append, raised by check()) the token overwrites the open page's first slot."""
         D = self.D
         row = self._row0 + slot  # [B, H]: the page's row in [B*H*P, ...]
         t = (row * self.ps + off).view(-1)  # the token's row in [B*H*S, D]
         self.k.view(-1, D).index_put_((t,), k.reshape(-1, D).to(self.k.dtype))
         self.v.view(-1, D).index_put_((t,), v.reshape(-1, D).to(self.v.dtype))
-        # key bounds: only the written page's row changes (index_put_ of B*H rows, not a pass over
-        # the whole [B, H, P, D] tables)
-        kn = k.reshape(-1, D).to(self.kmax.dtype)  # [B*H, D]
+        kn = k.reshape(-1, D).to(self.kmax.dtype)  # [B*H, D]: key bounds change on the written page's row only
         row = row.view(-1)
         old_max, old_min = self.kmax.view(-1, D)[row], self.kmin.view(-1, D)[row]
         new_max, new_min = torch.maximum(old_max, kn), torch.minimum(old_min, kn)
