@@ -202,34 +202,44 @@ def load_problems(path) -> list[dict]:
 
 
 def parse_budgets(text: str) -> list:
-    """``"0.125,0.25,512"`` -> [0.125, 0.25, 512]: values in (0, 1] are fractions of the mean dense
-    output length, integers > 1 are token counts."""
+    """``"0.125,0.25,512,+0.25"`` -> [0.125, 0.25, 512, "+0.25"]: values in (0, 1] are fractions of the
+    mean dense output length, integers > 1 are token counts, ``+f`` is the longest prompt's pages plus
+    the fraction ``f`` (the prompt stays pinned: the fraction is what the chain gets)."""
     out = []
     for part in str(text).split(","):
         part = part.strip()
+        plus = part.startswith("+")
         try:
-            value = float(part)
+            value = float(part[1:] if plus else part)
         except ValueError:
-            raise ValueError(f"--budgets: {part!r} is neither a token count nor a fraction in (0, 1]") from None
-        if 0 < value <= 1:
+            raise ValueError(f"--budgets: {part!r} is neither a token count, a fraction in (0, 1] nor +fraction") from None
+        if plus and 0 < value <= 1:
+            out.append(f"+{value}")
+        elif not plus and 0 < value <= 1:
             out.append(value)
-        elif value > 1 and value == int(value):
+        elif not plus and value > 1 and value == int(value):
             out.append(int(value))
         else:
-            raise ValueError(f"--budgets: {part!r} must be a fraction in (0, 1] or a whole token count > 1")
+            raise ValueError(f"--budgets: {part!r} must be a fraction in (0, 1], +fraction or a whole token count > 1")
     return out
 
 
-def resolve_budget(budget, reference_length: float | None, page_size: int = 16) -> int:
-    """Token budget for one entry of :func:`parse_budgets`: fractions scale ``reference_length``;
-    the result is rounded to the nearest multiple of ``page_size``, at least two pages."""
+def resolve_budget(budget, reference_length: float | None, page_size: int = 16, prompt_tokens: int | None = None) -> int:
+    """Token budget for one entry of :func:`parse_budgets`: fractions scale ``reference_length``
+    (``+f``: added to ``prompt_tokens`` rounded up to whole pages); the result is rounded to the
+    nearest multiple of ``page_size``, at least two pages."""
+    base = 0
+    if isinstance(budget, str):
+        if prompt_tokens is None:
+            raise ValueError(f"budget {budget!r} needs the prompt length")
+        base, budget = -(-prompt_tokens // page_size) * page_size, float(budget[1:])
     if isinstance(budget, float):
         if reference_length is None:
             raise ValueError("a fractional budget needs the mean dense output length (run the dense policy)")
         tokens = budget * reference_length
     else:
         tokens = budget
-    return max(2 * page_size, int(round(tokens / page_size)) * page_size)
+    return max(2 * page_size, base + int(round(tokens / page_size)) * page_size)
 
 
 def parse_policies(text: str) -> list[str]:
@@ -359,7 +369,7 @@ def compare_with_dense(rows: list[dict], keep_tokens: bool = False) -> None:
     for r in rows:
         if "results" not in r:
             continue
-        if dense is not None and r is not dense:
+        if dense is not None and r is not dense and all("tokens" in x for x in r["results"]):  # resumed: compared
             departures, agree = [], 0
             for x, d in zip(r["results"], dense["results"]):
                 agree += answers_match(x["pred"], d["pred"]) or (x["pred"] is None and d["pred"] is None)
@@ -454,7 +464,8 @@ def parse_args(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="first N problems of --problems")
     ap.add_argument("--policies", default="dense,raas,quest,h2o,streaming")
     ap.add_argument("--budgets", default="0.125,0.25,0.5",
-                    help="comma list: token counts, or fractions in (0,1] of the mean dense output length")
+                    help="comma list: token counts, fractions in (0,1] of the mean dense output length, or +fraction "
+                         "(the longest prompt's pages plus that fraction)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra RaaSConfig option for every policy (repeatable), e.g. --option refresh_ratio=0.25")
@@ -480,6 +491,9 @@ def parse_args(argv=None):
     ap.add_argument("--save-text", action="store_true", help="keep every generated text in the JSON")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="accuracy", help="file stem of the JSON / markdown / PNG")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of an earlier run under the same --out/--name (same model, problems and "
+                         "generation settings) and run only the missing (policy, budget) pairs")
     args = ap.parse_args(argv)
     for name in ("batch_size", "page_size", "jobs"):
         if getattr(args, name) < 1:
@@ -551,6 +565,25 @@ def _run_in_worker(policy: str, budget: int) -> dict:
         return run_config(w["model"], w["tok"], w["prompts"], w["problems"], policy, budget, w["args"], quiet, w["spec"])
 
 
+RUN_KEYS = ("model", "source", "problems", "dtype", "generation", "page_size", "mean_prompt_tokens")
+
+
+def resumed_rows(path: Path, report: dict) -> dict:
+    """``--resume``: the rows without an error of an earlier run written to ``path`` (JSON), by
+    (policy, budget); {} when there is none. The earlier run must have the same model, problems,
+    generation settings and page size, else ValueError naming what differs."""
+    if not path.exists():
+        return {}
+    prev = json.loads(path.read_text())
+    changed = [k for k in RUN_KEYS if k != "generation" and prev.get(k) != report[k]]
+    gen = {k: v for k, v in report["generation"].items() if k != "jobs"}
+    if {k: v for k, v in prev.get("generation", {}).items() if k != "jobs"} != gen:
+        changed.append("generation")
+    if changed:
+        raise ValueError(f"--resume: {path} is a run with other {', '.join(changed)}; use another --name or drop --resume")
+    return {(r["policy"], r["budget"]): r for r in prev.get("rows", []) if "error" not in r}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     problems, spec, source, default_new = load_problems_for(args)
@@ -559,7 +592,7 @@ def main(argv=None) -> dict:
     device, dtype = model.device, model.dtype
     prompts = build_prompts(tok, problems, args.prompt_format, args.instruction)
 
-    needs_dense = "dense" in args.policy_list or any(isinstance(b, float) for b in args.budget_list)
+    needs_dense = "dense" in args.policy_list or any(not isinstance(b, int) for b in args.budget_list)
     sparse = [p for p in args.policy_list if p != "dense"]
     n_configs = int(needs_dense) + len(sparse) * len(args.budget_list)
     report = {
@@ -580,16 +613,21 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
+    done = resumed_rows(out / f"{args.name}.json", report) if args.resume else {}
     with tqdm(total=n_configs * len(prompts), unit="problem", desc="accuracy", dynamic_ncols=True,
               mininterval=2.0 if sys.stderr.isatty() else 30.0) as bar:
         if needs_dense:
             bar.set_postfix_str("dense")
-            row = run_config(model, tok, prompts, problems, "dense", 2 * args.page_size, args, bar, spec)
+            row = done.get(("dense", 2 * args.page_size))
+            if row is None:
+                row = run_config(model, tok, prompts, problems, "dense", 2 * args.page_size, args, bar, spec)
+            else:
+                bar.update(len(prompts))
             report["rows"].append(row)
             if "error" in row:
                 raise RuntimeError(f"the dense reference failed: {row['error']}")
             report["reference_length"] = row["mean_length"]
-        todo = [(policy, b, resolve_budget(b, report["reference_length"], args.page_size))
+        todo = [(policy, b, resolve_budget(b, report["reference_length"], args.page_size, report["max_prompt_tokens"]))
                 for policy in sparse for b in args.budget_list]
 
         def record(i: int, row: dict) -> None:
@@ -604,17 +642,23 @@ def main(argv=None) -> dict:
             (out / f"{args.name}.json").write_text(json.dumps(partial, indent=1))
 
         rows: list = [None] * len(todo)
+        for i, (policy, _, budget) in enumerate(todo):
+            if (policy, budget) in done:
+                rows[i] = done[(policy, budget)]
+                bar.update(len(prompts))
         if args.jobs == 1:
             for i, (policy, _, budget) in enumerate(todo):
-                bar.set_postfix_str(f"{policy} {budget}")
-                record(i, run_config(model, tok, prompts, problems, policy, budget, args, bar, spec))
+                if rows[i] is None:
+                    bar.set_postfix_str(f"{policy} {budget}")
+                    record(i, run_config(model, tok, prompts, problems, policy, budget, args, bar, spec))
         else:  # decoding a small model is launch-bound: several processes share one device
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                                      initializer=_init_worker, initargs=(args,)) as pool:
-                futures = {pool.submit(_run_in_worker, policy, budget): i for i, (policy, _, budget) in enumerate(todo)}
+                futures = {pool.submit(_run_in_worker, policy, budget): i for i, (policy, _, budget) in enumerate(todo)
+                           if rows[i] is None}
                 for f in as_completed(futures):
                     record(futures[f], f.result())
                     bar.update(len(prompts))

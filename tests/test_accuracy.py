@@ -262,6 +262,13 @@ def test_budgets_resolve_to_pages():
     assert accuracy.resolve_budget(0.125, 1150.0) == 144
     assert accuracy.resolve_budget(500, None) == 496
     assert accuracy.resolve_budget(3, None) == 32  # at least two pages
+    # +fraction: the longest prompt's whole pages plus the fraction of the dense chain
+    assert accuracy.parse_budgets("+0.25,0.5") == ["+0.25", 0.5]
+    assert accuracy.resolve_budget("+0.25", 426.0, 16, prompt_tokens=166) == 176 + 112
+    with pytest.raises(ValueError, match="needs the prompt length"):
+        accuracy.resolve_budget("+0.25", 426.0)
+    with pytest.raises(ValueError, match=r"'\+2' must be a fraction in \(0, 1\], \+fraction"):
+        accuracy.parse_budgets("+2")
     with pytest.raises(ValueError, match="dense output length"):
         accuracy.resolve_budget(0.5, None)
 
@@ -602,3 +609,22 @@ def test_teacher_forced_fidelity_is_exact_when_nothing_is_evicted(tiny_model_dir
     with pytest.raises(ValueError, match="are not the problems of"):
         fidelity.main(["--accuracy", str(tmp_path / "acc.json"), "--problems", str(other), "--model", str(tiny_model_dir),
                        "--device", "cpu", "--out", str(tmp_path)])
+
+
+def test_resume_keeps_finished_rows_and_runs_the_missing_ones(tiny_model_dir, tmp_path):
+    """--resume reuses the rows (dense included) of an earlier run with the same settings and runs only
+    the missing (policy, budget) pairs; a run with other settings is refused by name."""
+    common = ["--model", str(tiny_model_dir), "--testbed", "2", "--testbed-min-lines", "12", "--testbed-max-lines", "14",
+              "--testbed-lag", "4", "--max-new-tokens", "30", "--device", "cpu", "--out", str(tmp_path), "--name", "r"]
+    first = accuracy.main(common + ["--policies", "dense;raas", "--budgets", "+0.5"])
+    assert [r["budget"] for r in first["rows"]] == [32, 64 + 16]  # 53-token prompt: 4 pages, + half of 30 tokens
+    marked = json.loads((tmp_path / "r.json").read_text())
+    for r in marked["rows"]:
+        r["mark"] = "kept"  # rows taken over unchanged keep this
+    (tmp_path / "r.json").write_text(json.dumps(marked))
+    second = accuracy.main(common + ["--policies", "dense;raas;streaming", "--budgets", "+0.5", "--resume"])
+    assert [(r["policy"], r.get("mark")) for r in second["rows"]] == [("dense", "kept"), ("raas", "kept"), ("streaming", None)]
+    assert second["rows"][2]["budget"] == 80 and "accuracy" in second["rows"][2]
+    with pytest.raises(ValueError, match="--resume: .* other generation"):
+        accuracy.main(common[:-4] + ["--max-new-tokens", "20", "--device", "cpu", "--out", str(tmp_path), "--name", "r",
+                                     "--policies", "dense", "--resume"])
