@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import queue
 import sys
@@ -80,6 +79,7 @@ from raas_flex.testbed import (  # noqa: E402
 )
 
 ARCHS = ("llama", "qwen2")
+NEWLINE_ID, EQUALS_ID, Q_ID = (VOCAB.index(c) for c in ("\n", "=", "q"))
 TASKS = ("lag", "milestone")
 SMOKE = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, batch_size=4,
              steps=3, eval_problems=4, gen_problems=2, min_lines=12, max_lines=14, lag=4, phase_lines=6,
@@ -218,6 +218,7 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
     sequence sees only its question and its last ``window`` tokens."""
     model.eval()
     tok_ok = tok_n = seq_ok = 0
+    kind_ok, kind_n = {"fact": 0, "value": 0}, {"fact": 0, "value": 0}
     col_ok = np.zeros(LINE_WIDTH)
     col_n = np.zeros(LINE_WIDTH)
     loss_sum = 0.0
@@ -236,6 +237,13 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
         tok_ok += (ok & valid).sum().item()
         tok_n += valid.sum().item()
         seq_ok += ok.all(-1).sum().item()
+        if not columns:  # milestone task: a line's value token ("=v" before the newline) and whether it read a fact
+            nxt = torch.cat([target[:, 1:], torch.full_like(target[:, :1], PAD)], 1)
+            is_value = valid & (nxt == NEWLINE_ID) & (torch.roll(target, 1, 1) == EQUALS_ID)
+            fact = is_value & (torch.roll(target, 3, 1) == Q_ID)
+            for kind, m in (("fact", fact), ("value", is_value & ~fact)):
+                kind_ok[kind] += (ok & m).sum().item()
+                kind_n[kind] += m.sum().item()
         # columns of the chain's lines: target index t holds token t + 1
         pos = torch.arange(target.shape[1], device=target.device) + 1 - prompt_len
         col = torch.remainder(pos, LINE_WIDTH)
@@ -251,6 +259,8 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
     }
     if columns:  # the lag task's fixed-width lines: the looked-up b and the computed v
         out.update(tf_b_acc=float(col_ok[6] / max(col_n[6], 1)), tf_v_acc=float(col_ok[8] / max(col_n[8], 1)))
+    else:  # milestone task: values of lines that read a question fact, and of the other lines
+        out.update(tf_fact_acc=kind_ok["fact"] / max(kind_n["fact"], 1), tf_value_acc=kind_ok["value"] / max(kind_n["value"], 1))
     return out
 
 

@@ -628,3 +628,33 @@ def test_resume_keeps_finished_rows_and_runs_the_missing_ones(tiny_model_dir, tm
     with pytest.raises(ValueError, match="--resume: .* other generation"):
         accuracy.main(common[:-4] + ["--max-new-tokens", "20", "--device", "cpu", "--out", str(tmp_path), "--name", "r",
                                      "--policies", "dense", "--resume"])
+
+
+def test_milestone_teacher_forced_eval_splits_fact_and_other_values():
+    """The milestone task's training eval reports the value tokens of fact-reading lines apart from the
+    other lines' values: a stand-in model right everywhere except on the fact lines' values (found from
+    the text here) scores 0 and 1 on them."""
+    spec = tb.MILESTONE_SPEC
+    problems = tb.milestone_dataset(2, seed=3)
+    ids = torch.tensor(np.stack([np.pad(tb.encode_text(p.question + p.cot), (0, spec.seq_len - 1 - len(tb.encode_text(p.question + p.cot))),
+                                        constant_values=tb.PAD) for p in problems]))
+    wrong = torch.zeros_like(ids, dtype=torch.bool)  # token positions to get wrong: fact lines' values
+    for r, p in enumerate(problems):
+        start = 1 + len(p.question)
+        for line in p.cot.split("\n"):
+            if "+q" in line:
+                wrong[r, start + len(line) - 1] = True
+            start += len(line) + 1
+
+    class Oracle(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            nxt = ids[:, 1:input_ids.shape[1] + 1]
+            logits = torch.nn.functional.one_hot(nxt, len(tb.VOCAB)).float()
+            logits[wrong[:, 1:input_ids.shape[1] + 1]] = torch.nn.functional.one_hot(
+                torch.tensor(tb.VOCAB.index("x")), len(tb.VOCAB)).float()
+            return type("Out", (), {"logits": logits})()
+
+    ev = train_testbed.teacher_forced_eval(Oracle(), ids, spec.prompt_tokens, "cpu",
+                                           lambda: torch.autocast("cpu", enabled=False), 2, columns=False)
+    assert ev["tf_fact_acc"] == 0.0 and ev["tf_value_acc"] == 1.0 and ev["tf_seq_acc"] == 0.0
+    assert 0.99 < ev["tf_token_acc"] < 1.0
