@@ -155,7 +155,8 @@ def main(argv=None) -> dict:
     reference = dense_logprobs(model, prompts, chains)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    configs = [(p, accuracy.resolve_budget(b, ref_len, args.page_size)) for p in policies for b in budgets]
+    longest = max(map(len, prompts))
+    configs = [(p, accuracy.resolve_budget(b, ref_len, args.page_size, longest)) for p in policies for b in budgets]
     with tqdm(total=len(configs) * len(problems), unit="problem", desc="fidelity", dynamic_ncols=True,
               mininterval=2.0 if sys.stderr.isatty() else 30.0) as bar:
         for policy, budget in configs:
