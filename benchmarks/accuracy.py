@@ -406,6 +406,8 @@ def markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         frac = f"{r['budget'] / ref:.3f}" if ref and r["policy"] != "dense" else "-"
+        if isinstance(r.get("budget_requested"), str):  # +fraction: the prompt's pages plus that share of the chain
+            frac = f"prompt {r['budget_requested']}"
         budget = "all" if r["policy"] == "dense" else str(r["budget"])
         if "error" in r:
             lines.append(f"| {r['policy']} | {budget} | {frac} | error: {r['error'][:120]} |  |  |  |  |  |  |  |  |  |")
