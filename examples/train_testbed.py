@@ -95,11 +95,13 @@ def make_spec(task: str, **overrides):
     return (TaskSpec if task == "lag" else MilestoneSpec)(**overrides)
 
 
-def encode_problems(rng: np.random.Generator, n: int, spec, split: str):
-    """Token ids ``[n, spec.seq_len]`` and lengths of ``n`` problems of the spec's task."""
+def encode_problems(rng: np.random.Generator, n: int, spec, split: str, value_noise: float = 0.0):
+    """Token ids ``[n, spec.seq_len]`` of ``n`` problems of the spec's task, and the positions to leave
+    out of the loss (the milestone task's noisy values; None for the lag task)."""
     if isinstance(spec, MilestoneSpec):
-        return encode_milestone_batch(rng, n, spec, split)
-    return encode_batch(rng, n, spec, split)
+        ids, _, noisy = encode_milestone_batch(rng, n, spec, split, value_noise)
+        return ids, noisy
+    return encode_batch(rng, n, spec, split)[0], None
 
 
 def build_model(arch: str, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
@@ -135,9 +137,9 @@ def build_model(arch: str, layers: int, hidden: int, heads: int, kv_heads: int, 
 class Batches:
     """Training batches made by a background thread (numpy, vectorised) and handed over pinned."""
 
-    def __init__(self, seed: int, batch_size: int, spec: TaskSpec, pin: bool, depth: int = 6):
+    def __init__(self, seed: int, batch_size: int, spec: TaskSpec, pin: bool, depth: int = 6, value_noise: float = 0.0):
         self.rng = np.random.default_rng(seed)
-        self.batch_size, self.spec, self.pin = batch_size, spec, pin
+        self.batch_size, self.spec, self.pin, self.value_noise = batch_size, spec, pin, value_noise
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._work, daemon=True)
@@ -145,10 +147,10 @@ class Batches:
 
     def _work(self):
         while not self.stop.is_set():
-            ids, _ = encode_problems(self.rng, self.batch_size, self.spec, split="train")
-            t = torch.from_numpy(ids)
+            ids, noisy = encode_problems(self.rng, self.batch_size, self.spec, "train", self.value_noise)
+            t = [torch.from_numpy(ids), None if noisy is None or not noisy.any() else torch.from_numpy(noisy)]
             if self.pin:
-                t = t.pin_memory()
+                t = [None if x is None else x.pin_memory() for x in t]
             while not self.stop.is_set():
                 try:
                     self.q.put(t, timeout=0.1)
@@ -156,7 +158,8 @@ class Batches:
                 except queue.Full:
                     continue
 
-    def next(self) -> torch.Tensor:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ids, positions left out of the loss or None)."""
         return self.q.get()
 
     def close(self):
@@ -195,9 +198,10 @@ def page_dropout_mask(gen: torch.Generator, n: int, seq_len: int, p: float, page
 
 
 def loss_fn(model, ids: torch.Tensor, prompt_len: int, windows: torch.Tensor | None = None,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+            mask: torch.Tensor | None = None, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy on the chain, answer and </s> (tokens after the question, padding excluded).
-    ``mask`` (4D bool over the whole sequence, e.g. :func:`page_dropout_mask`) replaces the window mask."""
+    ``mask`` (4D bool over the whole sequence, e.g. :func:`page_dropout_mask`) replaces the window mask;
+    ``exclude`` (bool like ``ids``) marks tokens left out of the loss (the milestone task's noisy values)."""
     x = ids[:, :-1]
     if mask is None:
         mask = attention_mask(windows, x, prompt_len)
@@ -207,6 +211,8 @@ def loss_fn(model, ids: torch.Tensor, prompt_len: int, windows: torch.Tensor | N
     target = ids[:, 1:].clone()
     target[:, : prompt_len - 1] = -100
     target[target == PAD] = -100
+    if exclude is not None:
+        target[exclude[:, 1:]] = -100
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
@@ -335,6 +341,10 @@ def parse_args(argv=None):
     ap.add_argument("--lag", type=int, default=None, help="lag task only")
     ap.add_argument("--phase-lines", type=int, default=None, help="milestone task only")
     ap.add_argument("--phoenix-every", type=int, default=None, help="milestone task only")
+    ap.add_argument("--value-noise", type=float, default=0.0,
+                    help="milestone task only: share of line values replaced by another digit in training "
+                         "(left out of the loss; later lines read them as written), so that no value follows "
+                         "from the two lines before it (docs/testbed.md)")
     ap.add_argument("--page-dropout", type=float, default=0.0,
                     help="probability of hiding each 16-token key page of a training sequence (default 0: off)")
     ap.add_argument("--window", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
@@ -368,6 +378,10 @@ def parse_args(argv=None):
                          "attention; use --page-dropout for an optional task-independent sparsity)")
     if args.window is not None and args.page_dropout > 0:
         raise ValueError("--page-dropout and --window cannot be combined; pick one")
+    if not 0.0 <= args.value_noise < 1.0:
+        raise ValueError(f"--value-noise must be in [0, 1), got {args.value_noise}")
+    if args.value_noise > 0 and args.task != "milestone":
+        raise ValueError(f"--value-noise {args.value_noise} is for --task milestone only")
     if not 0.0 <= args.page_dropout < 1.0:
         raise ValueError(f"--page-dropout must be in [0, 1), got {args.page_dropout}")
     if not 0.0 <= args.full_frac <= 1.0:
@@ -419,7 +433,7 @@ def main(argv=None) -> dict:
     encode = _encode_milestone if args.task == "milestone" else _encode
     ev_ids = torch.from_numpy(encode(*sample(np.random.default_rng(10_000 + args.seed), args.eval_problems, spec,
                                              "heldout"), spec)[0])
-    batches = Batches(args.seed, args.batch_size, spec, pin=cuda)
+    batches = Batches(args.seed, args.batch_size, spec, pin=cuda, value_noise=args.value_noise)
     budget_s = args.minutes * 60
     log = {
         "command": " ".join([Path(sys.executable).name] + sys.argv) if argv is None else "train_testbed.py " + " ".join(argv),
@@ -450,18 +464,20 @@ def main(argv=None) -> dict:
         lr = args.lr * (min(1.0, (step + 1) / args.warmup)) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        ids = batches.next().to(device, non_blocking=True)
+        ids, exclude = batches.next()
+        ids = ids.to(device, non_blocking=True)
+        exclude = None if exclude is None else exclude.to(device, non_blocking=True)
         windows = draw_windows(win_gen, len(ids), args.window, args.full_frac, ids.shape[1])
         drop = page_dropout_mask(win_gen, len(ids), ids.shape[1], args.page_dropout)
         with amp():
             try:
-                loss = loss_fn(step_model, ids, P, windows, drop)
+                loss = loss_fn(step_model, ids, P, windows, drop, exclude)
             except Exception as e:  # a failed compile must not cost the run
                 if step_model is model:
                     raise
                 print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing eager", flush=True)
                 step_model = model
-                loss = loss_fn(step_model, ids, P, windows, drop)
+                loss = loss_fn(step_model, ids, P, windows, drop, exclude)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

@@ -514,6 +514,7 @@ class MilestoneProblem(Chain):
 
     facts: tuple[int, ...]
     trace: Trace
+    noisy: tuple[int, ...] = ()  # positions of values drawn at random instead of by the rule (training noise)
 
 
 def format_milestone_question(facts, seed: int, lines: int) -> str:
@@ -521,8 +522,10 @@ def format_milestone_question(facts, seed: int, lines: int) -> str:
     return f"{pairs};000={int(seed)};n={int(lines):03d}\n"
 
 
-def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec) -> MilestoneProblem:
-
+def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec, noise=None) -> MilestoneProblem:
+    """One problem. ``noise`` (training only, see :func:`encode_milestone_batch`): per line a shift 1..9
+    added to the line's value (mod 10), or 0 to keep the rule's; the shifted values' positions go to
+    ``noisy`` and read nothing in the trace, and later lines read the values as written."""
     facts = [int(x) for x in facts]
     question = format_milestone_question(facts, seed, lines)
     base = 1 + len(question)  # position of the chain's first token (<s> is position 0)
@@ -531,7 +534,7 @@ def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec) -> Mil
     n_pos = 1 + question.index(";n=") + 3
     vpos = {0: seed_pos}  # line label -> position of its value token
     values = [int(seed)]
-    parts, reads, cur = [], [], base
+    parts, reads, noisy, cur = [], [], [], base
     for i in range(1, lines + 1):
         a = spec.milestone_of(i)
         prev = values[i - 1]
@@ -543,7 +546,12 @@ def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec) -> Mil
         v = (values[a] + b_val + i) % 10
         text = f"{i:03d}:{a:03d}+{operand}={v}\n"
         vp = cur + len(text) - 2
-        reads.append((vp, tuple(sorted({vpos[a], b_pos}))))
+        if noise is not None and noise[i] > 0:
+            v = (v + int(noise[i])) % 10
+            text = text[:-2] + f"{v}\n"
+            noisy.append(vp)
+        else:
+            reads.append((vp, tuple(sorted({vpos[a], b_pos}))))
         vpos[i] = vp
         values.append(v)
         parts.append(text)
@@ -556,7 +564,7 @@ def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec) -> Mil
     cot = "".join(parts) + ANSWER_MARK + answer
     trace = Trace(prompt_len=base, length=base + len(cot) + 1, reads=tuple(reads))
     return MilestoneProblem(facts=tuple(facts), seed=int(seed), lines=int(lines), values=tuple(values),
-                            question=question, cot=cot, answer=answer, trace=trace)
+                            question=question, cot=cot, answer=answer, trace=trace, noisy=tuple(noisy))
 
 
 def milestone_dataset(n: int, seed: int = 0, spec: MilestoneSpec = MILESTONE_SPEC,
@@ -578,20 +586,37 @@ def make_milestone_problem(rng: np.random.Generator, spec: MilestoneSpec = MILES
 
 
 def encode_milestone_batch(rng: np.random.Generator, n: int, spec: MilestoneSpec = MILESTONE_SPEC,
-                           split: str = "train"):
-    """A batch of whole milestone-task problems as token ids: ``(ids [n, spec.seq_len] int64, lengths [n])``,
-    ``<s>`` question chain ``</s>``, right padded with ``<pad>``; the first ``spec.prompt_tokens`` tokens are
-    the question (the same layout as :func:`encode_batch`)."""
+                           split: str = "train", value_noise: float = 0.0):
+    """A batch of whole milestone-task problems as token ids: ``(ids [n, spec.seq_len] int64, lengths [n],
+    noisy [n, spec.seq_len] bool)``, ``<s>`` question chain ``</s>``, right padded with ``<pad>``; the first
+    ``spec.prompt_tokens`` tokens are the question (the same layout as :func:`encode_batch`).
+
+    ``value_noise`` (training only): each line but the last ``answer_digits`` has its value replaced,
+    with this probability, by a different random digit; later lines read the value as written, and
+    ``noisy`` marks the replaced value tokens (to leave out of the loss). A line's value then no longer
+    follows from the two lines before it (v(i) = 2 v(i-1) - v(i-2) + 1 holds only without noise), so a
+    model has to read the milestone it names."""
+    if isinstance(value_noise, bool) or not isinstance(value_noise, (int, float)) or not 0 <= value_noise < 1:
+        raise ValueError(f"value_noise={value_noise!r} must be a number in [0, 1)")
     facts, seeds, lines = sample(rng, n, spec, split)
-    return _encode_milestone(facts, seeds, lines, spec)
+    noise = None
+    if value_noise > 0:
+        shift = rng.integers(1, 10, size=(n, spec.max_lines + 1))  # added to the rule's value: another digit
+        noise = np.where(rng.random(shift.shape) < value_noise, shift, 0)
+        for j, k in enumerate(lines):
+            noise[j, 0] = 0
+            noise[j, k - spec.answer_digits + 1:] = 0  # the answer's lines stay exact
+    return _encode_milestone(facts, seeds, lines, spec, noise)
 
 
-def _encode_milestone(facts, seeds, lines, spec: MilestoneSpec):
+def _encode_milestone(facts, seeds, lines, spec: MilestoneSpec, noise=None):
     ids = np.full((len(seeds), spec.seq_len), PAD, dtype=np.int64)
     lengths = np.zeros(len(seeds), dtype=np.int64)
+    noisy = np.zeros((len(seeds), spec.seq_len), dtype=bool)
     for j, (f, s, k) in enumerate(zip(facts, seeds, lines)):
-        p = _milestone_problem(f, s, k, spec)
+        p = _milestone_problem(f, s, k, spec, None if noise is None else noise[j])
         row = np.concatenate([encode_text(p.question + p.cot), [EOS]])
         ids[j, :len(row)] = row
         lengths[j] = len(row)
-    return ids, lengths
+        noisy[j, list(p.noisy)] = True
+    return ids, lengths, noisy
