@@ -307,3 +307,22 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     assert all(r["dynamic_shared_bytes"] > 0 for r in steps)
     with pytest.raises(SystemExit):
         kr.main(["--kernels", "_nope"])
+
+
+def test_cpu_generate_alternates_rounds_and_reports_the_median(tmp_path):
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cpu_generate
+    finally:
+        sys.path.pop(0)
+    rows = cpu_generate.main(["--new", "6", "--rounds", "3", "--budget", "256", "--tag", "t", "--out", str(tmp_path)])
+    dense, raas = rows
+    assert len(dense["seconds"]) == len(raas["seconds"]) == 3 and dense["first"] == dense["seconds"][0]
+    assert raas["ratios"] == [a / b for a, b in zip(raas["seconds"], dense["seconds"])]
+    assert raas["ratio"] == statistics.median(raas["ratios"]) and raas["first_ratio"] == raas["ratios"][0]
+    assert raas["same_tokens_as_dense"]  # 53 prompt + 6 new tokens fit the budget: nothing evicted
+    data = json.loads((tmp_path / "cpu_generate_t.json").read_text())
+    assert data["meta"]["rounds"] == 3 and data["rows"] == json.loads(json.dumps(rows))
+    assert "median of rounds" in (tmp_path / "cpu_generate_t.md").read_text()
