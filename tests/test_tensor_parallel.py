@@ -27,10 +27,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from hf_batches import PAD, VOCAB, prompts  # tests/ is on the path under pytest and when run as a script
 
 WORLD = 2
 TIMEOUT_S = 90  # whole launch; a run takes ~10 s on 2 cores
-VOCAB, PAD, NEW = 128, 0, 14
+NEW = 14
 LENGTHS = (6, 9)  # left-padded batch; prompt + new - 1 = up to 22 tokens per row
 FULL = dict(budget=32, page_size=4)  # holds every token: no eviction
 SMALL = dict(budget=16, page_size=4)  # 4 pages for up to 6: evicts
@@ -40,19 +41,8 @@ TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 # -- shared by the workers and the single-process reference ------------------------------------------
-def _prompts():
-    g = torch.Generator().manual_seed(1)
-    n = max(LENGTHS)
-    ids = torch.full((len(LENGTHS), n), PAD, dtype=torch.long)
-    mask = torch.zeros(len(LENGTHS), n, dtype=torch.long)
-    for i, length in enumerate(LENGTHS):
-        ids[i, n - length:] = torch.randint(3, VOCAB, (length,), generator=g)
-        mask[i, n - length:] = 1
-    return ids, mask
-
-
 def _generate(model, **kwargs):
-    ids, mask = _prompts()
+    ids, mask = prompts(LENGTHS, seed=1)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, **kwargs)
     return {"tokens": out.sequences, "logits": torch.stack(out.logits, 1)}
