@@ -162,11 +162,11 @@ MILESTONE_DIAGNOSES = ("correct_chain", "fact", "value", "format", "stop", "earl
 
 
 def diagnose_milestone(generated: str, reference_cot: str, spec: testbed.MilestoneSpec = testbed.MILESTONE_SPEC) -> str:
-    """Where a milestone-task chain first went wrong (one of ``MILESTONE_DIAGNOSES``): a wrong value on a
-    line that reads a question fact ("fact") or on one that reads only the milestone and the previous
-    value ("value"), a line's layout ("format"), running past the last line ("stop") or answering
-    before it ("early_stop")."""
-    line = r"(\d{3}):(\d{3})\+(q\d|\d{3})=(\d)"
+    """Where a milestone-task chain first went wrong (one of ``MILESTONE_DIAGNOSES``): a wrong copy of a
+    question fact ("fact"), a wrong line value or fact key, both computed from the line's operands
+    ("value"), a line's layout ("format"), running past the last line ("stop") or answering before it
+    ("early_stop")."""
+    line = r"(\d{3}):(\d{3})\+(q\d:\d|\d{3})=(\d)"
     ref, gen = reference_cot.split("\n"), generated.split("\n")
     for i, r in enumerate(ref):
         g = gen[i] if i < len(gen) else ""
@@ -179,7 +179,9 @@ def diagnose_milestone(generated: str, reference_cot: str, spec: testbed.Milesto
             return "early_stop" if g.startswith(testbed.ANSWER_MARK) else "format"
         if gm.group(1, 2) != rm.group(1, 2) or gm.group(3)[0] != rm.group(3)[0]:
             return "format"
-        return "fact" if rm.group(3).startswith("q") else "value"
+        if gm.group(3)[:2] != rm.group(3)[:2]:  # the fact key: the previous value, right on the line before
+            return "value"
+        return "fact" if gm.group(3) != rm.group(3) else "value"
     return "correct_chain"
 
 

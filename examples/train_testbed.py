@@ -243,11 +243,11 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
         tok_ok += (ok & valid).sum().item()
         tok_n += valid.sum().item()
         seq_ok += ok.all(-1).sum().item()
-        if not columns:  # milestone task: a line's value token ("=v" before the newline) and whether it read a fact
+        if not columns:  # milestone task: line values ("=v" before the newline), copied facts ("qK:F" before "=")
             nxt = torch.cat([target[:, 1:], torch.full_like(target[:, :1], PAD)], 1)
             is_value = valid & (nxt == NEWLINE_ID) & (torch.roll(target, 1, 1) == EQUALS_ID)
-            fact = is_value & (torch.roll(target, 3, 1) == Q_ID)
-            for kind, m in (("fact", fact), ("value", is_value & ~fact)):
+            fact = valid & (nxt == EQUALS_ID) & (torch.roll(target, 3, 1) == Q_ID)
+            for kind, m in (("fact", fact), ("value", is_value)):
                 kind_ok[kind] += (ok & m).sum().item()
                 kind_n[kind] += m.sum().item()
         # columns of the chain's lines: target index t holds token t + 1
@@ -265,7 +265,7 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
     }
     if columns:  # the lag task's fixed-width lines: the looked-up b and the computed v
         out.update(tf_b_acc=float(col_ok[6] / max(col_n[6], 1)), tf_v_acc=float(col_ok[8] / max(col_n[8], 1)))
-    else:  # milestone task: values of lines that read a question fact, and of the other lines
+    else:  # milestone task: facts copied from the question, and every line's value
         out.update(tf_fact_acc=kind_ok["fact"] / max(kind_n["fact"], 1), tf_value_acc=kind_ok["value"] / max(kind_n["value"], 1))
     return out
 

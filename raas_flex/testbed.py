@@ -418,7 +418,8 @@ class MilestoneSpec:
     phase_lines: lines ``phase_lines``, ``2 * phase_lines``, ... define milestones; every line of a phase
         reads the phase's milestone (line 0 is the question's seed ``000``).
     phoenix_every: lines ``i`` with ``i % phoenix_every == phoenix_every // 2`` (and the last line) read a
-        question fact instead of the previous line.
+        question fact instead of the previous line: the line names the fact (``qK``, K the previous value),
+        copies it from the question (``qK:F``) and adds the copy.
     heldout_mod: one (facts, seed) pair in about ``heldout_mod`` is held out (:func:`is_heldout`).
     """
 
@@ -466,7 +467,7 @@ class MilestoneSpec:
     def cot_tokens(self, lines: int) -> int:
         """Tokens after the prompt: the lines, ``A:`` and the answer, ``</s>`` excluded."""
         phoenix = sum(self.line_kind(i, lines) == "phoenix" for i in range(1, lines + 1))
-        return 14 * lines - phoenix + len(ANSWER_MARK) + self.answer_digits
+        return 14 * lines + phoenix + len(ANSWER_MARK) + self.answer_digits
 
     @property
     def seq_len(self) -> int:
@@ -538,9 +539,10 @@ def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec, noise=
     for i in range(1, lines + 1):
         a = spec.milestone_of(i)
         prev = values[i - 1]
-        if spec.line_kind(i, lines) == "phoenix":
-            operand, b_val, b_pos = f"q{prev}", facts[prev], fact_pos[prev]
+        if spec.line_kind(i, lines) == "phoenix":  # "iii:mmm+qK:F=v": key K = previous value, F copied fact K
+            operand, b_val, b_pos = f"q{prev}:{facts[prev]}", facts[prev], cur + 11
             reads.append((cur + 9, (vpos[i - 1],)))  # writing the fact's key digit needs the previous value
+            reads.append((cur + 11, (fact_pos[prev],)))  # copying the fact reads the question
         else:
             operand, b_val, b_pos = f"{i - 1:03d}", prev, vpos[i - 1]
         v = (values[a] + b_val + i) % 10

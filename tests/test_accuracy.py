@@ -511,8 +511,8 @@ def test_shipped_model_solves_heldout_problems():
 
 # -- the milestone task in the harness ---------------------------------------------------------------------
 def test_milestone_diagnosis_names_the_first_wrong_read():
-    """The first differing line of a milestone chain: a fact line's value, another line's value, the
-    layout, or where the chain stops."""
+    """The first differing line of a milestone chain: a fact's copy, a line's value, the layout, or
+    where the chain stops."""
     p = tb.milestone_dataset(1, seed=3)[0]
     cot = p.cot
     lines = cot.split("\n")
@@ -524,7 +524,10 @@ def test_milestone_diagnosis_names_the_first_wrong_read():
         broken = lines[:i] + [lines[i][:-1] + str((int(lines[i][-1]) + 1) % 10)] + lines[i + 1:]
         return "\n".join(broken)
 
-    assert accuracy.diagnose_milestone(wrong_value(fact_i), cot) == "fact"
+    assert accuracy.diagnose_milestone(wrong_value(fact_i), cot) == "value"
+    f = lines[fact_i].index("=") - 1  # "iii:mmm+qK:F=v": the copied fact F
+    wrong_copy = lines[fact_i][:f] + str((int(lines[fact_i][f]) + 1) % 10) + lines[fact_i][f + 1:]
+    assert accuracy.diagnose_milestone("\n".join(lines[:fact_i] + [wrong_copy] + lines[fact_i + 1:]), cot) == "fact"
     assert accuracy.diagnose_milestone(wrong_value(plain_i), cot) == "value"
     assert accuracy.diagnose_milestone("\n".join(lines[:plain_i] + ["garbage"]), cot) == "format"
     assert accuracy.diagnose_milestone("\n".join(lines[:plain_i] + [tb.ANSWER_MARK + "123"]), cot) == "early_stop"
@@ -631,9 +634,9 @@ def test_resume_keeps_finished_rows_and_runs_the_missing_ones(tiny_model_dir, tm
 
 
 def test_milestone_teacher_forced_eval_splits_fact_and_other_values():
-    """The milestone task's training eval reports the value tokens of fact-reading lines apart from the
-    other lines' values: a stand-in model right everywhere except on the fact lines' values (found from
-    the text here) scores 0 and 1 on them."""
+    """The milestone task's training eval reports the facts copied from the question apart from the
+    lines' values: a stand-in model right everywhere except on the copied facts (found from the text
+    here) scores 0 and 1 on them."""
     spec = tb.MILESTONE_SPEC
     problems = tb.milestone_dataset(2, seed=3)
     ids = torch.tensor(np.stack([np.pad(tb.encode_text(p.question + p.cot), (0, spec.seq_len - 1 - len(tb.encode_text(p.question + p.cot))),
@@ -642,8 +645,8 @@ def test_milestone_teacher_forced_eval_splits_fact_and_other_values():
     for r, p in enumerate(problems):
         start = 1 + len(p.question)
         for line in p.cot.split("\n"):
-            if "+q" in line:
-                wrong[r, start + len(line) - 1] = True
+            if "+q" in line:  # "iii:mmm+qK:F=v": F, the copied fact
+                wrong[r, start + len(line) - 3] = True
             start += len(line) + 1
 
     class Oracle(torch.nn.Module):

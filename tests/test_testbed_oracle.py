@@ -26,7 +26,7 @@ from raas_flex import testbed as tb
 
 SPEC = tb.MILESTONE_SPEC
 QUESTION = re.compile(r"((?:q\d:\d,){9}q\d:\d);000=(\d);n=(\d{3})\n")
-LINE = re.compile(r"(\d{3}):(\d{3})\+(\d{3}|q\d)=(\d)\n")
+LINE = re.compile(r"(\d{3}):(\d{3})\+(\d{3}|q\d:\d)=(\d)\n")
 
 
 @lru_cache(maxsize=1)
@@ -75,18 +75,26 @@ def read_problem(question: str, cot: str, exact: bool = True):
     lines = LINE.findall(body)
     assert "".join(f"{a}:{b}+{c}={d}\n" for a, b, c, d in lines) == body
     assert len(lines) == n
-    off, operands = base, []
+    off, operands, copies = base, [], []
     for i, (label, a, b, v) in enumerate(lines, start=1):
         assert label == f"{i:03d}"
         assert a == f"{SPEC.phase_lines * ((i - 1) // SPEC.phase_lines):03d}"  # the current milestone
         prev = values[f"{i - 1:03d}"]
         phoenix = i == n or i % SPEC.phoenix_every == SPEC.phoenix_every // 2
-        assert b == (f"q{prev}" if phoenix else f"{i - 1:03d}")
+        if phoenix:  # names fact q<prev> and copies it: the value reads the copy, the copy reads the question
+            key = f"q{prev}"
+            assert b == f"{key}:{values[key]}"
+            pos[f"{label}/{key}"] = off + len(f"{label}:{a}+{b}") - 1
+            copies.append((pos[f"{label}/{key}"], pos[key]))
+            b = f"{label}/{key}"
+            values[b] = values[key]
+        else:
+            assert b == f"{i - 1:03d}"
         assert int(v) == (values[a] + values[b] + i) % 10 or not exact, (i, a, b, v)
         values[label] = int(v)
-        pos[label] = off + len(f"{label}:{a}+{b}=")
+        pos[label] = off + len(lines[i - 1][0]) + 1 + len(f"{a}+{lines[i - 1][2]}=")
         operands.append((a, b))
-        off += len(f"{label}:{a}+{b}={v}\n")
+        off += len(f"{label}:{a}+{lines[i - 1][2]}={v}\n")
     assert answer == "".join(str(values[f"{i:03d}"]) for i in range(n - SPEC.answer_digits + 1, n + 1))
     return values, pos, operands, n
 
@@ -105,6 +113,8 @@ def test_generator_chains_answers_and_reads():
         value_reads = {step: set(ps) for step, ps in p.trace.reads}
         for i, (a, b) in enumerate(operands, start=1):
             assert value_reads[pos[f"{i:03d}"]] == {pos[a], pos[b]}
+            if "/" in b:  # the copy of a fact reads the question's fact
+                assert value_reads[pos[b]] == {pos[b.split("/")[1]]}
         full = "\0" + p.question + p.cot  # position 0 is <s>
         for step, ps in p.trace.reads:
             assert all(full[q].isdigit() and full[q - 1] in "=:" or q >= 1 + p.question.index(";n=") for q in ps)
