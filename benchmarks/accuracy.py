@@ -166,7 +166,7 @@ def diagnose_milestone(generated: str, reference_cot: str, spec: testbed.Milesto
     question fact ("fact"), a wrong line value or fact key, both computed from the line's operands
     ("value"), a line's layout ("format"), running past the last line ("stop") or answering before it
     ("early_stop")."""
-    line = r"(\d{3}):(\d{3})\+(q\d:\d|\d{3})=(\d)"
+    line = r"(\d{3}[:!])(\d{3})\+(q\d:\d|\d{3})=(\d)"
     ref, gen = reference_cot.split("\n"), generated.split("\n")
     for i, r in enumerate(ref):
         g = gen[i] if i < len(gen) else ""

@@ -181,20 +181,28 @@ def attention_mask(windows: torch.Tensor | None, ids: torch.Tensor, prompt_len: 
     return window_mask(windows.to(ids.device), ids.shape[1], prompt_len)
 
 
-def page_dropout_mask(gen: torch.Generator, n: int, seq_len: int, p: float, page_size: int = 16):
-    """Random page dropout: bool ``[n, 1, seq_len, seq_len]`` (True = attend). Row ``b`` hides each key
-    page with probability ``p`` from every later query (causal; a query's own page is always seen).
-    Independent of the task. ``p == 0`` returns None (plain causal attention)."""
+def page_dropout_mask(gen: torch.Generator, n: int, seq_len: int, p: float, page_size: int = 16,
+                      recent_pages: int = 1, prompt_len: int = 0, device=None):
+    """Random page dropout: bool ``[n, 1, seq_len, seq_len]`` (True = attend) on ``device``. Row ``b``
+    hides each key page with probability ``p`` from every query at least ``recent_pages`` pages later
+    (causal; a query always sees its own page and the ``recent_pages - 1`` pages before it, as every
+    retention policy keeps the newest pages); pages holding the first ``prompt_len`` tokens (the
+    question) are never hidden. Independent of the task. ``p == 0`` returns None (plain causal attention)."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"page dropout p={p!r} must be a number in [0, 1)")
+    if isinstance(recent_pages, bool) or not isinstance(recent_pages, int) or recent_pages < 1:
+        raise ValueError(f"recent_pages={recent_pages!r} must be an int >= 1")
     if p == 0:
         return None
     pages = -(-seq_len // page_size)
     keep = torch.rand(n, pages, generator=gen) >= p  # [n, pages]
-    page = torch.arange(seq_len) // page_size
-    causal = torch.arange(seq_len)[:, None] >= torch.arange(seq_len)[None, :]
-    same = page[:, None] == page[None, :]
-    return (causal[None] & (same[None] | keep[:, page][:, None, :]))[:, None]
+    keep[:, :-(-prompt_len // page_size)] = True
+    keep = keep.to(device)
+    pos = torch.arange(seq_len, device=device)
+    page = pos // page_size
+    causal = pos[:, None] >= pos[None, :]
+    near = page[:, None] - page[None, :] < recent_pages
+    return (causal[None] & (near[None] | keep[:, page][:, None, :]))[:, None]
 
 
 def loss_fn(model, ids: torch.Tensor, prompt_len: int, windows: torch.Tensor | None = None,
@@ -346,7 +354,10 @@ def parse_args(argv=None):
                          "(left out of the loss; later lines read them as written), so that no value follows "
                          "from the two lines before it (docs/testbed.md)")
     ap.add_argument("--page-dropout", type=float, default=0.0,
-                    help="probability of hiding each 16-token key page of a training sequence (default 0: off)")
+                    help="probability of hiding each 16-token key page of a training sequence (the question's "
+                         "pages excepted) from queries --dropout-recent pages or more after it (default 0: off)")
+    ap.add_argument("--dropout-recent", type=int, default=4,
+                    help="pages behind a query (its own included) that --page-dropout never hides (default 4)")
     ap.add_argument("--window", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                     help="train under windowed attention: question + last W tokens, W uniform in MIN..MAX")
     ap.add_argument("--full-frac", type=float, default=0.25,
@@ -384,6 +395,8 @@ def parse_args(argv=None):
         raise ValueError(f"--value-noise {args.value_noise} is for --task milestone only")
     if not 0.0 <= args.page_dropout < 1.0:
         raise ValueError(f"--page-dropout must be in [0, 1), got {args.page_dropout}")
+    if args.dropout_recent < 1:
+        raise ValueError(f"--dropout-recent must be >= 1, got {args.dropout_recent}")
     if not 0.0 <= args.full_frac <= 1.0:
         raise ValueError(f"--full-frac must be in [0, 1], got {args.full_frac}")
     if args.gen_problems < 0:
@@ -471,7 +484,8 @@ def main(argv=None) -> dict:
         ids = ids.to(device, non_blocking=True)
         exclude = None if exclude is None else exclude.to(device, non_blocking=True)
         windows = draw_windows(win_gen, len(ids), args.window, args.full_frac, ids.shape[1])
-        drop = page_dropout_mask(win_gen, len(ids), ids.shape[1], args.page_dropout)
+        drop = page_dropout_mask(win_gen, len(ids), ids.shape[1], args.page_dropout,
+                                 recent_pages=args.dropout_recent, prompt_len=P, device=device)
         with amp():
             try:
                 loss = loss_fn(step_model, ids, P, windows, drop, exclude)

@@ -415,8 +415,9 @@ def spec_dict(spec: TaskSpec = DEFAULT_SPEC) -> dict:
 class MilestoneSpec:
     """Shape of the milestone task. Lines per problem are drawn uniformly from ``min_lines..max_lines``.
 
-    phase_lines: lines ``phase_lines``, ``2 * phase_lines``, ... define milestones; every line of a phase
-        reads the phase's milestone (line 0 is the question's seed ``000``).
+    phase_lines: lines ``phase_lines``, ``2 * phase_lines``, ... define milestones (written ``iii!``
+        instead of ``iii:``, so the next line sees the new phase); every line of a phase reads the
+        phase's milestone (line 0 is the question's seed ``000``).
     phoenix_every: lines ``i`` with ``i % phoenix_every == phoenix_every // 2`` (and the last line) read a
         question fact instead of the previous line: the line names the fact (``qK``, K the previous value),
         copies it from the question (``qK:F``) and adds the copy.
@@ -426,7 +427,7 @@ class MilestoneSpec:
     min_lines: int = 110
     max_lines: int = 170
     phase_lines: int = 60
-    phoenix_every: int = 14
+    phoenix_every: int = 10
     answer_digits: int = 3
     heldout_mod: int = 61
 
@@ -546,7 +547,8 @@ def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec, noise=
         else:
             operand, b_val, b_pos = f"{i - 1:03d}", prev, vpos[i - 1]
         v = (values[a] + b_val + i) % 10
-        text = f"{i:03d}:{a:03d}+{operand}={v}\n"
+        sep = "!" if spec.line_kind(i, lines) == "milestone" else ":"  # a milestone line says so
+        text = f"{i:03d}{sep}{a:03d}+{operand}={v}\n"
         vp = cur + len(text) - 2
         if noise is not None and noise[i] > 0:
             v = (v + int(noise[i])) % 10

@@ -26,7 +26,7 @@ from raas_flex import testbed as tb
 
 SPEC = tb.MILESTONE_SPEC
 QUESTION = re.compile(r"((?:q\d:\d,){9}q\d:\d);000=(\d);n=(\d{3})\n")
-LINE = re.compile(r"(\d{3}):(\d{3})\+(\d{3}|q\d:\d)=(\d)\n")
+LINE = re.compile(r"(\d{3})([:!])(\d{3})\+(\d{3}|q\d:\d)=(\d)\n")
 
 
 @lru_cache(maxsize=1)
@@ -73,11 +73,14 @@ def read_problem(question: str, cot: str, exact: bool = True):
     base = 1 + len(question)
     body, answer = cot.rsplit("A:", 1)
     lines = LINE.findall(body)
-    assert "".join(f"{a}:{b}+{c}={d}\n" for a, b, c, d in lines) == body
+    assert "".join(f"{a}{sep}{b}+{c}={d}\n" for a, sep, b, c, d in lines) == body
     assert len(lines) == n
     off, operands, copies = base, [], []
+    lines = [(label, a, b, v) for label, _, a, b, v in lines]
     for i, (label, a, b, v) in enumerate(lines, start=1):
         assert label == f"{i:03d}"
+        marked = i % SPEC.phase_lines == 0 and not (i == n or i % SPEC.phoenix_every == SPEC.phoenix_every // 2)
+        assert body.split("\n")[i - 1][3] == ("!" if marked else ":")  # milestone lines say so
         assert a == f"{SPEC.phase_lines * ((i - 1) // SPEC.phase_lines):03d}"  # the current milestone
         prev = values[f"{i - 1:03d}"]
         phoenix = i == n or i % SPEC.phoenix_every == SPEC.phoenix_every // 2
@@ -135,8 +138,9 @@ def test_generator_chains_answers_and_reads():
             q = pos[f"{i:03d}"]
             if q not in milestones:
                 assert max(uses[q]) - q < 2 * 14, i  # used by the next line only
-        # phoenix: some question fact is read again more than the 1/4 budget after its previous read
-        fact_steps = sorted((q, s) for s, ps in p.trace.reads for q in ps if q < p.trace.prompt_len)
+        # phoenix: some question fact is read again more than the 1/4 budget after it was written or last read
+        fact_steps = sorted({(q, s) for s, ps in p.trace.reads for q in ps if q < p.trace.prompt_len}
+                            | {(q, q) for s, ps in p.trace.reads for q in ps if q < p.trace.prompt_len})
         gaps = [s2 - s1 for (q1, s1), (q2, s2) in zip(fact_steps, fact_steps[1:]) if q1 == q2]
         assert gaps and max(gaps) > budget
 
@@ -403,22 +407,27 @@ def test_train_milestone_smoke_with_value_noise_leaves_noisy_values_out_of_the_l
     assert torch.allclose(got, want)
 
 
-def test_page_dropout_mask_hides_whole_pages_from_later_queries():
+@pytest.mark.parametrize("recent", [1, 3])
+def test_page_dropout_mask_hides_whole_pages_from_queries_past_the_recent_ones(recent):
     import torch
 
     train = _train_module()
     assert train.page_dropout_mask(torch.Generator(), 2, 40, 0.0) is None
-    mask = train.page_dropout_mask(torch.Generator().manual_seed(0), 8, 40, 0.5, page_size=4)[:, 0]
+    mask = train.page_dropout_mask(torch.Generator().manual_seed(0), 8, 40, 0.5, page_size=4, recent_pages=recent)[:, 0]
     i, j = torch.meshgrid(torch.arange(40), torch.arange(40), indexing="ij")
     assert not mask[:, i < j].any()  # causal
-    assert mask[:, (i >= j) & (i // 4 == j // 4)].all()  # its own page, always
+    assert mask[:, (i >= j) & (i // 4 - j // 4 < recent)].all()  # its own page and the recent ones, always
     for b in range(8):
         for page in range(10):
-            seen = mask[b, (page + 1) * 4:, page * 4:(page + 1) * 4]
-            assert seen.all() or not seen.any()  # a page is kept or hidden for every later query
-    assert 0 < mask[:, 39, :36].float().mean() < 1
+            seen = mask[b, (page + recent) * 4:, page * 4:(page + 1) * 4]
+            assert seen.all() or not seen.any()  # past the recent pages: kept or hidden for every later query
+    assert 0 < mask[:, 39, :(10 - recent) * 4].float().mean() < 1
     with pytest.raises(ValueError, match="page dropout p=1.5"):
         train.page_dropout_mask(torch.Generator(), 2, 40, 1.5)
+    pinned = train.page_dropout_mask(torch.Generator().manual_seed(0), 8, 40, 0.5, page_size=4, prompt_len=6)[:, 0]
+    assert pinned[:, i >= j][:, (j < 8)[i >= j]].all() and not pinned[:, 39, 8:36].all()  # the prompt's 2 pages stay
+    with pytest.raises(ValueError, match="recent_pages=0"):
+        train.page_dropout_mask(torch.Generator(), 2, 40, 0.5, recent_pages=0)
 
 
 def test_default_model_fits_25_mb():
