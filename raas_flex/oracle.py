@@ -48,12 +48,15 @@ DEFAULT_FRACTIONS = (0.125, 0.25, 0.5)
 
 @dataclass
 class SimResult:
-    """``lost``: the ``(step, position)`` reads that found their page evicted; ``evictions``: pages evicted."""
+    """``lost``: the ``(step, position)`` reads that found their page evicted; ``evictions``: pages evicted;
+    ``resident``: with ``simulate(..., record=True)``, the pages in the cache when each step attends
+    (``resident[t - trace.prompt_len]``, ascending page indices), else empty."""
 
     policy: str
     budget: int
     lost: list = field(default_factory=list)
     evictions: int = 0
+    resident: list = field(default_factory=list)
 
     @property
     def lossless(self) -> bool:
@@ -67,10 +70,11 @@ def _check_int(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
-def simulate(trace: Trace, budget: int, policy: str, page_size: int = 16) -> SimResult:
+def simulate(trace: Trace, budget: int, policy: str, page_size: int = 16, record: bool = False) -> SimResult:
     """Replay ``trace`` under ``policy`` with a KV budget of ``budget`` tokens (a multiple of ``page_size``).
 
     The budget must hold the prompt's pages plus one (every policy starts from the whole prompt).
+    ``record``: also keep the resident pages of every step (``SimResult.resident``).
     """
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a raas_flex.oracle.Trace, got {type(trace).__name__}")
@@ -109,6 +113,8 @@ def simulate(trace: Trace, budget: int, policy: str, page_size: int = 16) -> Sim
             resident.append(page)
             stamp[page], count[page] = t, 0
         live = set(resident)
+        if record:
+            result.resident.append(tuple(sorted(live)))
         for p in reads.get(t, ()):
             page = p // page_size
             if page in live:

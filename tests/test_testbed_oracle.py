@@ -314,6 +314,23 @@ def test_window_policies_keep_exactly_their_window(case):
         assert oracle.simulate(t, budget, policy, page_size=ps).lost == expected
 
 
+@given(traces(), st.sampled_from(oracle.POLICIES))
+def test_recorded_residency_explains_every_loss(case, policy):
+    """``record=True``: every step's resident pages fit the budget, hold the open page, never bring an
+    evicted page back, and a read is lost exactly when its page is not resident at its step."""
+    t, ps, budget = case
+    res = oracle.simulate(t, budget, policy, page_size=ps, record=True)
+    assert res.lost == oracle.simulate(t, budget, policy, page_size=ps).lost
+    assert len(res.resident) == t.length - t.prompt_len
+    gone = set()
+    for step, pages in enumerate(res.resident, start=t.prompt_len):
+        assert len(pages) <= budget // ps and (step - 1) // ps in pages and not gone & set(pages)
+        if step > t.prompt_len:
+            gone |= set(res.resident[step - t.prompt_len - 1]) - set(pages)
+    lost = [(s, q) for s, qs in t.reads for q in qs if q // ps not in res.resident[s - t.prompt_len]]
+    assert lost == res.lost
+
+
 @given(traces())
 def test_h2o_never_loses_its_protected_recent_pages(case):
     t, ps, budget = case
