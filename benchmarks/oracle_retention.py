@@ -33,14 +33,17 @@ from raas_flex import testbed as tb
 NEWLINE, EQUALS = tb.VOCAB.index("\n"), tb.VOCAB.index("=")
 
 
-def retention_mask(res: oracle.SimResult, prompt_len: int, n: int, page_size: int) -> torch.Tensor:
+def retention_mask(res: oracle.SimResult, prompt_len: int, n: int, page_size: int, keep_chain_start: int = 0) -> torch.Tensor:
     """Bool ``[n, n]`` (True = attend) over the ``n`` input positions: causal; the query at position
-    ``t - 1`` (it produces token ``t``) sees only the pages resident at step ``t``."""
+    ``t - 1`` (it produces token ``t``) sees only the pages resident at step ``t``, and the first
+    ``keep_chain_start`` pages after the prompt's (a probe, beyond the budget)."""
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     pages = -(-n // page_size)
     resident = torch.zeros(len(res.resident), pages, dtype=torch.bool)
     for i, ps in enumerate(res.resident):
         resident[i, [p for p in ps if p < pages]] = True
+    first = -(-prompt_len // page_size)
+    resident[:, first:first + keep_chain_start] = True
     key_page = torch.arange(n) // page_size
     rows = torch.arange(prompt_len - 1, n)
     causal[rows] &= resident[rows - (prompt_len - 1)][:, key_page]
@@ -67,7 +70,9 @@ def markdown(result: dict) -> str:
     lines = [f"Model `{result['model']}`, {result['problems']} held-out milestone problems (seed {result['seed']}), "
              f"teacher forced, float32, {result['device']}. Share of chains solved (every chain token the argmax; "
              "value-token accuracy in parentheses). Dense: "
-             f"{result['dense']['solved']:.3f} ({result['dense']['value_acc']:.4f}).", "",
+             f"{result['dense']['solved']:.3f} ({result['dense']['value_acc']:.4f})."
+             + (f" Probe: the first {result['keep_chain_start']} chain pages kept beyond the budget."
+                if result["keep_chain_start"] else ""), "",
              f"| retention (oracle, perfect importance) | {head} |", "|---|" + "---|" * len(budgets)]
     for policy, cells in result["rows"].items():
         text = " | ".join(f"{c['solved']:.3f} ({c['value_acc']:.4f})" for c in cells)
@@ -83,6 +88,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fractions", default="0.125,0.25,0.5", help="budgets as fractions of the mean chain")
     ap.add_argument("--policies", default=",".join(oracle.POLICIES), help=f"of {', '.join(oracle.POLICIES)}")
+    ap.add_argument("--keep-chain-start", type=int, default=0,
+                    help="probe: also keep the first K pages after the prompt's, beyond the budget (default 0)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="oracle_retention")
@@ -97,6 +104,8 @@ def main(argv=None) -> dict:
         fractions = [float(f) for f in args.fractions.split(",")]
     except ValueError:
         raise ValueError(f"--fractions must be numbers in (0, 1], got {args.fractions!r}") from None
+    if args.keep_chain_start < 0:
+        raise ValueError(f"--keep-chain-start must be >= 0, got {args.keep_chain_start}")
     if args.problems < 1:
         raise ValueError(f"--problems must be >= 1, got {args.problems}")
     t0 = time.perf_counter()
@@ -113,7 +122,7 @@ def main(argv=None) -> dict:
         for policy in policies:
             for b in budgets:
                 res = oracle.simulate(prob.trace, b, policy, page_size, record=True)
-                mask = retention_mask(res, P, len(ids) - 1, page_size).to(args.device)
+                mask = retention_mask(res, P, len(ids) - 1, page_size, args.keep_chain_start).to(args.device)
                 totals[(policy, b)].append(score(model, ids, P, mask))
 
     def summary(cells):
@@ -125,7 +134,7 @@ def main(argv=None) -> dict:
         "command": "python " + " ".join([sys.argv[0] if argv is None else "benchmarks/oracle_retention.py",
                                          *(sys.argv[1:] if argv is None else argv)]),
         "model": args.model, "problems": len(problems), "seed": args.seed, "device": args.device,
-        "fractions": fractions, "budgets": budgets, "page_size": page_size,
+        "fractions": fractions, "budgets": budgets, "page_size": page_size, "keep_chain_start": args.keep_chain_start,
         "reference_length": sum(p.trace.chain_tokens for p in problems) / len(problems),
         "torch": torch.__version__, "dense": summary(totals["dense"]),
         "rows": {p: [dict(budget=b, **summary(totals[(p, b)])) for b in budgets] for p in policies},

@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -452,3 +454,52 @@ def test_default_model_fits_25_mb():
     model = train.build_model("llama", 4, 256, 8, 2, 32, 1024, max_positions=2 * tb.MILESTONE_SPEC.seq_len)
     assert model.config.model_type == "llama"
     assert sum(p.numel() * p.element_size() for p in model.parameters()) <= 25e6
+
+
+# -- the model under an oracle's retention (benchmarks/oracle_retention.py) --------------------------------------------
+def _oracle_retention_module():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        return importlib.import_module("oracle_retention")
+    finally:
+        sys.path.pop(0)
+
+
+@given(traces(), st.sampled_from(oracle.POLICIES))
+def test_retention_mask_shows_each_query_exactly_its_steps_resident_pages(case, policy):
+    import torch
+
+    orr = _oracle_retention_module()
+    t, ps, budget = case
+    res = oracle.simulate(t, budget, policy, page_size=ps, record=True)
+    n = t.length - 1  # input positions: every token but the last
+    mask = orr.retention_mask(res, t.prompt_len, n, ps)
+    for q in range(n):
+        seen = {k for k in range(n) if mask[q, k]}
+        if q < t.prompt_len - 1:  # the prompt's own queries: plain causal
+            assert seen == set(range(q + 1))
+        else:  # the query producing token q + 1 sees the pages resident at step q + 1, causally
+            pages = set(res.resident[q + 1 - t.prompt_len])
+            assert seen == {k for k in range(q + 1) if k // ps in pages}
+    first = -(-t.prompt_len // ps)  # the probe: the first 2 chain pages stay visible to every later query
+    probe = orr.retention_mask(res, t.prompt_len, n, ps, keep_chain_start=2)
+    assert (probe | ~mask).all() and all(probe[q, k] for q in range(n) for k in range(min(q + 1, (first + 2) * ps))
+                                         if k >= first * ps)
+
+
+def test_oracle_retention_runs_the_shipped_milestone_model(tmp_path):
+    """The whole script on one problem: dense and the LRU oracle at 1/2 (rates, not a verdict)."""
+    orr = _oracle_retention_module()
+    model = Path(__file__).resolve().parents[1] / "models" / "milestone"
+    result = orr.main(["--model", str(model), "--problems", "1", "--fractions", "0.5", "--policies", "lru",
+                       "--out", str(tmp_path), "--name", "r"])
+    assert result["dense"]["solved"] == 1.0  # the shipped model solves its held-out problem densely
+    cell = result["rows"]["lru"][0]
+    assert 0 <= cell["value_acc"] <= 1 and cell["budget"] == result["budgets"][0]
+    assert json.loads((tmp_path / "r.json").read_text())["rows"]["lru"][0] == cell
+    with pytest.raises(ValueError, match="'quest' is not an oracle policy"):
+        orr.main(["--model", str(model), "--policies", "quest", "--out", str(tmp_path)])
