@@ -56,7 +56,7 @@ def score(model, ids: torch.Tensor, prompt_len: int, mask: torch.Tensor | None) 
     x = ids[None, :-1]
     logits = model(input_ids=x, attention_mask=None if mask is None else mask[None, None]).logits[0]
     target = ids[1:]
-    chain = torch.arange(len(target)) >= prompt_len - 1
+    chain = torch.arange(len(target), device=target.device) >= prompt_len - 1
     ok = (logits.argmax(-1) == target) & chain
     nxt = torch.cat([target[1:], target[-1:]])
     value = chain & (nxt == NEWLINE) & (torch.roll(target, 1) == EQUALS)
