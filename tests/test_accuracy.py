@@ -533,16 +533,18 @@ def test_milestone_diagnosis_names_the_first_wrong_read():
     assert accuracy.diagnose_milestone("\n".join(lines[:plain_i] + [tb.ANSWER_MARK + "123"]), cot) == "early_stop"
 
 
-def test_accuracy_harness_runs_the_milestone_task(tmp_path):
-    """--milestone N feeds held-out milestone problems (a model trained on the lag task gets them wrong:
-    this checks the harness, not a model)."""
-    report = accuracy.main(["--model", str(SHIPPED), "--milestone", "2", "--policies", "dense", "--budgets", "0.25",
-                            "--max-new-tokens", "24", "--dtype", "float32", "--batch-size", "2", "--compile", "off",
-                            "--out", str(tmp_path), "--name", "m"])
-    assert report["problems"] == 2 and report["source"].startswith("milestone task held-out")
+def test_accuracy_harness_runs_the_milestone_task_on_its_shipped_model(tmp_path):
+    """--milestone N feeds held-out milestone problems; the shipped milestone model solves one densely
+    (its whole chain, ~2,000 tokens) and the sparse row is diagnosed."""
+    model = ROOT / "models" / "milestone"
+    report = accuracy.main(["--model", str(model), "--milestone", "1", "--policies", "dense;streaming", "--budgets",
+                            "0.25", "--max-new-tokens", "2500", "--dtype", "float32", "--batch-size", "1",
+                            "--compile", "off", "--out", str(tmp_path), "--name", "m"])
+    assert report["problems"] == 1 and report["source"].startswith("milestone task held-out")
     assert report["spec"]["min_lines"] == tb.MILESTONE_SPEC.min_lines
-    (row,) = report["rows"]
-    assert set(row["diagnosis"]) == set(accuracy.MILESTONE_DIAGNOSES) and sum(row["diagnosis"].values()) == 2
+    dense, sparse = report["rows"]
+    assert dense["accuracy"] == 1.0 and dense["diagnosis"]["correct_chain"] == 1
+    assert set(sparse["diagnosis"]) == set(accuracy.MILESTONE_DIAGNOSES) and sum(sparse["diagnosis"].values()) == 1
     with pytest.raises(ValueError, match="--milestone must be >= 1, got 0"):
         accuracy.main(["--model", str(SHIPPED), "--milestone", "0"])
 
