@@ -440,6 +440,21 @@ GPU_CASES = [
      dict(importance="attention", refresh="threshold", refresh_threshold=0.01, pin_prompt=False)),
     ("streaming-P16", "streaming", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=8), [40, 118], dict(sink_tokens=10)),
     ("h2o-P16", "h2o", dict(B=2, Hq=6, Hkv=2, D=64, budget=256, ps=16), [60, 238], {}),
+    # fused_step with the attention shares of its own pass: raas top-k and threshold, h2o; with the
+    # observer (132 SMs), without it (16 SMs), 32 programs per row with the online combine (P256)
+    ("raas-attention-P128-G4-triton", "raas", B8, B8_LENS,
+     dict(pin_prompt=False, backend="triton", importance="attention")),
+    ("raas-attention-P128-G4-triton-no-observer", "raas", B8, B8_LENS,
+     dict(pin_prompt=False, backend="triton", importance="attention", sms=16)),
+    ("raas-attention-P256-G7-triton", "raas", dict(B=2, Hq=28, Hkv=4, D=128, budget=4096, ps=16), [4070, 3000],
+     dict(backend="triton", importance="attention")),
+    ("raas-threshold-P128-G4-triton", "raas", B8, B8_LENS,
+     dict(pin_prompt=False, backend="triton", importance="attention", refresh="threshold", refresh_threshold=0.01)),
+    ("raas-threshold-P8-triton", "raas", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=16), [20, 110],
+     dict(importance="attention", refresh="threshold", refresh_threshold=0.01, pin_prompt=False, backend="triton")),
+    ("h2o-P16-triton", "h2o", dict(B=2, Hq=6, Hkv=2, D=64, budget=256, ps=16), [60, 238], dict(backend="triton")),
+    ("h2o-P128-G4-triton", "h2o", B8, B8_LENS, dict(backend="triton")),
+    ("h2o-P128-G4-triton-no-observer", "h2o", B8, B8_LENS, dict(backend="triton", sms=16)),
 ]
 MODES = ["eager", "default", "reduce-overhead"]
 
@@ -455,7 +470,7 @@ def test_gpu_fused_matches_torch_resync(case, mode):
     assert ref.evictions.sum().item() > 0
 
 
-# (h2o is left out: its scores are softmax shares computed by torch in both graphs, not exact sums)
+# (h2o and raas importance="attention" are left out: their scores are softmax shares, not exact sums)
 EXACT_CASES = [c for c in GPU_CASES if c[0] in ("raas-P8-G3", "raas-P33-G7", "raas-P128-G4", "raas-P128-G4-triton",
                                                  "raas-P33-G7-triton", "raas-P128-G4-triton-no-observer",
                                                  "raas-P128-G4-triton-observers-first", "streaming-P16")]
