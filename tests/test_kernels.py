@@ -385,6 +385,26 @@ def test_step_plan_refuses_bad_input(name, value, allowed):
         kernels.step_plan(4, 256, 16, 4, 128, 132, shares=1)
 
 
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("observe, policy, page_size, text", [
+    (4, 0, 4, "fused_step: observe=4 is not supported; allowed: 0, 1, 2, 3"),
+    (3, 0, 4, "fused_step: policy=0 with observe=3 is not supported; allowed: policy 0 (raas) with observe 0, 1"),
+    (1, 2, 4, "fused_step: policy=2 with observe=1 is not supported"),
+    (0, 1, 4, "fused_step: policy=1 with observe=0 is not supported"),
+    (2, 0, 12, "fused_step: attention shares need a page size that is a power of two; got 12"),
+])
+def test_fused_step_refuses_what_it_does_not_serve(observe, policy, page_size, text):
+    """fused_step names the argument it cannot serve before it launches anything (so on any device)."""
+    c = PagedKVCache(make_config(4 * page_size, "raas", page_size=page_size, backend="torch"), batch_size=1,
+                     num_heads=2, num_kv_heads=1, head_dim=16)
+    z = lambda *shape: torch.zeros(*shape)
+    state = (c.k, c.v, c.page_id, c.stamp, c.pinned, c.score, c.kmax, c.kmin, c.open_slot, c.length, c.step,
+             c.evictions, c.overflow, c.valid, torch.zeros(1, dtype=torch.int32), *c._lists)
+    with pytest.raises(ValueError, match=text.replace("(", r"\(").replace(")", r"\)")):
+        kernels.fused_step(z(1, 2, 1, 16), z(1, 1, 1, 16), z(1, 1, 1, 16), *state, z(1, 1, c.P),
+                           torch.zeros(1, dtype=torch.int32), c.scale, 1, c.block, observe, policy, 0, 0.1)
+
+
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
 def test_interpreter_matches_torch_on_cpu():
     """The kernels' logic through Triton's CPU interpreter against the torch reference: the append

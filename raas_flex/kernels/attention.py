@@ -227,7 +227,8 @@ def _step_kernel(
     acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2, psum_ptr, pm_ptr, threshold,
     B: tl.constexpr, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
     POLICY: tl.constexpr, RECENT_PAGES: tl.constexpr, OBSERVE: tl.constexpr, UNIT: tl.constexpr, UT: tl.constexpr,
-    TT: tl.constexpr, CP: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
+    TT: tl.constexpr, CP: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BG: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr,
     BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
     BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
@@ -281,7 +282,7 @@ def _step_kernel(
     NPT: tl.constexpr = BLOCK_N // UNIT  # share units per tile
     UPP: tl.constexpr = PS // UNIT  # share units per page
     if OBSERVER:
-        if split == 0:  # the observer: every bound of the row, the top-k set (to imp as 1/0)
+        if split == 0:  # the observer: (bounds) every bound of the row, the top-k set (to imp as 1/0)
             if not SHARES:
                 bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr, 0, P,
                            slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BP, BPC, DOT, False)
