@@ -631,6 +631,29 @@ SHARE_SCRIPT = textwrap.dedent("""
         assert torch.equal(fus.stamp == ref.stamp, (fus.stamp == ref.stamp) | near) and torch.equal(
             torch.where(near, 0, fus.stamp), torch.where(near, 0, ref.stamp))
 
+    def exact_ties():
+        # q = 0: each of the 8 attended tokens (a power of two) gets probability exactly 1/8 in both
+        # fp32 computations, so each of the 4 full pages' share is exactly 0.25: exact ties for the
+        # top-k (the lower slots win) and a share exactly at the threshold (not above it: no stamp)
+        for kind, kw in (("topk", dict(importance="attention", refresh_ratio=0.4)),
+                         ("threshold", dict(importance="attention", refresh="threshold", refresh_threshold=0.25)),
+                         ("h2o", {{}})):
+            ref, fus = t.make_pair("h2o" if kind == "h2o" else "raas", B=1, Hq=2, Hkv=1, D=16, budget=10, ps=2,
+                                   dtype=torch.float32, device="cpu", backend="triton", **kw)
+            inp = t.Inputs(1, 2, 1, 16, dtype=torch.float32, device="cpu", integer=False, seed=1)
+            prompt = inp.prompt([7])
+            ref.prefill(*prompt)
+            fus.prefill(*prompt)
+            _, k, v = inp.step()
+            q = torch.zeros(1, 2, 1, 16)
+            ref.decode(q, k, v)
+            fus.decode(q, k, v)
+            share = [0.25, 0.25, 0.25, 0.25, 0.0]
+            assert fus.score.flatten().tolist() == ref.score.flatten().tolist() == share, (kind, fus.score)
+            stamps = {{"topk": [1, 1, 0, 0, 0], "threshold": [0] * 5, "h2o": [0] * 5}}[kind]
+            assert fus.stamp.flatten().tolist() == ref.stamp.flatten().tolist() == stamps, (kind, fus.stamp)
+
+    exact_ties()
     check()
     print("shares ok")
 """)
@@ -642,7 +665,10 @@ def test_interpreter_shares_match_float64_on_random_states():
     h2o scores, query scale, page sizes 1 to 128, G 1 to 5, the launch plans of GPUs of 1 to 16 SMs
     and of the CPU) for raas importance="attention" (top-k, threshold) and h2o: the append and row
     writes exactly the torch reference's; the output within 1e-5 of float64 dense attention over the
-    attended slots; the shares (scores) and stamps against float64 page shares.
+    attended slots; the shares (scores) and stamps against float64 page shares. First, exact ties:
+    a zero query makes every full page's share exactly 0.25 in both fp32 computations, so the top-k
+    tie-break (lower slots first) and a share equal to the threshold (not stamped) are checked
+    exactly.
 
     Tolerance of the shares: rtol 1e-4, atol 1e-6. Both fp32 computations (the reference's softmax
     then page sums, the kernel's per-tile sums rescaled at the combine) err from float64 through the
