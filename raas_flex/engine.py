@@ -261,7 +261,7 @@ class PagedKVCache(nn.Module):
                 buf(name, t)
             self._lists = (self._kv_num, self._kv_idx, self._full_num, self._full_idx)
         if self._backend != "torch":
-            buf("_imp", torch.zeros(B, H, P, dtype=torch.float32, device=device))  # page bounds scratch
+            buf("_imp", torch.zeros(B, H, P, dtype=torch.float32, device=device))  # page bounds / shares scratch
             buf("_ticket", torch.zeros(1, dtype=torch.int32, device=device))  # programs finished
             buf("_obs_count", torch.zeros(B * H, dtype=torch.int32, device=device))  # per-row programs finished
         if device.type == "cuda":
