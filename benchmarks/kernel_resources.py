@@ -103,9 +103,10 @@ def compile_launch(fn, args, kw, arch: int):
                 warps=options.num_warps, stages=options.num_stages, compile_s=round(seconds, 1))
 
 
-def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132):
+def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
     """Call every op once on CPU tensors (raas state of one layer) and capture the launches, with the
-    plan a GPU of ``sms`` SMs would get (kernels.step_plan)."""
+    plan a GPU of ``sms`` SMs would get (kernels.step_plan); fused_step with observe ``observe``
+    (``Policy.step_observe``; 3 is h2o's, with its eviction rule)."""
     P, S = L // ps, L
     block = min(128, S)
     G = Hq // Hkv
@@ -133,7 +134,8 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132):
     kernels.device_sms = lambda device: sms
     try:
         kernels.fused_append_observe(q, kn, vn, *state, imp, 0, 0, block, refresh)
-        kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block)
+        kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block, observe, 2 if observe == 3 else 0,
+                           P - P // 2 if observe == 3 else 0, 1e-4)
     finally:
         bookkeeping.wrap_triton, attention.wrap_triton, kernels.device_sms = saved
     assert G * Hkv == Hq
@@ -150,6 +152,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--sms", type=int, default=132,
                     help="SM count of the GPU whose launch plan (kernels.step_plan) the launches follow (132: H200)")
+    ap.add_argument("--observe", type=int, default=0, choices=[0, 1, 2, 3],
+                    help="fused_step's observe (Policy.step_observe): 0 bound top-k (raas default), 1 attention "
+                         "share top-k, 2 share threshold, 3 share accumulated (h2o)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--kernels", default=None,
                     help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel)")
@@ -160,7 +165,7 @@ def main(argv=None):
     hq, hkv = map(int, args.heads.split("/"))
     dtype = getattr(torch, args.dtype)
     rows = []
-    captured = launches(args.batch, hq, hkv, args.head_dim, args.budget, args.page_size, dtype, args.sms)
+    captured = launches(args.batch, hq, hkv, args.head_dim, args.budget, args.page_size, dtype, args.sms, args.observe)
     known = [fn.fn.__name__ for fn, *_ in captured]
     wanted = known if args.kernels is None else [k.strip() for k in args.kernels.split(",") if k.strip()]
     unknown = sorted(set(wanted) - set(known))

@@ -24,10 +24,10 @@ one if the buffer is full), attends over the resident tokens, then lets the poli
              reference, every policy, every device
     flex     one Triton bookkeeping kernel (append, eviction, validity row, exact block lists and,
              for raas with the bound and top-k, the observe) then flex_attention; CUDA
-    triton   the whole step in one Triton kernel (raas with the bound and top-k); CUDA
+    triton   the whole step in one Triton kernel (raas, h2o: shares from the attention's pass); CUDA
 
-The observe reads only the query and the key bounds after the append, so the fused kernels run it
-before the attention; the state is that of the torch order (append, attend, observe).
+The bound observe reads only the query and the key bounds after the append, so the fused kernels
+run it before the attention; the state is that of the torch order (append, attend, observe).
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
     policy = config.policy
     if policy.append_code is None:
         return f"the fused kernels serve policies raas, h2o, streaming; got policy={policy.name!r}"
-    if backend == "triton" and not policy.fused_observe:
-        return (f"the one-kernel step serves policy='raas' with importance='bound', refresh='topk'; got {policy!r}")
+    if backend == "triton" and policy.step_observe is None:
+        return f"the one-kernel step serves policies raas and h2o; got policy={policy.name!r}"
+    if backend == "triton" and policy.step_observe and config.page_size & (config.page_size - 1):
+        return f"the one-kernel step sums attention shares over pages of 2^n tokens; got page_size={config.page_size}"
     return None
 
 
@@ -216,10 +218,8 @@ class PagedKVCache(nn.Module):
         self._sdpa = device.type == "cpu" and not self._compile_flex
         self._kernel_options = default_kernel_options(device, dtype, self.block)
         # the fused kernels' eviction and observe parameters (policy hyperparameters at this budget)
-        pol = self.policy
-        self._sink_pages = pol.sink_pages(self.ps) if hasattr(pol, "sink_pages") else 0
-        self._recent_pages = pol.recent_pages(self.budget_pages) if hasattr(pol, "recent_pages") else 0
-        self._refresh_pages = pol.refresh_pages(self.budget_pages) if hasattr(pol, "refresh_pages") else 0
+        self._sink_pages, self._recent_pages, self._refresh_pages, self._threshold = self.policy.kernel_params(
+            self.budget_pages, self.ps)
 
         B, H, P, S, D = batch_size, num_kv_heads, self.P, self.S, head_dim
         buf = functools.partial(self.register_buffer, persistent=False)
@@ -261,7 +261,7 @@ class PagedKVCache(nn.Module):
                 buf(name, t)
             self._lists = (self._kv_num, self._kv_idx, self._full_num, self._full_idx)
         if self._backend != "torch":
-            buf("_imp", torch.zeros(B, H, P, dtype=torch.float32, device=device))  # page bounds scratch
+            buf("_imp", torch.zeros(B, H, P, dtype=torch.float32, device=device))  # page bounds / shares scratch
             buf("_ticket", torch.zeros(1, dtype=torch.int32, device=device))  # programs finished
             buf("_obs_count", torch.zeros(B * H, dtype=torch.int32, device=device))  # per-row programs finished
         if device.type == "cuda":
@@ -321,11 +321,9 @@ class PagedKVCache(nn.Module):
     def reset(self) -> None:
         """Empty the cache in place (buffers keep their addresses)."""
         self.page_id.fill_(-1)
-        for t in (self.stamp, self.score, self.open_slot, self.length, self.step, self.evictions):
+        for t in (self.stamp, self.score, self.open_slot, self.length, self.step, self.evictions, self.pinned,
+                  self.overflow, self.valid):
             t.zero_()
-        self.pinned.zero_()
-        self.overflow.zero_()
-        self.valid.zero_()
         if self._backend != "torch":
             self._ticket.zero_()
             self._obs_count.zero_()
@@ -429,7 +427,8 @@ class PagedKVCache(nn.Module):
                  *self._lists)
         if self._backend == "triton":
             return kernels.fused_step(q, k, v, *state, self._imp, self._obs_count, self.scale, self._refresh_pages,
-                                      self.block)
+                                      self.block, self.policy.step_observe, self.policy.append_code,
+                                      self._recent_pages, self._threshold)
         if self.policy.fused_observe:
             kernels.fused_append_observe(q, k, v, *state, self._imp, self._sink_pages, self._recent_pages,
                                          self.block, self._refresh_pages)

@@ -66,8 +66,23 @@ class Policy:
 
     @property
     def fused_observe(self) -> bool:
-        """True when the fused kernels implement observe() (raas with the bound and top-k)."""
+        """True when the fused append kernel implements observe() (raas with the bound and top-k)."""
         return False
+
+    @property
+    def step_observe(self) -> int | None:
+        """The observe of the one-kernel step (``kernels.fused_step``'s ``observe``) that implements
+        observe(), None where it does not: 0 Quest's bound, top-k stamped (raas default); 1 attention
+        share, top-k stamped; 2 attention share, shares above the threshold stamped; 3 attention share
+        added to the score (h2o)."""
+        return None
+
+    def kernel_params(self, budget_pages: int, page_size: int) -> tuple[int, int, int, float]:
+        """The fused kernels' parameters at this budget: (sink pages, protected recent pages, pages
+        refreshed a step, refresh threshold); 0 where the policy has none."""
+        get = lambda name, *args: getattr(self, name)(*args) if hasattr(self, name) else 0
+        return (get("sink_pages", page_size), get("recent_pages", budget_pages), get("refresh_pages", budget_pages),
+                float(getattr(self, "refresh_threshold", 0.0)))
 
     def evictable(self, c) -> Tensor:
         return torch.ones_like(c.pinned)
@@ -120,6 +135,10 @@ class RaaS(Policy):
     @property
     def fused_observe(self) -> bool:
         return self.importance == "bound" and self.refresh == "topk"
+
+    @property
+    def step_observe(self) -> int | None:
+        return 0 if self.importance == "bound" else 1 if self.refresh == "topk" else 2
 
     def eviction_key(self, c) -> Tensor:
         return c.stamp * (1 << 32) + c.page_id  # stamp first, then the older logical page
@@ -190,6 +209,10 @@ class H2O(Policy):
     def evictable(self, c) -> Tensor:
         newest = c.length // c.page_size  # logical page being opened when one is needed
         return c.page_id <= (newest[:, None, None] - self.recent_pages(c.budget_pages))
+
+    @property
+    def step_observe(self) -> int | None:
+        return 3
 
     def eviction_key(self, c) -> Tensor:
         return c.score

@@ -327,6 +327,10 @@ GPU_DEVICE = "cuda"  # a module constant so the GPU code path can be dry-run els
 GPU_CONFIGS = {  # test name -> (policy, config)
     "raas": ("raas", dict(budget=64, ps=16, backend="flex")),  # bookkeeping kernel + flex_attention
     "raas-triton": ("raas", dict(budget=64, ps=16, backend="triton")),  # the whole step in one kernel
+    # the same with the attention shares of the kernel's own pass
+    "raas-threshold-triton": ("raas", dict(budget=64, ps=16, backend="triton", importance="attention",
+                                           refresh="threshold", refresh_threshold=0.05)),
+    "h2o-triton": ("h2o", dict(budget=64, ps=16, backend="triton")),
     "quest": ("quest", dict(budget=64, ps=16, max_length=256)),
 }
 GPU_POLICIES = list(GPU_CONFIGS)

@@ -6,8 +6,9 @@
                           exact flex block lists
     fused_append_observe  the same, then the RaaS observe of the step's query (Quest's page bound,
                           the top-k refresh): the flex path's one launch a step
-    fused_step            the whole raas step (append, attention, observe) in one launch, laid out by
-                          :func:`step_plan` (attention="triton")
+    fused_step            the whole raas or h2o step (append, attention, observe) in one launch, laid
+                          out by :func:`step_plan` (backend="triton"); attention shares come from the
+                          attention's own pass over K/V
 
 They are torch.library.triton_op ops that declare every buffer they write (mutates_args): they run
 eagerly, in torch.compile(fullgraph=True) graphs and under CUDA graphs, launch a grid fixed by the
@@ -51,6 +52,7 @@ OBSERVERS_LAST_MAX_PROGRAMS_PER_SM = 3  # observers take the last grid indices w
 STAGES_WIDE = 3  # K/V pipeline stages for wide steps (rows >= STAGES_WIDE_ROWS of >= STAGES_WIDE_G heads), else 2.
 STAGES_WIDE_ROWS = 128  # (see STAGES_WIDE)
 STAGES_WIDE_G = 7  # (see STAGES_WIDE)
+SHARE_COMBINE_ELEMS = 4096  # partial page sums per chunk of the combine of fused_step's attention shares.
 
 
 def interpreting() -> bool:
@@ -60,7 +62,8 @@ def interpreting() -> bool:
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the kernels cannot run on this device with this K/V dtype (None if they can). Which policies
-    they serve is the policy's to say (``Policy.append_code``, ``Policy.fused_observe``)."""
+    they serve is the policy's to say (``Policy.append_code``, ``Policy.fused_observe``,
+    ``Policy.step_observe``)."""
     if not HAS_TRITON:
         return "triton is not installed"
     dev = torch.device(device)
@@ -110,7 +113,7 @@ class StepPlan:
     bpc: int  # pages per chunk of the bound loop
     dot: bool  # page bounds as matrix products (the observer's), else element-wise
     observer: bool  # one program per row bounds the whole row and picks the top-k set
-    writer: bool  # one more program per row makes the row writes beside the observer
+    writer: bool  # one more program per row makes the row writes beside the observer (bounds only)
     lean: bool  # row writes store only the changed page of the validity row
     lazy: bool  # the page choice only when the token opens a page
     online: bool  # the row's combine merges the parts one after another
@@ -123,20 +126,24 @@ class StepPlan:
         return self.split + self.observer + self.writer
 
 
-def step_plan(rows: int, slots: int, pages: int, G: int, D: int, sms: int | None) -> StepPlan:
+def step_plan(rows: int, slots: int, pages: int, G: int, D: int, sms: int | None, shares: bool = False) -> StepPlan:
     """fused_step's plan for ``rows`` (sequence, KV head) rows of ``slots`` slots in ``pages`` pages,
-    G query heads per KV head, head_dim D, on a GPU of ``sms`` SMs (None: the CPU interpreter)."""
+    G query heads per KV head, head_dim D, on a GPU of ``sms`` SMs (None: the CPU interpreter).
+    ``shares``: the observe sums attention shares (no page bounds), so the observer program has only
+    the row writes to make and there is no writer."""
     for name, value in (("rows", rows), ("slots", slots), ("pages", pages), ("G", G), ("D", D)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"step_plan: {name}={value!r} is not allowed; allowed: an int >= 1")
     if sms is not None and (not isinstance(sms, int) or isinstance(sms, bool) or sms < 1):
         raise ValueError(f"step_plan: sms={sms!r} is not allowed; allowed: None or an int >= 1")
+    if not isinstance(shares, bool):
+        raise TypeError(f"step_plan: shares must be True or False, got {shares!r}")
     tiles = -(-slots // BLOCK_N)
     split = split_for(rows, tiles, sms)
     observer = sms is None or rows * (split + 1) <= OBSERVER_MAX_PROGRAMS_PER_SM * sms
     if observer and split < OBSERVER_MIN_SPLIT:
         split = _pow2_floor(min(OBSERVER_MIN_SPLIT, tiles))
-    writer = observer and split >= ROW_WRITER_MIN_SPLIT
+    writer = observer and split >= ROW_WRITER_MIN_SPLIT and not shares
     share = -(-pages // split)
     bp = _pow2_ceil(pages if observer else share)
     if observer:
