@@ -116,7 +116,8 @@ def _candidates(rng: random.Random, unit_kind: str, x: int, last: bool, sold: bo
     """(op, args) proposals valid for the running value ``x``."""
     out = []
     if unit_kind == "items":
-        out.append(("gain", (rng.randint(2, 40),)))
+        if x + 2 <= MAX_VALUE:
+            out.append(("gain", (rng.randint(2, min(40, MAX_VALUE - x)),)))
         if x > 2:
             out.append(("lose", (rng.randint(1, min(x - 1, 40)),)))
         if x * 5 <= MAX_VALUE:
@@ -133,7 +134,8 @@ def _candidates(rng: random.Random, unit_kind: str, x: int, last: bool, sold: bo
         if last and rates:
             out.append(("rate", (rng.choice(rates),)))
     else:  # dollars
-        out.append(("earn", (rng.randint(5, 60),)))
+        if x + 5 <= MAX_VALUE:
+            out.append(("earn", (rng.randint(5, min(60, MAX_VALUE - x)),)))
         if x > 5:
             out.append(("spend", (rng.randint(1, min(x - 1, 60)),)))
         divisors = [k for k in range(2, 7) if x % k == 0]

@@ -80,7 +80,9 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
 def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype,
                     spec: AttentionSpec = AttentionSpec()) -> str:
     """The backend a cache runs: ``config.backend`` if it can (else ValueError with the reason), or
-    for None the fastest that serves the policy: triton, then flex, on CUDA; torch elsewhere."""
+    for None the fastest checked one that serves the policy: triton, then flex, on CUDA; torch
+    elsewhere. The attention-share step (raas ``importance="attention"``, h2o) runs only when asked
+    for, ``backend="triton"``, until its GPU tests have run (docs/kernels.md)."""
     if config.backend is not None:
         why = backend_unsupported(config.backend, config, device, dtype, spec)
         if why is not None:
@@ -88,7 +90,7 @@ def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype
                              "use backend=None (the fastest supported) or backend='torch'")
         return config.backend
     if device.type == "cuda":
-        for backend in ("triton", "flex"):
+        for backend in ("triton", "flex")[1 if config.policy.step_observe else 0:]:
             if backend_unsupported(backend, config, device, dtype, spec) is None:
                 return backend
     return "torch"

@@ -447,14 +447,18 @@ def test_fused_backend_is_refused_for_policies_it_does_not_serve(monkeypatch, ba
     cfg = RaaSConfig(budget=32, page_size=8, policy=policy, backend=backend, max_length=64)
     with pytest.raises(ValueError, match=m(f"backend={backend!r} is not supported for this cache: ") + ".*" + m(text)):
         engine.resolve_backend(cfg, torch.device("cpu"), torch.float32)
-    # what they serve is accepted; None picks the fastest on CUDA, the torch code elsewhere
-    for pol, best in ((RaaS(), "triton"), (RaaS(importance="attention"), "triton"),
-                      (RaaS(importance="attention", refresh="threshold"), "triton"), (H2O(), "triton"),
+    # what they serve is accepted; None picks the fastest checked one on CUDA (the share step only when
+    # asked for), the torch code elsewhere
+    for pol, best in ((RaaS(), "triton"), (RaaS(importance="attention"), "flex"),
+                      (RaaS(importance="attention", refresh="threshold"), "flex"), (H2O(), "flex"),
                       (Streaming(), "flex"), (Quest(), "torch"), (Dense(), "torch")):
         cfg = RaaSConfig(budget=32, page_size=8, policy=pol, max_length=64)
         assert engine.resolve_backend(cfg, torch.device("cuda"), torch.float16) == best
         assert engine.resolve_backend(cfg, torch.device("cpu"), torch.float16) == "torch"
         assert engine.resolve_backend(cfg.replace(backend="torch"), torch.device("cuda"), torch.float16) == "torch"
+    for pol in (RaaS(importance="attention"), RaaS(importance="attention", refresh="threshold"), H2O()):
+        cfg = RaaSConfig(budget=32, page_size=8, policy=pol, max_length=64, backend="triton")
+        assert engine.resolve_backend(cfg, torch.device("cuda"), torch.float16) == "triton"
     assert engine.resolve_backend(RaaSConfig(budget=32, backend="flex"), torch.device("cpu"), torch.float32) == "flex"
     # attention shares are summed per page of 2^n tokens: other page sizes take the flex path
     for pol in (RaaS(importance="attention"), H2O()):

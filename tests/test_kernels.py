@@ -329,9 +329,10 @@ def test_step_plan_follows_its_rules(rows, slots, pages_per, G, D, sms, shares):
     assert plan.split & (plan.split - 1) == 0 and 1 <= plan.split <= tiles
     assert plan.tiles * plan.split >= tiles > (plan.tiles - 1) * plan.split
     assert plan.writer == (plan.observer and plan.split >= K.ROW_WRITER_MIN_SPLIT and not shares)
-    if not shares:
-        assert K.step_plan(rows, slots, pages, G, D, sms, shares=True) == dataclasses.replace(
-            plan, writer=False, lean=not plan.observer)
+    if not shares:  # shares change only the writer and what follows from the program count
+        with_shares = K.step_plan(rows, slots, pages, G, D, sms, shares=True)
+        assert dataclasses.replace(with_shares, writer=plan.writer, lean=plan.lean,
+                                   observers_last=plan.observers_last) == plan
     assert plan.lean == (plan.writer or not plan.observer)
     assert plan.lazy == plan.dot == plan.observer
     assert plan.online == (plan.observer and plan.split >= K.COMBINE_ONLINE_MIN_SPLIT)
@@ -511,15 +512,18 @@ def test_gpu_fused_matches_torch_exact(case, mode):
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_backends():
-    """On CUDA, backend=None picks the one-kernel step for raas (every importance and refresh) and h2o,
-    the fused bookkeeping + flex for streaming, torch for quest; a refused choice names the policy."""
+    """On CUDA, backend=None picks the one-kernel step for the raas default, the fused bookkeeping + flex
+    for the attention-share configurations (the one-kernel step serves them when asked for) and
+    streaming, torch for quest; a refused choice names the policy."""
     make = lambda budget, policy, **kw: PagedKVCache(make_config(budget, policy, page_size=16, **kw), batch_size=1,
                                                      num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
                                                      device="cuda")
     assert make(64, "raas").backend == "triton"
-    assert make(64, "raas", importance="attention", refresh="threshold").backend == "triton"
-    assert make(64, "raas", importance="attention").backend == "triton"
-    assert make(64, "h2o").backend == "triton" and make(64, "streaming").backend == "flex"
+    assert make(64, "raas", importance="attention", refresh="threshold").backend == "flex"
+    assert make(64, "raas", importance="attention").backend == "flex"
+    assert make(64, "h2o").backend == "flex" and make(64, "streaming").backend == "flex"
+    assert make(64, "h2o", backend="triton").backend == "triton"
+    assert make(64, "raas", importance="attention", backend="triton").backend == "triton"
     assert make(64, "quest", max_length=128).backend == "torch"
     with pytest.raises(ValueError, match="backend='flex' is not supported for this cache: .*policy='quest'"):
         make(64, "quest", max_length=128, backend="flex")
