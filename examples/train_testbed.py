@@ -11,10 +11,13 @@ task trains with plain causal attention on full sequences (``--window`` is refus
 for 13 minutes of wall clock so that the run with its final evaluation ends within 15 minutes.
 
 ``--page-dropout P`` (off by default, either task) hides, for each training sequence, every 16-token
-page of keys with probability P from all queries after it (a query always sees its own page). The
-dropped pages are drawn at random, independent of the task: the model sees KV go missing the way an
+page of keys but the question's with probability P from all queries ``--dropout-recent`` pages or more
+after it (a query always sees its own page and the newest ones, as every eviction policy keeps them).
+The dropped pages are drawn at random, independent of the task: the model sees KV go missing the way an
 eviction policy makes it go missing, without being told which tokens a step needs. It needs a dense 4D
-mask (slower attention kernels); evaluation is always dense.
+mask (slower attention kernels); evaluation is always dense. ``--value-noise P`` (milestone task)
+replaces line values in training so that no value follows from the two lines before it
+(docs/testbed.md); ``--init DIR`` continues a checkpoint.
 
 ``--window MIN MAX`` trains under windowed attention (:func:`raas_flex.testbed.window_mask`): each
 sequence of a batch sees its question plus its last W tokens, W drawn uniformly from MIN..MAX, except
