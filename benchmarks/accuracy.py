@@ -179,9 +179,9 @@ def diagnose_milestone(generated: str, reference_cot: str, spec: testbed.Milesto
             return "early_stop" if g.startswith(testbed.ANSWER_MARK) else "format"
         if gm.group(1, 2) != rm.group(1, 2) or gm.group(3)[0] != rm.group(3)[0]:
             return "format"
-        if gm.group(3)[:2] != rm.group(3)[:2]:  # the fact key: the previous value, right on the line before
-            return "value"
-        return "fact" if gm.group(3) != rm.group(3) else "value"
+        if gm.group(3) != rm.group(3) and rm.group(3).startswith("q"):  # "qK:F": key K is the previous value
+            return "value" if gm.group(3)[:2] != rm.group(3)[:2] else "fact"
+        return "value"
     return "correct_chain"
 
 

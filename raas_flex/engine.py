@@ -79,10 +79,9 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
 
 def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype,
                     spec: AttentionSpec = AttentionSpec()) -> str:
-    """The backend a cache runs: ``config.backend`` if it can (else ValueError with the reason), or
-    for None the fastest checked one that serves the policy: triton, then flex, on CUDA; torch
-    elsewhere. The attention-share step (raas ``importance="attention"``, h2o) runs only when asked
-    for, ``backend="triton"``, until its GPU tests have run (docs/kernels.md)."""
+    """``config.backend`` if it can serve (else ValueError with the reason), or for None the fastest
+    checked one: triton, then flex, on CUDA (the share step, raas ``importance="attention"`` and h2o,
+    only as ``backend="triton"`` until its GPU tests have run: docs/kernels.md); torch elsewhere."""
     if config.backend is not None:
         why = backend_unsupported(config.backend, config, device, dtype, spec)
         if why is not None:

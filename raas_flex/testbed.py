@@ -540,14 +540,15 @@ def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec, noise=
     for i in range(1, lines + 1):
         a = spec.milestone_of(i)
         prev = values[i - 1]
-        if spec.line_kind(i, lines) == "phoenix":  # "iii:mmm+qK:F=v": key K = previous value, F copied fact K
+        kind = spec.line_kind(i, lines)
+        if kind == "phoenix":  # "iii:mmm+qK:F=v": key K = previous value, F copied fact K
             operand, b_val, b_pos = f"q{prev}:{facts[prev]}", facts[prev], cur + 11
             reads.append((cur + 9, (vpos[i - 1],)))  # writing the fact's key digit needs the previous value
             reads.append((cur + 11, (fact_pos[prev],)))  # copying the fact reads the question
         else:
             operand, b_val, b_pos = f"{i - 1:03d}", prev, vpos[i - 1]
         v = (values[a] + b_val + i) % 10
-        sep = "!" if spec.line_kind(i, lines) == "milestone" else ":"  # a milestone line says so
+        sep = "!" if kind == "milestone" else ":"  # a milestone line says so
         text = f"{i:03d}{sep}{a:03d}+{operand}={v}\n"
         vp = cur + len(text) - 2
         if noise is not None and noise[i] > 0:

@@ -528,6 +528,12 @@ def test_milestone_diagnosis_names_the_first_wrong_read():
     f = lines[fact_i].index("=") - 1  # "iii:mmm+qK:F=v": the copied fact F
     wrong_copy = lines[fact_i][:f] + str((int(lines[fact_i][f]) + 1) % 10) + lines[fact_i][f + 1:]
     assert accuracy.diagnose_milestone("\n".join(lines[:fact_i] + [wrong_copy] + lines[fact_i + 1:]), cot) == "fact"
+    k = lines[fact_i].index("+q") + 2  # the fact key K, the previous value
+    wrong_key = lines[fact_i][:k] + str((int(lines[fact_i][k]) + 1) % 10) + lines[fact_i][k + 1:]
+    assert accuracy.diagnose_milestone("\n".join(lines[:fact_i] + [wrong_key] + lines[fact_i + 1:]), cot) == "value"
+    m_i = next(i for i, line in enumerate(lines) if line[3:4] == "!")  # a milestone line without its mark
+    assert accuracy.diagnose_milestone("\n".join(lines[:m_i] + [lines[m_i].replace("!", ":")] + lines[m_i + 1:]),
+                                       cot) == "format"
     assert accuracy.diagnose_milestone(wrong_value(plain_i), cot) == "value"
     assert accuracy.diagnose_milestone("\n".join(lines[:plain_i] + ["garbage"]), cot) == "format"
     assert accuracy.diagnose_milestone("\n".join(lines[:plain_i] + [tb.ANSWER_MARK + "123"]), cot) == "early_stop"

@@ -369,16 +369,20 @@ def test_lru_keeps_a_page_until_enough_other_pages_are_used(case):
 
 
 # -- training on the milestone task ----------------------------------------------------------------------------------
-def _train_module():
+def _script(folder: str, name: str):
+    """A script of the repository's ``folder`` (examples, benchmarks), imported as a module."""
     import importlib
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / folder))
     try:
-        return importlib.import_module("train_testbed")
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def _train_module():
+    return _script("examples", "train_testbed")
 
 
 def test_train_milestone_smoke_with_page_dropout(tmp_path, monkeypatch):
@@ -458,15 +462,7 @@ def test_default_model_fits_25_mb():
 
 # -- the model under an oracle's retention (benchmarks/oracle_retention.py) --------------------------------------------
 def _oracle_retention_module():
-    import importlib
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        return importlib.import_module("oracle_retention")
-    finally:
-        sys.path.pop(0)
+    return _script("benchmarks", "oracle_retention")
 
 
 @given(traces(), st.sampled_from(oracle.POLICIES))
