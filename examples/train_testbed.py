@@ -15,7 +15,9 @@ page of keys but the question's with probability P from all queries ``--dropout-
 after it (a query always sees its own page and the newest ones, as every eviction policy keeps them).
 The dropped pages are drawn at random, independent of the task: the model sees KV go missing the way an
 eviction policy makes it go missing, without being told which tokens a step needs. It needs a dense 4D
-mask (slower attention kernels); evaluation is always dense. ``--value-noise P`` (milestone task)
+mask (slower attention kernels); evaluation is always dense. With ``--dropout-spread`` each sequence draws
+its own rate uniformly from [0, P), so one run sees every sparsity from dense to a small budget's.
+``--value-noise P`` (milestone task)
 replaces line values in training so that no value follows from the two lines before it
 (docs/testbed.md); ``--init DIR`` continues a checkpoint.
 
@@ -185,9 +187,10 @@ def attention_mask(windows: torch.Tensor | None, ids: torch.Tensor, prompt_len: 
 
 
 def page_dropout_mask(gen: torch.Generator, n: int, seq_len: int, p: float, page_size: int = 16,
-                      recent_pages: int = 1, prompt_len: int = 0, device=None):
+                      recent_pages: int = 1, prompt_len: int = 0, device=None, spread: bool = False):
     """Random page dropout: bool ``[n, 1, seq_len, seq_len]`` (True = attend) on ``device``. Row ``b``
-    hides each key page with probability ``p`` from every query at least ``recent_pages`` pages later
+    hides each key page with probability ``p`` (with ``spread``, with its own probability drawn
+    uniformly from ``[0, p)``) from every query at least ``recent_pages`` pages later
     (causal; a query always sees its own page and the ``recent_pages - 1`` pages before it, as every
     retention policy keeps the newest pages); pages holding the first ``prompt_len`` tokens (the
     question) are never hidden. Independent of the task. ``p == 0`` returns None (plain causal attention)."""
@@ -198,7 +201,8 @@ def page_dropout_mask(gen: torch.Generator, n: int, seq_len: int, p: float, page
     if p == 0:
         return None
     pages = -(-seq_len // page_size)
-    keep = torch.rand(n, pages, generator=gen) >= p  # [n, pages]
+    rate = torch.rand(n, 1, generator=gen) * p if spread else torch.full((n, 1), float(p))
+    keep = torch.rand(n, pages, generator=gen) >= rate  # [n, pages]
     keep[:, :-(-prompt_len // page_size)] = True
     keep = keep.to(device)
     pos = torch.arange(seq_len, device=device)
@@ -332,6 +336,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: time only)")
     ap.add_argument("--target", type=float, default=1.0,
                     help="stop once tf_seq_acc on the held-out set reaches this (default 1.0: every sequence right; with --window, under the smallest window too)")
+    ap.add_argument("--no-early-stop", action="store_true",
+                    help="train for the whole --minutes even once --target is reached (a fine-tune of a model "
+                         "already at the target would otherwise stop at its first evaluation)")
     ap.add_argument("--arch", default="llama", choices=ARCHS)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
@@ -359,6 +366,9 @@ def parse_args(argv=None):
     ap.add_argument("--page-dropout", type=float, default=0.0,
                     help="probability of hiding each 16-token key page of a training sequence (the question's "
                          "pages excepted) from queries --dropout-recent pages or more after it (default 0: off)")
+    ap.add_argument("--dropout-spread", action="store_true",
+                    help="each training sequence draws its own --page-dropout rate uniformly from [0, P): from "
+                         "dense to as sparse as a small budget, in one run")
     ap.add_argument("--dropout-recent", type=int, default=4,
                     help="pages behind a query (its own included) that --page-dropout never hides (default 4)")
     ap.add_argument("--window", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
@@ -398,6 +408,8 @@ def parse_args(argv=None):
         raise ValueError(f"--value-noise {args.value_noise} is for --task milestone only")
     if not 0.0 <= args.page_dropout < 1.0:
         raise ValueError(f"--page-dropout must be in [0, 1), got {args.page_dropout}")
+    if args.dropout_spread and args.page_dropout == 0:
+        raise ValueError("--dropout-spread needs --page-dropout P > 0 (the largest rate)")
     if args.dropout_recent < 1:
         raise ValueError(f"--dropout-recent must be >= 1, got {args.dropout_recent}")
     if not 0.0 <= args.full_frac <= 1.0:
@@ -488,7 +500,8 @@ def main(argv=None) -> dict:
         exclude = None if exclude is None else exclude.to(device, non_blocking=True)
         windows = draw_windows(win_gen, len(ids), args.window, args.full_frac, ids.shape[1])
         drop = page_dropout_mask(win_gen, len(ids), ids.shape[1], args.page_dropout,
-                                 recent_pages=args.dropout_recent, prompt_len=P, device=device)
+                                 recent_pages=args.dropout_recent, prompt_len=P, device=device,
+                                 spread=args.dropout_spread)
         with amp():
             try:
                 loss = loss_fn(step_model, ids, P, windows, drop, exclude)
@@ -521,7 +534,7 @@ def main(argv=None) -> dict:
                                                                        if k.startswith("tf_")))
             save(model, tok, out, log)
             last_eval = time.perf_counter()
-            if min(ev["tf_seq_acc"], ev.get("tf_seq_acc_window", 1.0)) >= args.target:
+            if not args.no_early_stop and min(ev["tf_seq_acc"], ev.get("tf_seq_acc_window", 1.0)) >= args.target:
                 stop_reason = "target"
                 break
     bar.close()

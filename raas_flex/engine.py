@@ -80,8 +80,7 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
 def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype,
                     spec: AttentionSpec = AttentionSpec()) -> str:
     """``config.backend`` if it can serve (else ValueError with the reason), or for None the fastest
-    checked one: triton, then flex, on CUDA (the share step, raas ``importance="attention"`` and h2o,
-    only as ``backend="triton"`` until its GPU tests have run: docs/kernels.md); torch elsewhere."""
+    checked one: triton, then flex, on CUDA; torch elsewhere."""
     if config.backend is not None:
         why = backend_unsupported(config.backend, config, device, dtype, spec)
         if why is not None:
@@ -89,7 +88,7 @@ def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype
                              "use backend=None (the fastest supported) or backend='torch'")
         return config.backend
     if device.type == "cuda":
-        for backend in ("triton", "flex")[1 if config.policy.step_observe else 0:]:
+        for backend in ("triton", "flex"):
             if backend_unsupported(backend, config, device, dtype, spec) is None:
                 return backend
     return "torch"

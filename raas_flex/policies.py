@@ -100,7 +100,7 @@ class Policy:
 @dataclass(frozen=True)
 class RaaS(Policy):
     """RaaS (arXiv 2502.11147): evict the page used longest ago; a page is "used" at a step when it
-    is among the top ``refresh_ratio`` of the budget's pages by importance ("topk"), or when its
+    is among the top ``refresh_ratio`` of the budget's pages by importance ("topk"; at least one page), or when its
     attention share exceeds ``refresh_threshold`` ("threshold", needs importance="attention").
     importance: "bound" is Quest's page bound sum_d max(q_d M_d, q_d m_d) over per-page key max M and
     min m; "attention" is the page's share of the current query's softmax mass. Under GQA each KV
@@ -110,7 +110,7 @@ class RaaS(Policy):
     append_code: ClassVar[int | None] = 0
     importance: str = "bound"
     refresh: str = "topk"
-    refresh_ratio: float = 0.5
+    refresh_ratio: float = 0.125
     refresh_threshold: float = 1e-4
     pin_prompt: bool = True
 
@@ -124,13 +124,10 @@ class RaaS(Policy):
             raise ValueError("refresh='threshold' compares attention shares with refresh_threshold and needs "
                              f"importance='attention', got importance={self.importance!r}")
 
-    def validate(self, budget_pages: int, page_size: int) -> None:
-        if self.refresh == "topk" and self.refresh_pages(budget_pages) < 1:
-            raise ValueError(f"refresh_ratio={self.refresh_ratio!r} refreshes no page of the budget's {budget_pages} "
-                             f"pages; allowed: refresh_ratio >= {1 / budget_pages:.4g}")
-
     def refresh_pages(self, budget_pages: int) -> int:
-        return int(self.refresh_ratio * budget_pages)
+        """How many pages a "topk" step refreshes: ``refresh_ratio`` of the budget's pages, rounded
+        down, and at least one (a step always refreshes the page it found most important)."""
+        return max(1, int(self.refresh_ratio * budget_pages))
 
     @property
     def fused_observe(self) -> bool:

@@ -81,7 +81,7 @@ class RefCache:
     num_kv_heads: int
     max_length: int | None = None
     refresh: str = "topk"
-    refresh_ratio: float = 0.5
+    refresh_ratio: float = 0.125
     refresh_threshold: float = 1e-4
     pin_prompt: bool | None = None
     sink_tokens: int = 4
@@ -106,7 +106,7 @@ class RefCache:
             self.P = max(-(-self.max_length // ps), self.budget_pages)
         self.S = self.P * ps
         self.pins = self.pin_prompt if self.pin_prompt is not None else self.policy == "raas"
-        self.refresh_pages = int(self.refresh_ratio * self.budget_pages)
+        self.refresh_pages = max(1, int(self.refresh_ratio * self.budget_pages))
         self.sink_pages = -(-self.sink_tokens // ps)
         self.h2o_recent = self.budget_pages - self.budget_pages // 2
         self._clear()

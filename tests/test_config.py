@@ -107,9 +107,6 @@ def test_policy_rejects(policy, kw, exc, text):
 
 BUDGET_ERRORS = [
     # options that are valid alone but not at this budget: checked when the configuration is built
-    # 2 pages in the budget: 0.4 * 2 = 0.8 pages -> refreshes nothing
-    (RaaS(refresh_ratio=0.4), dict(budget=32, page_size=16), "refresh_ratio=0.4 refreshes no page"),
-    (RaaS(refresh_ratio=0.4), dict(budget=32, page_size=16), "allowed: refresh_ratio >= 0.5"),
     (Streaming(sink_tokens=17), dict(budget=32, page_size=16), "sink_tokens=17 takes 2 pages"),
     (Streaming(sink_tokens=16), dict(budget=16, page_size=8), "sink_tokens=16 takes 2 pages of the budget's 2"),
 ]
@@ -177,13 +174,15 @@ def test_make_config_splits_options_between_policy_and_cache():
     assert RaaSConfig(budget=64, policy="h2o").policy == H2O()
     # defaults the policies own
     assert RaaS().pin_prompt and not any(P().pin_prompt for P in (Quest, H2O, Streaming, Dense))
-    assert (RaaS().importance, RaaS().refresh, RaaS().refresh_ratio, RaaS().refresh_threshold) == ("bound", "topk", 0.5, 1e-4)
+    assert (RaaS().importance, RaaS().refresh, RaaS().refresh_ratio, RaaS().refresh_threshold) == ("bound", "topk", 0.125, 1e-4)
     assert Streaming().sink_tokens == 4
     # what the configuration used to derive now comes from the policy
     assert [make_config(64, p, max_length=64).policy.bounded for p in POLICIES] == [True, False, True, True, False]
     assert [POLICY_CLASSES[p].narrows for p in POLICIES] == [False, True, False, False, False]
     cfg = make_config(128, "raas", refresh_ratio=0.25)  # 8 pages
     assert cfg.policy.refresh_pages(cfg.budget_pages) == 2
+    # rounded down, and at least one page: 0.125 * 8 = 1, 0.125 * 15 = 1.875 -> 1, 0.4 * 2 = 0.8 -> 1, 0.5 * 15 -> 7
+    assert [RaaS(refresh_ratio=r).refresh_pages(p) for r, p in ((0.125, 8), (0.125, 15), (0.4, 2), (0.5, 15))] == [1, 1, 1, 7]
     assert make_config(128, "streaming", sink_tokens=17).policy.sink_pages(16) == 2
     assert H2O.recent_pages(8) == 4 and H2O.recent_pages(5) == 3
     assert RaaS().fused_observe and not RaaS(importance="attention").fused_observe
@@ -447,10 +446,9 @@ def test_fused_backend_is_refused_for_policies_it_does_not_serve(monkeypatch, ba
     cfg = RaaSConfig(budget=32, page_size=8, policy=policy, backend=backend, max_length=64)
     with pytest.raises(ValueError, match=m(f"backend={backend!r} is not supported for this cache: ") + ".*" + m(text)):
         engine.resolve_backend(cfg, torch.device("cpu"), torch.float32)
-    # what they serve is accepted; None picks the fastest checked one on CUDA (the share step only when
-    # asked for), the torch code elsewhere
-    for pol, best in ((RaaS(), "triton"), (RaaS(importance="attention"), "flex"),
-                      (RaaS(importance="attention", refresh="threshold"), "flex"), (H2O(), "flex"),
+    # what they serve is accepted; None picks the fastest checked one on CUDA, the torch code elsewhere
+    for pol, best in ((RaaS(), "triton"), (RaaS(importance="attention"), "triton"),
+                      (RaaS(importance="attention", refresh="threshold"), "triton"), (H2O(), "triton"),
                       (Streaming(), "flex"), (Quest(), "torch"), (Dense(), "torch")):
         cfg = RaaSConfig(budget=32, page_size=8, policy=pol, max_length=64)
         assert engine.resolve_backend(cfg, torch.device("cuda"), torch.float16) == best

@@ -512,18 +512,18 @@ def test_gpu_fused_matches_torch_exact(case, mode):
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_backends():
-    """On CUDA, backend=None picks the one-kernel step for the raas default, the fused bookkeeping + flex
-    for the attention-share configurations (the one-kernel step serves them when asked for) and
-    streaming, torch for quest; a refused choice names the policy."""
+    """On CUDA, backend=None picks the one-kernel step for raas (either importance) and h2o, the fused
+    bookkeeping + flex for streaming (and when asked for), torch for quest; a refused choice names the
+    policy."""
     make = lambda budget, policy, **kw: PagedKVCache(make_config(budget, policy, page_size=16, **kw), batch_size=1,
                                                      num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
                                                      device="cuda")
     assert make(64, "raas").backend == "triton"
-    assert make(64, "raas", importance="attention", refresh="threshold").backend == "flex"
-    assert make(64, "raas", importance="attention").backend == "flex"
-    assert make(64, "h2o").backend == "flex" and make(64, "streaming").backend == "flex"
-    assert make(64, "h2o", backend="triton").backend == "triton"
-    assert make(64, "raas", importance="attention", backend="triton").backend == "triton"
+    assert make(64, "raas", importance="attention", refresh="threshold").backend == "triton"
+    assert make(64, "raas", importance="attention").backend == "triton"
+    assert make(64, "h2o").backend == "triton" and make(64, "streaming").backend == "flex"
+    assert make(64, "h2o", backend="flex").backend == "flex"
+    assert make(64, "raas", importance="attention", backend="flex").backend == "flex"
     assert make(64, "quest", max_length=128).backend == "torch"
     with pytest.raises(ValueError, match="backend='flex' is not supported for this cache: .*policy='quest'"):
         make(64, "quest", max_length=128, backend="flex")

@@ -453,6 +453,31 @@ def test_page_dropout_mask_hides_whole_pages_from_queries_past_the_recent_ones(r
         train.page_dropout_mask(torch.Generator(), 2, 40, 0.5, recent_pages=0)
 
 
+def test_page_dropout_spread_draws_one_rate_per_sequence():
+    import torch
+
+    train = _train_module()
+    n, length = 400, 4 * 200
+    fixed = train.page_dropout_mask(torch.Generator().manual_seed(0), n, length, 0.9, page_size=4)[:, 0]
+    spread = train.page_dropout_mask(torch.Generator().manual_seed(0), n, length, 0.9, page_size=4, spread=True)[:, 0]
+    hidden_fixed = 1 - fixed[:, -1, :-4].float().mean(-1)  # share of pages the last query cannot see, per row
+    hidden_spread = 1 - spread[:, -1, :-4].float().mean(-1)
+    assert (hidden_fixed - 0.9).abs().max() < 0.12  # every row near the one rate
+    assert hidden_spread.min() < 0.1 and hidden_spread.max() > 0.8  # rows from nearly dense to sparse
+    assert abs(hidden_spread.mean().item() - 0.45) < 0.05  # rates uniform in [0, 0.9)
+    with pytest.raises(ValueError, match="--dropout-spread"):
+        train.parse_args(["--out", "x", "--task", "milestone", "--dropout-spread"])
+
+
+def test_no_early_stop_trains_past_the_target(tmp_path, monkeypatch):
+    train = _train_module()
+    args = ["--smoke", "--task", "milestone", "--gen-problems", "0", "--target", "0.0", "--eval-every", "0"]
+    stopped = train.main(args + ["--out", str(tmp_path / "a")])
+    assert stopped["stop_reason"] == "target" and stopped["steps"] == 1
+    full = train.main(args + ["--out", str(tmp_path / "b"), "--no-early-stop", "--steps", "3"])
+    assert full["stop_reason"] == "steps" and full["steps"] == 3
+
+
 def test_default_model_fits_25_mb():
     train = _train_module()
     model = train.build_model("llama", 4, 256, 8, 2, 32, 1024, max_positions=2 * tb.MILESTONE_SPEC.seq_len)
