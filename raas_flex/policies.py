@@ -100,8 +100,10 @@ class Policy:
 @dataclass(frozen=True)
 class RaaS(Policy):
     """RaaS (arXiv 2502.11147): evict the page used longest ago; a page is "used" at a step when it
-    is among the top ``refresh_ratio`` of the budget's pages by importance ("topk"; at least one page), or when its
-    attention share exceeds ``refresh_threshold`` ("threshold", needs importance="attention").
+    is among the top ``refresh_ratio`` of the budget's pages by importance ("topk"; at least one
+    page), or when its attention share exceeds ``refresh_threshold`` ("threshold", needs
+    importance="attention"). The default 0.125 was chosen on the milestone testbed (docs/testbed.md);
+    the paper refreshes the top half (0.5).
     importance: "bound" is Quest's page bound sum_d max(q_d M_d, q_d m_d) over per-page key max M and
     min m; "attention" is the page's share of the current query's softmax mass. Under GQA each KV
     head takes the max over its query heads. Ties in age go to the older logical page."""
