@@ -10,6 +10,7 @@ import torch
 import torch._inductor.config
 
 from raas_flex import kernels
+from raas_flex import testbed as tb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,14 +269,40 @@ def test_importance_recall_runs_on_the_shipped_model(tmp_path):
     ir = _bench_module("importance_recall")
     res = ir.main(["--model", str(ROOT / "models" / "testbed"), "--problems", "1", "--every", "7",
                    "--out", str(tmp_path), "--name", "ir"])
-    assert res["reads"] > 5 and len(res["layers"]) == 4
-    for row in res["layers"]:
+    part = res["kinds"]["lagged"]
+    assert list(res["kinds"]) == ["lagged"] and res["reads"] == part["reads"] > 5 and len(part["layers"]) == 4
+    for row in part["layers"]:
         for est in ("attention", "bound"):
             tops = [row[f"{est}_top{k}"] for k in res["ks"]]
             assert tops == sorted(tops) and 0 <= tops[0] and tops[-1] <= 1
     # the first layer has a head that puts (nearly) all its attention on the page it must read
-    assert res["layers"][0]["mean_share_on_needed_page"] > 0.9 and res["layers"][0]["attention_top4"] == 1.0
+    assert part["layers"][0]["mean_share_on_needed_page"] > 0.9 and part["layers"][0]["attention_top4"] == 1.0
     assert "| 0 |" in (tmp_path / "ir.md").read_text()
+
+
+def test_importance_recall_milestone_reads_come_from_the_trace(tmp_path):
+    """--task milestone: the far reads of each problem's trace, split into question (fact) and chain
+    (milestone) pages; every read is older than the query's recent pages and its page is visible."""
+    ir = _bench_module("importance_recall")
+    prob = tb.milestone_dataset(1, seed=0)[0]
+    reads = list(ir.trace_reads(prob, 16, 1))
+    kinds = {kind for *_, kind in reads}
+    assert kinds == {"fact", "milestone"}
+    for t, need, kind in reads:
+        assert need <= t // 16 - ir.RECENT_PAGES and (need * 16 < prob.trace.prompt_len) == (kind == "fact")
+    # a milestone read: the page holding milestone 060's value, read by line 061 and later
+    text = prob.question + prob.cot
+    m60 = (len(tb.encode_text(text[:text.index("060!")])) + text[text.index("060!"):].index("\n") - 1) // 16
+    assert any(kind == "milestone" and need == m60 for _, need, kind in reads)
+    res = ir.main(["--model", str(ROOT / "models" / "milestone"), "--task", "milestone", "--problems", "1",
+                   "--every", "25", "--out", str(tmp_path), "--name", "irm"])
+    assert set(res["kinds"]) == {"fact", "milestone"} and res["ks"] == list(ir.MILESTONE_KS)
+    for part in res["kinds"].values():
+        for row in part["layers"]:
+            for est in ("attention", "bound"):
+                tops = [row[f"{est}_top{k}"] for k in res["ks"]]
+                assert tops == sorted(tops) and 0 <= tops[0] and tops[-1] <= 1
+    assert "fact reads" in (tmp_path / "irm.md").read_text()
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
