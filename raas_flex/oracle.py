@@ -11,6 +11,10 @@ Decoding model: the prompt (``trace.prompt_len`` tokens, ``<s>`` included) is pr
 token joining opens a new page when it is the first of its page; when the cache then already holds
 ``budget // page_size`` pages, one page is evicted first, for good. The open (newest) page is never
 evicted. A read of a position whose page was evicted is a loss (the step reads nothing else there).
+With ``rebuild=True`` such a read is *rebuilt* instead when one of the position sets that
+``trace.rebuild`` names for it is written and wholly resident: a model can recompute the token from
+what stays (on the milestone task every clean reader of a milestone reveals its value, and every
+copy of a question fact is the fact), so only a read that nothing resident determines is a loss.
 
 Policies (``POLICIES``):
 
@@ -48,13 +52,16 @@ DEFAULT_FRACTIONS = (0.125, 0.25, 0.5)
 
 @dataclass
 class SimResult:
-    """``lost``: the ``(step, position)`` reads that found their page evicted; ``evictions``: pages evicted;
-    ``resident``: with ``simulate(..., record=True)``, the pages in the cache when each step attends
+    """``lost``: the ``(step, position)`` reads that found their page evicted (with ``rebuild``, and no
+    resident set that determines the token); ``rebuilt``: with ``simulate(..., rebuild=True)``, the
+    evicted reads that such a set recovers; ``evictions``: pages evicted; ``resident``: with
+    ``simulate(..., record=True)``, the pages in the cache when each step attends
     (``resident[t - trace.prompt_len]``, ascending page indices), else empty."""
 
     policy: str
     budget: int
     lost: list = field(default_factory=list)
+    rebuilt: list = field(default_factory=list)
     evictions: int = 0
     resident: list = field(default_factory=list)
 
@@ -70,12 +77,18 @@ def _check_int(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
-def simulate(trace: Trace, budget: int, policy: str, page_size: int = 16, record: bool = False) -> SimResult:
+def simulate(trace: Trace, budget: int, policy: str, page_size: int = 16, record: bool = False,
+             rebuild: bool = False) -> SimResult:
     """Replay ``trace`` under ``policy`` with a KV budget of ``budget`` tokens (a multiple of ``page_size``).
 
     The budget must hold the prompt's pages plus one (every policy starts from the whole prompt).
-    ``record``: also keep the resident pages of every step (``SimResult.resident``).
+    ``record``: also keep the resident pages of every step (``SimResult.resident``). ``rebuild``: an
+    evicted read is recovered (``SimResult.rebuilt``, not a loss) when a set of ``trace.rebuild`` for
+    it is written and wholly resident; the retention itself is unchanged (importance is the trace's reads).
     """
+    for name, flag in (("record", record), ("rebuild", rebuild)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a raas_flex.oracle.Trace, got {type(trace).__name__}")
     if policy not in POLICIES:
@@ -94,6 +107,7 @@ def simulate(trace: Trace, budget: int, policy: str, page_size: int = 16, record
     stamp = dict.fromkeys(resident, trace.prompt_len)  # lru: last step that opened or read the page
     count = dict.fromkeys(resident, 0)  # h2o: reads so far
     reads = dict(trace.reads)
+    sets_of = dict(trace.rebuild) if rebuild else {}
     result = SimResult(policy=policy, budget=budget)
     protect = cap // 2
     for t in range(trace.prompt_len, trace.length):
@@ -120,6 +134,8 @@ def simulate(trace: Trace, budget: int, policy: str, page_size: int = 16, record
             if page in live:
                 stamp[page] = t
                 count[page] += 1
+            elif any(max(group) < t and all(q // page_size in live for q in group) for group in sets_of.get(p, ())):
+                result.rebuilt.append((t, p))
             else:
                 result.lost.append((t, p))
     return result
@@ -140,8 +156,10 @@ def budgets_for(traces, fractions=DEFAULT_FRACTIONS, page_size: int = 16) -> lis
     return out
 
 
-def oracle_table(traces, fractions=DEFAULT_FRACTIONS, policies=POLICIES, page_size: int = 16) -> dict:
-    """Share of traces that lose a needed token, per policy and budget.
+def oracle_table(traces, fractions=DEFAULT_FRACTIONS, policies=POLICIES, page_size: int = 16,
+                 rebuild: bool = False) -> dict:
+    """Share of traces that lose a needed token, per policy and budget (``rebuild``: a token that a
+    resident set of ``trace.rebuild`` determines is not lost, see :func:`simulate`).
 
     Returns ``{"budgets": [...], "fractions": [...], "mean_chain": float, "prompt_len": [min, max],
     "problems": n, "loss_share": {policy: [share per budget]}, "mean_lost_reads": {policy: [...]}}``.
@@ -152,14 +170,14 @@ def oracle_table(traces, fractions=DEFAULT_FRACTIONS, policies=POLICIES, page_si
     for policy in policies:
         share[policy], lost_reads[policy] = [], []
         for b in budgets:
-            res = [simulate(t, b, policy, page_size) for t in traces]
+            res = [simulate(t, b, policy, page_size, rebuild=rebuild) for t in traces]
             share[policy].append(sum(not r.lossless for r in res) / len(res))
             lost_reads[policy].append(sum(len(r.lost) for r in res) / len(res))
     return {
         "budgets": budgets, "fractions": list(fractions), "problems": len(traces),
         "mean_chain": sum(t.chain_tokens for t in traces) / len(traces),
         "prompt_len": [min(t.prompt_len for t in traces), max(t.prompt_len for t in traces)],
-        "loss_share": share, "mean_lost_reads": lost_reads, "page_size": page_size,
+        "loss_share": share, "mean_lost_reads": lost_reads, "page_size": page_size, "rebuild": rebuild,
     }
 
 
@@ -170,7 +188,8 @@ def markdown_table(table: dict) -> str:
     lines = [
         f"{table['problems']} problems, mean chain {table['mean_chain']:.0f} tokens, prompt "
         f"{table['prompt_len'][0]} tokens, page size {table['page_size']}. Share of chains that lose a token they "
-        "still need (mean lost reads per chain):",
+        "still need" + (" and cannot rebuild from resident tokens" if table.get("rebuild") else "")
+        + " (mean lost reads per chain):",
         "",
         f"| policy | {head} |",
         "|---|" + "---|" * len(table["budgets"]),
@@ -187,6 +206,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fractions", default="0.125,0.25,0.5", help="budgets as fractions of the mean chain")
     ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--rebuild", action="store_true",
+                    help="a read is not lost when resident tokens determine it (Trace.rebuild)")
     args = ap.parse_args(argv)
     fractions = []
     for part in args.fractions.split(","):
@@ -195,7 +216,7 @@ def main(argv=None) -> dict:
         except ValueError:
             raise ValueError(f"--fractions: {part!r} is not a number in (0, 1]") from None
     problems = milestone_dataset(args.problems, seed=args.seed)
-    table = oracle_table([p.trace for p in problems], fractions, page_size=args.page_size)
+    table = oracle_table([p.trace for p in problems], fractions, page_size=args.page_size, rebuild=args.rebuild)
     print(markdown_table(table))
     return table
 

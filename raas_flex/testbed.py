@@ -483,11 +483,14 @@ MILESTONE_SPEC = MilestoneSpec()
 class Trace:
     """What one sequence reads. ``reads``: ``(step, positions)`` pairs, each position ``< step``;
     ``length``: tokens of the whole sequence (prompt, chain and ``</s>``); steps run from
-    ``prompt_len`` to ``length - 1``."""
+    ``prompt_len`` to ``length - 1``. ``rebuild``: ``(position, sets)`` pairs: each set of positions
+    determines the token at ``position`` without reading it (a step can use a set once all of it is
+    written), so a model may recompute that token from them."""
 
     prompt_len: int
     length: int
     reads: tuple[tuple[int, tuple[int, ...]], ...]
+    rebuild: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "length"):
@@ -502,6 +505,10 @@ class Trace:
             for p in positions:
                 if not 0 <= p < step:
                     raise ValueError(f"step {step} reads position {p}; allowed: 0..{step - 1} (already written)")
+        for p, sets in self.rebuild:
+            for q in (p, *(q for group in sets for q in group)):
+                if not 0 <= q < self.length:
+                    raise ValueError(f"rebuild of position {p} names position {q}; allowed: 0..{self.length - 1}")
 
     @property
     def chain_tokens(self) -> int:
@@ -537,6 +544,7 @@ def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec, noise=
     vpos = {0: seed_pos}  # line label -> position of its value token
     values = [int(seed)]
     parts, reads, noisy, cur = [], [], [], base
+    rebuild = {}  # position -> the position sets that determine its token (Trace.rebuild)
     for i in range(1, lines + 1):
         a = spec.milestone_of(i)
         prev = values[i - 1]
@@ -545,6 +553,7 @@ def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec, noise=
             operand, b_val, b_pos = f"q{prev}:{facts[prev]}", facts[prev], cur + 11
             reads.append((cur + 9, (vpos[i - 1],)))  # writing the fact's key digit needs the previous value
             reads.append((cur + 11, (fact_pos[prev],)))  # copying the fact reads the question
+            rebuild.setdefault(fact_pos[prev], []).append((cur + 11,))  # ... or an earlier copy
         else:
             operand, b_val, b_pos = f"{i - 1:03d}", prev, vpos[i - 1]
         v = (values[a] + b_val + i) % 10
@@ -557,6 +566,7 @@ def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec, noise=
             noisy.append(vp)
         else:
             reads.append((vp, tuple(sorted({vpos[a], b_pos}))))
+            rebuild.setdefault(vpos[a], []).append((b_pos, vp))  # value(a) = v - b - i (mod 10)
         vpos[i] = vp
         values.append(v)
         parts.append(text)
@@ -567,7 +577,8 @@ def _milestone_problem(facts, seed: int, lines: int, spec: MilestoneSpec, noise=
     for k in range(d):
         reads.append((cur + 2 + k, (vpos[lines - d + 1 + k],)))
     cot = "".join(parts) + ANSWER_MARK + answer
-    trace = Trace(prompt_len=base, length=base + len(cot) + 1, reads=tuple(reads))
+    trace = Trace(prompt_len=base, length=base + len(cot) + 1, reads=tuple(reads),
+                  rebuild=tuple((p, tuple(sets)) for p, sets in sorted(rebuild.items())))
     return MilestoneProblem(facts=tuple(facts), seed=int(seed), lines=int(lines), values=tuple(values),
                             question=question, cot=cot, answer=answer, trace=trace, noisy=tuple(noisy))
 

@@ -3,12 +3,15 @@
 - Acceptance: on 40 held-out problems, at a budget of 1/4 of the mean chain, LRU pages with the prompt
   pinned (RaaS with perfect importance) lose no needed token, while recency with the prompt pinned,
   StreamingLLM and H2O with perfect importance each lose one in at least half of the chains.
+- With rebuilding allowed (a token that resident tokens determine is not lost), recency loses
+  nothing: the task's limit, kept measured; the rebuild sets are checked against the text.
 - The generator, checked by an independent reading of the text (every line re-evaluated, the answer,
   the trace's reads point at the named values, milestone/filler/phoenix use), chain and prompt sizes,
   determinism, the tokenizer round trip, the batch encoder and the held-out split.
 - The simulator on hand-made traces and on random ones (hypothesis): nothing is lost when the budget
   holds the whole sequence, recency keeps exactly its window, H2O never loses its protected pages, and
-  LRU never loses a page fewer than (unpinned budget) other pages were touched since its last use.
+  LRU never loses a page fewer than (unpinned budget) other pages were touched since its last use;
+  rebuilding changes no eviction and splits the losses exactly by its resident sets.
 """
 
 from __future__ import annotations
@@ -52,6 +55,40 @@ def test_oracle_acceptance_at_a_quarter_of_the_chain():
         assert share[policy] >= 0.5, (policy, share)
     md = oracle.markdown_table(table)
     assert md.count("\n| (") == 4 and "0.25 (" in md
+
+
+def test_recency_loses_nothing_a_model_could_not_rebuild():
+    """The task's limit, measured: every clean reader of a milestone reveals its value (v = m + b + i),
+    so with rebuilding allowed recency (question pinned) loses nothing at any budget, while
+    StreamingLLM still loses the question's facts (docs/testbed.md)."""
+    traces = [p.trace for p in heldout40()]
+    plain = oracle.oracle_table(traces, fractions=(0.125, 0.25, 0.5))
+    table = oracle.oracle_table(traces, fractions=(0.125, 0.25, 0.5), rebuild=True)
+    assert table["rebuild"] is True and "cannot rebuild" in oracle.markdown_table(table)
+    assert min(plain["loss_share"]["recency"][:2]) == 1.0
+    assert table["loss_share"]["recency"] == [0.0, 0.0, 0.0] and table["loss_share"]["lru"] == [0.0, 0.0, 0.0]
+    assert min(table["loss_share"]["streaming"]) == 1.0
+
+
+def test_rebuild_sets_determine_their_token():
+    """Independent check of ``Trace.rebuild`` on the text: a fact's other sources are copies of it; a
+    milestone value follows from each reader line's operand and value (m = v - b - i mod 10); every
+    set is written before a step that reads the token could use it."""
+    for prob in heldout40()[:8]:
+        text = "^" + prob.question + prob.cot  # position k is text[k] ("^" stands for <s>)
+        assert prob.trace.rebuild
+        for pos, sets in prob.trace.rebuild:
+            for group in sets:
+                if len(group) == 1:
+                    c = group[0]  # "qK:F" in a chain line, the question's "qK:F" at pos
+                    assert text[c - 3:c + 1] == text[pos - 3:pos + 1] and text[c - 3] == "q" and c > pos
+                else:
+                    b, v = group
+                    start = text.rindex("\n", 0, v) + 1
+                    i = int(text[start:start + 3])
+                    assert b < v and (int(text[pos]) + int(text[b]) + i) % 10 == int(text[v])
+                    owner = text[pos - 4:pos - 1] if text[pos - 5] == ";" else text[text.rindex("\n", 0, pos) + 1:][:3]
+                    assert text[start + 4:start + 7] == owner  # the reader names the milestone at pos
 
 
 def test_oracle_cli_prints_the_table(capsys):
@@ -282,6 +319,10 @@ def test_simulator_rejects_bad_input():
         oracle.Trace(prompt_len=4, length=10, reads=((6, (7,)),))
     with pytest.raises(ValueError, match="fractions"):
         oracle.budgets_for([t], (1.5,))
+    with pytest.raises(ValueError, match="rebuild of position 5 names position 30"):
+        oracle.Trace(prompt_len=4, length=21, reads=((10, (5,)),), rebuild=((5, ((30,),)),))
+    with pytest.raises(TypeError, match="rebuild must be True or False"):
+        oracle.simulate(t, 12, "lru", page_size=4, rebuild=1)
 
 
 @st.composite
@@ -293,7 +334,27 @@ def traces(draw):
     reads = tuple((s, tuple(sorted(set(draw(st.lists(st.integers(0, s - 1), min_size=1, max_size=3))))))
                   for s in sorted(steps))
     extra = draw(st.integers(1, 8))
-    return oracle.Trace(prompt, length, reads), ps, (-(-prompt // ps) + extra) * ps
+    read = sorted({q for _, qs in reads for q in qs})
+    rebuild = tuple((q, tuple(tuple(sorted(set(g))) for g in draw(st.lists(
+        st.lists(st.integers(0, length - 1), min_size=1, max_size=2), max_size=2))))
+        for q in draw(st.lists(st.sampled_from(read), unique=True)) if read) if read else ()
+    return oracle.Trace(prompt, length, reads, rebuild), ps, (-(-prompt // ps) + extra) * ps
+
+
+@given(traces(), st.sampled_from(oracle.POLICIES))
+def test_rebuilding_keeps_the_retention_and_splits_the_losses(case, policy):
+    """``rebuild=True`` changes no eviction; a lost read is rebuilt exactly when one of its sets is
+    written before the step and wholly resident at it."""
+    t, ps, budget = case
+    plain = oracle.simulate(t, budget, policy, page_size=ps, record=True)
+    res = oracle.simulate(t, budget, policy, page_size=ps, record=True, rebuild=True)
+    assert res.resident == plain.resident and res.evictions == plain.evictions
+    assert sorted(res.lost + res.rebuilt) == sorted(plain.lost)
+    sets_of = dict(t.rebuild)
+    for s, q in plain.lost:
+        live = set(res.resident[s - t.prompt_len])
+        ok = any(max(g) < s and all(x // ps in live for x in g) for g in sets_of.get(q, ()))
+        assert ((s, q) in res.rebuilt) == ok
 
 
 @given(traces())
@@ -492,8 +553,6 @@ def _oracle_retention_module():
 
 @given(traces(), st.sampled_from(oracle.POLICIES))
 def test_retention_mask_shows_each_query_exactly_its_steps_resident_pages(case, policy):
-    import torch
-
     orr = _oracle_retention_module()
     t, ps, budget = case
     res = oracle.simulate(t, budget, policy, page_size=ps, record=True)
