@@ -335,9 +335,11 @@ def traces(draw):
                   for s in sorted(steps))
     extra = draw(st.integers(1, 8))
     read = sorted({q for _, qs in reads for q in qs})
-    rebuild = tuple((q, tuple(tuple(sorted(set(g))) for g in draw(st.lists(
-        st.lists(st.integers(0, length - 1), min_size=1, max_size=2), max_size=2))))
-        for q in draw(st.lists(st.sampled_from(read), unique=True)) if read) if read else ()
+    rebuilt = draw(st.lists(st.sampled_from(read), unique=True)) if read else []
+    def groups(q):  # sources written after the token, as on the milestone task (so often still resident)
+        group = st.lists(st.integers(q, length - 1), min_size=1, max_size=2).map(lambda g: tuple(sorted(set(g))))
+        return st.lists(group, max_size=3)
+    rebuild = tuple((q, tuple(draw(groups(q)))) for q in rebuilt)
     return oracle.Trace(prompt, length, reads, rebuild), ps, (-(-prompt // ps) + extra) * ps
 
 
