@@ -5,13 +5,23 @@ configuration of --configs (named by user-facing options, as in decode_step.py),
 once to compile and fill the cache, then profiles --steps decode steps of a second generate with
 torch.profiler and prints the CUDA kernels by total time.
 
+With --per-step, it instead separates one decode step's GPU time from its wall time: two generate
+calls of S and S + --steps new tokens from the same prompt are timed (wall, no profiler) and
+profiled (kernel time); the differences divided by --steps are the wall time and the GPU kernel
+time of one decode step, the prompt's forward cancelling out. Wall minus kernel time is the host's
+share (gaps between kernels and graph replays, generate's own loop); the kernels that differ are
+printed per decode step.
+
     python benchmarks/profile_generate.py --arch llama-3.1-8b --layers 4 --configs "raas;raas:backend=flex"
+    python benchmarks/profile_generate.py --arch llama-3.1-8b --layers 32 --configs raas --per-step --steps 64
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -32,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="decode steps profiled")
     ap.add_argument("--configs", default="raas;raas:backend=flex")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--per-step", action="store_true", help="one decode step's wall vs GPU kernel time (see above)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs CUDA")
@@ -43,12 +54,49 @@ def main(argv=None):
         with raas_flex.patched(model, budget=args.budget, policy=name, **options):
             model.generate(ids, max_new_tokens=fill, min_new_tokens=fill, do_sample=False)  # compile, graphs
             torch.cuda.synchronize()
+            if args.per_step:
+                per_step(model, ids, fill, args.steps, spec, args)
+                continue
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 model.generate(ids, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False)
                 torch.cuda.synchronize()
         print(f"\n== {spec}: {args.arch} x {args.layers} layers, B={args.batch}, L={args.budget}, "
               f"{args.steps} decode steps + the prompt")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
+
+
+def kernel_times(model, ids, n):
+    """Wall seconds of generate(n new tokens) without the profiler, and its CUDA kernels' total
+    microseconds by name with it."""
+    run = lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kernels = Counter()
+    for e in prof.key_averages():
+        kernels[e.key] += e.self_device_time_total
+    return wall, kernels
+
+
+def per_step(model, ids, fill, steps, spec, args):
+    """One decode step's wall and GPU time, from the difference of two generate calls (each length
+    run once untimed first, so that neither timing holds a warm-up)."""
+    n = fill + steps
+    model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    w0, k0 = kernel_times(model, ids, fill)
+    w1, k1 = kernel_times(model, ids, fill + steps)
+    diff = {name: (k1[name] - k0[name]) / steps for name in set(k0) | set(k1)}
+    wall_ms, gpu_ms = (w1 - w0) / steps * 1e3, sum(diff.values()) / 1e3
+    print(f"\n== {spec}: {args.arch} x {args.layers} layers, B={args.batch}, L={args.budget}, decode steps "
+          f"{fill}..{fill + steps}: wall {wall_ms:.2f} ms/step, GPU kernels {gpu_ms:.2f} ms/step, "
+          f"host share {wall_ms - gpu_ms:.2f} ms ({(wall_ms - gpu_ms) / wall_ms:.0%})")
+    for name, us in sorted(diff.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"  {us / 1e3:8.3f} ms/step  {name[:100]}")
 
 
 if __name__ == "__main__":
