@@ -163,6 +163,26 @@ def warm_up(model, ids, new, device, **kw):
     return time.perf_counter() - t, counters_now()[0] - g0[0]
 
 
+def lean_timed(model, ids, new, steps, device, repeats=3):
+    """ms per decode step of raas_flex.greedy_decode (the lean loop) at a full buffer: the wall-time
+    difference of decoding new + steps and new tokens (the prompt cancels), median of `repeats` pairs,
+    after one untimed call of each length (compile, CUDA graphs); and the graphs compiled while timed."""
+    run = lambda n: raas_flex.greedy_decode(model, ids, n, min_new_tokens=n)
+
+    def wall(n):
+        torch.cuda.synchronize() if device != "cpu" else None
+        t = time.perf_counter()
+        run(n)
+        torch.cuda.synchronize() if device != "cpu" else None
+        return time.perf_counter() - t
+
+    run(new + steps)
+    run(new)
+    g0 = counters_now()[0]
+    per = [(wall(new + steps) - wall(new)) / steps for _ in range(repeats)]
+    return statistics.median(per) * 1e3, counters_now()[0] - g0
+
+
 def median_ms(d: list[float]) -> float:
     return statistics.median(d) * 1e3 if d else float("nan")
 
@@ -303,6 +323,9 @@ def main(argv=None):
                     help="semicolon-separated raas-style configurations by their user-facing options (rows for each, "
                          "and each one's tokens/s against the first at each batch), e.g. "
                          "'raas;raas:backend=flex;raas:importance=attention,refresh=threshold'")
+    ap.add_argument("--lean", action="store_true",
+                    help="also time each raas configuration at --batch under raas_flex.greedy_decode (the lean "
+                         "decode loop, no generate): lean_ms_per_step in its row")
     ap.add_argument("--quest-contexts", default="", help="quest contexts N (comma separated; none by default)")
     ap.add_argument("--quest-budget", type=int, default=None, help="tokens quest attends to (default: --budget)")
     ap.add_argument("--quest-margin", type=int, default=64, help="quest max_length = N + this")
@@ -429,6 +452,9 @@ def main(argv=None):
             phase["name"] = "timed"
             _, d, comp, peak, t_timed = generate_timed(model, ids, new, device, **kw)
             st = raas_flex.stats(model)
+            if args.lean and b == B:
+                phase["name"] = "lean loop"
+                lean_ms, lean_graphs = lean_timed(model, ids, new - args.steps, args.steps, device)
         del ids
         # d[i] is the time of decode step i+1, at context P0 + i + 2
         full = [x for i, x in enumerate(d) if P0 + i + 2 > L + 16]
@@ -439,6 +465,10 @@ def main(argv=None):
                    t_timed_s=t_timed)
         if row["floor_ms"]:
             row["over_floor"] = ms / row["floor_ms"]
+        if args.lean and b == B:
+            row.update(lean_ms_per_step=lean_ms, lean_tokens_per_s=b / lean_ms * 1e3, lean_graphs_compiled=lean_graphs)
+            if row["floor_ms"]:
+                row["lean_over_floor"] = lean_ms / row["floor_ms"]
         if args.raas_long and b == B:
             windows = {}
             for lo in sorted({L + 256, (P0 + new) // 2, P0 + new - 512}):
@@ -635,6 +665,11 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int, att_ratio
         if r.get("floor_ms"):
             note = (note + "; " if note else "") + (f"floor {r['floor_ms']:.2f} ms (weights + cache state / copy "
                                                    f"bandwidth): {r['ms_per_step'] / r['floor_ms']:.2f}x")
+        if r.get("lean_ms_per_step"):
+            over = f" = {r['lean_over_floor']:.2f}x floor" if r.get("lean_over_floor") else ""
+            note = (note + "; " if note else "") + (f"lean loop (greedy_decode): {r['lean_ms_per_step']:.2f} ms/step, "
+                                                   f"{r['lean_tokens_per_s']:.0f} tokens/s{over}, "
+                                                   f"{r['lean_graphs_compiled']} graphs compiled while timed")
         if meta.get("device") != "cpu" and r.get("graphs_compiled_warmup") == 0:
             note = (note + "; " if note else "") + "no graph compiled in its warm-up (decode eager, or graphs reused)"
         if "skipped" in r:

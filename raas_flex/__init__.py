@@ -12,7 +12,7 @@ from .trace import AttentionTrace, MapClass, classify_heads, classify_map, summa
 
 __all__ = ["AttentionSpec", "BACKENDS", "POLICIES", "POLICY_CLASSES", "PageState", "PagedKVCache", "Policy", "RaaS", "Quest", "H2O",
            "Streaming", "Dense", "RaaSConfig", "make_config", "make_policy",
-           "RaaSCache", "SUPPORTED_MODEL_TYPES", "patch", "patched", "stats", "unpatch",
+           "RaaSCache", "SUPPORTED_MODEL_TYPES", "greedy_decode", "patch", "patched", "stats", "unpatch",
            "AttentionTrace", "MapClass", "classify_heads", "classify_map", "summary_table", "tracing"]
 __version__ = "0.2.0"
 
@@ -26,4 +26,8 @@ def __getattr__(name):
         from . import hf
 
         return getattr(hf, name)
+    if name == "greedy_decode":
+        from .loop import greedy_decode
+
+        return greedy_decode
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
