@@ -13,6 +13,9 @@ Real architecture shapes with random weights (no hub access needed), bf16, greed
             (with --raas-long, along a long decode, to show the time stays flat as N grows).
             --raas-batches adds batch sizes: integers, or "<k>x" = k times the largest dense batch
             whose KV fits at the largest dense context measured in this run (e.g. 8x).
+    dense_flash / dense_flex (--order): two dense anchors nearer their floor than `dense`: the
+            engine's own dense policy, and transformers' static cache with its flex_attention
+            implementation (GQA without repeated K/V, blocks past the filled prefix skipped).
     quest   raas_flex.patch(model, budget=L, policy="quest", max_length=N + margin) with
             --quest-contexts: keeps every token (O(N) memory like dense) and attends to the top
             L/page_size pages each step. Same prompt (N - steps tokens), in pieces of
@@ -287,11 +290,11 @@ def estimate_s(kind: str, size: float, done: list[dict], weights: int, kv_seq: i
     it skipped a 93 s raas run on a 237 s guess and a 100 s dense run on a 173 s one."""
     ok = [r for r in done if "wall_s" in r and "t_timed_s" in r]
     same = [r for r in ok if r["kind"] == kind]
-    if not same and kind in ("quest", "dense_flash"):
+    if not same and kind in ("quest", "dense_flash", "dense_flex"):
         same = [r for r in ok if r["kind"] == "dense"]
     if not same:
         return None, ("nothing measured yet" if not ok else f"no earlier {kind} measurement to scale from")
-    if kind in ("dense", "quest", "dense_flash"):
+    if kind in ("dense", "quest", "dense_flash", "dense_flex"):
         ref = min(same, key=lambda r: abs(math.log(size / r["N"])))
         ratio = size / ref["N"]
         work = 2 * ref["t_timed_s"]  # warm-up and timed generate each prefill and decode
@@ -332,7 +335,9 @@ def main(argv=None):
     ap.add_argument("--order", default="dense,raas,quest",
                     help="measurement kinds in the order they run; a kind left out is not run (e.g. 'quest'); "
                          "'dense_flash': the engine's own dense policy (every cached token, flash-decoding style: "
-                         "no repeated K/V, no materialized mask) at each dense context, a dense anchor near its floor")
+                         "no repeated K/V, no materialized mask) at each dense context; 'dense_flex': transformers' "
+                         "static cache with its flex_attention implementation (GQA without repeated K/V, blocks past "
+                         "the filled prefix skipped): two dense anchors nearer their floor than 'dense'")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="skip (row with skipped='deadline') each measurement that is not expected to finish within "
                          "this many seconds of the script's start; the first measurement always runs")
@@ -358,8 +363,8 @@ def main(argv=None):
                                                       for n, o in specs.values()):
         ap.error(f"--raas-configs {args.raas_configs!r}: bounded policies (raas, h2o, streaming), no repeats")
     order = [k.strip() for k in args.order.split(",") if k.strip()]
-    if sorted(order) != sorted(set(order)) or not set(order) <= {"dense", "raas", "quest", "dense_flash"}:
-        ap.error(f"--order {args.order!r}: a permutation of some of dense,raas,quest,dense_flash")
+    if sorted(order) != sorted(set(order)) or not set(order) <= {"dense", "raas", "quest", "dense_flash", "dense_flex"}:
+        ap.error(f"--order {args.order!r}: a permutation of some of dense,raas,quest,dense_flash,dense_flex")
     quest_contexts = [int(x) for x in args.quest_contexts.split(",") if x.strip()]
     if args.smoke:
         device, dtype = "cpu", torch.float32
@@ -398,13 +403,19 @@ def main(argv=None):
     phase = {"name": ""}
 
     # -- one measurement per kind -----------------------------------------------------------------
-    def run_dense(N):
+    def run_dense(N, impl="sdpa"):
+        """transformers dense decode with a static cache, attention `impl` ("sdpa": the dense row;
+        "flex_attention": the dense_flex row)."""
         ids = torch.randint(100, 1000, (B, N - args.steps), device=device, generator=gen)
         kw = dict(cache_implementation="static", prefill_chunk_size=args.prefill_chunk or None)
-        phase["name"] = "warm-up"
-        t_warm, g_warm = warm_up(model, ids, args.steps, device, **kw)
-        phase["name"] = "timed"
-        _, d, comp, peak, t_timed = generate_timed(model, ids, args.steps, device, **kw)
+        model.set_attn_implementation(impl)
+        try:
+            phase["name"] = "warm-up"
+            t_warm, g_warm = warm_up(model, ids, args.steps, device, **kw)
+            phase["name"] = "timed"
+            _, d, comp, peak, t_timed = generate_timed(model, ids, args.steps, device, **kw)
+        finally:
+            model.set_attn_implementation("sdpa")
         del ids
         ms = median_ms(d[len(d) // 4:])
         kvb = kv_bytes_dense(cfg, B, N, itemsize)
@@ -413,7 +424,7 @@ def main(argv=None):
         phase["name"] = "largest-batch check"
         fits = largest_batch(kv_bytes_dense(cfg, 1, N, itemsize), max(peak - weights - kvb, 0), device)
         return dict(prompt=N - args.steps, steps=args.steps, prefill_chunk=args.prefill_chunk or None,
-                    ms_per_step=ms, tokens_per_s=B / ms * 1e3, peak_gb=peak / 2**30, kv_gb=kvb / 2**30, **comp,
+                    floor_ms=floor_ms(kvb), ms_per_step=ms, tokens_per_s=B / ms * 1e3, peak_gb=peak / 2**30, kv_gb=kvb / 2**30, **comp,
                     graphs_compiled_warmup=g_warm, max_batch_kv_fits=fits, t_warmup_s=t_warm, t_timed_s=t_timed)
 
     def run_quest(N, policy="quest"):
@@ -491,8 +502,8 @@ def main(argv=None):
                 plan += [("dense-alloc", N) for N in contexts]
         elif kind == "raas":
             plan += [("raas", (att, item)) for att in attentions for item in [("abs", B)] + raas_items]
-        elif kind == "dense_flash":
-            plan += [("dense_flash", N) for N in contexts]
+        elif kind in ("dense_flash", "dense_flex"):
+            plan += [(kind, N) for N in contexts]
         else:
             plan += [("quest", N) for N in quest_contexts]
     raas_kv_seq = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * L * (
@@ -532,6 +543,9 @@ def main(argv=None):
             elif kind == "dense_flash":
                 base = dict(mode="dense_flash (raas_flex dense policy)", kind="dense_flash", B=B, N=x)
                 size, fn = x, (lambda x=x: run_quest(x, "dense"))
+            elif kind == "dense_flex":
+                base = dict(mode="dense static compiled, flex_attention", kind="dense_flex", B=B, N=x)
+                size, fn = x, (lambda x=x: run_dense(x, "flex_attention"))
             else:
                 att, x = x
                 base = dict(mode=f"{att} budget={L}", kind="raas", config=att, batch_spec=spec_text(x))
@@ -619,7 +633,7 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
     """raas and quest rows against each measured dense context of this run: tokens/s ratio
     (other / dense) and KV ratio (dense / other)."""
     dense = [r for r in rows if r.get("kind") == "dense" and "tokens_per_s" in r]
-    dense += [r for r in rows if r.get("kind") == "dense_flash" and "tokens_per_s" in r]
+    dense += [r for r in rows if r.get("kind") in ("dense_flash", "dense_flex") and "tokens_per_s" in r]
     others = [r for r in rows if r.get("kind") in ("raas", "quest") and "tokens_per_s" in r]
     out = []
     for d in dense:

@@ -118,15 +118,17 @@ def test_long_context_dense_flash_anchor_and_floor(tmp_path):
     long_context = _bench_module("long_context")
     done = [dict(kind="dense", N=8192, wall_s=100.0, t_timed_s=10.0)]
     assert long_context.estimate_s("dense_flash", 16384, done, 16, 1)[0] == pytest.approx(100 + 1 * 20)
-    rows = long_context.main(["--smoke", "--order", "dense,raas,dense_flash", "--lean", "--out", str(tmp_path)])
+    rows = long_context.main(["--smoke", "--order", "dense,raas,dense_flash,dense_flex", "--lean", "--out", str(tmp_path)])
     flash = [r for r in rows if r["kind"] == "dense_flash"]
+    flex = next(r for r in rows if r["kind"] == "dense_flex")  # transformers' static cache, flex_attention
+    assert flex["ms_per_step"] > 0 and flex["mode"] == "dense static compiled, flex_attention"
     raas = next(r for r in rows if r["kind"] == "raas")
     assert flash and all("ms_per_step" in r and r["attended_tokens"] == r["tokens_kept"] for r in flash)
     assert raas["lean_ms_per_step"] > 0 and raas["lean_graphs_compiled"] == 0  # --lean: the greedy_decode loop
     assert "lean loop (greedy_decode)" in (tmp_path / "long_context_smoke.md").read_text()
     assert raas["floor_ms"] is None and flash[0]["floor_ms"] is None  # (no GPU: no bandwidth measured)
     ratios = json.loads((tmp_path / "long_context_smoke.json").read_text())["ratios"]
-    assert {q["dense_kind"] for q in ratios if q["mode"] == raas["mode"]} == {"dense", "dense_flash"}
+    assert {q["dense_kind"] for q in ratios if q["mode"] == raas["mode"]} == {"dense", "dense_flash", "dense_flex"}
     with pytest.raises(SystemExit):
         long_context.main(["--smoke", "--order", "dense,flash", "--out", str(tmp_path)])
 
