@@ -70,9 +70,7 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
     policy = config.policy
     if policy.append_code is None:
         return f"the fused kernels serve policies raas, h2o, streaming; got policy={policy.name!r}"
-    if backend == "triton" and policy.step_observe is None:
-        return f"the one-kernel step serves policies raas and h2o; got policy={policy.name!r}"
-    if backend == "triton" and policy.step_observe and config.page_size & (config.page_size - 1):
+    if backend == "triton" and policy.step_observe in (1, 2, 3) and config.page_size & (config.page_size - 1):
         return f"the one-kernel step sums attention shares over pages of 2^n tokens; got page_size={config.page_size}"
     return None
 
@@ -428,7 +426,7 @@ class PagedKVCache(nn.Module):
         if self._backend == "triton":
             return kernels.fused_step(q, k, v, *state, self._imp, self._obs_count, self.scale, self._refresh_pages,
                                       self.block, self.policy.step_observe, self.policy.append_code,
-                                      self._recent_pages, self._threshold)
+                                      self._recent_pages, self._threshold, self._sink_pages)
         if self.policy.fused_observe:
             kernels.fused_append_observe(q, k, v, *state, self._imp, self._sink_pages, self._recent_pages,
                                          self.block, self._refresh_pages)

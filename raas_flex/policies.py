@@ -74,7 +74,7 @@ class Policy:
         """The observe of the one-kernel step (``kernels.fused_step``'s ``observe``) that implements
         observe(), None where it does not: 0 Quest's bound, top-k stamped (raas default); 1 attention
         share, top-k stamped; 2 attention share, shares above the threshold stamped; 3 attention share
-        added to the score (h2o)."""
+        added to the score (h2o); 4 none (streaming)."""
         return None
 
     def kernel_params(self, budget_pages: int, page_size: int) -> tuple[int, int, int, float]:
@@ -191,6 +191,10 @@ class Streaming(Policy):
 
     def evictable(self, c) -> Tensor:
         return c.page_id >= self.sink_pages(c.page_size)
+
+    @property
+    def step_observe(self) -> int | None:
+        return 4  # nothing to observe
 
 
 @dataclass(frozen=True)

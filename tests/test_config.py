@@ -189,8 +189,9 @@ def test_make_config_splits_options_between_policy_and_cache():
     assert not RaaS(importance="attention", refresh="threshold").fused_observe
     assert not any(P().fused_observe for P in (Quest, H2O, Streaming, Dense))
     assert [RaaS().step_observe, RaaS(importance="attention").step_observe,
-            RaaS(importance="attention", refresh="threshold").step_observe, H2O().step_observe] == [0, 1, 2, 3]
-    assert not any(P().step_observe is not None for P in (Quest, Streaming, Dense))
+            RaaS(importance="attention", refresh="threshold").step_observe, H2O().step_observe,
+            Streaming().step_observe] == [0, 1, 2, 3, 4]
+    assert not any(P().step_observe is not None for P in (Quest, Dense))
     assert RaaS(refresh_ratio=0.25, refresh_threshold=0.5).kernel_params(8, 16) == (0, 0, 2, 0.5)
     assert H2O().kernel_params(5, 16) == (0, 3, 0, 0.0) and Streaming(sink_tokens=17).kernel_params(8, 16)[0] == 2
     assert [POLICY_CLASSES[p].append_code for p in POLICIES] == [0, None, 2, 1, None]
@@ -431,7 +432,6 @@ def test_fused_backend_is_refused_on_cpu(backend):
 
 BACKEND_ERRORS = [
     # (backend, policy, text): what a fused backend cannot serve, on a device where the kernels run
-    ("triton", Streaming(), "the one-kernel step serves policies raas and h2o; got policy='streaming'"),
     ("triton", Quest(), "the fused kernels serve policies raas, h2o, streaming; got policy='quest'"),
     ("flex", Quest(), "the fused kernels serve policies raas, h2o, streaming; got policy='quest'"),
     ("flex", Dense(), "the fused kernels serve policies raas, h2o, streaming; got policy='dense'"),
@@ -449,7 +449,7 @@ def test_fused_backend_is_refused_for_policies_it_does_not_serve(monkeypatch, ba
     # what they serve is accepted; None picks the fastest checked one on CUDA, the torch code elsewhere
     for pol, best in ((RaaS(), "triton"), (RaaS(importance="attention"), "triton"),
                       (RaaS(importance="attention", refresh="threshold"), "triton"), (H2O(), "triton"),
-                      (Streaming(), "flex"), (Quest(), "torch"), (Dense(), "torch")):
+                      (Streaming(), "triton"), (Quest(), "torch"), (Dense(), "torch")):
         cfg = RaaSConfig(budget=32, page_size=8, policy=pol, max_length=64)
         assert engine.resolve_backend(cfg, torch.device("cuda"), torch.float16) == best
         assert engine.resolve_backend(cfg, torch.device("cpu"), torch.float16) == "torch"

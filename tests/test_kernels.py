@@ -221,8 +221,8 @@ def test_unsupported_reasons(monkeypatch):
     assert backend_unsupported("flex", threshold, cuda, torch.bfloat16) is None  # the append fused, observe in torch
     assert backend_unsupported("triton", threshold, cuda, torch.bfloat16) is None  # shares from the attention pass
     assert backend_unsupported("triton", make_config(32, "h2o", page_size=8), cuda, torch.bfloat16) is None
-    assert "policies raas and h2o; got policy='streaming'" in backend_unsupported(
-        "triton", make_config(32, "streaming", page_size=8), cuda, torch.bfloat16)
+    assert backend_unsupported("triton", make_config(32, "streaming", page_size=8), cuda, torch.bfloat16) is None
+    assert backend_unsupported("triton", make_config(36, "streaming", page_size=12), cuda, torch.bfloat16) is None
     assert "page_size=12" in backend_unsupported("triton", make_config(48, "h2o", page_size=12), cuda, torch.bfloat16)
 
 
@@ -291,13 +291,20 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
          dict(split=2, observer=True, writer=False)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3), None),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True), None),
+        # fused_step for streaming (no observe): sink pages, a pinned prompt, pages of 3 slots (no
+        # shares, so any page size), with and without the observer program
+        ("streaming", dict(B=2, Hq=6, Hkv=2, D=16, budget=48, ps=3, lens=[5, 40], integer=True, backend="triton",
+                           sink_tokens=7, steps=30), dict(split=1, observer=True, writer=False)),
+        ("streaming", dict(B=2, Hq=4, Hkv=2, D=16, budget=64, ps=8, lens=[55, 9], integer=False, backend="triton",
+                           pin_prompt=True, sink_tokens=0, block_size=2, sms=1, steps=20),
+         dict(split=1, observer=False, lean=True, lazy=False)),
     ]
     for policy, kw, want in cases:
         steps = kw.pop("steps", 40)
         ref, fus = t.twin_run(policy, steps=steps, mode="eager", dtype=torch.float32, device="cpu", **kw)
         if want is not None:
             plan = kernels.step_plan(fus.B * fus.H, fus.S, fus.P, fus.G, fus.D, kw.get("sms"),
-                                     shares=bool(fus.policy.step_observe))
+                                     bounds=fus.policy.step_observe == 0)
             got = {{k: getattr(plan, k) for k in want}}
             assert got == want, (kw, plan)
         print(policy, "ok", ref.evictions.sum().item(), bool(ref.overflow))
@@ -306,8 +313,8 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 
 @given(rows=st.integers(1, 4096), slots=st.integers(1, 1 << 15), pages_per=st.sampled_from([1, 2, 4, 8, 16, 32]),
        G=st.integers(1, 16), D=st.sampled_from([16, 32, 64, 128, 256]), sms=st.none() | st.integers(1, 264),
-       shares=st.booleans())
-def test_step_plan_follows_its_rules(rows, slots, pages_per, G, D, sms, shares):
+       bounds=st.booleans())
+def test_step_plan_follows_its_rules(rows, slots, pages_per, G, D, sms, bounds):
     """kernels.step_plan against the rules' definitions, for any shape: programs per row a power of
     two within the tiles (split_for: about 2 per SM, at least one per TILES_PER_PROGRAM tiles;
     CPU_SPLIT without SMs); the observer while rows x (split + 1) fits OBSERVER_MAX_PROGRAMS_PER_SM
@@ -315,10 +322,10 @@ def test_step_plan_follows_its_rules(rows, slots, pages_per, G, D, sms, shares):
     ROW_WRITER_MIN_SPLIT, lean writes unless the observer writes, the lazy choice and the bounds as
     products with the observer, the online combine from COMBINE_ONLINE_MIN_SPLIT, observers last while
     the grid fits OBSERVERS_LAST_MAX_PROGRAMS_PER_SM per SM, 3 stages for wide steps. With attention
-    shares (no bounds to compute) the same, without a writer."""
+    shares or no observe (no bounds to compute) the same, without a writer."""
     K = kernels
     pages = max(1, slots // pages_per)
-    plan = K.step_plan(rows, slots, pages, G, D, sms, shares=shares)
+    plan = K.step_plan(rows, slots, pages, G, D, sms, bounds=bounds)
     tiles = -(-slots // K.BLOCK_N)
     want = K.CPU_SPLIT if sms is None else max(1, 2 * sms // rows, -(-tiles // K.TILES_PER_PROGRAM))
     base = max(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if s <= min(want, tiles))
@@ -328,10 +335,10 @@ def test_step_plan_follows_its_rules(rows, slots, pages_per, G, D, sms, shares):
     assert plan.split == (max(base, least) if plan.observer else base)
     assert plan.split & (plan.split - 1) == 0 and 1 <= plan.split <= tiles
     assert plan.tiles * plan.split >= tiles > (plan.tiles - 1) * plan.split
-    assert plan.writer == (plan.observer and plan.split >= K.ROW_WRITER_MIN_SPLIT and not shares)
-    if not shares:  # shares change only the writer and what follows from the program count
-        with_shares = K.step_plan(rows, slots, pages, G, D, sms, shares=True)
-        assert dataclasses.replace(with_shares, writer=plan.writer, lean=plan.lean,
+    assert plan.writer == (plan.observer and plan.split >= K.ROW_WRITER_MIN_SPLIT and bounds)
+    if bounds:  # no bounds change only the writer and what follows from the program count
+        without = K.step_plan(rows, slots, pages, G, D, sms, bounds=False)
+        assert dataclasses.replace(without, writer=plan.writer, lean=plan.lean,
                                    observers_last=plan.observers_last) == plan
     assert plan.lean == (plan.writer or not plan.observer)
     assert plan.lazy == plan.dot == plan.observer
@@ -382,16 +389,18 @@ def test_step_plan_refuses_bad_input(name, value, allowed):
     args = dict(rows=4, slots=256, pages=16, G=4, D=128, sms=132) | {name: value}
     with pytest.raises(ValueError, match=rf"step_plan: {name}={value!r} is not allowed; allowed: {allowed}"):
         kernels.step_plan(**args)
-    with pytest.raises(TypeError, match=r"step_plan: shares must be True or False, got 1"):
-        kernels.step_plan(4, 256, 16, 4, 128, 132, shares=1)
+    with pytest.raises(TypeError, match=r"step_plan: bounds must be True or False, got 1"):
+        kernels.step_plan(4, 256, 16, 4, 128, 132, bounds=1)
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("observe, policy, page_size, text", [
-    (4, 0, 4, "fused_step: observe=4 is not supported; allowed: 0, 1, 2, 3"),
+    (5, 0, 4, "fused_step: observe=5 is not supported; allowed: 0, 1, 2, 3, 4"),
+    (4, 0, 4, "fused_step: policy=0 with observe=4 is not supported"),
+    (0, 1, 4, "fused_step: policy=1 with observe=0 is not supported; allowed: policy 0 (raas) with observe 0, 1 or 2, "
+              "policy 2 (h2o) with observe 3, policy 1 (streaming) with observe 4"),
     (3, 0, 4, "fused_step: policy=0 with observe=3 is not supported; allowed: policy 0 (raas) with observe 0, 1"),
     (1, 2, 4, "fused_step: policy=2 with observe=1 is not supported"),
-    (0, 1, 4, "fused_step: policy=1 with observe=0 is not supported"),
     (2, 0, 12, "fused_step: attention shares need a page size that is a power of two; got 12"),
 ])
 def test_fused_step_refuses_what_it_does_not_serve(observe, policy, page_size, text):
@@ -424,7 +433,7 @@ def test_interpreter_matches_torch_on_cpu():
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 21 and lines[-1].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 23 and lines[-3].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -476,6 +485,11 @@ GPU_CASES = [
     ("h2o-P16-triton", "h2o", dict(B=2, Hq=6, Hkv=2, D=64, budget=256, ps=16), [60, 238], dict(backend="triton")),
     ("h2o-P128-G4-triton", "h2o", B8, B8_LENS, dict(backend="triton")),
     ("h2o-P128-G4-triton-no-observer", "h2o", B8, B8_LENS, dict(backend="triton", sms=16)),
+    # fused_step without an observe (streaming): sink pages; with and without the observer program
+    ("streaming-P16-triton", "streaming", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=8), [40, 118],
+     dict(sink_tokens=10, backend="triton")),
+    ("streaming-P128-G4-triton", "streaming", B8, B8_LENS, dict(backend="triton", pin_prompt=False)),
+    ("streaming-P128-G4-triton-no-observer", "streaming", B8, B8_LENS, dict(backend="triton", sms=16)),
 ]
 MODES = ["eager", "default", "reduce-overhead"]
 
@@ -494,7 +508,8 @@ def test_gpu_fused_matches_torch_resync(case, mode):
 # (h2o and raas importance="attention" are left out: their scores are softmax shares, not exact sums)
 EXACT_CASES = [c for c in GPU_CASES if c[0] in ("raas-P8-G3", "raas-P33-G7", "raas-P128-G4", "raas-P128-G4-triton",
                                                  "raas-P33-G7-triton", "raas-P128-G4-triton-no-observer",
-                                                 "raas-P128-G4-triton-observers-first", "streaming-P16")]
+                                                 "raas-P128-G4-triton-observers-first", "streaming-P16",
+                                                 "streaming-P16-triton", "streaming-P128-G4-triton")]
 
 
 @pytest.mark.gpu
@@ -512,16 +527,16 @@ def test_gpu_fused_matches_torch_exact(case, mode):
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_backends():
-    """On CUDA, backend=None picks the one-kernel step for raas (either importance) and h2o, the fused
-    bookkeeping + flex for streaming (and when asked for), torch for quest; a refused choice names the
-    policy."""
+    """On CUDA, backend=None picks the one-kernel step for raas (either importance), h2o and streaming,
+    the fused bookkeeping + flex when asked for, torch for quest; a refused choice names the policy."""
     make = lambda budget, policy, **kw: PagedKVCache(make_config(budget, policy, page_size=16, **kw), batch_size=1,
                                                      num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
                                                      device="cuda")
     assert make(64, "raas").backend == "triton"
     assert make(64, "raas", importance="attention", refresh="threshold").backend == "triton"
     assert make(64, "raas", importance="attention").backend == "triton"
-    assert make(64, "h2o").backend == "triton" and make(64, "streaming").backend == "flex"
+    assert make(64, "h2o").backend == "triton" and make(64, "streaming").backend == "triton"
+    assert make(64, "streaming", backend="flex").backend == "flex"
     assert make(64, "h2o", backend="flex").backend == "flex"
     assert make(64, "raas", importance="attention", backend="flex").backend == "flex"
     assert make(64, "quest", max_length=128).backend == "torch"

@@ -126,24 +126,25 @@ class StepPlan:
         return self.split + self.observer + self.writer
 
 
-def step_plan(rows: int, slots: int, pages: int, G: int, D: int, sms: int | None, shares: bool = False) -> StepPlan:
+def step_plan(rows: int, slots: int, pages: int, G: int, D: int, sms: int | None, bounds: bool = True) -> StepPlan:
     """fused_step's plan for ``rows`` (sequence, KV head) rows of ``slots`` slots in ``pages`` pages,
     G query heads per KV head, head_dim D, on a GPU of ``sms`` SMs (None: the CPU interpreter).
-    ``shares``: the observe sums attention shares (no page bounds), so the observer program has only
-    the row writes to make and there is no writer."""
+    ``bounds``: the observe computes Quest's page bounds (raas default); without them (attention
+    shares, or streaming's no observe) the observer program has only the row writes to make and
+    there is no writer."""
     for name, value in (("rows", rows), ("slots", slots), ("pages", pages), ("G", G), ("D", D)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"step_plan: {name}={value!r} is not allowed; allowed: an int >= 1")
     if sms is not None and (not isinstance(sms, int) or isinstance(sms, bool) or sms < 1):
         raise ValueError(f"step_plan: sms={sms!r} is not allowed; allowed: None or an int >= 1")
-    if not isinstance(shares, bool):
-        raise TypeError(f"step_plan: shares must be True or False, got {shares!r}")
+    if not isinstance(bounds, bool):
+        raise TypeError(f"step_plan: bounds must be True or False, got {bounds!r}")
     tiles = -(-slots // BLOCK_N)
     split = split_for(rows, tiles, sms)
     observer = sms is None or rows * (split + 1) <= OBSERVER_MAX_PROGRAMS_PER_SM * sms
     if observer and split < OBSERVER_MIN_SPLIT:
         split = _pow2_floor(min(OBSERVER_MIN_SPLIT, tiles))
-    writer = observer and split >= ROW_WRITER_MIN_SPLIT and not shares
+    writer = observer and split >= ROW_WRITER_MIN_SPLIT and bounds
     share = -(-pages // split)
     bp = _pow2_ceil(pages if observer else share)
     if observer:

@@ -1,4 +1,4 @@
-"""fused_step: a whole raas or h2o decode step (append, attention, observe) in one launch, laid out
+"""fused_step: a whole raas, h2o or streaming decode step (append, attention, observe) in one launch, laid out
 by :func:`raas_flex.kernels.step_plan`. Page importance from attention probabilities (raas
 importance="attention", h2o) is summed per page by the attention programs in the same pass over K/V
 that computes the output, and rescaled at the row's combine like the output accumulator."""
@@ -226,7 +226,8 @@ def _step_kernel(
     kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, imp_ptr, count_ptr,
     acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2, psum_ptr, pm_ptr, threshold,
     B: tl.constexpr, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
-    POLICY: tl.constexpr, RECENT_PAGES: tl.constexpr, OBSERVE: tl.constexpr, UNIT: tl.constexpr, UT: tl.constexpr,
+    POLICY: tl.constexpr, SINK_PAGES: tl.constexpr, RECENT_PAGES: tl.constexpr, OBSERVE: tl.constexpr,
+    UNIT: tl.constexpr, UT: tl.constexpr,
     TT: tl.constexpr, CP: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BG: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PAGES: tl.constexpr,
@@ -234,9 +235,10 @@ def _step_kernel(
     BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
     LAZY: tl.constexpr, LEAN: tl.constexpr, WRITER: tl.constexpr, ONLINE: tl.constexpr, OLAST: tl.constexpr,
 ):
-    """Program (row, split) of a step under eviction rule POLICY (``Policy.append_code``: raas 0, h2o
-    2) and observe OBSERVE (``Policy.step_observe``: 0 bound top-k, 1 share top-k, 2 share threshold,
-    3 share added to the score). Every program decides the append from the pre-step state. Without
+    """Program (row, split) of a step under eviction rule POLICY (``Policy.append_code``: raas 0,
+    streaming 1, h2o 2) and observe OBSERVE (``Policy.step_observe``: 0 bound top-k, 1 share top-k, 2
+    share threshold, 3 share added to the score, 4 none). Every program decides the append from the
+    pre-step state. Without
     OBSERVER, program ``split`` attends its TILES tiles and (OBSERVE 0) bounds its PAGES pages; the
     row's last program (per-row ticket) combines the output, makes the row writes and the refresh.
     With OBSERVER, program 0 (OLAST: grid index SPLIT) makes the row writes the attention does not
@@ -267,23 +269,24 @@ def _step_kernel(
     if LAZY:  # the page choice only when the token opens a page
         if need:
             slot, opened, write, has_free = choose_slot(pid, p, in_row, need, open_old, pos, stamp_ptr, pinned_ptr,
-                                                        score_ptr, base, POLICY, 0, RECENT_PAGES, PS, BLOCK_P)
+                                                        score_ptr, base, POLICY, SINK_PAGES, RECENT_PAGES, PS, BLOCK_P)
         else:
             slot, opened, write, has_free = open_old, need, need == 0, need == 0
     else:
         slot, opened, write, has_free = choose_slot(pid, p, in_row, need, open_old, pos, stamp_ptr, pinned_ptr,
-                                                    score_ptr, base, POLICY, 0, RECENT_PAGES, PS, BLOCK_P)
+                                                    score_ptr, base, POLICY, SINK_PAGES, RECENT_PAGES, PS, BLOCK_P)
     new_id = pos // PS
     t = slot * PS + off
     new_max, new_min = new_key_bounds(kk, old_max, old_min, opened, write, kmax_ptr, kmin_ptr)
     pid_new = tl.where(opened & (p == slot), new_id, pid)
 
-    SHARES: tl.constexpr = OBSERVE != 0
+    SHARES: tl.constexpr = (OBSERVE >= 1) & (OBSERVE <= 3)
+    BOUNDS: tl.constexpr = OBSERVE == 0
     NPT: tl.constexpr = BLOCK_N // UNIT  # share units per tile
     UPP: tl.constexpr = PS // UNIT  # share units per page
     if OBSERVER:
         if split == 0:  # the observer: (bounds) every bound of the row, the top-k set (to imp as 1/0)
-            if not SHARES:
+            if BOUNDS:
                 bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr, 0, P,
                            slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BP, BPC, DOT, False)
                 tl.debug_barrier()  # the row of bounds is complete
@@ -309,13 +312,13 @@ def _step_kernel(
         _step_attend(q, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, psum_ptr, pm_ptr, row64, base, split, kk, vv,
                      pos, opened, slot, new_id, t, scale_log2, G, BG, D, PS, S, BLOCK_N, TILES, SPLIT, SHARES, UNIT,
                      UT, TT)
-        if not SHARES:
+        if BOUNDS:
             bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                        split * PAGES, split * PAGES + PAGES, slot, opened, new_id, new_max, new_min, b, h, base,
                        G, P, D, BP, BPC, DOT, False)
 
     if _last_of_row(count_ptr, row64, NPROG):
-        if not SHARES:  # the bounds, or the observer's top-k set, first: its latency overlaps the combine's loads
+        if BOUNDS:  # the bounds, or the observer's top-k set, first: its latency overlaps the combine's loads
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
         m, tot = _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT,
                               ONLINE)
@@ -330,7 +333,7 @@ def _step_kernel(
             _share_observe(q, kk, psum_ptr, pm_ptr, page_id_ptr, stamp_ptr, score_ptr, imp_ptr, m, tot, row64, base,
                            slot, opened, new_id, step_new, tl.cast(threshold, tl.float32), scale_log2, P, G, BG,
                            BLOCK_P, CP, NPT, UPP, UT, TT, OBSERVE, REFRESH)
-        else:
+        elif BOUNDS:
             if OBSERVER:
                 sel = in_row & (a != 0)
             else:
@@ -348,14 +351,16 @@ def fused_step(
     kmax: Tensor, kmin: Tensor, open_slot: Tensor, length: Tensor, step: Tensor, evictions: Tensor,
     overflow: Tensor, valid: Tensor, ticket: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor,
     full_idx: Tensor, imp: Tensor, count: Tensor, scale: float, refresh_pages: int, block: int,
-    observe: int = 0, policy: int = 0, recent_pages: int = 0, threshold: float = 0.0,
+    observe: int = 0, policy: int = 0, recent_pages: int = 0, threshold: float = 0.0, sink_pages: int = 0,
 ) -> Tensor:
     """A whole decode step in one launch: :func:`fused_append`'s state changes under eviction rule
-    ``policy`` (``Policy.append_code``: raas 0, h2o 2), the attention of q [B, Hq, 1, D] over the row
+    ``policy`` (``Policy.append_code``: raas 0, streaming 1 with ``sink_pages``, h2o 2), the attention of
+    q [B, Hq, 1, D] over the row
     after the append, and the policy's observe ``observe`` (``Policy.step_observe``): 0 Quest's bound,
     the top ``refresh_pages`` stamped; 1 the attention share (of the same pass over K/V), top
     ``refresh_pages`` stamped; 2 the share, pages of share > ``threshold`` stamped; 3 the share added
-    to the score (h2o, pages older than the ``recent_pages`` newest evictable). Returns [B, Hq, 1, D]
+    to the score (h2o, pages older than the ``recent_pages`` newest evictable); 4 none (streaming).
+    Returns [B, Hq, 1, D]
     in q's dtype. ``count`` (int32 [B * Hkv]) and ``ticket`` (int32 [1]): 0 at launch, left 0.
     Shares need a page size that is a power of two."""
     B, H, S, D = k_cache.shape
@@ -363,15 +368,16 @@ def fused_step(
     ps = S // P
     G = q.shape[1] // H
     nb = S // block
-    if observe not in (0, 1, 2, 3):
-        raise ValueError(f"fused_step: observe={observe!r} is not supported; allowed: 0, 1, 2, 3")
-    if (policy, observe == 3) not in ((0, False), (2, True)):
+    if observe not in (0, 1, 2, 3, 4):
+        raise ValueError(f"fused_step: observe={observe!r} is not supported; allowed: 0, 1, 2, 3, 4")
+    if (policy, observe) not in ((0, 0), (0, 1), (0, 2), (2, 3), (1, 4)):
         raise ValueError(f"fused_step: policy={policy!r} with observe={observe!r} is not supported; allowed: "
-                         "policy 0 (raas) with observe 0, 1 or 2, policy 2 (h2o) with observe 3")
-    shares = observe != 0
+                         "policy 0 (raas) with observe 0, 1 or 2, policy 2 (h2o) with observe 3, policy 1 "
+                         "(streaming) with observe 4")
+    shares = observe in (1, 2, 3)
     if shares and ps & (ps - 1):
         raise ValueError(f"fused_step: attention shares need a page size that is a power of two; got {ps}")
-    plan = step_plan(B * H, S, P, G, D, _pkg.device_sms(q.device), shares=shares)
+    plan = step_plan(B * H, S, P, G, D, _pkg.device_sms(q.device), bounds=observe == 0)
     bg = max(16, triton.next_power_of_2(G))
     acc = torch.empty(B * H, plan.split, bg, D, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * H, plan.split, 2, bg, dtype=torch.float32, device=q.device)
@@ -392,7 +398,8 @@ def fused_step(
         k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length, step, evictions, overflow,
         valid, ticket, kv_num, kv_idx, full_num, full_idx, imp, count,
         acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * 1.4426950408889634, psum, pm, threshold,
-        B=B, H=H, G=G, P=P, D=D, PS=ps, POLICY=policy, RECENT_PAGES=recent_pages, OBSERVE=observe, UNIT=unit, UT=ut,
+        B=B, H=H, G=G, P=P, D=D, PS=ps, POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
+        OBSERVE=observe, UNIT=unit, UT=ut,
         TT=tt, CP=cp, REFRESH=refresh_pages, BLOCK_P=block_p,
         BLOCK_PS=triton.next_power_of_2(ps), BLOCK_B=triton.next_power_of_2(B), BG=bg, BLOCK_N=BLOCK_N,
         TILES=plan.tiles, SPLIT=plan.split, PAGES=plan.pages, BP=plan.bp, BPC=plan.bpc,
