@@ -6,7 +6,7 @@
                           exact flex block lists
     fused_append_observe  the same, then the RaaS observe of the step's query (Quest's page bound,
                           the top-k refresh): the flex path's one launch a step
-    fused_step            the whole raas or h2o step (append, attention, observe) in one launch, laid
+    fused_step            the whole raas, h2o or streaming step (append, attention, observe) in one launch, laid
                           out by :func:`step_plan` (backend="triton"); attention shares come from the
                           attention's own pass over K/V
 
