@@ -28,7 +28,7 @@ Policies (``POLICIES``):
   newest ``budget_pages // 2`` pages (the new one included) are protected, and among the rest the page
   with the fewest reads is evicted (ties: the lower page). Nothing is pinned.
 
-    python -m raas_flex.oracle --problems 200 --seed 0   # markdown table for the milestone task
+    python -m raas_flex.oracle --problems 200 --seed 0 [--task ledger] [--rebuild]   # markdown table
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from .ledger import ledger_dataset
 from .testbed import Trace, milestone_dataset
 
 __all__ = ["POLICIES", "SimResult", "Trace", "budgets_for", "markdown_table", "oracle_table", "simulate"]
@@ -202,7 +203,8 @@ def markdown_table(table: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problems", type=int, default=200, help="held-out milestone-task problems")
+    ap.add_argument("--task", default="milestone", choices=("milestone", "ledger"), help="docs/testbed.md")
+    ap.add_argument("--problems", type=int, default=200, help="held-out problems of the task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fractions", default="0.125,0.25,0.5", help="budgets as fractions of the mean chain")
     ap.add_argument("--page-size", type=int, default=16)
@@ -215,7 +217,7 @@ def main(argv=None) -> dict:
             fractions.append(float(part))
         except ValueError:
             raise ValueError(f"--fractions: {part!r} is not a number in (0, 1]") from None
-    problems = milestone_dataset(args.problems, seed=args.seed)
+    problems = {"milestone": milestone_dataset, "ledger": ledger_dataset}[args.task](args.problems, seed=args.seed)
     table = oracle_table([p.trace for p in problems], fractions, page_size=args.page_size, rebuild=args.rebuild)
     print(markdown_table(table))
     return table
