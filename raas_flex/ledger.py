@@ -17,7 +17,7 @@ Format (one token per character, the testbed vocabulary; ``<s>`` is prepended, `
     A:685               answer: the last three values
 
 ``prev`` is the value of the last line with a value (``prev2`` the one before; the seed, then 0, at the
-start). A line's key is letter ``(10 * prev2 + prev) % keys`` of ``KEY_LETTERS``. Every problem carries
+start). A line's key is letter ``(prev + prev2) % keys`` of ``KEY_LETTERS``. Every problem carries
 its exact read trace, including the sets of positions that determine a read token without reading it
 (``Trace.rebuild``: an entry from any clean line that read it, a fact from its copies), so the oracle can tell a loss from a token a model could recompute.
 """
@@ -158,7 +158,7 @@ def _ledger_problem(facts, seed: int, lines: int, spec: LedgerSpec, noise=None) 
             parts.append(text)
             cur += len(text)
             continue
-        key = (10 * prev2 + prev) % spec.keys
+        key = (prev + prev2) % spec.keys
         key_reads = tuple(sorted({vpos[p1]} | ({vpos[valued[-2]]} if len(valued) > 1 else set())))
         reads.append((cur + 7, key_reads))
         if kind == "phoenix":  # "iii:mmmK+qD:F=v"
