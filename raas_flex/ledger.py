@@ -2,57 +2,74 @@
 
 On the milestone task (:mod:`raas_flex.testbed`) every line that reads a milestone reveals it, so a
 model can recompute a milestone from the last two lines and a recency policy loses nothing it needs
-(``python -m raas_flex.oracle --rebuild``). Here a milestone is a *ledger*: ``keys`` keyed digits. A
-line reads one entry, chosen by the two values before it, so a window of a few dozen lines has seen
-only some keys; an entry nobody read recently can only come from the ledger itself.
+(``python -m raas_flex.oracle --rebuild``). Here a milestone is a *ledger* of ten keyed digits, and a
+line multiplies the entry it reads: ``v = (entry * x + i) mod 10``. A product by an odd digit but 5
+reveals the entry, by an even one only the entry mod 5, by 5 its parity, by 0 nothing; so the lines
+a recent window holds have revealed some entries only in part, and a later read that needs more can
+only come from the ledger itself.
 
 Format (one token per character, the testbed vocabulary; ``<s>`` is prepended, ``</s>`` ends)::
 
-    q0:1,...,q9:6;000=2;000!a3b7...;n=164   question: facts, seed (value of line 000), ledger 000, lines
-    001:000g+000=5      line i: i:<ledger><key>+<operand>=v, v = (entry + value(operand) + i) mod 10
-    005:000c+q5:3=1     phoenix lines (label ending in 5, and the last line) add question fact q<prev>
-    060!a0b4...         a milestone line: a new ledger, entry k = the value of the k-th of the last
-                        `keys` lines with a value (here lines 050..059)
-    061:060k+059=8      from line 61 on, lines read ledger 060; the operand is the last line with a value
+    q0:1,...,q9:6;000=2;000!a3b7...j5;n=164   question: facts, seed (value of line 000), ledger 000, lines
+    001:000b*2=7        line i: i:<ledger><key>*x=v, key = letter (i mod 10) of "abcdefghij", x a copy
+                        of the previous value, v = (entry(key) * x + i) mod 10
+    005:000f*q7:3=1     phoenix lines (label ending in 5, and the last line): x is question fact
+                        q<previous value>, copied from the question
+    060!a0b4...j9       a milestone line: a new ledger, entry d = the value of the last line whose label
+                        ends in d (here lines 050..059); lines 061.. read ledger 060
     A:685               answer: the last three values
 
-``prev`` is the value of the last line with a value (``prev2`` the one before; the seed, then 0, at the
-start). A line's key is letter ``(prev + prev2) % keys`` of ``KEY_LETTERS``. Every problem carries
-its exact read trace, including the sets of positions that determine a read token without reading it
-(``Trace.rebuild``: an entry from any clean line that read it, a fact from its copies), so the oracle can tell a loss from a token a model could recompute.
+``prev`` is the value of the last line with a value (the seed at the start). Every key is read once
+every ten lines, so under LRU every page of the current ledger stays hot whatever its alignment.
+
+Reads (``Trace.reads``): a line's ``x`` copy reads the previous value (a phoenix line's fact key digit
+reads it, its fact copy the question's fact); its value reads the entry, unless ``x`` is 0 (the
+product is 0), and the copy in the line; a ledger entry reads the value it copies; ``A`` reads the line
+count, each answer digit its value.
+
+Rebuild rule (``Trace.rebuild``, ``Trace.read_rebuild``): an entry is determined by the value it copies
+and that value's copy in the next line (``x`` or the fact key digit), whatever a read needs of it: these
+go to ``Trace.rebuild``. A clean earlier line ``r`` that read the same entry with multiplier ``x_r``
+reveals ``entry * x_r mod 10`` (positions ``{x_r, v_r}``); a read with multiplier ``x`` needs
+``entry * x mod 10``. A set of such lines rebuilds the read when every digit ``d`` that agrees with all
+of them (``d * x_r == entry * x_r`` mod 10 for each) gives the same ``d * x``; ``read_rebuild`` lists,
+per read, the lines that do so alone and the pairs that do so together (neither alone). The partitions
+of the digits by ``d * x mod 10`` are the identity (x odd, not 5), mod 5 (x even, not 0), mod 2 (x = 5) and
+one class (x = 0), closed under common refinement, so no minimal set has more than two lines
+(``minimal_sets``; tests check this against brute force). A fact is determined by its copies.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
-from .testbed import (ANSWER_MARK, EOS, PAD, Chain, Trace, _check_count, encode_text, sample)
+from .testbed import ANSWER_MARK, EOS, PAD, Chain, Trace, _check_count, encode_text, sample
 
-__all__ = ["KEY_LETTERS", "LEDGER_SPEC", "LedgerProblem", "LedgerSpec", "encode_ledger_batch", "ledger_dataset"]
+__all__ = ["KEY_LETTERS", "LEDGER_SPEC", "LedgerProblem", "LedgerSpec", "determines", "encode_ledger_batch",
+           "ledger_dataset", "minimal_sets"]
 
-KEY_LETTERS = "abcdefghijklmoprstuvwxyz"  # no "n" or "q": those name the line count and the facts
+KEY_LETTERS = "abcdefghij"  # key d: the entry copied from the line whose label ends in d
 
 
 @dataclass(frozen=True)
 class LedgerSpec:
     """Shape of the ledger task; lines per problem are drawn uniformly from ``min_lines..max_lines``.
 
-    phase_lines: lines ``phase_lines``, ``2 * phase_lines``, ... write a new ledger (``iii!``: the
-        values of the last ``keys`` lines); the lines after one read it (line 000's is in the question).
-    phoenix_every: lines ``i`` with ``i % phoenix_every == phoenix_every // 2`` (and the last line) add a
-        question fact (``qK:F``, K the previous value) instead of the previous value.
-    keys: entries per ledger (at most ``len(KEY_LETTERS)``).
+    phase_lines: lines ``phase_lines``, ``2 * phase_lines``, ... write a new ledger (``iii!``: the values
+        of the last ten lines); the lines after one read it (line 000's is in the question).
+    phoenix_every: lines ``i`` with ``i % phoenix_every == phoenix_every // 2`` (and the last line) take
+        question fact ``qK:F`` (K the previous value) as the multiplier.
     heldout_mod: one (facts, seed) pair in about ``heldout_mod`` is held out.
     """
 
-    min_lines: int = 110
-    max_lines: int = 170
+    min_lines: int = 116
+    max_lines: int = 176
     phase_lines: int = 60
     phoenix_every: int = 10
-    keys: int = 10
     answer_digits: int = 3
     heldout_mod: int = 61
 
@@ -61,12 +78,12 @@ class LedgerSpec:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{f.name} must be an int, got {value!r}")
-        if not 2 <= self.keys <= len(KEY_LETTERS):
-            raise ValueError(f"keys={self.keys} must be in 2..{len(KEY_LETTERS)}")
-        if self.phase_lines <= self.keys or self.phoenix_every < 2 or self.heldout_mod < 2:
-            raise ValueError("need phase_lines > keys, phoenix_every >= 2 and heldout_mod >= 2, got "
-                             f"phase_lines={self.phase_lines}, keys={self.keys}, phoenix_every={self.phoenix_every}, "
-                             f"heldout_mod={self.heldout_mod}")
+        if self.phase_lines < 11:
+            raise ValueError(f"phase_lines={self.phase_lines} must be >= 11 (a ledger copies the ten lines before it)")
+        if self.phoenix_every < 2:
+            raise ValueError(f"phoenix_every={self.phoenix_every} must be >= 2")
+        if self.heldout_mod < 2:
+            raise ValueError(f"heldout_mod={self.heldout_mod} must be >= 2")
         if not 1 <= self.answer_digits <= 9:
             raise ValueError(f"answer_digits={self.answer_digits} must be in 1..9")
         if not max(self.phase_lines, 2 * self.answer_digits) <= self.min_lines <= self.max_lines <= 999:
@@ -80,18 +97,18 @@ class LedgerSpec:
         return "milestone" if i % self.phase_lines == 0 else "filler"
 
     def ledger_of(self, i: int) -> int:
-        """Label of the ledger line ``i`` reads (a milestone line: the ledger it updates)."""
+        """Label of the ledger line ``i`` reads (a milestone line: the ledger it replaces)."""
         return self.phase_lines * ((i - 1) // self.phase_lines)
 
     def cot_tokens(self, lines: int) -> int:
         """Tokens after the prompt: the lines, ``A:`` and the answer, ``</s>`` excluded."""
-        width = {"filler": 15, "phoenix": 16, "milestone": 5 + 2 * self.keys}
+        width = {"filler": 13, "phoenix": 16, "milestone": 5 + 2 * len(KEY_LETTERS)}
         return sum(width[self.line_kind(i, lines)] for i in range(1, lines + 1)) + len(ANSWER_MARK) + self.answer_digits
 
     @property
     def prompt_tokens(self) -> int:
         """Tokens of every question, ``<s>`` included (the same for all problems)."""
-        return len(format_ledger_question([0] * 10, 0, [0] * self.keys, self.min_lines)) + 1
+        return len(format_ledger_question([0] * 10, 0, [0] * 10, self.min_lines)) + 1
 
     @property
     def seq_len(self) -> int:
@@ -113,6 +130,31 @@ class LedgerProblem(Chain):
     noisy: tuple[int, ...] = ()
 
 
+def _digit(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= 9:
+        raise ValueError(f"{name}={value!r} must be a digit 0..9")
+    return int(value)
+
+
+def determines(entry: int, needed_x: int, known_xs) -> bool:
+    """Whether reads of ``entry`` with multipliers ``known_xs`` (each revealing ``entry * x mod 10``)
+    determine ``entry * needed_x mod 10``: every digit agreeing with them gives the same product."""
+    entry, needed_x = _digit("entry", entry), _digit("needed_x", needed_x)
+    xs = [_digit("known_xs item", x) for x in known_xs]
+    agree = [d for d in range(10) if all(d * x % 10 == entry * x % 10 for x in xs)]
+    return len({d * needed_x % 10 for d in agree}) == 1
+
+
+def minimal_sets(entry: int, needed_x: int, known_xs) -> list[tuple[int, ...]]:
+    """Indices into ``known_xs`` of the reads that determine what a read with ``needed_x`` needs alone,
+    and of the pairs that do together (neither alone). No minimal set is larger (module docstring)."""
+    xs = list(known_xs)
+    single = [j for j in range(len(xs)) if determines(entry, needed_x, [xs[j]])]
+    pairs = [(a, b) for a, b in combinations(range(len(xs)), 2)
+             if a not in single and b not in single and determines(entry, needed_x, [xs[a], xs[b]])]
+    return [(j,) for j in single] + pairs
+
+
 def _pairs(entries) -> str:
     return "".join(f"{KEY_LETTERS[k]}{int(d)}" for k, d in enumerate(entries))
 
@@ -122,76 +164,89 @@ def format_ledger_question(facts, seed: int, ledger, lines: int) -> str:
     return f"{facts_text};000={int(seed)};000!{_pairs(ledger)};n={int(lines):03d}\n"
 
 
-def first_ledger(facts, seed: int, keys: int) -> list[int]:
+def first_ledger(facts, seed: int) -> list[int]:
     """The question's ledger: digits drawn from a generator seeded by (facts, seed), so a problem is a
     function of what :func:`raas_flex.testbed.sample` draws."""
     rng = np.random.default_rng([int(seed), *(int(f) for f in facts)])
-    return [int(x) for x in rng.integers(0, 10, size=keys)]
+    return [int(x) for x in rng.integers(0, 10, size=len(KEY_LETTERS))]
 
 
 def _ledger_problem(facts, seed: int, lines: int, spec: LedgerSpec, noise=None) -> LedgerProblem:
     facts, seed, lines = [int(x) for x in facts], int(seed), int(lines)
-    ledger0 = first_ledger(facts, seed, spec.keys)
+    ledger0 = first_ledger(facts, seed)
     question = format_ledger_question(facts, seed, ledger0, lines)
     base = 1 + len(question)  # <s> is position 0
     fact_pos = [1 + question.index(f"q{k}:") + 3 for k in range(10)]
     n_pos = 1 + question.index(";n=") + 3
     start0 = 1 + question.index(";000!") + 5
     ledgers = {0: ledger0}
-    entry_pos = {0: [start0 + 2 * k + 1 for k in range(spec.keys)]}
+    entry_pos = {0: [start0 + 2 * k + 1 for k in range(10)]}
     values, vpos = {0: seed}, {0: 1 + question.index(";000=") + 5}
-    valued = [0]  # labels of the lines with a value, in order
+    copy_of: dict[int, int] = {}  # line j -> position of the next line's copy of its value
+    readers: dict[tuple[int, int], list] = {}  # (ledger, key) -> [(x, x position, v position)] of clean reads
     reads, noisy, parts, cur = [], [], [], base
     rebuild: dict[int, list] = {}
+    read_rebuild = []
+    prev_line = 0
     for i in range(1, lines + 1):
         kind, m = spec.line_kind(i, lines), spec.ledger_of(i)
-        p1 = valued[-1]
-        prev, prev2 = values[p1], (values[valued[-2]] if len(valued) > 1 else 0)
-        if kind == "milestone":  # "iii!" + a new ledger: the values of the last `keys` lines with one
-            src = valued[-spec.keys:]
-            new = [values[j] for j in src]
-            text = f"{i:03d}!{_pairs(new)}\n"
-            pos = [cur + 4 + 2 * k + 1 for k in range(spec.keys)]
-            for k, j in enumerate(src):
-                reads.append((pos[k], (vpos[j],)))
+        prev = values[prev_line]
+        if kind == "milestone":  # "iii!" + a new ledger: entry d = value of line i-10..i-1 ending in d
+            src = {j % 10: j for j in range(i - 10, i)}
+            new = [values[src[d]] for d in range(10)]
+            pos = [cur + 4 + 2 * d + 1 for d in range(10)]
+            for d in range(10):
+                j = src[d]
+                reads.append((pos[d], (vpos[j],)))
+                rebuild[pos[d]] = [(vpos[j],)] + ([(copy_of[j],)] if j in copy_of else [])
             ledgers[i], entry_pos[i] = new, pos
+            text = f"{i:03d}!{_pairs(new)}\n"
             parts.append(text)
             cur += len(text)
             continue
-        key = (prev + prev2) % spec.keys
-        key_reads = tuple(sorted({vpos[p1]} | ({vpos[valued[-2]]} if len(valued) > 1 else set())))
-        reads.append((cur + 7, key_reads))
-        if kind == "phoenix":  # "iii:mmmK+qD:F=v"
-            operand, b_val, b_pos = f"q{prev}:{facts[prev]}", facts[prev], cur + 12
-            reads.append((cur + 10, (vpos[p1],)))  # the fact's key digit is the previous value
-            reads.append((cur + 12, (fact_pos[prev],)))  # its copy reads the question
-            rebuild.setdefault(fact_pos[prev], []).append((cur + 12,))
-        else:
-            operand, b_val, b_pos = f"{p1:03d}", prev, vpos[p1]
-        entry = ledgers[m][key]
-        v = (entry + b_val + i) % 10
-        text = f"{i:03d}:{m:03d}{KEY_LETTERS[key]}+{operand}={v}\n"
-        vp = cur + len(text) - 2
+        key = i % 10
+        if kind == "phoenix":  # "iii:mmmK*qD:F=v": the multiplier is fact q<prev>, copied
+            x, x_pos = facts[prev], cur + 12
+            text = f"{i:03d}:{m:03d}{KEY_LETTERS[key]}*q{prev}:{x}="
+            reads.append((cur + 10, (vpos[prev_line],)))  # the fact's key digit copies the previous value
+            reads.append((x_pos, (fact_pos[prev],)))  # the fact copy reads the question
+            rebuild.setdefault(fact_pos[prev], []).append((x_pos,))
+            copy_of[prev_line] = cur + 10
+        else:  # "iii:mmmK*x=v": the multiplier copies the previous value
+            x, x_pos = prev, cur + 9
+            text = f"{i:03d}:{m:03d}{KEY_LETTERS[key]}*{x}="
+            reads.append((x_pos, (vpos[prev_line],)))
+            copy_of[prev_line] = x_pos
+        e_pos, entry = entry_pos[m][key], ledgers[m][key]
+        v = (entry * (x or 1) + i // 10) % 10
+        vp = cur + len(text)
+        text += f"{v}\n"
         if noise is not None and noise[i] > 0:
             v = (v + int(noise[i])) % 10
             text = text[:-2] + f"{v}\n"
             noisy.append(vp)
         else:
-            reads.append((vp, tuple(sorted({entry_pos[m][key], b_pos}))))
-            rebuild.setdefault(entry_pos[m][key], []).append((b_pos, vp))  # entry = v - b - i
+            reads.append((vp, tuple(sorted({e_pos, x_pos}))))
+            past = readers.get((m, key), [])
+            sets = [tuple(sorted(q for j in idx for q in past[j][1:]))
+                    for idx in minimal_sets(entry, x or 1, [r[0] for r in past])]
+            if sets:
+                read_rebuild.append((vp, e_pos, tuple(sets)))
+            readers.setdefault((m, key), []).append((x or 1, x_pos, vp))
         values[i], vpos[i] = v, vp
-        valued.append(i)
+        prev_line = i
         parts.append(text)
         cur += len(text)
     d = spec.answer_digits
-    last = valued[-d:]
+    last = [j for j in range(lines + 1) if j in values and j > 0][-d:]
     answer = "".join(str(values[j]) for j in last)
     reads.append((cur, (n_pos, n_pos + 1, n_pos + 2)))  # stopping ("A") needs the line count
     for k, j in enumerate(last):
         reads.append((cur + 2 + k, (vpos[j],)))
     cot = "".join(parts) + ANSWER_MARK + answer
     trace = Trace(prompt_len=base, length=base + len(cot) + 1, reads=tuple(reads),
-                  rebuild=tuple((p, tuple(sets)) for p, sets in sorted(rebuild.items())))
+                  rebuild=tuple((p, tuple(sets)) for p, sets in sorted(rebuild.items())),
+                  read_rebuild=tuple(read_rebuild))
     return LedgerProblem(facts=tuple(facts), seed=seed, lines=lines, ledger=tuple(ledger0),
                          values=tuple(values.get(j, 0) for j in range(lines + 1)), question=question, cot=cot,
                          answer=answer, trace=trace, noisy=tuple(noisy))

@@ -12,7 +12,7 @@ token joining opens a new page when it is the first of its page; when the cache 
 ``budget // page_size`` pages, one page is evicted first, for good. The open (newest) page is never
 evicted. A read of a position whose page was evicted is a loss (the step reads nothing else there).
 With ``rebuild=True`` such a read is *rebuilt* instead when one of the position sets that
-``trace.rebuild`` names for it is written and wholly resident: a model can recompute the token from
+``trace.rebuild`` (or ``trace.read_rebuild``, for that step's read) names for it is written and wholly resident: a model can recompute the token from
 what stays (on the milestone task every clean reader of a milestone reveals its value, and every
 copy of a question fact is the fact), so only a read that nothing resident determines is a loss.
 
@@ -109,6 +109,7 @@ def simulate(trace: Trace, budget: int, policy: str, page_size: int = 16, record
     count = dict.fromkeys(resident, 0)  # h2o: reads so far
     reads = dict(trace.reads)
     sets_of = dict(trace.rebuild) if rebuild else {}
+    step_sets = {(t, p): sets for t, p, sets in trace.read_rebuild} if rebuild else {}
     result = SimResult(policy=policy, budget=budget)
     protect = cap // 2
     for t in range(trace.prompt_len, trace.length):
@@ -135,7 +136,8 @@ def simulate(trace: Trace, budget: int, policy: str, page_size: int = 16, record
             if page in live:
                 stamp[page] = t
                 count[page] += 1
-            elif any(max(group) < t and all(q // page_size in live for q in group) for group in sets_of.get(p, ())):
+            elif any(max(group) < t and all(q // page_size in live for q in group)
+                     for group in (*sets_of.get(p, ()), *step_sets.get((t, p), ()))):
                 result.rebuilt.append((t, p))
             else:
                 result.lost.append((t, p))

@@ -485,12 +485,14 @@ class Trace:
     ``length``: tokens of the whole sequence (prompt, chain and ``</s>``); steps run from
     ``prompt_len`` to ``length - 1``. ``rebuild``: ``(position, sets)`` pairs: each set of positions
     determines the token at ``position`` without reading it (a step can use a set once all of it is
-    written), so a model may recompute that token from them."""
+    written), so a model may recompute that token from them. ``read_rebuild``: ``(step, position, sets)``
+    triples, sets that determine what that one step needs from ``position`` (not the whole token)."""
 
     prompt_len: int
     length: int
     reads: tuple[tuple[int, tuple[int, ...]], ...]
     rebuild: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = ()
+    read_rebuild: tuple[tuple[int, int, tuple[tuple[int, ...], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "length"):
@@ -505,7 +507,7 @@ class Trace:
             for p in positions:
                 if not 0 <= p < step:
                     raise ValueError(f"step {step} reads position {p}; allowed: 0..{step - 1} (already written)")
-        for p, sets in self.rebuild:
+        for p, sets in (*self.rebuild, *((p, sets) for _, p, sets in self.read_rebuild)):
             for q in (p, *(q for group in sets for q in group)):
                 if not 0 <= q < self.length:
                     raise ValueError(f"rebuild of position {p} names position {q}; allowed: 0..{self.length - 1}")
