@@ -59,15 +59,17 @@ KEY_LETTERS = "abcdefghij"  # key d: the entry copied from the line whose label 
 class LedgerSpec:
     """Shape of the ledger task; lines per problem are drawn uniformly from ``min_lines..max_lines``.
 
-    phase_lines: lines ``phase_lines``, ``2 * phase_lines``, ... write a new ledger (``iii!``: the values
-        of the last ten lines); the lines after one read it (line 000's is in the question).
-    phoenix_every: lines ``i`` with ``i % phoenix_every == phoenix_every // 2`` (and the last line) take
-        question fact ``qK:F`` (K the previous value) as the multiplier.
+    first_milestone, phase_lines: lines ``first_milestone``, ``first_milestone + phase_lines``, ... write a
+        new ledger (``iii!``: the values of the last ten lines); the lines after one read it (the lines
+        before the first read ledger 000, in the question).
+    phoenix_every: lines ``i`` with ``i % phoenix_every == phoenix_every // 2`` (but milestone lines) and
+        the last line take question fact ``qK:F`` (K the previous value) as the multiplier.
     heldout_mod: one (facts, seed) pair in about ``heldout_mod`` is held out.
     """
 
     min_lines: int = 116
     max_lines: int = 176
+    first_milestone: int = 20
     phase_lines: int = 60
     phoenix_every: int = 10
     answer_digits: int = 3
@@ -78,27 +80,32 @@ class LedgerSpec:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{f.name} must be an int, got {value!r}")
-        if self.phase_lines < 11:
-            raise ValueError(f"phase_lines={self.phase_lines} must be >= 11 (a ledger copies the ten lines before it)")
+        for name in ("first_milestone", "phase_lines"):
+            if getattr(self, name) < 11:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 11 (a ledger copies the ten lines before it)")
         if self.phoenix_every < 2:
             raise ValueError(f"phoenix_every={self.phoenix_every} must be >= 2")
         if self.heldout_mod < 2:
             raise ValueError(f"heldout_mod={self.heldout_mod} must be >= 2")
         if not 1 <= self.answer_digits <= 9:
             raise ValueError(f"answer_digits={self.answer_digits} must be in 1..9")
-        if not max(self.phase_lines, 2 * self.answer_digits) <= self.min_lines <= self.max_lines <= 999:
-            raise ValueError("need max(phase_lines, 2 * answer_digits) <= min_lines <= max_lines <= 999, got "
-                             f"min_lines={self.min_lines}, max_lines={self.max_lines}, phase_lines={self.phase_lines}")
+        if not max(self.first_milestone, 2 * self.answer_digits) <= self.min_lines <= self.max_lines <= 999:
+            raise ValueError("need max(first_milestone, 2 * answer_digits) <= min_lines <= max_lines <= 999, got "
+                             f"min_lines={self.min_lines}, max_lines={self.max_lines}, "
+                             f"first_milestone={self.first_milestone}")
 
     def line_kind(self, i: int, lines: int) -> str:
         """``"phoenix"``, ``"milestone"`` (writes a ledger) or ``"filler"`` for line ``i`` of ``lines``."""
-        if i == lines or i % self.phoenix_every == self.phoenix_every // 2:
+        milestone = i >= self.first_milestone and (i - self.first_milestone) % self.phase_lines == 0
+        if i == lines or (i % self.phoenix_every == self.phoenix_every // 2 and not milestone):
             return "phoenix"
-        return "milestone" if i % self.phase_lines == 0 else "filler"
+        return "milestone" if milestone else "filler"
 
     def ledger_of(self, i: int) -> int:
         """Label of the ledger line ``i`` reads (a milestone line: the ledger it replaces)."""
-        return self.phase_lines * ((i - 1) // self.phase_lines)
+        if i <= self.first_milestone:
+            return 0
+        return self.first_milestone + self.phase_lines * ((i - 1 - self.first_milestone) // self.phase_lines)
 
     def cot_tokens(self, lines: int) -> int:
         """Tokens after the prompt: the lines, ``A:`` and the answer, ``</s>`` excluded."""
