@@ -3,12 +3,15 @@
     python examples/train_testbed.py --out runs/testbed            # one GPU, ~8 minutes (the shipped model)
     python examples/train_testbed.py --smoke --out /tmp/tb          # CPU, seconds: a few steps, tiny model
     python examples/train_testbed.py --task milestone --out runs/milestone   # the milestone task, <= 15 min
+    python examples/train_testbed.py --task ledger --value-noise 0.25 --minutes 9 --out runs/ledger   # ledger task
 
 ``--task`` picks the task: ``lag`` (default; every value is read by the next line and ``lag`` lines
 later) or ``milestone`` (:class:`raas_flex.testbed.MilestoneSpec`, docs/testbed.md: milestones read by
-name over a whole phase, filler read once, question facts read again after long gaps). The milestone
-task trains with plain causal attention on full sequences (``--window`` is refused for it), by default
-for 13 minutes of wall clock so that the run with its final evaluation ends within 15 minutes.
+name over a whole phase, filler read once, question facts read again after long gaps) or ``ledger``
+(:class:`raas_flex.ledger.LedgerSpec`: milestones are ledgers of ten keyed digits, each line multiplies
+one entry, so a recent window cannot rebuild them). The milestone and ledger tasks train with plain causal
+attention on full sequences (``--window`` is refused for them), by default for 13 minutes of wall clock
+so that the run with its final evaluation ends within 15 minutes.
 
 ``--page-dropout P`` (off by default, either task) hides, for each training sequence, every 16-token
 page of keys but the question's with probability P from all queries ``--dropout-recent`` pages or more
@@ -17,7 +20,7 @@ The dropped pages are drawn at random, independent of the task: the model sees K
 eviction policy makes it go missing, without being told which tokens a step needs. It needs a dense 4D
 mask (slower attention kernels); evaluation is always dense. With ``--dropout-spread`` each sequence draws
 its own rate uniformly from [0, P), so one run sees every sparsity from dense to a small budget's.
-``--value-noise P`` (milestone task)
+``--value-noise P`` (milestone and ledger tasks)
 replaces line values in training so that no value follows from the two lines before it
 (docs/testbed.md); ``--init DIR`` continues a checkpoint.
 
@@ -66,6 +69,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from raas_flex.config import SUPPORTED_HEAD_DIMS  # noqa: E402
+from raas_flex.ledger import LedgerSpec, _encode_ledger, encode_ledger_batch, ledger_dataset  # noqa: E402
 from raas_flex.testbed import (  # noqa: E402
     EOS,
     LINE_WIDTH,
@@ -85,24 +89,31 @@ from raas_flex.testbed import (  # noqa: E402
 
 ARCHS = ("llama", "qwen2")
 NEWLINE_ID, EQUALS_ID, Q_ID = (VOCAB.index(c) for c in ("\n", "=", "q"))
-TASKS = ("lag", "milestone")
+TASKS = ("lag", "milestone", "ledger")
 SMOKE = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, batch_size=4,
              steps=3, eval_problems=4, gen_problems=2, min_lines=12, max_lines=14, lag=4, phase_lines=6,
              phoenix_every=4)
-SPEC_ARGS = {"lag": ("min_lines", "max_lines", "lag"), "milestone": ("min_lines", "max_lines", "phase_lines", "phoenix_every")}
-DEFAULT_MINUTES = {"lag": 8.0, "milestone": 13.0}
+SMOKE_LEDGER = dict(min_lines=24, max_lines=26, phase_lines=11, first_milestone=11)  # a ledger copies ten lines
+SPEC_ARGS = {"lag": ("min_lines", "max_lines", "lag"), "milestone": ("min_lines", "max_lines", "phase_lines", "phoenix_every"),
+             "ledger": ("min_lines", "max_lines", "phase_lines", "phoenix_every", "first_milestone")}
+SPEC_CLASSES = {"lag": TaskSpec, "milestone": MilestoneSpec, "ledger": LedgerSpec}
+DEFAULT_MINUTES = {"lag": 8.0, "milestone": 13.0, "ledger": 13.0}
 
 
 def make_spec(task: str, **overrides):
-    """The task's spec (:class:`TaskSpec` or :class:`MilestoneSpec`) with the given fields overridden."""
+    """The task's spec (:class:`TaskSpec`, :class:`MilestoneSpec` or :class:`LedgerSpec`) with the given
+    fields overridden."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported; allowed: {', '.join(TASKS)}")
-    return (TaskSpec if task == "lag" else MilestoneSpec)(**overrides)
+    return SPEC_CLASSES[task](**overrides)
 
 
 def encode_problems(rng: np.random.Generator, n: int, spec, split: str, value_noise: float = 0.0):
     """Token ids ``[n, spec.seq_len]`` of ``n`` problems of the spec's task, and the positions to leave
-    out of the loss (the milestone task's noisy values; None for the lag task)."""
+    out of the loss (the milestone and ledger tasks' noisy values; None for the lag task)."""
+    if isinstance(spec, LedgerSpec):
+        ids, _, noisy = encode_ledger_batch(rng, n, spec, split, value_noise)
+        return ids, noisy
     if isinstance(spec, MilestoneSpec):
         ids, _, noisy = encode_milestone_batch(rng, n, spec, split, value_noise)
         return ids, noisy
@@ -291,7 +302,8 @@ def generate_eval(model, tok, spec: TaskSpec, n: int, seed: int, device, batch_s
     from raas_flex.testbed import dataset, milestone_dataset
 
     model.eval()
-    problems = (milestone_dataset if isinstance(spec, MilestoneSpec) else dataset)(n, seed=seed, spec=spec)
+    make = ledger_dataset if isinstance(spec, LedgerSpec) else milestone_dataset if isinstance(spec, MilestoneSpec) else dataset
+    problems = make(n, seed=seed, spec=spec)
     correct, lengths, t0 = 0, [], time.perf_counter()
     max_new = spec.seq_len - spec.prompt_tokens + 16
     for i in range(0, n, batch_size):
@@ -330,7 +342,7 @@ def save(model, tok, out: Path, log: dict) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (checkpoint, tokenizer, train_log.json)")
-    ap.add_argument("--task", default="lag", choices=TASKS, help="lag (default) or milestone (docs/testbed.md)")
+    ap.add_argument("--task", default="lag", choices=TASKS, help="lag (default), milestone or ledger (docs/testbed.md)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="wall-clock budget of the training loop, from script start (default: 8 for lag, 13 for milestone)")
     ap.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: time only)")
@@ -357,10 +369,11 @@ def parse_args(argv=None):
     ap.add_argument("--min-lines", type=int, default=None)
     ap.add_argument("--max-lines", type=int, default=None)
     ap.add_argument("--lag", type=int, default=None, help="lag task only")
-    ap.add_argument("--phase-lines", type=int, default=None, help="milestone task only")
-    ap.add_argument("--phoenix-every", type=int, default=None, help="milestone task only")
+    ap.add_argument("--phase-lines", type=int, default=None, help="milestone and ledger tasks only")
+    ap.add_argument("--phoenix-every", type=int, default=None, help="milestone and ledger tasks only")
+    ap.add_argument("--first-milestone", type=int, default=None, help="ledger task only: the first ledger's line")
     ap.add_argument("--value-noise", type=float, default=0.0,
-                    help="milestone task only: share of line values replaced by another digit in training "
+                    help="milestone and ledger tasks only: share of line values replaced by another digit in training "
                          "(left out of the loss; later lines read them as written), so that no value follows "
                          "from the two lines before it (docs/testbed.md)")
     ap.add_argument("--page-dropout", type=float, default=0.0,
@@ -382,8 +395,8 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny model and task, a few steps (CPU test)")
     args = ap.parse_args(argv)
     if args.smoke:
-        for k, v in SMOKE.items():
-            if k in ("min_lines", "max_lines", "lag", "phase_lines", "phoenix_every"):
+        for k, v in {**SMOKE, **(SMOKE_LEDGER if args.task == "ledger" else {})}.items():
+            if k in ("min_lines", "max_lines", "lag", "phase_lines", "phoenix_every", "first_milestone"):
                 if getattr(args, k) is None:
                     setattr(args, k, v)
             else:
@@ -397,15 +410,15 @@ def parse_args(argv=None):
         raise ValueError(f"--minutes must be > 0, got {args.minutes}")
     if args.window is not None and not 1 <= args.window[0] <= args.window[1]:
         raise ValueError(f"--window MIN MAX needs 1 <= MIN <= MAX, got {args.window}")
-    if args.task == "milestone" and args.window is not None:
-        raise ValueError(f"--window {args.window} is not allowed with --task milestone (it trains with plain causal "
+    if args.task != "lag" and args.window is not None:
+        raise ValueError(f"--window {args.window} is not allowed with --task {args.task} (it trains with plain causal "
                          "attention; use --page-dropout for an optional task-independent sparsity)")
     if args.window is not None and args.page_dropout > 0:
         raise ValueError("--page-dropout and --window cannot be combined; pick one")
     if not 0.0 <= args.value_noise < 1.0:
         raise ValueError(f"--value-noise must be in [0, 1), got {args.value_noise}")
-    if args.value_noise > 0 and args.task != "milestone":
-        raise ValueError(f"--value-noise {args.value_noise} is for --task milestone only")
+    if args.value_noise > 0 and args.task == "lag":
+        raise ValueError(f"--value-noise {args.value_noise} is for --task milestone or ledger only")
     if not 0.0 <= args.page_dropout < 1.0:
         raise ValueError(f"--page-dropout must be in [0, 1), got {args.page_dropout}")
     if args.dropout_spread and args.page_dropout == 0:
@@ -461,7 +474,7 @@ def main(argv=None) -> dict:
         step_model = torch.compile(model)
 
     # held-out set for the teacher-forced eval (fixed; the generate eval uses another seed)
-    encode = _encode_milestone if args.task == "milestone" else _encode
+    encode = {"lag": _encode, "milestone": _encode_milestone, "ledger": _encode_ledger}[args.task]
     ev_ids = torch.from_numpy(encode(*sample(np.random.default_rng(10_000 + args.seed), args.eval_problems, spec,
                                              "heldout"), spec)[0])
     batches = Batches(args.seed, args.batch_size, spec, pin=cuda, value_noise=args.value_noise)

@@ -178,7 +178,9 @@ def first_ledger(facts, seed: int) -> list[int]:
     return [int(x) for x in rng.integers(0, 10, size=len(KEY_LETTERS))]
 
 
-def _ledger_problem(facts, seed: int, lines: int, spec: LedgerSpec, noise=None) -> LedgerProblem:
+def _ledger_problem(facts, seed: int, lines: int, spec: LedgerSpec, noise=None, rebuilds: bool = True) -> LedgerProblem:
+    """One problem; ``noise`` (training): per line a shift 1..9 added to its value, or 0; ``rebuilds=False``
+    leaves the trace empty (training batches, which need only the text: faster)."""
     facts, seed, lines = [int(x) for x in facts], int(seed), int(lines)
     ledger0 = first_ledger(facts, seed)
     question = format_ledger_question(facts, seed, ledger0, lines)
@@ -234,12 +236,13 @@ def _ledger_problem(facts, seed: int, lines: int, spec: LedgerSpec, noise=None) 
             noisy.append(vp)
         else:
             reads.append((vp, tuple(sorted({e_pos, x_pos}))))
-            past = readers.get((m, key), [])
-            sets = [tuple(sorted(q for j in idx for q in past[j][1:]))
-                    for idx in minimal_sets(entry, x or 1, [r[0] for r in past])]
-            if sets:
-                read_rebuild.append((vp, e_pos, tuple(sets)))
-            readers.setdefault((m, key), []).append((x or 1, x_pos, vp))
+            past = readers.setdefault((m, key), [])
+            if past and rebuilds:
+                sets = [tuple(sorted(q for j in idx for q in past[j][1:]))
+                        for idx in minimal_sets(entry, x or 1, [r[0] for r in past])]
+                if sets:
+                    read_rebuild.append((vp, e_pos, tuple(sets)))
+            past.append((x or 1, x_pos, vp))
         values[i], vpos[i] = v, vp
         prev_line = i
         parts.append(text)
@@ -251,6 +254,8 @@ def _ledger_problem(facts, seed: int, lines: int, spec: LedgerSpec, noise=None) 
     for k, j in enumerate(last):
         reads.append((cur + 2 + k, (vpos[j],)))
     cot = "".join(parts) + ANSWER_MARK + answer
+    if not rebuilds:  # training text only: no trace
+        reads, rebuild = [], {}
     trace = Trace(prompt_len=base, length=base + len(cot) + 1, reads=tuple(reads),
                   rebuild=tuple((p, tuple(sets)) for p, sets in sorted(rebuild.items())),
                   read_rebuild=tuple(read_rebuild))
@@ -287,11 +292,17 @@ def encode_ledger_batch(rng: np.random.Generator, n: int, spec: LedgerSpec = LED
         noise = np.where(rng.random(shift.shape) < value_noise, shift, 0)
         for j, k in enumerate(lines):
             noise[j, k - 2 * spec.answer_digits + 1:] = 0  # the answer's lines stay exact
+    return _encode_ledger(facts, seeds, lines, spec, noise)
+
+
+def _encode_ledger(facts, seeds, lines, spec: LedgerSpec, noise=None):
+    """``(ids, lengths, noisy)`` of the problems drawn as :func:`raas_flex.testbed.sample` returns them."""
+    n = len(seeds)
     ids = np.full((n, spec.seq_len), PAD, dtype=np.int64)
     lengths = np.zeros(n, dtype=np.int64)
     noisy = np.zeros((n, spec.seq_len), dtype=bool)
     for j, (f, s, k) in enumerate(zip(facts, seeds, lines)):
-        p = _ledger_problem(f, s, k, spec, None if noise is None else noise[j])
+        p = _ledger_problem(f, s, k, spec, None if noise is None else noise[j], rebuilds=False)
         row = np.concatenate([encode_text(p.question + p.cot), [EOS]])
         ids[j, :len(row)] = row
         lengths[j] = len(row)
