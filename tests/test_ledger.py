@@ -227,3 +227,22 @@ def test_bad_input():
         lg.encode_ledger_batch(np.random.default_rng(0), 1, value_noise=1.5)
     with pytest.raises(TypeError, match="spec must be a LedgerSpec"):
         lg.ledger_dataset(1, spec=tb.MILESTONE_SPEC)
+
+
+def test_train_ledger_smoke(tmp_path):
+    """``examples/train_testbed.py --task ledger``: a few steps of a tiny model on a small ledger spec, the
+    teacher-forced evaluation (facts and values found in the ledger lines), the checkpoint."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_testbed.py"
+    spec = importlib.util.spec_from_file_location("train_testbed_ledger", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    log = train.main(["--smoke", "--task", "ledger", "--out", str(tmp_path), "--device", "cpu", "--gen-problems", "0",
+                      "--value-noise", "0.3"])
+    assert log["task"] == "ledger" and log["spec"]["first_milestone"] == 11 and log["steps"] == 3
+    assert {"tf_fact_acc", "tf_value_acc"} <= set(log["final"]) and (tmp_path / "model.safetensors").exists()
+    assert log["prompt_tokens"] == lg.LedgerSpec(**log["spec"]).prompt_tokens
+    with pytest.raises(ValueError, match="--window"):
+        train.main(["--smoke", "--task", "ledger", "--out", str(tmp_path), "--window", "20", "40"])

@@ -474,7 +474,7 @@ def test_train_milestone_smoke_with_value_noise_leaves_noisy_values_out_of_the_l
                       "--gen-problems", "0", "--value-noise", "0.3"])
     assert log["args"]["value_noise"] == 0.3 and log["steps"] == 3
     assert {"tf_fact_acc", "tf_value_acc"} <= set(log["final"])
-    with pytest.raises(ValueError, match="--value-noise 0.2 is for --task milestone only"):
+    with pytest.raises(ValueError, match="--value-noise 0.2 is for --task milestone or ledger only"):
         train.main(["--smoke", "--out", str(tmp_path), "--value-noise", "0.2"])
     with pytest.raises(ValueError, match="--value-noise must be in"):
         train.main(["--smoke", "--task", "milestone", "--out", str(tmp_path), "--value-noise", "1.0"])
