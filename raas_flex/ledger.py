@@ -3,40 +3,48 @@
 On the milestone task (:mod:`raas_flex.testbed`) every line that reads a milestone reveals it, so a
 model can recompute a milestone from the last two lines and a recency policy loses nothing it needs
 (``python -m raas_flex.oracle --rebuild``). Here a milestone is a *ledger* of ten keyed digits, and a
-line multiplies the entry it reads: ``v = (entry * x + i) mod 10``. A product by an odd digit but 5
-reveals the entry, by an even one only the entry mod 5, by 5 its parity, by 0 nothing; so the lines
+line multiplies the entry it reads: ``v = (entry * x + i // 10) mod 10``. A product by an odd digit but 5
+reveals the entry, by an even one only the entry mod 5, by 5 its parity (0 counts as 1); so the lines
 a recent window holds have revealed some entries only in part, and a later read that needs more can
 only come from the ledger itself.
 
 Format (one token per character, the testbed vocabulary; ``<s>`` is prepended, ``</s>`` ends)::
 
-    q0:1,...,q9:6;000=2;000!a3b7...j5;n=164   question: facts, seed (value of line 000), ledger 000, lines
-    001:000b*2=7        line i: i:<ledger><key>*x=v, key = letter (i mod 10) of "abcdefghij", x a copy
-                        of the previous value, v = (entry(key) * x + i) mod 10
-    005:000f*q7:3=1     phoenix lines (label ending in 5, and the last line): x is question fact
+    q0:2,...,q9:4;000=8;000!a2b8c6d2e5f6g0h7i6j7;n=137   question: facts, seed (value of line 000),
+                        ledger 000, line count
+    001:000b*8=4        line i: i:<ledger><key>*x=v, key = letter (i mod 10) of "abcdefghij", x a copy
+                        of the previous value, v = (entry(key) * x + tens digit of i) mod 10, x = 0 counts as 1
+    005:000f*q0:2=2     phoenix lines (label ending in 5, and the last line): x is question fact
                         q<previous value>, copied from the question
-    060!a0b4...j9       a milestone line: a new ledger, entry d = the value of the last line whose label
-                        ends in d (here lines 050..059); lines 061.. read ledger 060
-    A:685               answer: the last three values
+    020!a9b3c9d9e6f9g1h8i9j4   a milestone line (20, 80, 140, ...): a new ledger, entry d = the value of
+                        line 01d (the last line whose label ends in d); lines 021..079 read ledger 020
+    021:020b*4=4
+    A:580               answer: the last three values
 
 ``prev`` is the value of the last line with a value (the seed at the start). Every key is read once
-every ten lines, so under LRU every page of the current ledger stays hot whatever its alignment.
+every ten lines, so under LRU every page of the current ledger stays hot whatever its alignment. The
+tens digit of the label changes the line op every ten lines, so the chain does not fall into a cycle of
+ten lines (with the units digit it did: each key then met the same multiplier at every read, and the
+lines a recent window holds revealed exactly what later reads need).
 
 Reads (``Trace.reads``): a line's ``x`` copy reads the previous value (a phoenix line's fact key digit
-reads it, its fact copy the question's fact); its value reads the entry, unless ``x`` is 0 (the
-product is 0), and the copy in the line; a ledger entry reads the value it copies; ``A`` reads the line
-count, each answer digit its value.
+reads it, its fact copy the question's fact); its value reads the entry and the copy in the line; a
+ledger entry reads the value it copies; ``A`` reads the line count, each answer digit its value.
 
-Rebuild rule (``Trace.rebuild``, ``Trace.read_rebuild``): an entry is determined by the value it copies
-and that value's copy in the next line (``x`` or the fact key digit), whatever a read needs of it: these
-go to ``Trace.rebuild``. A clean earlier line ``r`` that read the same entry with multiplier ``x_r``
-reveals ``entry * x_r mod 10`` (positions ``{x_r, v_r}``); a read with multiplier ``x`` needs
+Rebuild rule (``Trace.rebuild``, ``Trace.read_rebuild``): a position set rebuilds a token when the token
+follows from it by a copy or by one line's op (forwards or inverted), not by re-running the chain (all of
+which follows from the question). An entry is determined by the value it copies, that value's copy in
+the next line (``x`` or the fact key digit), and the entry and ``x`` of the line that computed it,
+whatever a read needs of it: these go to ``Trace.rebuild``. A clean earlier line ``r`` that read the
+same entry with multiplier ``x_r`` reveals ``entry * x_r mod 10`` (positions ``{x_r, v_r}``); a read with
+multiplier ``x`` needs
 ``entry * x mod 10``. A set of such lines rebuilds the read when every digit ``d`` that agrees with all
 of them (``d * x_r == entry * x_r`` mod 10 for each) gives the same ``d * x``; ``read_rebuild`` lists,
 per read, the lines that do so alone and the pairs that do so together (neither alone). The partitions
-of the digits by ``d * x mod 10`` are the identity (x odd, not 5), mod 5 (x even, not 0), mod 2 (x = 5) and
-one class (x = 0), closed under common refinement, so no minimal set has more than two lines
-(``minimal_sets``; tests check this against brute force). A fact is determined by its copies.
+of the digits by ``d * x mod 10`` are the identity (x = 1, 3, 7, 9, and 0 counted as 1), mod 5 (x = 2,
+4, 6, 8) and mod 2 (x = 5), closed under common refinement (mod 5 and mod 2 together: the identity), so
+no minimal set has more than two lines (``minimal_sets``; tests check this against brute force). A fact
+is determined by its copies.
 """
 
 from __future__ import annotations
@@ -192,6 +200,8 @@ def _ledger_problem(facts, seed: int, lines: int, spec: LedgerSpec, noise=None, 
     entry_pos = {0: [start0 + 2 * k + 1 for k in range(10)]}
     values, vpos = {0: seed}, {0: 1 + question.index(";000=") + 5}
     copy_of: dict[int, int] = {}  # line j -> position of the next line's copy of its value
+    inputs: dict[int, tuple] = {}  # clean line j -> (its entry, its multiplier): they compute its value
+    copied_from: dict[int, int] = {}  # ledger entry position -> the line whose value it copies
     readers: dict[tuple[int, int], list] = {}  # (ledger, key) -> [(x, x position, v position)] of clean reads
     reads, noisy, parts, cur = [], [], [], base
     rebuild: dict[int, list] = {}
@@ -207,7 +217,7 @@ def _ledger_problem(facts, seed: int, lines: int, spec: LedgerSpec, noise=None, 
             for d in range(10):
                 j = src[d]
                 reads.append((pos[d], (vpos[j],)))
-                rebuild[pos[d]] = [(vpos[j],)] + ([(copy_of[j],)] if j in copy_of else [])
+                copied_from[pos[d]] = j
             ledgers[i], entry_pos[i] = new, pos
             text = f"{i:03d}!{_pairs(new)}\n"
             parts.append(text)
@@ -243,6 +253,7 @@ def _ledger_problem(facts, seed: int, lines: int, spec: LedgerSpec, noise=None, 
                 if sets:
                     read_rebuild.append((vp, e_pos, tuple(sets)))
             past.append((x or 1, x_pos, vp))
+            inputs[i] = tuple(sorted((e_pos, x_pos)))
         values[i], vpos[i] = v, vp
         prev_line = i
         parts.append(text)
@@ -254,6 +265,8 @@ def _ledger_problem(facts, seed: int, lines: int, spec: LedgerSpec, noise=None, 
     for k, j in enumerate(last):
         reads.append((cur + 2 + k, (vpos[j],)))
     cot = "".join(parts) + ANSWER_MARK + answer
+    for p, j in copied_from.items():  # an entry is its source value, any copy of it, or their inputs
+        rebuild[p] = [(vpos[j],)] + ([(copy_of[j],)] if j in copy_of else []) + ([inputs[j]] if j in inputs else [])
     if not rebuilds:  # training text only: no trace
         reads, rebuild = [], {}
     trace = Trace(prompt_len=base, length=base + len(cot) + 1, reads=tuple(reads),

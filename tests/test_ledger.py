@@ -171,9 +171,18 @@ def test_text_reads_and_rebuild_sets(seed):
             want = {tuple(sorted(q for j in idx for q in past[j][1:])) for idx in brute_minimal(entry, x, [r[0] for r in past])}
             assert set(step_sets.get((vp, e_pos), ())) == want
             past.append((x, x_pos, vp))
-        for pos, sets in prob.trace.rebuild:  # whole-token sets: copies of the token
+        by_inputs = {(min(e, x), max(e, x)): (x, vp) for x, vp, e, *_ in info.values()}
+        for pos, sets in prob.trace.rebuild:  # whole-token sets: copies of the token, or a line's inputs
+            assert text[pos].isdigit()
             for group in sets:
-                assert len(group) == 1 and text[group[0]] == text[pos] and text[group[0]].isdigit()
+                if len(group) == 1:
+                    assert text[group[0]] == text[pos]
+                else:  # the entry and multiplier of the line whose value the ledger entry copies
+                    x_pos, vp = by_inputs[group]
+                    e_pos = group[0] if group[1] == x_pos else group[1]
+                    i = int(text[text.rindex("\n", 0, vp) + 1:][:3])
+                    assert text[vp] == text[pos] and int(text[vp]) == (int(text[e_pos]) * (int(text[x_pos]) or 1) + i // 10) % 10
+                    assert text[pos - 1] in "abcdefghij" and vp < pos
         for t, positions in prob.trace.reads:
             assert all(0 <= p < t for p in positions)
 
