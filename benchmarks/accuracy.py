@@ -23,7 +23,8 @@ Answers: :func:`extract_answer` takes the last ``\\boxed{...}`` (nested braces),
 (JSONL rows with a ``cot``) each wrong answer is also classified by the first line that differs from
 the reference chain (:func:`diagnose`): a wrong table read ("table": a phoenix token was lost), a
 wrong lagged read ("lag": a milestone was lost), a copy or arithmetic slip, or a chain that did not
-stop where it should ("stop") or stopped early ("early_stop").
+stop where it should ("stop") or stopped early ("early_stop"); milestone (``--milestone N``) and ledger
+(``--ledger N``) problems have their own kinds (:func:`diagnose_milestone`, :func:`diagnose_ledger`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ if str(ROOT) not in sys.path:
 
 import raas_flex  # noqa: E402
 from raas_flex.config import parse_options, parse_spec  # noqa: E402
-from raas_flex import testbed  # noqa: E402
+from raas_flex import ledger, testbed  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT_FORMATS = ("auto", "raw", "chat")
@@ -181,6 +182,38 @@ def diagnose_milestone(generated: str, reference_cot: str, spec: testbed.Milesto
             return "format"
         if gm.group(3) != rm.group(3) and rm.group(3).startswith("q"):  # "qK:F": key K is the previous value
             return "value" if gm.group(3)[:2] != rm.group(3)[:2] else "fact"
+        return "value"
+    return "correct_chain"
+
+
+LEDGER_DIAGNOSES = ("correct_chain", "fact", "copy", "value", "ledger", "format", "stop", "early_stop")
+
+
+def diagnose_ledger(generated: str, reference_cot: str) -> str:
+    """Where a ledger-task chain (:mod:`raas_flex.ledger`) first went wrong (one of ``LEDGER_DIAGNOSES``):
+    a wrong copy of a question fact ("fact"), a wrong copy of the previous value (the multiplier or a fact
+    key: "copy"), a wrong line value, with its multiplier right (the entry read by key, or the product:
+    "value"), a wrong ledger line (its copies of the last ten values: "ledger"), a line's layout
+    ("format"), running past the last line ("stop") or answering before it ("early_stop")."""
+    line = r"(\d{3}):(\d{3})([a-j])\*(\d|q\d:\d)=(\d)|(\d{3})!((?:[a-j]\d){10})"
+    ref, gen = reference_cot.split("\n"), generated.split("\n")
+    for i, r in enumerate(ref):
+        g = gen[i] if i < len(gen) else ""
+        if g == r:
+            continue
+        rm, gm = re.fullmatch(line, r), re.fullmatch(line, g)
+        if rm is None:
+            return "stop" if gm is not None else "format"
+        if gm is None:
+            return "early_stop" if g.startswith(testbed.ANSWER_MARK) else "format"
+        if rm.group(6) or gm.group(6):  # a ledger line: same label and keys, some copied value differs
+            same = rm.group(6) == gm.group(6) and rm.group(7)[::2] == (gm.group(7) or "")[::2]
+            return "ledger" if same else "format"
+        if gm.group(1, 2, 3) != rm.group(1, 2, 3) or gm.group(4)[0].isdigit() != rm.group(4)[0].isdigit():
+            return "format"
+        x, rx = gm.group(4), rm.group(4)
+        if x != rx:  # "qK:F": K copies the previous value, F the question's fact; a plain x copies the value
+            return "fact" if rx.startswith("q") and x[:2] == rx[:2] else "copy"
         return "value"
     return "correct_chain"
 
@@ -335,7 +368,8 @@ def run_config(model, tok, prompts, problems, policy: str, budget: int, args, ba
                     res = {"pred": pred, "gold": prob["answer"], "correct": answers_match(pred, prob["answer"]),
                            "length": length, "stopped": stop is not None, "tokens": new[:length]}
                     if "cot" in prob:
-                        res["diagnosis"] = (diagnose_milestone(text, prob["cot"], spec)
+                        res["diagnosis"] = (diagnose_ledger(text, prob["cot"]) if isinstance(spec, ledger.LedgerSpec)
+                                            else diagnose_milestone(text, prob["cot"], spec)
                                             if isinstance(spec, testbed.MilestoneSpec) else diagnose(text, prob["cot"], spec))
                     if args.save_text:
                         res["text"] = text
@@ -355,7 +389,8 @@ def run_config(model, tok, prompts, problems, policy: str, budget: int, args, ba
         kv_bytes_per_seq=int(kv_per_seq), evictions=int(evictions),
     )
     if any("diagnosis" in r for r in results):
-        kinds = MILESTONE_DIAGNOSES if isinstance(spec, testbed.MilestoneSpec) else DIAGNOSES
+        kinds = (LEDGER_DIAGNOSES if isinstance(spec, ledger.LedgerSpec)
+                 else MILESTONE_DIAGNOSES if isinstance(spec, testbed.MilestoneSpec) else DIAGNOSES)
         row["diagnosis"] = {d: sum(r.get("diagnosis") == d for r in results) for d in kinds}
     row["results"] = results
     return row
@@ -461,6 +496,7 @@ def parse_args(argv=None):
     src.add_argument("--problems", help='JSONL with {"question", "answer"} per line')
     src.add_argument("--testbed", type=int, metavar="N", help="N held-out raas_flex.testbed problems (lag task)")
     src.add_argument("--milestone", type=int, metavar="N", help="N held-out milestone-task problems (docs/testbed.md)")
+    src.add_argument("--ledger", type=int, metavar="N", help="N held-out ledger-task problems (docs/testbed.md)")
     ap.add_argument("--testbed-seed", type=int, default=0)
     ap.add_argument("--testbed-min-lines", type=int, default=None)
     ap.add_argument("--testbed-max-lines", type=int, default=None)
@@ -502,7 +538,7 @@ def parse_args(argv=None):
     for name in ("batch_size", "page_size", "jobs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("testbed", "milestone"):
+    for name in ("testbed", "milestone", "ledger"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -526,6 +562,11 @@ def load_problems_for(args):
         spec = testbed.MILESTONE_SPEC
         problems = [p.to_json() for p in testbed.milestone_dataset(args.milestone, seed=args.testbed_seed, spec=spec)]
         source = f"milestone task held-out, seed {args.testbed_seed}, {spec.min_lines}-{spec.max_lines} lines"
+        return problems, spec, source, int(1.25 * (spec.cot_tokens(spec.max_lines) + 1))
+    if args.ledger is not None:
+        spec = ledger.LEDGER_SPEC
+        problems = [p.to_json() for p in ledger.ledger_dataset(args.ledger, seed=args.testbed_seed, spec=spec)]
+        source = f"ledger task held-out, seed {args.testbed_seed}, {spec.min_lines}-{spec.max_lines} lines"
         return problems, spec, source, int(1.25 * (spec.cot_tokens(spec.max_lines) + 1))
     return load_problems(args.problems)[: args.limit], spec, Path(args.problems).name, 4096
 
@@ -611,7 +652,8 @@ def main(argv=None) -> dict:
         "page_size": args.page_size, "budgets_requested": args.budget_list, "policies": args.policy_list,
         "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
         "max_prompt_tokens": max(map(len, prompts)),
-        "spec": dataclasses.asdict(spec) if args.testbed is not None or args.milestone is not None else None,
+        "spec": (dataclasses.asdict(spec) if any(getattr(args, k) is not None for k in ("testbed", "milestone", "ledger"))
+                 else None),
         "reference_length": None, "rows": [],
     }
     out = Path(args.out)

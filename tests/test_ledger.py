@@ -255,3 +255,41 @@ def test_train_ledger_smoke(tmp_path):
     assert log["prompt_tokens"] == lg.LedgerSpec(**log["spec"]).prompt_tokens
     with pytest.raises(ValueError, match="--window"):
         train.main(["--smoke", "--task", "ledger", "--out", str(tmp_path), "--window", "20", "40"])
+
+
+def _script(folder: str, name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_for_ledger", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_diagnoses_the_first_wrong_ledger_line():
+    accuracy = _script("benchmarks", "accuracy")
+    cot = problems(12, 0)[0].cot
+    lines = cot.split("\n")
+
+    def broken(i, text):
+        return "\n".join(lines[:i] + [text] + lines[i + 1:])
+
+    def bump(text, k):
+        return text[:k] + str((int(text[k]) + 1) % 10) + text[k + 1:]
+
+    assert accuracy.diagnose_ledger(cot, cot) == "correct_chain"
+    plain = next(i for i, s in enumerate(lines) if re.fullmatch(r"\d{3}:\d{3}[a-j]\*\d=\d", s))
+    phoenix = next(i for i, s in enumerate(lines) if "*q" in s)
+    led = next(i for i, s in enumerate(lines) if "!" in s)
+    assert accuracy.diagnose_ledger(broken(plain, bump(lines[plain], len(lines[plain]) - 1)), cot) == "value"
+    assert accuracy.diagnose_ledger(broken(plain, bump(lines[plain], 9)), cot) == "copy"
+    assert accuracy.diagnose_ledger(broken(phoenix, bump(lines[phoenix], 10)), cot) == "copy"  # the fact key
+    assert accuracy.diagnose_ledger(broken(phoenix, bump(lines[phoenix], 12)), cot) == "fact"
+    assert accuracy.diagnose_ledger(broken(led, bump(lines[led], 5)), cot) == "ledger"
+    assert accuracy.diagnose_ledger(broken(led, lines[led].replace("!", ":")), cot) == "format"
+    assert accuracy.diagnose_ledger(broken(plain, lines[plain].replace("*", "+")), cot) == "format"
+    assert accuracy.diagnose_ledger("\n".join(lines[:plain + 1]) + "\nA:123", cot) == "early_stop"
+    assert accuracy.diagnose_ledger(cot.replace("A:", "999:000a*1=1\nA:"), cot) == "stop"
+    assert set(accuracy.LEDGER_DIAGNOSES) >= {"correct_chain", "ledger", "value"}
