@@ -18,7 +18,7 @@ from itertools import combinations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raas_flex import ledger as lg
@@ -155,36 +155,68 @@ def read_problem(prob: lg.LedgerProblem, spec: lg.LedgerSpec = SPEC):
     return info, ledgers, vpos
 
 
+def check_problem(prob: lg.LedgerProblem, spec: lg.LedgerSpec = SPEC) -> None:
+    """The trace against the text: every read, every rebuild set (brute force for the per-read ones)."""
+    text = "^" + prob.question + prob.cot
+    info, ledgers, vpos = read_problem(prob, spec)
+    reads = dict(prob.trace.reads)
+    assert len(reads) == len(prob.trace.reads)
+    n_reads = 1 + spec.answer_digits + 10 * (len(ledgers) - 1)
+    readers: dict = {}
+    step_sets = {(t, p): sets for t, p, sets in prob.trace.read_rebuild}
+    for m, entries in ledgers.items():  # a ledger entry reads the value it copies
+        for d, (_, pos) in enumerate(entries.values()):
+            assert m == 0 or reads[pos] == (vpos[next(j for j in range(m - 10, m) if j % 10 == d)],)
+    for i, (x_pos, vp, e_pos, x, m, key) in sorted(info.items()):
+        prev = vpos[max(j for j in vpos if j < i)]
+        if text[x_pos - 1] == ":":  # a phoenix line: the key digit copies the previous value, F the fact
+            k = int(text[x_pos - 2])
+            assert reads[x_pos - 2] == (prev,) and reads[x_pos] == (1 + prob.question.index(f"q{k}:") + 3,)
+            n_reads += 3
+        else:
+            assert reads[x_pos] == (prev,)
+            n_reads += 2
+        assert reads[vp] == tuple(sorted((x_pos, e_pos)))  # the value reads the entry and the multiplier
+        assert text[e_pos - 1] == key
+        past = readers.setdefault((m, key), [])
+        entry = int(text[e_pos])
+        want = {tuple(sorted(q for j in idx for q in past[j][1:])) for idx in brute_minimal(entry, x, [r[0] for r in past])}
+        assert set(step_sets.get((vp, e_pos), ())) == want
+        past.append((x, x_pos, vp))
+    a_pos = 1 + len(prob.question) + prob.cot.rindex("A:")
+    n_pos = 1 + prob.question.index(";n=") + 3
+    assert reads[a_pos] == (n_pos, n_pos + 1, n_pos + 2)  # stopping needs the line count
+    last = sorted(j for j in vpos if j > 0)[-spec.answer_digits:]
+    assert [reads[a_pos + 2 + k] for k in range(len(last))] == [(vpos[j],) for j in last]
+    assert len(reads) == n_reads
+    by_inputs = {(min(e, x), max(e, x)): (x, vp) for x, vp, e, *_ in info.values()}
+    for pos, sets in prob.trace.rebuild:  # whole-token sets: copies of the token, or a line's inputs
+        assert text[pos].isdigit()
+        for group in sets:
+            if len(group) == 1:
+                assert text[group[0]] == text[pos]
+            else:  # the entry and multiplier of the line whose value the ledger entry copies
+                x_pos, vp = by_inputs[group]
+                e_pos = group[0] if group[1] == x_pos else group[1]
+                i = int(text[text.rindex("\n", 0, vp) + 1:][:3])
+                assert text[vp] == text[pos] and int(text[vp]) == (int(text[e_pos]) * (int(text[x_pos]) or 1) + i // 10) % 10
+                assert text[pos - 1] in "abcdefghij" and vp < pos
+    for t, positions in prob.trace.reads:
+        assert all(0 <= p < t for p in positions)
+
+
 @pytest.mark.parametrize("seed", [0, 5])
 def test_text_reads_and_rebuild_sets(seed):
     for prob in problems(12, seed):
-        text = "^" + prob.question + prob.cot
-        info, ledgers, vpos = read_problem(prob)
-        reads = dict(prob.trace.reads)
-        readers: dict = {}
-        step_sets = {(t, p): sets for t, p, sets in prob.trace.read_rebuild}
-        for i, (x_pos, vp, e_pos, x, m, key) in sorted(info.items()):
-            assert reads[vp] == tuple(sorted((x_pos, e_pos)))  # the value reads the entry and the multiplier
-            assert text[e_pos - 1] == key
-            past = readers.setdefault((m, key), [])
-            entry = int(text[e_pos])
-            want = {tuple(sorted(q for j in idx for q in past[j][1:])) for idx in brute_minimal(entry, x, [r[0] for r in past])}
-            assert set(step_sets.get((vp, e_pos), ())) == want
-            past.append((x, x_pos, vp))
-        by_inputs = {(min(e, x), max(e, x)): (x, vp) for x, vp, e, *_ in info.values()}
-        for pos, sets in prob.trace.rebuild:  # whole-token sets: copies of the token, or a line's inputs
-            assert text[pos].isdigit()
-            for group in sets:
-                if len(group) == 1:
-                    assert text[group[0]] == text[pos]
-                else:  # the entry and multiplier of the line whose value the ledger entry copies
-                    x_pos, vp = by_inputs[group]
-                    e_pos = group[0] if group[1] == x_pos else group[1]
-                    i = int(text[text.rindex("\n", 0, vp) + 1:][:3])
-                    assert text[vp] == text[pos] and int(text[vp]) == (int(text[e_pos]) * (int(text[x_pos]) or 1) + i // 10) % 10
-                    assert text[pos - 1] in "abcdefghij" and vp < pos
-        for t, positions in prob.trace.reads:
-            assert all(0 <= p < t for p in positions)
+        check_problem(prob)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=10, max_size=10), st.integers(0, 9), st.integers(-5, 5),
+       st.integers(-5, 5), st.integers(0, 60))
+def test_trace_matches_text_for_any_problem(facts, seed, shift, first_shift, extra):
+    spec = lg.LedgerSpec(phase_lines=60 + shift, first_milestone=20 + first_shift)
+    check_problem(lg._ledger_problem(facts, seed, spec.min_lines + extra, spec), spec)
 
 
 def test_sizes_and_prompt_share():
