@@ -8,6 +8,8 @@
 - The generator against an independent reading of the text: every line re-evaluated, ledgers copied,
   the answer; the trace's reads and rebuild sets point at what the text says; sizes and the prompt share.
 - The per-read rebuild sets in the simulator (``Trace.read_rebuild``), the batch encoder, bad input.
+- ``examples/train_testbed.py --task ledger --smoke`` trains and evaluates; ``benchmarks/accuracy.py``'s
+  ``diagnose_ledger`` names the first wrong line's kind.
 """
 
 from __future__ import annotations
