@@ -16,8 +16,8 @@ Format (one token per character, the testbed vocabulary; ``<s>`` is prepended, `
                         of the previous value, v = (entry(key) * x + tens digit of i) mod 10, x = 0 counts as 1
     005:000f*q0:2=2     phoenix lines (label ending in 5, and the last line): x is question fact
                         q<previous value>, copied from the question
-    020!a9b3c9d9e6f9g1h8i9j4   a milestone line (20, 80, 140, ...): a new ledger, entry d = the value of
-                        line 01d (the last line whose label ends in d); lines 021..079 read ledger 020
+    020!a9b3c9d9e6f9g1h8i9j4   a milestone line (20, 120, ...): a new ledger, entry d = the value of
+                        line 01d (the last line whose label ends in d); lines 021..119 read ledger 020
     021:020b*4=4
     A:580               answer: the last three values
 
@@ -78,7 +78,7 @@ class LedgerSpec:
     min_lines: int = 116
     max_lines: int = 176
     first_milestone: int = 20
-    phase_lines: int = 60
+    phase_lines: int = 100
     phoenix_every: int = 10
     answer_digits: int = 3
     heldout_mod: int = 61

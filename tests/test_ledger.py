@@ -1,7 +1,7 @@
 """The ledger task (raas_flex.ledger): a testbed whose milestones a recent window cannot rebuild.
 
 - Acceptance (oracle with rebuilding, 1/4 of the mean chain): LRU with the prompt pinned loses no chain
-  on 4 seeds x 200 held-out problems, nor when the ledgers' alignment moves (phase lengths 55..65, page
+  on 4 seeds x 200 held-out problems, nor when the ledgers' alignment moves (phase lengths 95..105, page
   sizes 8 and 32); recency (prompt pinned) loses in >= 80% of chains, StreamingLLM and H2O in >= 50%.
 - The rebuild rule against brute force over the digits: no set of past reads determines a read's product
   unless one of them or a pair does (``minimal_sets``), hypothesis over multiplier lists.
@@ -54,7 +54,7 @@ def test_oracle_acceptance_with_rebuilding(seed):
 @pytest.mark.parametrize("shift,page_size", [(-5, 16), (-3, 16), (-1, 16), (2, 16), (4, 16), (5, 16),
                                              (0, 8), (0, 32), (-4, 8), (3, 32)])
 def test_lru_holds_whatever_the_alignment(shift, page_size):
-    spec = lg.LedgerSpec(phase_lines=60 + shift, first_milestone=20 + shift)
+    spec = lg.LedgerSpec(phase_lines=lg.LEDGER_SPEC.phase_lines + shift, first_milestone=20 + shift)
     share = quarter([p.trace for p in problems(60, 7, spec)], ("lru", "recency"), page_size)
     assert share["lru"] == 0.0 and share["recency"] >= 0.5, (shift, page_size, share)
 
@@ -217,7 +217,7 @@ def test_text_reads_and_rebuild_sets(seed):
 @given(st.lists(st.integers(0, 9), min_size=10, max_size=10), st.integers(0, 9), st.integers(-5, 5),
        st.integers(-5, 5), st.integers(0, 60))
 def test_trace_matches_text_for_any_problem(facts, seed, shift, first_shift, extra):
-    spec = lg.LedgerSpec(phase_lines=60 + shift, first_milestone=20 + first_shift)
+    spec = lg.LedgerSpec(phase_lines=lg.LEDGER_SPEC.phase_lines + shift, first_milestone=20 + first_shift)
     check_problem(lg._ledger_problem(facts, seed, spec.min_lines + extra, spec), spec)
 
 
