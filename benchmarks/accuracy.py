@@ -159,15 +159,11 @@ def diagnose(generated: str, reference_cot: str, spec: testbed.TaskSpec = testbe
     return "correct_chain"
 
 
-MILESTONE_DIAGNOSES = ("correct_chain", "fact", "value", "format", "stop", "early_stop")
-
-
-def diagnose_milestone(generated: str, reference_cot: str, spec: testbed.MilestoneSpec = testbed.MILESTONE_SPEC) -> str:
-    """Where a milestone-task chain first went wrong (one of ``MILESTONE_DIAGNOSES``): a wrong copy of a
-    question fact ("fact"), a wrong line value or fact key, both computed from the line's operands
-    ("value"), a line's layout ("format"), running past the last line ("stop") or answering before it
-    ("early_stop")."""
-    line = r"(\d{3}[:!])(\d{3})\+(q\d:\d|\d{3})=(\d)"
+def _first_wrong_line(generated: str, reference_cot: str, line: str):
+    """The first line of ``generated`` that differs from the reference chain's: its and the
+    reference's matches of the line pattern ``line``, or the diagnosis when one is already plain:
+    "correct_chain" (no line differs), "stop" (a line past the reference's last), "early_stop" (the
+    answer before it) or "format" (a line that is not a chain line)."""
     ref, gen = reference_cot.split("\n"), generated.split("\n")
     for i, r in enumerate(ref):
         g = gen[i] if i < len(gen) else ""
@@ -178,12 +174,27 @@ def diagnose_milestone(generated: str, reference_cot: str, spec: testbed.Milesto
             return "stop" if gm is not None else "format"
         if gm is None:
             return "early_stop" if g.startswith(testbed.ANSWER_MARK) else "format"
-        if gm.group(1, 2) != rm.group(1, 2) or gm.group(3)[0] != rm.group(3)[0]:
-            return "format"
-        if gm.group(3) != rm.group(3) and rm.group(3).startswith("q"):  # "qK:F": key K is the previous value
-            return "value" if gm.group(3)[:2] != rm.group(3)[:2] else "fact"
-        return "value"
+        return rm, gm
     return "correct_chain"
+
+
+MILESTONE_DIAGNOSES = ("correct_chain", "fact", "value", "format", "stop", "early_stop")
+
+
+def diagnose_milestone(generated: str, reference_cot: str, spec: testbed.MilestoneSpec = testbed.MILESTONE_SPEC) -> str:
+    """Where a milestone-task chain first went wrong (one of ``MILESTONE_DIAGNOSES``): a wrong copy of a
+    question fact ("fact"), a wrong line value or fact key, both computed from the line's operands
+    ("value"), a line's layout ("format"), running past the last line ("stop") or answering before it
+    ("early_stop")."""
+    first = _first_wrong_line(generated, reference_cot, r"(\d{3}[:!])(\d{3})\+(q\d:\d|\d{3})=(\d)")
+    if isinstance(first, str):
+        return first
+    rm, gm = first
+    if gm.group(1, 2) != rm.group(1, 2) or gm.group(3)[0] != rm.group(3)[0]:
+        return "format"
+    if gm.group(3) != rm.group(3) and rm.group(3).startswith("q"):  # "qK:F": key K is the previous value
+        return "value" if gm.group(3)[:2] != rm.group(3)[:2] else "fact"
+    return "value"
 
 
 LEDGER_DIAGNOSES = ("correct_chain", "fact", "copy", "value", "ledger", "format", "stop", "early_stop")
@@ -195,27 +206,20 @@ def diagnose_ledger(generated: str, reference_cot: str) -> str:
     key: "copy"), a wrong line value, with its multiplier right (the entry read by key, or the product:
     "value"), a wrong ledger line (its copies of the last ten values: "ledger"), a line's layout
     ("format"), running past the last line ("stop") or answering before it ("early_stop")."""
-    line = r"(\d{3}):(\d{3})([a-j])\*(\d|q\d:\d)=(\d)|(\d{3})!((?:[a-j]\d){10})"
-    ref, gen = reference_cot.split("\n"), generated.split("\n")
-    for i, r in enumerate(ref):
-        g = gen[i] if i < len(gen) else ""
-        if g == r:
-            continue
-        rm, gm = re.fullmatch(line, r), re.fullmatch(line, g)
-        if rm is None:
-            return "stop" if gm is not None else "format"
-        if gm is None:
-            return "early_stop" if g.startswith(testbed.ANSWER_MARK) else "format"
-        if rm.group(6) or gm.group(6):  # a ledger line: same label and keys, some copied value differs
-            same = rm.group(6) == gm.group(6) and rm.group(7)[::2] == (gm.group(7) or "")[::2]
-            return "ledger" if same else "format"
-        if gm.group(1, 2, 3) != rm.group(1, 2, 3) or gm.group(4)[0].isdigit() != rm.group(4)[0].isdigit():
-            return "format"
-        x, rx = gm.group(4), rm.group(4)
-        if x != rx:  # "qK:F": K copies the previous value, F the question's fact; a plain x copies the value
-            return "fact" if rx.startswith("q") and x[:2] == rx[:2] else "copy"
-        return "value"
-    return "correct_chain"
+    first = _first_wrong_line(generated, reference_cot,
+                              r"(\d{3}):(\d{3})([a-j])\*(\d|q\d:\d)=(\d)|(\d{3})!((?:[a-j]\d){10})")
+    if isinstance(first, str):
+        return first
+    rm, gm = first
+    if rm.group(6) or gm.group(6):  # a ledger line: same label and keys, some copied value differs
+        same = rm.group(6) == gm.group(6) and rm.group(7)[::2] == (gm.group(7) or "")[::2]
+        return "ledger" if same else "format"
+    if gm.group(1, 2, 3) != rm.group(1, 2, 3) or gm.group(4)[0].isdigit() != rm.group(4)[0].isdigit():
+        return "format"
+    x, rx = gm.group(4), rm.group(4)
+    if x != rx:  # "qK:F": K copies the previous value, F the question's fact; a plain x copies the value
+        return "fact" if rx.startswith("q") and x[:2] == rx[:2] else "copy"
+    return "value"
 
 
 # -- inputs ----------------------------------------------------------------------------------------------
