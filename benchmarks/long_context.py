@@ -173,10 +173,11 @@ def lean_timed(model, ids, new, steps, device, repeats=3):
     run = lambda n: raas_flex.greedy_decode(model, ids, n, min_new_tokens=n)
 
     def wall(n):
-        torch.cuda.synchronize() if device != "cpu" else None
+        sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+        sync()
         t = time.perf_counter()
         run(n)
-        torch.cuda.synchronize() if device != "cpu" else None
+        sync()
         return time.perf_counter() - t
 
     run(new + steps)
