@@ -5,6 +5,7 @@
         --layers 0 13 27 --heads 0 --out figs
     python examples/trace_attention.py --model testbed-model --task testbed --new 1400 --budget 256
     python examples/trace_attention.py --model models/milestone --task milestone --new 2400 --budget 496
+    python examples/trace_attention.py --model runs/ledger --task ledger --new 2400 --budget 512
 
 Two traced generations of the same prompt:
 
@@ -63,10 +64,12 @@ def load(args):
     tok = AutoTokenizer.from_pretrained(args.model)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
-    if args.task is not None:  # one held-out problem of the testbed's lag or milestone task
+    if args.task is not None:  # one held-out problem of a testbed task
+        from raas_flex.ledger import ledger_dataset
         from raas_flex.testbed import dataset, milestone_dataset
 
-        prompt = (dataset if args.task == "testbed" else milestone_dataset)(1, seed=args.seed)[0].question
+        make = {"testbed": dataset, "milestone": milestone_dataset, "ledger": ledger_dataset}[args.task]
+        prompt = make(1, seed=args.seed)[0].question
     elif args.prompt_file is not None:
         with open(args.prompt_file) as f:
             prompt = f.read()
@@ -99,8 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="hub id or local path (default: embedded tiny model)")
     ap.add_argument("--prompt", default="Solve step by step: what is 17 * 23 + 5?")
     ap.add_argument("--prompt-file", default=None, help="read the prompt from this file")
-    ap.add_argument("--task", default=None, choices=["testbed", "milestone"],
-                    help="a held-out question of raas_flex.testbed's lag task (testbed) or milestone task")
+    ap.add_argument("--task", default=None, choices=["testbed", "milestone", "ledger"],
+                    help="a held-out question of the lag task (testbed), the milestone task or the ledger task")
     ap.add_argument("--seed", type=int, default=1, help="prompt seed (tiny model, --task)")
     ap.add_argument("--budget", type=int, default=64, help="KV token slots per sequence and head")
     ap.add_argument("--page-size", type=int, default=16)
