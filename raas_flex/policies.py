@@ -236,16 +236,29 @@ class Quest(Policy):
     def evictable(self, c) -> Tensor:
         return torch.zeros_like(c.pinned)
 
+    def ranked_pages(self, c, q: Tensor) -> Tensor:
+        """int64 [B, Hkv, P]: the page slots in Quest's order, the attended ``budget_pages`` first: the
+        open page, then the resident pages by page bound, largest first (ties: the lower slot first),
+        then the empty slots."""
+        bound = torch.where(c.slot_index == c.open_slot[..., None], float("inf"), c.page_bound(q))
+        # argsort, not descending_rank: this feeds the mask_mod, and a sort is always realized as its
+        # own buffer (the fused pairwise form tripped Inductor's flex lowering for tiny page counts)
+        return torch.argsort(torch.where(c.page_id >= 0, bound, float("-inf")), dim=-1, descending=True, stable=True)
+
     def attended_pages(self, c, q: Tensor) -> Tensor | None:
         if c.budget_pages >= c.P:
             return None  # the budget covers the whole buffer
-        bound = torch.where(c.slot_index == c.open_slot[..., None], float("inf"), c.page_bound(q))
-        resident = c.page_id >= 0
-        # argsort, not descending_rank: this feeds the mask_mod, and a sort is always realized as its
-        # own buffer (the fused pairwise form tripped Inductor's flex lowering for tiny page counts)
-        order = torch.argsort(torch.where(resident, bound, float("-inf")), dim=-1, descending=True, stable=True)
+        order = self.ranked_pages(c, q)
         rank = torch.empty_like(order).scatter_(-1, order, c.slot_index.expand_as(order))
-        return resident & (rank < c.budget_pages)
+        return (c.page_id >= 0) & (rank < c.budget_pages)
+
+    def attended_list(self, c, q: Tensor) -> Tensor:
+        """int64 [B, Hkv, min(budget_pages, P)]: the slots of the pages :meth:`attended_pages` marks, in
+        :meth:`ranked_pages` order, -1 past the resident pages (the paged attention kernel's input)."""
+        if c.budget_pages >= c.P:
+            return torch.where(c.page_id >= 0, c.slot_index, -1)
+        first = self.ranked_pages(c, q)[..., :c.budget_pages]
+        return torch.where(c.page_id.gather(-1, first) >= 0, first, -1)
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,12 @@ EXACT = ("page_id", "pinned", "open_slot", "length", "step", "evictions", "overf
          "valid")
 
 
-def make_pair(policy, *, B, Hq, Hkv, D, budget, ps, dtype, device, backend="flex", **kw):
-    """The torch reference and a cache of ``backend`` with the same configuration."""
+def make_pair(policy, *, B, Hq, Hkv, D, budget, ps, dtype, device, backend="flex", max_length=None, **kw):
+    """The torch reference and a cache of ``backend`` with the same configuration (``max_length``: for
+    quest, which keeps every page)."""
     cfg = make_config(budget, policy, page_size=ps, **kw)
     mk = lambda b: PagedKVCache(cfg.replace(backend=b), batch_size=B, num_heads=Hq, num_kv_heads=Hkv,
-                                head_dim=D, dtype=dtype, device=device)
+                                head_dim=D, dtype=dtype, device=device, max_length=max_length)
     return mk("torch"), mk(backend)
 
 
@@ -88,7 +89,7 @@ def assert_same_step(ref, fus, out_ref, out_fus, *, exact: bool, tol) -> None:
     else:
         torch.testing.assert_close(fus.score, ref.score, rtol=1e-4, atol=1e-3)
         assert_stamps_near_tie(ref, fus)
-    if fus.backend != "torch":  # exact block lists from the kernels
+    if fus._lists is not None:  # exact block lists from the kernels (quest's paged step has none)
         want = masks.block_lists(ref.valid, fus.block)
         got = (fus._kv_num, fus._kv_idx, fus._full_num, fus._full_idx)
         for name, a, b in zip(("kv_num", "kv_idx", "full_num", "full_idx"), want, got):
@@ -205,7 +206,7 @@ def test_backends_on_cpu():
 
 def test_unsupported_reasons(monkeypatch):
     """What each backend serves: the device and dtype (kernels), then the policy (engine)."""
-    from raas_flex.engine import backend_unsupported
+    from raas_flex.engine import backend_unsupported, resolve_backend
 
     cuda = torch.device("cuda")
     if not kernels.HAS_TRITON:
@@ -215,8 +216,11 @@ def test_unsupported_reasons(monkeypatch):
     assert "dtype=float64" in kernels.unsupported_reason(cuda, torch.float64)
     raas = make_config(32, "raas", page_size=8)
     assert backend_unsupported("triton", raas, cuda, torch.bfloat16) is None
-    assert "policy='quest'" in backend_unsupported("flex", make_config(32, "quest", page_size=8, max_length=64), cuda,
-                                                     torch.bfloat16)
+    quest = make_config(32, "quest", page_size=8, max_length=64)
+    assert "policy='quest'" in backend_unsupported("flex", quest, cuda, torch.bfloat16)
+    assert backend_unsupported("triton", quest, cuda, torch.bfloat16) is None  # paged_attend, when asked for
+    assert resolve_backend(quest, cuda, torch.bfloat16) == "torch"  # ... and only then
+    assert resolve_backend(raas, cuda, torch.bfloat16) == "triton"
     threshold = make_config(32, "raas", page_size=8, importance="attention", refresh="threshold")
     assert backend_unsupported("flex", threshold, cuda, torch.bfloat16) is None  # the append fused, observe in torch
     assert backend_unsupported("triton", threshold, cuda, torch.bfloat16) is None  # shares from the attention pass
@@ -298,6 +302,16 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         ("streaming", dict(B=2, Hq=4, Hkv=2, D=16, budget=64, ps=8, lens=[55, 9], integer=False, backend="triton",
                            pin_prompt=True, sink_tokens=0, block_size=2, sms=1, steps=20),
          dict(split=1, observer=False, lean=True, lazy=False)),
+        # quest with backend="triton": the torch page choice, paged_attend over the chosen pages (one
+        # program per row; 4 with pages of 4 slots; pages of 3; every page chosen, 4 programs of 2 tiles)
+        ("quest", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[3, 26], integer=True, backend="triton",
+                       max_length=64, steps=30), None),
+        ("quest", dict(B=1, Hq=4, Hkv=2, D=16, budget=256, ps=4, lens=[500], integer=False, backend="triton",
+                       max_length=600, steps=10), None),
+        ("quest", dict(B=1, Hq=7, Hkv=1, D=16, budget=48, ps=3, lens=[40], integer=False, backend="triton",
+                       max_length=72, steps=20), None),
+        ("quest", dict(B=2, Hq=4, Hkv=2, D=32, budget=512, ps=16, lens=[20, 300], integer=False, backend="triton",
+                       max_length=320, sms=8, steps=12), None),
     ]
     for policy, kw, want in cases:
         steps = kw.pop("steps", 40)
@@ -426,14 +440,15 @@ def test_interpreter_matches_torch_on_cpu():
     bounds in one chunk and several, as products and element-wise; and fused_step with attention
     shares (raas top-k and threshold, h2o) for pages of 1 to 128 slots, resynced every step (page
     tables equal, scores within 1e-4 relative, stamps equal except at the top-k or threshold
-    boundary: ``assert_stamps_near_tie``)."""
+    boundary: ``assert_stamps_near_tie``); and quest's paged_attend (the page choice equal, outputs
+    within 1e-4) with 1 to 4 programs per row, pages of 3 to 16 slots."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT.format(tests=tests)], env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 23 and lines[-3].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 27 and lines[-7].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -493,6 +508,13 @@ GPU_CASES = [
 ]
 MODES = ["eager", "default", "reduce-overhead"]
 
+# quest with backend="triton" (O(N) buffers: max_length beyond the prompts; budget_pages of P chosen)
+QUEST_CASES = [
+    ("quest-P256-G4", dict(B=8, Hq=32, Hkv=8, D=128, budget=1024, ps=16),
+     [3000, 2990, 5, 2900, 3008, 3003, 1700, 3001], 4096),
+    ("quest-P50-G7-ps8", dict(B=2, Hq=28, Hkv=4, D=128, budget=128, ps=8), [20, 300], 400),
+]
+
 
 @pytest.mark.gpu
 @requires_cuda
@@ -503,6 +525,17 @@ def test_gpu_fused_matches_torch_resync(case, mode):
     _, policy, shape, lens, kw = case
     ref, _ = twin_run(policy, **shape, lens=lens, steps=70, mode=mode, integer=False, **kw)
     assert ref.evictions.sum().item() > 0
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", QUEST_CASES, ids=[c[0] for c in QUEST_CASES])
+def test_gpu_quest_paged_matches_torch(case, mode):
+    """quest, backend="triton": integer inputs (exact page bounds, so both paths choose the same
+    pages), 70 steps without resync; the page choice (valid) equal, the output within bf16 tolerance."""
+    _, shape, lens, max_length = case
+    twin_run("quest", **shape, lens=lens, steps=70, mode=mode, integer=True, backend="triton", max_length=max_length)
 
 
 # (h2o and raas importance="attention" are left out: their scores are softmax shares, not exact sums)
@@ -528,7 +561,8 @@ def test_gpu_fused_matches_torch_exact(case, mode):
 @requires_cuda
 def test_gpu_backends():
     """On CUDA, backend=None picks the one-kernel step for raas (either importance), h2o and streaming,
-    the fused bookkeeping + flex when asked for, torch for quest; a refused choice names the policy."""
+    the fused bookkeeping + flex when asked for, torch for quest (triton when asked for); a refused choice
+    names the policy."""
     make = lambda budget, policy, **kw: PagedKVCache(make_config(budget, policy, page_size=16, **kw), batch_size=1,
                                                      num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
                                                      device="cuda")
@@ -540,6 +574,7 @@ def test_gpu_backends():
     assert make(64, "h2o", backend="flex").backend == "flex"
     assert make(64, "raas", importance="attention", backend="flex").backend == "flex"
     assert make(64, "quest", max_length=128).backend == "torch"
+    assert make(64, "quest", max_length=128, backend="triton").backend == "triton"
     with pytest.raises(ValueError, match="backend='flex' is not supported for this cache: .*policy='quest'"):
         make(64, "quest", max_length=128, backend="flex")
     c = make(64, "raas")
