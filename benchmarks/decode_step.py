@@ -191,7 +191,7 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
             v = torch.randn_like(k)
             row["sdpa_dense_N"] = graph_time_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
             row["floor_N"] = 2 * B * Hkv * N * D * dtype.itemsize / bw * 1e6
-            if "quest" in policies:
+            if any(parse_spec(p)[0] == "quest" for p in policies):
                 pages = -(-(N + extra) // 16)  # quest's buffer: N + extra slots in pages of 16
                 row["floor_quest"] = 2 * B * Hkv * (pages + L) * D * dtype.itemsize / bw * 1e6
             del k, v
@@ -209,9 +209,9 @@ def markdown(rows, policies) -> str:
     cols = ["B", "Hq/Hkv", "N", "L", "floor_L", "sdpa_L", *policies, "sdpa_dense_N", "raas/sdpa_L", "sdpa_N/raas"]
     variants = [p for p in policies if p != "raas"]
     cols += [f"{p}/sdpa_L" for p in variants]
-    quest = "quest" in policies
-    if quest:
-        cols += ["floor_quest", "quest/floor_quest"]
+    quests = [p for p in policies if parse_spec(p)[0] == "quest"]
+    if quests:
+        cols += ["floor_quest", *[f"{p}/floor_quest" for p in quests]]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     f = lambda x: "-" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))
     for r in rows:
@@ -221,8 +221,9 @@ def markdown(rows, policies) -> str:
                 (raas / r["sdpa_L"]) if raas and r.get("sdpa_L") else None,
                 (r["sdpa_dense_N"] / raas) if raas and r.get("sdpa_dense_N") else None]
         vals += [(r[p] / r["sdpa_L"]) if r.get(p) and r.get("sdpa_L") else None for p in variants]
-        if quest:
-            vals += [r.get("floor_quest"), (r["quest"] / r["floor_quest"]) if r.get("quest") and r.get("floor_quest") else None]
+        if quests:
+            vals += [r.get("floor_quest"), *[(r[p] / r["floor_quest"]) if r.get(p) and r.get("floor_quest") else None
+                                             for p in quests]]
         out.append("| " + " | ".join(f(v) for v in vals) + " |")
     return "\n".join(out)
 
