@@ -178,3 +178,17 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     if name not in POLICY_CLASSES:
         raise ValueError(f"configuration {spec!r}: policy {name!r} is not one of {', '.join(POLICY_CLASSES)}")
     return name, parse_options([item for item in rest.split(",") if item])
+
+
+def prompt_slots(tokens: int, page_size: int, bounded: bool) -> int:
+    """The fewest buffer slots (a bounded policy's budget, else max_length) that hold a prompt of
+    ``tokens`` tokens: its pages, and for a bounded policy one free page for decoding."""
+    return (-(-tokens // page_size) + (1 if bounded else 0)) * page_size
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that does not fit the buffer; ``slots`` is the size that would hold it."""
+
+    def __init__(self, reason: str, tokens: int, slots: int) -> None:
+        super().__init__(f"{reason}; use at least {slots}")
+        self.reason, self.tokens, self.slots = reason, tokens, slots

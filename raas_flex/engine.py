@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
 
 from . import kernels
-from .config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, AttentionSpec, RaaSConfig
+from .config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, AttentionSpec, PromptTooLongError, RaaSConfig, prompt_slots
 from .masks import all_partial_lists, build_block_mask
 
 
@@ -94,20 +94,6 @@ def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype
             if backend_unsupported(backend, config, device, dtype, spec) is None:
                 return backend
     return "torch"
-
-
-def prompt_slots(tokens: int, page_size: int, bounded: bool) -> int:
-    """The fewest buffer slots (a bounded policy's budget, else max_length) that hold a prompt of
-    ``tokens`` tokens: its pages, and for a bounded policy one free page for decoding."""
-    return (-(-tokens // page_size) + (1 if bounded else 0)) * page_size
-
-
-class PromptTooLongError(ValueError):
-    """A prompt that does not fit the buffer; ``slots`` is the size that would hold it."""
-
-    def __init__(self, reason: str, tokens: int, slots: int) -> None:
-        super().__init__(f"{reason}; use at least {slots}")
-        self.reason, self.tokens, self.slots = reason, tokens, slots
 
 
 @dataclass(frozen=True)
@@ -427,10 +413,8 @@ class PagedKVCache(nn.Module):
             return self._attend_observe(q)
         if self.policy.narrows:  # quest, triton: the torch append and page choice, attention over the chosen pages
             self.append(k, v)
-            pages = self.policy.attended_list(self, q)
-            chosen = torch.zeros(self.B, self.H, self.P + 1, dtype=torch.bool, device=q.device)
-            chosen.scatter_(-1, torch.where(pages >= 0, pages, self.P), True)  # (-1 to the extra column)
-            self.valid.copy_((self.token_valid() & chosen[..., :self.P, None]).view(self.B * self.H, self.S))
+            chosen, pages = self.policy.attended_list(self, q)
+            self.valid.copy_((self.token_valid() & chosen[..., None]).view(self.B * self.H, self.S))
             return kernels.paged_attend(q, self.k, self.v, pages, self.page_id, self.length, self._obs_count,
                                         self.scale)
         state = (self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,

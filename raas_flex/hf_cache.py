@@ -11,8 +11,8 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from .config import CONFIG_OPTIONS, AttentionSpec, RaaSConfig
-from .engine import PagedKVCache, PromptTooLongError, prompt_slots
+from .config import CONFIG_OPTIONS, AttentionSpec, PromptTooLongError, RaaSConfig, prompt_slots
+from .engine import PagedKVCache
 from .policies import POLICY_CLASSES, Streaming, make_policy, policy_options
 
 try:  # transformers is an install dependency, but keep `import raas_flex` usable without it

@@ -248,17 +248,23 @@ class Quest(Policy):
     def attended_pages(self, c, q: Tensor) -> Tensor | None:
         if c.budget_pages >= c.P:
             return None  # the budget covers the whole buffer
-        order = self.ranked_pages(c, q)
+        return self._first(c, self.ranked_pages(c, q))
+
+    def _first(self, c, order: Tensor) -> Tensor:
+        """bool [B, Hkv, P]: the resident pages among the first ``budget_pages`` of ``order``."""
         rank = torch.empty_like(order).scatter_(-1, order, c.slot_index.expand_as(order))
         return (c.page_id >= 0) & (rank < c.budget_pages)
 
-    def attended_list(self, c, q: Tensor) -> Tensor:
-        """int64 [B, Hkv, min(budget_pages, P)]: the slots of the pages :meth:`attended_pages` marks, in
-        :meth:`ranked_pages` order, -1 past the resident pages (the paged attention kernel's input)."""
+    def attended_list(self, c, q: Tensor) -> tuple[Tensor, Tensor]:
+        """The pages attended this step as (bool [B, Hkv, P] by slot: :meth:`attended_pages`, or every
+        resident page; int64 [B, Hkv, min(budget_pages, P)]: their slots in :meth:`ranked_pages` order,
+        -1 past the resident pages): the mask and the paged attention kernel's list."""
+        resident = c.page_id >= 0
         if c.budget_pages >= c.P:
-            return torch.where(c.page_id >= 0, c.slot_index, -1)
-        first = self.ranked_pages(c, q)[..., :c.budget_pages]
-        return torch.where(c.page_id.gather(-1, first) >= 0, first, -1)
+            return resident, torch.where(resident, c.slot_index, -1)
+        order = self.ranked_pages(c, q)
+        first = order[..., :c.budget_pages]
+        return self._first(c, order), torch.where(resident.gather(-1, first), first, -1)
 
 
 @dataclass(frozen=True)
