@@ -333,6 +333,9 @@ def main(argv=None):
     ap.add_argument("--quest-contexts", default="", help="quest contexts N (comma separated; none by default)")
     ap.add_argument("--quest-budget", type=int, default=None, help="tokens quest attends to (default: --budget)")
     ap.add_argument("--quest-margin", type=int, default=64, help="quest max_length = N + this")
+    ap.add_argument("--quest-configs", default="quest",
+                    help="semicolon-separated quest configurations (a row for each at every --quest-contexts N), "
+                         "e.g. 'quest;quest:backend=triton'")
     ap.add_argument("--order", default="dense,raas,quest",
                     help="measurement kinds in the order they run; a kind left out is not run (e.g. 'quest'); "
                          "'dense_flash': the engine's own dense policy (every cached token, flash-decoding style: "
@@ -367,6 +370,13 @@ def main(argv=None):
     if sorted(order) != sorted(set(order)) or not set(order) <= {"dense", "raas", "quest", "dense_flash", "dense_flex"}:
         ap.error(f"--order {args.order!r}: a permutation of some of dense,raas,quest,dense_flash,dense_flex")
     quest_contexts = [int(x) for x in args.quest_contexts.split(",") if x.strip()]
+    quest_configs = [a.strip() for a in args.quest_configs.split(";") if a.strip()]
+    try:
+        quest_names = [parse_spec(a)[0] for a in quest_configs]
+    except ValueError as e:
+        ap.error(str(e))
+    if not quest_configs or len(set(quest_configs)) != len(quest_configs) or set(quest_names) != {"quest"}:
+        ap.error(f"--quest-configs {args.quest_configs!r}: quest configurations, no repeats")
     if args.smoke:
         device, dtype = "cpu", torch.float32
         args.layers, args.batch, args.budget, args.raas_prompt, args.steps = 2, 2, 64, 40, 4
@@ -428,12 +438,13 @@ def main(argv=None):
                     floor_ms=floor_ms(kvb), ms_per_step=ms, tokens_per_s=B / ms * 1e3, peak_gb=peak / 2**30, kv_gb=kvb / 2**30, **comp,
                     graphs_compiled_warmup=g_warm, max_batch_kv_fits=fits, t_warmup_s=t_warm, t_timed_s=t_timed)
 
-    def run_quest(N, policy="quest"):
-        """A policy that keeps every token (quest; dense: the dense_flash anchor) at context N."""
+    def run_quest(N, config="quest"):
+        """A configuration that keeps every token (quest's; "dense": the dense_flash anchor) at context N."""
         ids = torch.randint(100, 1000, (B, N - args.steps), device=device, generator=gen)
         max_length = N + args.quest_margin
         kw = dict(prefill_chunk_size=args.prefill_chunk or None)
-        with raas_flex.patched(model, budget=Lq, policy=policy, max_length=max_length):
+        policy, options = parse_spec(config)
+        with raas_flex.patched(model, budget=Lq, policy=policy, max_length=max_length, **options):
             phase["name"] = "warm-up"
             t_warm, g_warm = warm_up(model, ids, args.steps, device, **kw)
             phase["name"] = "timed"
@@ -506,7 +517,7 @@ def main(argv=None):
         elif kind in ("dense_flash", "dense_flex"):
             plan += [(kind, N) for N in contexts]
         else:
-            plan += [("quest", N) for N in quest_contexts]
+            plan += [("quest", (qc, N)) for qc in quest_configs for N in quest_contexts]
     raas_kv_seq = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * L * (
         getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) * itemsize
 
@@ -529,7 +540,8 @@ def main(argv=None):
     bar = tqdm(total=len(plan), desc="measurements", file=sys.stderr)
     try:
         for kind, x in plan:
-            bar.set_postfix_str(f"{kind} {x if kind != 'raas' else x[0] + ' ' + spec_text(x[1])}", refresh=True)
+            what = f"{x[0]} {spec_text(x[1])}" if kind == "raas" else f"{x[0]} N={x[1]}" if kind == "quest" else x
+            bar.set_postfix_str(f"{kind} {what}", refresh=True)
             if kind == "dense-alloc":
                 per_seq = kv_bytes_dense(cfg, 1, x, itemsize)
                 emit(dict(mode="dense static compiled (allocation check only)", kind="dense-alloc", B=0, N=x,
@@ -540,7 +552,9 @@ def main(argv=None):
             if kind == "dense":
                 base, size, fn = dict(mode="dense static compiled", kind="dense", B=B, N=x), x, lambda: run_dense(x)
             elif kind == "quest":
-                base, size, fn = dict(mode=f"quest budget={Lq}", kind="quest", B=B, N=x, budget=Lq), x, lambda: run_quest(x)
+                qc, x = x
+                base = dict(mode=f"{qc} budget={Lq}", kind="quest", config=qc, B=B, N=x, budget=Lq)
+                size, fn = x, (lambda x=x, qc=qc: run_quest(x, qc))
             elif kind == "dense_flash":
                 base = dict(mode="dense_flash (raas_flex dense policy)", kind="dense_flash", B=B, N=x)
                 size, fn = x, (lambda x=x: run_quest(x, "dense"))

@@ -172,6 +172,9 @@ def test_long_context_benchmark_smoke(tmp_path, monkeypatch):
     for bad in ("raas;raas", "raas;lru", "quest", "raas:refresh", ";"):
         with pytest.raises(SystemExit):
             long_context.main(["--smoke", "--out", str(tmp_path), "--raas-configs", bad])
+    for bad in ("quest;quest", "raas", "quest:refresh", ";"):
+        with pytest.raises(SystemExit):
+            long_context.main(["--smoke", "--out", str(tmp_path), "--quest-configs", bad])
 
     # The allocation-checked largest batch needs CUDA; on CPU pretend the dense KV fits once more so
     # that 8x resolves (8 x 1 = 8). A simulated OOM in the quest run at N=80 must become an error row,
