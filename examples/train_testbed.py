@@ -39,6 +39,11 @@ every teacher-forced argmax is right, so "tf_seq_acc" (share of held-out sequenc
 chain token is predicted right) is a one-forward stand-in for the exact-answer accuracy; the real
 one (batched greedy ``generate``, dense) is measured at the end.
 
+The held-out evaluation also reports, for the milestone and ledger tasks, the accuracy on the copied
+question facts (tf_fact_acc) and on the line values (tf_value_acc), and for the ledger task on the
+multipliers copied after ``*`` (tf_copy_acc) and the entries copied into ledger lines (tf_entry_acc), so
+a run that stalls shows which step it has not learned.
+
 Every evaluation overwrites ``--out`` with the current model (safetensors + config + tokenizer,
 loadable with ``from_pretrained``) and ``train_log.json`` (loss curve, evaluations, parameters,
 throughput, device, command), so a run stopped from outside still leaves a usable checkpoint.
@@ -88,7 +93,8 @@ from raas_flex.testbed import (  # noqa: E402
 )
 
 ARCHS = ("llama", "qwen2")
-NEWLINE_ID, EQUALS_ID, Q_ID = (VOCAB.index(c) for c in ("\n", "=", "q"))
+NEWLINE_ID, EQUALS_ID, Q_ID, STAR_ID = (VOCAB.index(c) for c in ("\n", "=", "q", "*"))
+KEY_IDS = [VOCAB.index(c) for c in "abcdefghij"]  # the ledger task's entry keys
 TASKS = ("lag", "milestone", "ledger")
 SMOKE = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, batch_size=4,
              steps=3, eval_problems=4, gen_problems=2, min_lines=12, max_lines=14, lag=4, phase_lines=6,
@@ -250,7 +256,7 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
     sequence sees only its question and its last ``window`` tokens."""
     model.eval()
     tok_ok = tok_n = seq_ok = 0
-    kind_ok, kind_n = {"fact": 0, "value": 0}, {"fact": 0, "value": 0}
+    kind_ok, kind_n = dict.fromkeys(("fact", "value", "copy", "entry"), 0), dict.fromkeys(("fact", "value", "copy", "entry"), 0)
     col_ok = np.zeros(LINE_WIDTH)
     col_n = np.zeros(LINE_WIDTH)
     loss_sum = 0.0
@@ -273,7 +279,12 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
             nxt = torch.cat([target[:, 1:], torch.full_like(target[:, :1], PAD)], 1)
             is_value = valid & (nxt == NEWLINE_ID) & (torch.roll(target, 1, 1) == EQUALS_ID)
             fact = valid & (nxt == EQUALS_ID) & (torch.roll(target, 3, 1) == Q_ID)
-            for kind, m in (("fact", fact), ("value", is_value)):
+            prev = torch.roll(target, 1, 1)
+            # ledger task: the multiplier copied after "*", and the entries copied into a ledger line (a
+            # digit after a key letter; in a computed line the key is followed by "*")
+            copy = valid & (prev == STAR_ID) & (nxt == EQUALS_ID)
+            entry = valid & torch.isin(prev, torch.tensor(KEY_IDS, device=prev.device)) & (target != STAR_ID)
+            for kind, m in (("fact", fact), ("value", is_value), ("copy", copy), ("entry", entry)):
                 kind_ok[kind] += (ok & m).sum().item()
                 kind_n[kind] += m.sum().item()
         # columns of the chain's lines: target index t holds token t + 1
@@ -291,8 +302,10 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
     }
     if columns:  # the lag task's fixed-width lines: the looked-up b and the computed v
         out.update(tf_b_acc=float(col_ok[6] / max(col_n[6], 1)), tf_v_acc=float(col_ok[8] / max(col_n[8], 1)))
-    else:  # milestone task: facts copied from the question, and every line's value
+    else:  # milestone and ledger tasks: facts copied from the question, every line's value
         out.update(tf_fact_acc=kind_ok["fact"] / max(kind_n["fact"], 1), tf_value_acc=kind_ok["value"] / max(kind_n["value"], 1))
+        if kind_n["entry"]:  # ledger task: multipliers copied after "*", entries copied into ledger lines
+            out.update(tf_copy_acc=kind_ok["copy"] / max(kind_n["copy"], 1), tf_entry_acc=kind_ok["entry"] / kind_n["entry"])
     return out
 
 
