@@ -453,6 +453,34 @@ def test_gpu_auto_compiled_generate_with_prompt_in_pieces(backend):
     assert torch.equal(pieces, whole)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_quest_triton_generate_equals_torch_path():
+    """quest with backend="triton" (paged_attend over the chosen pages) under generate, compiled with
+    CUDA graphs: the same greedy tokens as quest on the torch path (fp32: the same pages chosen, the
+    attention equal to rounding), and no graph compiled after the warm-up."""
+    model = make_model("llama").cuda()
+    ids, mask = prompts([40, 23], seed=31)
+    ids, mask = ids.cuda(), mask.cuda()
+    out = {}
+    counters = torch._dynamo.utils.counters
+    for backend in ("torch", "triton"):
+        raas_flex.patch(model, budget=32, page_size=16, policy="quest", backend=backend)
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            greedy(model, ids, mask, 2)
+            warm = counters["stats"]["unique_graphs"]
+            out[backend] = greedy(model, ids, mask, 60)
+            assert counters["stats"]["unique_graphs"] == warm, backend
+        finally:
+            torch._dynamo.reset()
+            for name in ("_compiled_call", "_last_compile_config"):
+                model.__dict__.pop(name, None)
+            raas_flex.unpatch(model)
+    assert torch.equal(out["triton"], out["torch"])
+
+
 def test_chunked_prefill_over_budget_names_the_pieces():
     """A prompt that outgrows the budget piece by piece is refused when the piece that overflows arrives,
     saying it came in pieces and how many tokens it holds so far."""
