@@ -8,9 +8,12 @@ Reads the dense row of a ``benchmarks/accuracy.py`` run (its generated tokens pe
 ``reference_length``), then for every (policy, budget) feeds each problem's prompt and dense's chain
 token by token through the patched model (a ``RaaSCache`` stepped by hand, positions from the
 left-padded prompt, as ``generate`` does) and compares each step's next-token distribution with the
-unpatched model's on the same prefix: top-1 agreement and mean KL(dense || policy) in nats, over
-every chain token of every problem. Budgets as in accuracy.py (fractions of the mean dense chain or
-token counts). Writes ``<out>/<name>.json`` and ``.md``.
+unpatched model's on the same prefix (one forward per problem of the batch, just before it: memory
+stays at a batch's distributions): top-1 agreement and mean KL(dense || policy) in nats, over every
+chain token of every problem. Budgets as in accuracy.py (fractions of the mean dense chain or token
+counts). ``--limit N`` takes the first N problems of the run. Writes ``<out>/<name>.json`` after every
+(policy, budget) row and ``.md`` at the end; ``--resume`` keeps the rows of an earlier run with the
+same settings and runs only the missing ones (long CPU runs span several calls).
 """
 
 from __future__ import annotations
@@ -48,16 +51,17 @@ def dense_logprobs(model, prompts: list[list[int]], chains: list[list[int]]) -> 
 
 
 @torch.no_grad()
-def policy_fidelity(model, prompts, chains, reference, policy: str, budget: int, page_size: int, pad: int,
+def policy_fidelity(model, prompts, chains, policy: str, budget: int, page_size: int, pad: int,
                     batch_size: int, bar) -> dict:
     """Top-1 agreement and mean KL(dense || policy) of ``policy`` at ``budget`` along the chains."""
     name, options = parse_spec(policy)
     agree = total = 0
     kl_sum = 0.0
     per_problem = []
-    with raas_flex.patched(model, budget, policy=name, page_size=page_size, **options):
-        for i in range(0, len(prompts), batch_size):
-            rows = range(i, min(i + batch_size, len(prompts)))
+    for i in range(0, len(prompts), batch_size):
+        rows = range(i, min(i + batch_size, len(prompts)))
+        reference = dict(zip(rows, dense_logprobs(model, [prompts[r] for r in rows], [chains[r] for r in rows])))
+        with raas_flex.patched(model, budget, policy=name, page_size=page_size, **options):
             width = max(len(prompts[r]) for r in rows)
             steps = max(len(chains[r]) for r in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -96,6 +100,22 @@ def policy_fidelity(model, prompts, chains, reference, policy: str, budget: int,
             "mean_kl": kl_sum / total, "problems": per_problem}
 
 
+RUN_KEYS = ("model", "accuracy_json", "problems", "reference_length", "dtype", "page_size")
+
+
+def resumed_rows(path: Path, report: dict) -> dict:
+    """``--resume``: the rows without an error of an earlier run written to ``path``, by (policy,
+    budget); {} when there is none. The earlier run must have the same settings (RUN_KEYS), else
+    ValueError naming what differs."""
+    if not path.exists():
+        return {}
+    prev = json.loads(path.read_text())
+    changed = [k for k in RUN_KEYS if prev.get(k) != report[k]]
+    if changed:
+        raise ValueError(f"--resume: {path} is a run with other {', '.join(changed)}; use another --name or drop --resume")
+    return {(r["policy"], r["budget"]): r for r in prev.get("rows", []) if "error" not in r}
+
+
 def markdown(report: dict) -> str:
     lines = [f"Teacher-forced along dense's chains: model `{report['model']}`, {report['problems']} problems, "
              f"{report['dtype']}, {report['device']}; mean dense chain {report['reference_length']:.0f} tokens.", "",
@@ -126,21 +146,28 @@ def main(argv=None) -> dict:
     ap.add_argument("--instruction", default=accuracy.DEFAULT_INSTRUCTION)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="fidelity")
+    ap.add_argument("--limit", type=int, default=None, help="the first N problems of the accuracy run")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of an earlier run under the same --out/--name (same model, problems, dtype "
+                         "and page size) and run only the missing (policy, budget) pairs")
     args = ap.parse_args(argv)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for name in ("batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     policies = [p for p in accuracy.parse_policies(args.policies) if p != "dense"]
     budgets = accuracy.parse_budgets(args.budgets)
     acc = json.loads(Path(args.accuracy).read_text())
     dense = next((r for r in acc["rows"] if r["policy"] == "dense" and "results" in r), None)
     if dense is None or any("tokens" not in x for x in dense["results"]):
         raise ValueError(f"--accuracy {args.accuracy}: no dense row with generated tokens (run accuracy.py with dense)")
-    problems = accuracy.load_problems(args.problems)[: len(dense["results"])]
-    if len(problems) != len(dense["results"]) or any(p["answer"] != x["gold"] for p, x in zip(problems, dense["results"])):
+    results = dense["results"][: args.limit]
+    problems = accuracy.load_problems(args.problems)[: len(results)]
+    if len(problems) != len(results) or any(p["answer"] != x["gold"] for p, x in zip(problems, results)):
         raise ValueError(f"--problems {args.problems} are not the problems of --accuracy {args.accuracy}")
     tok, model = accuracy.load_model(args)
     prompts = accuracy.build_prompts(tok, problems, args.prompt_format, args.instruction)
-    chains = [x["tokens"] for x in dense["results"]]
+    chains = [x["tokens"] for x in results]
     pad = tok.pad_token_id if tok.pad_token_id is not None else chains[0][-1]
     ref_len = acc["reference_length"]
     t0 = time.perf_counter()
@@ -150,19 +177,23 @@ def main(argv=None) -> dict:
         "reference_length": ref_len, "dtype": args.dtype, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu",
-        "rows": [],
+        "page_size": args.page_size, "rows": [],
     }
-    reference = dense_logprobs(model, prompts, chains)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    done = resumed_rows(out / f"{args.name}.json", report) if args.resume else {}
     longest = max(map(len, prompts))
     configs = [(p, accuracy.resolve_budget(b, ref_len, args.page_size, longest)) for p in policies for b in budgets]
     with tqdm(total=len(configs) * len(problems), unit="problem", desc="fidelity", dynamic_ncols=True,
               mininterval=2.0 if sys.stderr.isatty() else 30.0) as bar:
         for policy, budget in configs:
+            if (policy, budget) in done:
+                report["rows"].append(done[(policy, budget)])
+                bar.update(len(problems))
+                continue
             try:
-                row = policy_fidelity(model, prompts, chains, reference, policy, budget, args.page_size, pad,
-                                      args.batch_size, bar)
+                row = policy_fidelity(model, prompts, chains, policy, budget, args.page_size, pad, args.batch_size,
+                                      bar)
             except (ValueError, RuntimeError) as e:
                 row = {"policy": policy, "budget": budget, "error": f"{type(e).__name__}: {e}"[:500]}
             report["rows"].append(row)

@@ -607,7 +607,8 @@ def test_configurations_with_options_and_worker_processes_match_one_process(tiny
 
 def test_teacher_forced_fidelity_is_exact_when_nothing_is_evicted(tiny_model_dir, tmp_path, monkeypatch):
     """benchmarks/fidelity.py along dense's chains: a budget that holds prompt and chain gives dense's
-    distributions (top-1 1.0, KL ~0); a small one drifts (KL > 0); problems that are not the run's are refused."""
+    distributions (top-1 1.0, KL ~0); a small one drifts (KL > 0); --resume reuses finished rows and
+    refuses other settings; --limit; problems that are not the run's are refused."""
     monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks import fidelity
 
@@ -628,6 +629,19 @@ def test_teacher_forced_fidelity_is_exact_when_nothing_is_evicted(tiny_model_dir
         assert full["top1_agreement"] == 1.0 and full["mean_kl"] < 1e-4 and full["tokens"] == 3 * 40
         assert rows[(policy, 80)]["mean_kl"] > 1e-3
     assert json.loads((tmp_path / "fid.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    # --resume runs only what is missing (here nothing: the rows come back unchanged, no policy is run);
+    # other settings under the same name are refused; --limit takes the first problems
+    common = ["--accuracy", str(tmp_path / "acc.json"), "--problems", str(problems), "--model", str(tiny_model_dir),
+              "--policies", "raas;streaming", "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path)]
+    real = fidelity.policy_fidelity
+    monkeypatch.setattr(fidelity, "policy_fidelity", lambda *a, **k: pytest.fail("a finished row ran again"))
+    again = fidelity.main(common + ["--budgets", "96,+0.25", "--name", "fid", "--resume"])
+    assert again["rows"] == json.loads(json.dumps(report["rows"]))
+    with pytest.raises(ValueError, match="--resume: .* is a run with other problems"):
+        fidelity.main(common + ["--budgets", "96", "--name", "fid", "--resume", "--limit", "2"])
+    monkeypatch.setattr(fidelity, "policy_fidelity", real)
+    two = fidelity.main(common + ["--budgets", "96", "--name", "fid2", "--limit", "2"])
+    assert two["problems"] == 2 and [r["tokens"] for r in two["rows"]] == [2 * 40, 2 * 40]
     other = tmp_path / "q.jsonl"
     other.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
                              for p in tb.dataset(3, seed=5)))
