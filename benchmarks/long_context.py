@@ -336,6 +336,9 @@ def main(argv=None):
     ap.add_argument("--quest-configs", default="quest",
                     help="semicolon-separated quest configurations (a row for each at every --quest-contexts N), "
                          "e.g. 'quest;quest:backend=triton'")
+    ap.add_argument("--dense-flash-configs", default="dense",
+                    help="semicolon-separated configurations of the dense_flash rows (the engine's dense policy), "
+                         "e.g. 'dense;dense:backend=triton'")
     ap.add_argument("--order", default="dense,raas,quest",
                     help="measurement kinds in the order they run; a kind left out is not run (e.g. 'quest'); "
                          "'dense_flash': the engine's own dense policy (every cached token, flash-decoding style: "
@@ -377,6 +380,13 @@ def main(argv=None):
         ap.error(str(e))
     if not quest_configs or len(set(quest_configs)) != len(quest_configs) or set(quest_names) != {"quest"}:
         ap.error(f"--quest-configs {args.quest_configs!r}: quest configurations, no repeats")
+    flash_configs = [a.strip() for a in args.dense_flash_configs.split(";") if a.strip()]
+    try:
+        flash_names = [parse_spec(a)[0] for a in flash_configs]
+    except ValueError as e:
+        ap.error(str(e))
+    if not flash_configs or len(set(flash_configs)) != len(flash_configs) or set(flash_names) != {"dense"}:
+        ap.error(f"--dense-flash-configs {args.dense_flash_configs!r}: dense configurations, no repeats")
     if args.smoke:
         device, dtype = "cpu", torch.float32
         args.layers, args.batch, args.budget, args.raas_prompt, args.steps = 2, 2, 64, 40, 4
@@ -514,7 +524,9 @@ def main(argv=None):
                 plan += [("dense-alloc", N) for N in contexts]
         elif kind == "raas":
             plan += [("raas", (att, item)) for att in attentions for item in [("abs", B)] + raas_items]
-        elif kind in ("dense_flash", "dense_flex"):
+        elif kind == "dense_flash":
+            plan += [(kind, (dc, N)) for dc in flash_configs for N in contexts]
+        elif kind == "dense_flex":
             plan += [(kind, N) for N in contexts]
         else:
             plan += [("quest", (qc, N)) for qc in quest_configs for N in quest_contexts]
@@ -540,7 +552,8 @@ def main(argv=None):
     bar = tqdm(total=len(plan), desc="measurements", file=sys.stderr)
     try:
         for kind, x in plan:
-            what = f"{x[0]} {spec_text(x[1])}" if kind == "raas" else f"{x[0]} N={x[1]}" if kind == "quest" else x
+            what = f"{x[0]} {spec_text(x[1])}" if kind == "raas" else f"{x[0]} N={x[1]}" if kind in (
+                "quest", "dense_flash") else x
             bar.set_postfix_str(f"{kind} {what}", refresh=True)
             if kind == "dense-alloc":
                 per_seq = kv_bytes_dense(cfg, 1, x, itemsize)
@@ -556,8 +569,9 @@ def main(argv=None):
                 base = dict(mode=f"{qc} budget={Lq}", kind="quest", config=qc, B=B, N=x, budget=Lq)
                 size, fn = x, (lambda x=x, qc=qc: run_quest(x, qc))
             elif kind == "dense_flash":
-                base = dict(mode="dense_flash (raas_flex dense policy)", kind="dense_flash", B=B, N=x)
-                size, fn = x, (lambda x=x: run_quest(x, "dense"))
+                dc, x = x
+                base = dict(mode=f"dense_flash (raas_flex {dc})", kind="dense_flash", config=dc, B=B, N=x)
+                size, fn = x, (lambda x=x, dc=dc: run_quest(x, dc))
             elif kind == "dense_flex":
                 base = dict(mode="dense static compiled, flex_attention", kind="dense_flex", B=B, N=x)
                 size, fn = x, (lambda x=x: run_dense(x, "flex_attention"))
@@ -655,7 +669,8 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
         for o in others:
             if o["kind"] == "quest" and o["N"] != d["N"]:
                 continue
-            out.append(dict(dense_kind=d["kind"], dense_N=d["N"], dense_B=d["B"], dense_tokens_per_s=d["tokens_per_s"],
+            out.append(dict(dense_kind=d["kind"], dense_config=d.get("config"), dense_N=d["N"], dense_B=d["B"],
+                            dense_tokens_per_s=d["tokens_per_s"],
                             dense_kv_gb=d["kv_gb"],
                             mode=o["mode"], B=o["B"], batch_spec=o.get("batch_spec"), tokens_per_s=o["tokens_per_s"],
                             kv_gb=o["kv_gb"], tokens_per_s_ratio=o["tokens_per_s"] / d["tokens_per_s"],
@@ -727,7 +742,8 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int, att_ratio
               "KV ratio (dense / row) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for q in ratios:
-        lines.append(f"| {q.get('dense_kind', 'dense')} ({q['dense_N']}) | {q['dense_B']} | {q['dense_tokens_per_s']:.0f} | {q['mode']} | {q['B']} | "
+        kind = q.get("dense_kind", "dense") + (f" {q['dense_config']}" if q.get("dense_config") else "")
+        lines.append(f"| {kind} ({q['dense_N']}) | {q['dense_B']} | {q['dense_tokens_per_s']:.0f} | {q['mode']} | {q['B']} | "
                      f"{q['tokens_per_s']:.0f} | {q['tokens_per_s_ratio']:.2f}x | {q['dense_kv_gb']:.2f} | "
                      f"{q['kv_gb']:.2f} | {q['kv_ratio_dense_over']:.1f}x |")
     if not ratios:

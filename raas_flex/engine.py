@@ -25,7 +25,7 @@ one if the buffer is full), attends over the resident tokens, then lets the poli
     flex     one Triton bookkeeping kernel (append, eviction, validity row, exact block lists and,
              for raas with the bound and top-k, the observe) then flex_attention; CUDA
     triton   the whole step in one Triton kernel (raas, h2o: shares from the attention's pass); for
-             quest, the torch append and page choice, then attention over the chosen pages only; CUDA
+             quest and dense, the torch append and page choice, then attention over those pages only; CUDA
 
 The bound observe reads only the query and the key bounds after the append, so the fused kernels
 run it before the attention; the state is that of the torch order (append, attend, observe).
@@ -69,9 +69,8 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
     if reason is not None:
         return reason
     policy = config.policy
-    if policy.append_code is None and not (policy.narrows and backend == "triton"):
-        return (f"the fused kernels serve policies raas, h2o, streaming (quest: backend='triton' only); "
-                f"got policy={policy.name!r}")
+    if policy.append_code is None and backend != "triton":
+        return f"the flex backend serves policies raas, h2o, streaming; got policy={policy.name!r}"
     if backend == "triton" and policy.step_observe in (1, 2, 3) and config.page_size & (config.page_size - 1):
         return f"the one-kernel step sums attention shares over pages of 2^n tokens; got page_size={config.page_size}"
     return None
@@ -87,9 +86,9 @@ def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype
             raise ValueError(f"backend={config.backend!r} is not supported for this cache: {why}; "
                              "use backend=None (the fastest supported) or backend='torch'")
         return config.backend
-    # quest's triton path (paged_attend) is taken only when asked for: it has not been timed against
-    # the torch path on a GPU yet (docs/kernels.md)
-    if device.type == "cuda" and not config.policy.narrows:
+    # the triton path of quest and dense (paged_attend) is taken only when asked for: it has not been
+    # timed against the torch path on a GPU yet (docs/kernels.md)
+    if device.type == "cuda" and config.policy.append_code is not None:
         for backend in ("triton", "flex"):
             if backend_unsupported(backend, config, device, dtype, spec) is None:
                 return backend
@@ -241,10 +240,11 @@ class PagedKVCache(nn.Module):
         # Block lists. torch backend: a policy that attends to every resident page gets constant
         # lists (every block partial: in a full compacted buffer nearly every block is full anyway,
         # and the one-byte mask costs the kernel less than exact lists cost the step); quest gets
-        # exact lists per step (none on the triton backend, whose kernel reads a page list). flex
-        # backend: the bookkeeping kernel writes exact lists into them.
+        # exact lists per step. flex backend: the bookkeeping kernel writes exact lists into them;
+        # triton: fused_step too, but quest and dense there run paged_attend over a page list instead.
         self._lists = None
-        if self._backend == "flex" or not self.policy.narrows:
+        self._paged = self._backend == "triton" and self.policy.append_code is None
+        if not self._paged and (self._backend != "torch" or not self.policy.narrows):
             lists = all_partial_lists(B * H, S, self.block, device)
             for name, t in zip(("_kv_num", "_kv_idx", "_full_num", "_full_idx"), lists):
                 buf(name, t)
@@ -411,7 +411,7 @@ class PagedKVCache(nn.Module):
         if self._backend == "torch":
             self._prepare(q, k, v)
             return self._attend_observe(q)
-        if self.policy.narrows:  # quest, triton: the torch append and page choice, attention over the chosen pages
+        if self._paged:  # quest, dense on triton: the torch append and page choice, attention over those pages
             self.append(k, v)
             chosen, pages = self.policy.attended_list(self, q)
             self.valid.copy_((self.token_valid() & chosen[..., None]).view(self.B * self.H, self.S))

@@ -93,6 +93,13 @@ class Policy:
     def attended_pages(self, c, q: Tensor) -> Tensor | None:
         return None
 
+    def attended_list(self, c, q: Tensor) -> tuple[Tensor, Tensor]:
+        """The pages attended this step, for the paged attention kernel (quest and dense on the triton
+        backend): (bool [B, Hkv, P] by slot, int64 [B, Hkv, K] their slots, -1 for none). Here every
+        resident page, K = P."""
+        resident = c.page_id >= 0
+        return resident, torch.where(resident, c.slot_index, -1)
+
     def observe(self, c, q: Tensor, valid: Tensor) -> None:
         return None
 
@@ -256,12 +263,11 @@ class Quest(Policy):
         return (c.page_id >= 0) & (rank < c.budget_pages)
 
     def attended_list(self, c, q: Tensor) -> tuple[Tensor, Tensor]:
-        """The pages attended this step as (bool [B, Hkv, P] by slot: :meth:`attended_pages`, or every
-        resident page; int64 [B, Hkv, min(budget_pages, P)]: their slots in :meth:`ranked_pages` order,
-        -1 past the resident pages): the mask and the paged attention kernel's list."""
-        resident = c.page_id >= 0
+        """:meth:`Policy.attended_list`: the ``budget_pages`` pages of :meth:`attended_pages`, in
+        :meth:`ranked_pages` order, -1 past the resident pages."""
         if c.budget_pages >= c.P:
-            return resident, torch.where(resident, c.slot_index, -1)
+            return super().attended_list(c, q)
+        resident = c.page_id >= 0
         order = self.ranked_pages(c, q)
         first = order[..., :c.budget_pages]
         return self._first(c, order), torch.where(resident.gather(-1, first), first, -1)

@@ -432,12 +432,8 @@ def test_fused_backend_is_refused_on_cpu(backend):
 
 BACKEND_ERRORS = [
     # (backend, policy, text): what a fused backend cannot serve, on a device where the kernels run
-    ("flex", Quest(), "the fused kernels serve policies raas, h2o, streaming (quest: backend='triton' only); "
-                      "got policy='quest'"),
-    ("flex", Dense(), "the fused kernels serve policies raas, h2o, streaming (quest: backend='triton' only); "
-                      "got policy='dense'"),
-    ("triton", Dense(), "the fused kernels serve policies raas, h2o, streaming (quest: backend='triton' only); "
-                        "got policy='dense'"),
+    ("flex", Quest(), "the flex backend serves policies raas, h2o, streaming; got policy='quest'"),
+    ("flex", Dense(), "the flex backend serves policies raas, h2o, streaming; got policy='dense'"),
 ]
 
 

@@ -218,8 +218,10 @@ def test_unsupported_reasons(monkeypatch):
     assert backend_unsupported("triton", raas, cuda, torch.bfloat16) is None
     quest = make_config(32, "quest", page_size=8, max_length=64)
     assert "policy='quest'" in backend_unsupported("flex", quest, cuda, torch.bfloat16)
-    assert backend_unsupported("triton", quest, cuda, torch.bfloat16) is None  # paged_attend, when asked for
-    assert resolve_backend(quest, cuda, torch.bfloat16) == "torch"  # ... and only then
+    dense = make_config(32, "dense", page_size=8, max_length=64)
+    for config in (quest, dense):
+        assert backend_unsupported("triton", config, cuda, torch.bfloat16) is None  # paged_attend, when asked for
+        assert resolve_backend(config, cuda, torch.bfloat16) == "torch"  # ... and only then
     assert resolve_backend(raas, cuda, torch.bfloat16) == "triton"
     threshold = make_config(32, "raas", page_size=8, importance="attention", refresh="threshold")
     assert backend_unsupported("flex", threshold, cuda, torch.bfloat16) is None  # the append fused, observe in torch
@@ -312,6 +314,9 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                        max_length=72, steps=20), None),
         ("quest", dict(B=2, Hq=4, Hkv=2, D=32, budget=512, ps=16, lens=[20, 300], integer=False, backend="triton",
                        max_length=320, sms=8, steps=12), None),
+        # dense with backend="triton": paged_attend over every resident page
+        ("dense", dict(B=2, Hq=6, Hkv=2, D=16, budget=32, ps=4, lens=[3, 26], integer=False, backend="triton",
+                       max_length=64, steps=20), None),
     ]
     for policy, kw, want in cases:
         steps = kw.pop("steps", 40)
@@ -440,15 +445,15 @@ def test_interpreter_matches_torch_on_cpu():
     bounds in one chunk and several, as products and element-wise; and fused_step with attention
     shares (raas top-k and threshold, h2o) for pages of 1 to 128 slots, resynced every step (page
     tables equal, scores within 1e-4 relative, stamps equal except at the top-k or threshold
-    boundary: ``assert_stamps_near_tie``); and quest's paged_attend (the page choice equal, outputs
-    within 1e-4) with 1 to 4 programs per row, pages of 3 to 16 slots."""
+    boundary: ``assert_stamps_near_tie``); and paged_attend for quest (the page choice equal, outputs
+    within 1e-4; 1 to 4 programs per row, pages of 3 to 16 slots) and dense."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT.format(tests=tests)], env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 27 and lines[-7].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 28 and lines[-8].endswith("True"), res.stdout  # the h2o case overflowed
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -508,11 +513,14 @@ GPU_CASES = [
 ]
 MODES = ["eager", "default", "reduce-overhead"]
 
-# quest with backend="triton" (O(N) buffers: max_length beyond the prompts; budget_pages of P chosen)
-QUEST_CASES = [
-    ("quest-P256-G4", dict(B=8, Hq=32, Hkv=8, D=128, budget=1024, ps=16),
+# quest and dense with backend="triton" (O(N) buffers: max_length beyond the prompts; quest: budget_pages of
+# P chosen; dense: every resident page)
+PAGED_CASES = [
+    ("quest-P256-G4", "quest", dict(B=8, Hq=32, Hkv=8, D=128, budget=1024, ps=16),
      [3000, 2990, 5, 2900, 3008, 3003, 1700, 3001], 4096),
-    ("quest-P50-G7-ps8", dict(B=2, Hq=28, Hkv=4, D=128, budget=128, ps=8), [20, 300], 400),
+    ("quest-P50-G7-ps8", "quest", dict(B=2, Hq=28, Hkv=4, D=128, budget=128, ps=8), [20, 300], 400),
+    ("dense-P256-G4", "dense", dict(B=8, Hq=32, Hkv=8, D=128, budget=1024, ps=16),
+     [3000, 2990, 5, 2900, 3008, 3003, 1700, 3001], 4096),
 ]
 
 
@@ -530,12 +538,12 @@ def test_gpu_fused_matches_torch_resync(case, mode):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", QUEST_CASES, ids=[c[0] for c in QUEST_CASES])
-def test_gpu_quest_paged_matches_torch(case, mode):
-    """quest, backend="triton": integer inputs (exact page bounds, so both paths choose the same
+@pytest.mark.parametrize("case", PAGED_CASES, ids=[c[0] for c in PAGED_CASES])
+def test_gpu_paged_matches_torch(case, mode):
+    """quest and dense, backend="triton": integer inputs (exact page bounds, so both paths choose the same
     pages), 70 steps without resync; the page choice (valid) equal, the output within bf16 tolerance."""
-    _, shape, lens, max_length = case
-    twin_run("quest", **shape, lens=lens, steps=70, mode=mode, integer=True, backend="triton", max_length=max_length)
+    _, policy, shape, lens, max_length = case
+    twin_run(policy, **shape, lens=lens, steps=70, mode=mode, integer=True, backend="triton", max_length=max_length)
 
 
 # (h2o and raas importance="attention" are left out: their scores are softmax shares, not exact sums)
@@ -561,8 +569,8 @@ def test_gpu_fused_matches_torch_exact(case, mode):
 @requires_cuda
 def test_gpu_backends():
     """On CUDA, backend=None picks the one-kernel step for raas (either importance), h2o and streaming,
-    the fused bookkeeping + flex when asked for, torch for quest (triton when asked for); a refused choice
-    names the policy."""
+    the fused bookkeeping + flex when asked for, torch for quest and dense (triton when asked for); a
+    refused choice names the policy."""
     make = lambda budget, policy, **kw: PagedKVCache(make_config(budget, policy, page_size=16, **kw), batch_size=1,
                                                      num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
                                                      device="cuda")
@@ -575,6 +583,7 @@ def test_gpu_backends():
     assert make(64, "raas", importance="attention", backend="flex").backend == "flex"
     assert make(64, "quest", max_length=128).backend == "torch"
     assert make(64, "quest", max_length=128, backend="triton").backend == "triton"
+    assert make(64, "dense", max_length=128, backend="triton").backend == "triton"
     with pytest.raises(ValueError, match="backend='flex' is not supported for this cache: .*policy='quest'"):
         make(64, "quest", max_length=128, backend="flex")
     c = make(64, "raas")

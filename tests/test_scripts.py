@@ -112,8 +112,8 @@ def test_decode_step_configurations_are_named_by_their_options():
 
 
 def test_long_context_dense_flash_anchor_and_floor(tmp_path):
-    """The dense_flash kind runs the engine's dense policy at each dense context and the ratio table
-    holds the raas row against both dense rows; estimates for it scale from dense; floor_ms needs a
+    """The dense_flash kind runs the engine's dense policy (each --dense-flash-configs configuration) at
+    each dense context and the ratio table holds the raas row against both dense rows; estimates for it scale from dense; floor_ms needs a
     measured copy bandwidth (None on CPU)."""
     long_context = _bench_module("long_context")
     done = [dict(kind="dense", N=8192, wall_s=100.0, t_timed_s=10.0)]
@@ -124,6 +124,7 @@ def test_long_context_dense_flash_anchor_and_floor(tmp_path):
     assert flex["ms_per_step"] > 0 and flex["mode"] == "dense static compiled, flex_attention"
     raas = next(r for r in rows if r["kind"] == "raas")
     assert flash and all("ms_per_step" in r and r["attended_tokens"] == r["tokens_kept"] for r in flash)
+    assert {r["config"] for r in flash} == {"dense"}  # --dense-flash-configs' default
     assert raas["lean_ms_per_step"] > 0 and raas["lean_graphs_compiled"] == 0  # --lean: the greedy_decode loop
     assert "lean loop (greedy_decode)" in (tmp_path / "long_context_smoke.md").read_text()
     assert raas["floor_ms"] is None and flash[0]["floor_ms"] is None  # (no GPU: no bandwidth measured)
@@ -131,6 +132,9 @@ def test_long_context_dense_flash_anchor_and_floor(tmp_path):
     assert {q["dense_kind"] for q in ratios if q["mode"] == raas["mode"]} == {"dense", "dense_flash", "dense_flex"}
     with pytest.raises(SystemExit):
         long_context.main(["--smoke", "--order", "dense,flash", "--out", str(tmp_path)])
+    for bad in ("dense;dense", "quest", "dense:refresh"):
+        with pytest.raises(SystemExit):
+            long_context.main(["--smoke", "--order", "dense_flash", "--dense-flash-configs", bad, "--out", str(tmp_path)])
 
 
 def test_long_context_benchmark_smoke(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@
                           out by :func:`step_plan` (backend="triton"); attention shares come from the
                           attention's own pass over K/V
     paged_attend          attention over a list of pages of an O(N) buffer (quest's chosen pages,
-                          backend="triton")
+                          dense's resident ones; backend="triton")
 
 They are torch.library.triton_op ops that declare every buffer they write (mutates_args): they run
 eagerly, in torch.compile(fullgraph=True) graphs and under CUDA graphs, launch a grid fixed by the

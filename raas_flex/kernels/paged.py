@@ -1,11 +1,12 @@
-"""paged_attend: a step's attention over a list of pages of an O(N) buffer (quest's selected pages).
+"""paged_attend: a step's attention over a list of pages of an O(N) buffer (quest's chosen pages, or
+every resident page for dense; backend="triton").
 
 Quest keeps every page and attends to ``budget_pages`` of them, picked per step by the page bound.
-The torch path masks the whole N-slot buffer and lets flex_attention skip the blocks without a chosen
-page; a block holds several pages, so it reads more K/V than the chosen pages hold. Here the programs
-of a row walk the chosen pages' slots only: K/V tiles gathered from the page list, an online softmax
-per program, the row's partial results combined by its last program (flash decoding over a page
-table, as paged-attention engines do)."""
+The torch path writes a validity mask over all N slots each step, builds flex block lists from it and
+lets flex_attention walk the chosen pages one page-sized tile at a time. Here the programs of a row
+walk the listed pages' slots only: K/V tiles of BLOCK_N slots gathered from the page list, an online
+softmax per program, the row's partial results combined by its last program (flash decoding over a
+page table, as paged-attention engines do)."""
 
 from __future__ import annotations
 
