@@ -455,9 +455,10 @@ def test_gpu_auto_compiled_generate_with_prompt_in_pieces(backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_quest_triton_generate_equals_torch_path():
-    """quest with backend="triton" (paged_attend over the chosen pages) under generate, compiled with
-    CUDA graphs: the same greedy tokens as quest on the torch path (fp32: the same pages chosen, the
+@pytest.mark.parametrize("policy", ["quest", "dense"])
+def test_gpu_paged_triton_generate_equals_torch_path(policy):
+    """quest and dense with backend="triton" (paged_attend over their pages) under generate, compiled
+    with CUDA graphs: the same greedy tokens as on the torch path (fp32: the same pages chosen, the
     attention equal to rounding), and no graph compiled after the warm-up."""
     model = make_model("llama").cuda()
     ids, mask = prompts([40, 23], seed=31)
@@ -465,7 +466,7 @@ def test_gpu_quest_triton_generate_equals_torch_path():
     out = {}
     counters = torch._dynamo.utils.counters
     for backend in ("torch", "triton"):
-        raas_flex.patch(model, budget=32, page_size=16, policy="quest", backend=backend)
+        raas_flex.patch(model, budget=32, page_size=16, policy=policy, backend=backend)
         torch._dynamo.reset()
         counters.clear()
         try:
