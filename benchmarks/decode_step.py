@@ -6,8 +6,9 @@ median over chunks of replays, CUDA events):
 
     <config>       the engine step of a configuration named by its user-facing options, e.g.
                    ``raas`` (the shipped default), ``raas:backend=flex``,
-                   ``raas:importance=attention,refresh=threshold``, ``h2o``, ``streaming``, ``quest``;
-                   bounded policies over an L-slot compacted buffer (O(L) memory), quest over N tokens
+                   ``raas:importance=attention,refresh=threshold``, ``h2o``, ``streaming``, ``quest``,
+                   ``dense``; bounded policies over an L-slot compacted buffer (O(L) memory), quest and
+                   dense over N tokens (dense's ratio column is to sdpa_dense_N)
     sdpa_dense_N   F.scaled_dot_product_attention over N cached tokens (today's dense decode)
     sdpa_L         SDPA over a dense L-token buffer: the ideal for a compacted cache
     floor_L        bytes of K and V in L slots / measured copy bandwidth
@@ -210,8 +211,10 @@ def markdown(rows, policies) -> str:
     variants = [p for p in policies if p != "raas"]
     cols += [f"{p}/sdpa_L" for p in variants]
     quests = [p for p in policies if parse_spec(p)[0] == "quest"]
+    denses = [p for p in policies if parse_spec(p)[0] == "dense"]
     if quests:
         cols += ["floor_quest", *[f"{p}/floor_quest" for p in quests]]
+    cols += [f"{p}/sdpa_dense_N" for p in denses]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     f = lambda x: "-" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))
     for r in rows:
@@ -224,6 +227,7 @@ def markdown(rows, policies) -> str:
         if quests:
             vals += [r.get("floor_quest"), *[(r[p] / r["floor_quest"]) if r.get(p) and r.get("floor_quest") else None
                                              for p in quests]]
+        vals += [(r[p] / r["sdpa_dense_N"]) if r.get(p) and r.get("sdpa_dense_N") else None for p in denses]
         out.append("| " + " | ".join(f(v) for v in vals) + " |")
     return "\n".join(out)
 
