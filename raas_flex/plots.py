@@ -3,6 +3,7 @@
     raas_flex.plots.waterfall(trace, layer=0, head=1, path="L0H1.png")
 
     python -m raas_flex.plots --trace trace.pt --out figs --layers 0 3 --heads 0 [--member 0]
+    python -m raas_flex.plots --oracle ledger --out figs   # a testbed chain's reads under the oracle policies
 
 The CLI writes ``waterfall_L{layer}_H{head}[_M{member}].png`` for each chosen map and the head
 classification (:func:`raas_flex.classify_heads`, default thresholds unless given) to
@@ -21,7 +22,7 @@ import torch
 
 from .trace import AttentionTrace, classify_heads, summary_table
 
-__all__ = ["waterfall", "main"]
+__all__ = ["read_map", "waterfall", "main"]
 NORMS = ("log", "power", "linear")
 
 
@@ -105,10 +106,63 @@ def waterfall(trace: AttentionTrace, layer: int, head: int, path, *, member: int
     return path
 
 
+def read_map(trace, results, path, *, page_size: int = 16, title: str | None = None, dpi: int = 110):
+    """The ground truth of a testbed chain under retention policies, one panel per
+    :class:`raas_flex.oracle.SimResult` (from ``simulate(trace, ..., record=True)``), written to ``path``
+    (PNG). Returns ``path``. x = logical page, y = decode step (down), as in :func:`waterfall`: grey
+    where the page is resident, black dots where the step reads a token of the page (``trace.reads``),
+    red crosses where that page had been evicted (a lost read)."""
+    from .oracle import SimResult, Trace
+
+    if not isinstance(trace, Trace):
+        raise TypeError(f"trace must be a raas_flex.oracle.Trace, got {type(trace).__name__}")
+    results = list(results)
+    if not results or not all(isinstance(r, SimResult) for r in results):
+        raise TypeError("results must be a non-empty list of raas_flex.oracle.SimResult")
+    steps = trace.length - trace.prompt_len
+    if any(len(r.resident) != steps for r in results):
+        raise ValueError(f"every result needs its residency of all {steps} steps: simulate(..., record=True)")
+    plt = _pyplot()
+    from matplotlib import colors
+    import numpy as np
+
+    pages = -(-trace.length // page_size)
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results) + 1, 7), sharey=True, squeeze=False)
+    extent = (-0.5, pages - 0.5, trace.length - 0.5, trace.prompt_len - 0.5)
+    reads = [(t, p // page_size) for t, positions in trace.reads for p in positions]
+    for ax, res in zip(axes[0], results):
+        held = np.zeros((steps, pages), dtype=bool)
+        for i, live in enumerate(res.resident):
+            held[i, list(live)] = True
+        ax.imshow(np.ma.masked_where(~held, np.ones(held.shape)), cmap=colors.ListedColormap(["#cfcfcf"]),
+                  aspect="auto", interpolation="nearest", extent=extent)
+        t, g = zip(*reads) if reads else ((), ())
+        ax.scatter(g, t, s=1, c="black", linewidths=0, label="read")
+        if res.lost:
+            lt, lp = zip(*[(t, p // page_size) for t, p in res.lost])
+            ax.scatter(lp, lt, marker="x", s=14, c="red", linewidths=0.8, label=f"lost ({len(res.lost)})", zorder=3)
+        ax.axvline(-(-trace.prompt_len // page_size) - 0.5, color="tab:blue", ls="--", lw=1)
+        ax.set_title(f"{res.policy}, budget {res.budget}", fontsize=9)
+        ax.set_xlabel(f"logical page ({page_size} tokens)")
+        ax.legend(loc="lower left", fontsize=7, framealpha=0.8, markerscale=3)
+    axes[0][0].set_ylabel("decode step (token position)")
+    fig.suptitle(title or f"reads of one chain ({trace.length} tokens) and the pages each policy holds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raas_flex.plots", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", required=True, help="file written by AttentionTrace.save")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", help="file written by AttentionTrace.save")
+    src.add_argument("--oracle", choices=("milestone", "ledger"),
+                     help="instead: read_map_<task>.png, one held-out chain of the task (--seed) under every oracle "
+                          "policy at --fraction of its length")
+    ap.add_argument("--seed", type=int, default=0, help="--oracle: the held-out problem's seed")
+    ap.add_argument("--fraction", type=float, default=0.25, help="--oracle: the budget as a share of the chain")
     ap.add_argument("--out", required=True, help="output folder (created)")
     ap.add_argument("--layers", type=int, nargs="+", default=None, help="layers to draw (default: all traced)")
     ap.add_argument("--heads", type=int, nargs="+", default=None, help="KV heads to draw (default: all traced)")
@@ -117,8 +171,22 @@ def main(argv=None) -> int:
     ap.add_argument("--tau", type=float, default=0.05, help="classification: activity threshold")
     ap.add_argument("--gap-steps", type=int, default=None, help="classification: phoenix gap (default: budget)")
     args = ap.parse_args(argv)
-    trace = AttentionTrace.load(args.trace)
     os.makedirs(args.out, exist_ok=True)
+    if args.oracle is not None:
+        from . import oracle
+        from .ledger import ledger_dataset
+        from .testbed import milestone_dataset
+
+        if not 0 < args.fraction <= 1:
+            raise ValueError(f"--fraction {args.fraction} is not allowed; allowed: 0 < fraction <= 1")
+        chain = {"milestone": milestone_dataset, "ledger": ledger_dataset}[args.oracle](1, seed=args.seed)[0].trace
+        budget = oracle.budgets_for([chain], (args.fraction,))[0]
+        results = [oracle.simulate(chain, budget, policy, record=True) for policy in oracle.POLICIES]
+        path = read_map(chain, results, os.path.join(args.out, f"read_map_{args.oracle}.png"))
+        print(f"wrote {path}: reads lost per policy at budget {budget}: "
+              + ", ".join(f"{r.policy} {len(r.lost)}" for r in results))
+        return 0
+    trace = AttentionTrace.load(args.trace)
     layers = args.layers if args.layers is not None else list(trace.layers)
     heads = args.heads if args.heads is not None else list(trace.heads)
     for layer in layers:

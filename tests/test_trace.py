@@ -432,6 +432,27 @@ def test_plots_cli(raas_run, tmp_path, capsys):
     assert "streaming-like" in capsys.readouterr().out
 
 
+def test_read_map_of_the_oracle(tmp_path, capsys):
+    """plots.read_map draws a testbed chain's reads under the oracle policies; the CLI (--oracle) prints
+    each policy's lost reads, LRU none on the ledger chain; bad input is refused."""
+    from raas_flex import oracle
+    from raas_flex.ledger import ledger_dataset
+
+    assert plots.main(["--oracle", "ledger", "--out", str(tmp_path), "--fraction", "0.25"]) == 0
+    assert _is_png(tmp_path / "read_map_ledger.png")
+    out = capsys.readouterr().out
+    lost = dict(part.rsplit(" ", 1) for part in out.split("at budget ")[1].split(": ", 1)[1].split(", "))
+    assert set(lost) == set(oracle.POLICIES) and int(lost["lru"]) == 0 and int(lost["recency"]) > 0
+    chain = ledger_dataset(1, seed=0)[0].trace
+    with pytest.raises(ValueError, match="simulate\\(..., record=True\\)"):
+        plots.read_map(chain, [oracle.simulate(chain, 464, "lru")], tmp_path / "bad.png")
+    with pytest.raises(TypeError, match="trace must be a raas_flex.oracle.Trace"):
+        plots.read_map("chain", [oracle.simulate(chain, 464, "lru", record=True)], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="--fraction 1.5 is not allowed"):
+        plots.main(["--oracle", "ledger", "--out", str(tmp_path), "--fraction", "1.5"])
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_example_script(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     r = subprocess.run(
