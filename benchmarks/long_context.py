@@ -373,20 +373,21 @@ def main(argv=None):
     if sorted(order) != sorted(set(order)) or not set(order) <= {"dense", "raas", "quest", "dense_flash", "dense_flex"}:
         ap.error(f"--order {args.order!r}: a permutation of some of dense,raas,quest,dense_flash,dense_flex")
     quest_contexts = [int(x) for x in args.quest_contexts.split(",") if x.strip()]
-    quest_configs = [a.strip() for a in args.quest_configs.split(";") if a.strip()]
-    try:
-        quest_names = [parse_spec(a)[0] for a in quest_configs]
-    except ValueError as e:
-        ap.error(str(e))
-    if not quest_configs or len(set(quest_configs)) != len(quest_configs) or set(quest_names) != {"quest"}:
-        ap.error(f"--quest-configs {args.quest_configs!r}: quest configurations, no repeats")
-    flash_configs = [a.strip() for a in args.dense_flash_configs.split(";") if a.strip()]
-    try:
-        flash_names = [parse_spec(a)[0] for a in flash_configs]
-    except ValueError as e:
-        ap.error(str(e))
-    if not flash_configs or len(set(flash_configs)) != len(flash_configs) or set(flash_names) != {"dense"}:
-        ap.error(f"--dense-flash-configs {args.dense_flash_configs!r}: dense configurations, no repeats")
+
+    def configs_of(option: str, policy: str) -> list[str]:
+        """The ;-separated configurations of --<option>, each of ``policy``, no repeats (else exit 2)."""
+        text = getattr(args, option.replace("-", "_"))
+        out = [a.strip() for a in text.split(";") if a.strip()]
+        try:
+            names = {parse_spec(a)[0] for a in out}
+        except ValueError as e:
+            ap.error(str(e))
+        if not out or len(set(out)) != len(out) or names != {policy}:
+            ap.error(f"--{option} {text!r}: {policy} configurations, no repeats")
+        return out
+
+    quest_configs = configs_of("quest-configs", "quest")
+    flash_configs = configs_of("dense-flash-configs", "dense")
     if args.smoke:
         device, dtype = "cpu", torch.float32
         args.layers, args.batch, args.budget, args.raas_prompt, args.steps = 2, 2, 64, 40, 4
