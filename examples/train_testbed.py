@@ -95,6 +95,7 @@ from raas_flex.testbed import (  # noqa: E402
 ARCHS = ("llama", "qwen2")
 NEWLINE_ID, EQUALS_ID, Q_ID, STAR_ID = (VOCAB.index(c) for c in ("\n", "=", "q", "*"))
 KEY_IDS = [VOCAB.index(c) for c in "abcdefghij"]  # the ledger task's entry keys
+KINDS = ("fact", "value", "copy", "entry")  # token kinds the held-out evaluation scores apart
 TASKS = ("lag", "milestone", "ledger")
 SMOKE = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, batch_size=4,
              steps=3, eval_problems=4, gen_problems=2, min_lines=12, max_lines=14, lag=4, phase_lines=6,
@@ -256,7 +257,7 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
     sequence sees only its question and its last ``window`` tokens."""
     model.eval()
     tok_ok = tok_n = seq_ok = 0
-    kind_ok, kind_n = dict.fromkeys(("fact", "value", "copy", "entry"), 0), dict.fromkeys(("fact", "value", "copy", "entry"), 0)
+    kind_ok, kind_n = dict.fromkeys(KINDS, 0), dict.fromkeys(KINDS, 0)
     col_ok = np.zeros(LINE_WIDTH)
     col_n = np.zeros(LINE_WIDTH)
     loss_sum = 0.0
@@ -277,9 +278,9 @@ def teacher_forced_eval(model, ids: torch.Tensor, prompt_len: int, device, amp, 
         seq_ok += ok.all(-1).sum().item()
         if not columns:  # milestone task: line values ("=v" before the newline), copied facts ("qK:F" before "=")
             nxt = torch.cat([target[:, 1:], torch.full_like(target[:, :1], PAD)], 1)
-            is_value = valid & (nxt == NEWLINE_ID) & (torch.roll(target, 1, 1) == EQUALS_ID)
-            fact = valid & (nxt == EQUALS_ID) & (torch.roll(target, 3, 1) == Q_ID)
             prev = torch.roll(target, 1, 1)
+            is_value = valid & (nxt == NEWLINE_ID) & (prev == EQUALS_ID)
+            fact = valid & (nxt == EQUALS_ID) & (torch.roll(target, 3, 1) == Q_ID)
             # ledger task: the multiplier copied after "*", and the entries copied into a ledger line (a
             # digit after a key letter; in a computed line the key is followed by "*")
             copy = valid & (prev == STAR_ID) & (nxt == EQUALS_ID)
