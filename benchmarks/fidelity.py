@@ -5,15 +5,17 @@ dense's own chains.
         --model path/or/file.gguf --policies "raas;h2o;streaming" --budgets 0.25
 
 Reads the dense row of a ``benchmarks/accuracy.py`` run (its generated tokens per problem and
-``reference_length``), then for every (policy, budget) feeds each problem's prompt and dense's chain
+``reference_length``). Problems run in batches of like chain length; for each batch the unpatched
+model's next-token distributions along the chains are computed once (one forward per problem: memory
+stays at a batch's distributions), then every (policy, budget) feeds the prompts and dense's chains
 token by token through the patched model (a ``RaaSCache`` stepped by hand, positions from the
-left-padded prompt, as ``generate`` does) and compares each step's next-token distribution with the
-unpatched model's on the same prefix (one forward per problem of the batch, just before it: memory
-stays at a batch's distributions): top-1 agreement and mean KL(dense || policy) in nats, over every
-chain token of every problem. Budgets as in accuracy.py (fractions of the mean dense chain or token
-counts). ``--limit N`` takes the first N problems of the run. Writes ``<out>/<name>.json`` after every
-(policy, budget) row and ``.md`` at the end; ``--resume`` keeps the rows of an earlier run with the
-same settings and runs only the missing ones (long CPU runs span several calls).
+left-padded prompt, as ``generate`` does) and compares each step's distribution with dense's on the
+same prefix: top-1 agreement and mean KL(dense || policy) in nats, over every chain token of every
+problem. Budgets as in accuracy.py (fractions of the mean dense chain or token counts). ``--limit N``
+takes the first N problems of the run. Writes ``<out>/<name>.json`` after every batch of every
+(policy, budget) (per-problem results; a row's ``done`` counts its problems) and ``.md`` at the end;
+``--resume`` keeps the per-problem results of an earlier run with the same settings and runs only the
+missing ones (long CPU runs span several calls).
 """
 
 from __future__ import annotations
@@ -50,62 +52,68 @@ def dense_logprobs(model, prompts: list[list[int]], chains: list[list[int]]) -> 
     return out
 
 
+def batches_by_length(chains: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Problem indices sorted by chain length and cut into batches: chains of like length run together,
+    so a batch's short chains do not wait on padding for its longest one."""
+    order = sorted(range(len(chains)), key=lambda i: (len(chains[i]), i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
-def policy_fidelity(model, prompts, chains, policy: str, budget: int, page_size: int, pad: int,
-                    batch_size: int, bar) -> dict:
-    """Top-1 agreement and mean KL(dense || policy) of ``policy`` at ``budget`` along the chains."""
+def batch_fidelity(model, prompts, chains, rows: list[int], reference: list[torch.Tensor], policy: str, budget: int,
+                   page_size: int, pad: int) -> list[dict]:
+    """Per problem of ``rows``: top-1 agreement and mean KL(dense || policy) of ``policy`` at ``budget``
+    along its chain, against ``reference`` (:func:`dense_logprobs` of the same rows)."""
     name, options = parse_spec(policy)
-    agree = total = 0
-    kl_sum = 0.0
-    per_problem = []
-    for i in range(0, len(prompts), batch_size):
-        rows = range(i, min(i + batch_size, len(prompts)))
-        reference = dict(zip(rows, dense_logprobs(model, [prompts[r] for r in rows], [chains[r] for r in rows])))
-        with raas_flex.patched(model, budget, policy=name, page_size=page_size, **options):
-            width = max(len(prompts[r]) for r in rows)
-            steps = max(len(chains[r]) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, r in enumerate(rows):  # left padding, as generate gets it
-                ids[j, width - len(prompts[r]):] = torch.tensor(prompts[r])
-                mask[j, width - len(prompts[r]):] = 1
-            chain = torch.full((len(rows), steps), pad, dtype=torch.long)
-            for j, r in enumerate(rows):
-                chain[j, :len(chains[r])] = torch.tensor(chains[r])
-            ids, mask, chain = ids.to(model.device), mask.to(model.device), chain.to(model.device)
-            cache = raas_flex.RaaSCache(model, max_length=width + steps)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
-            pos = pos[:, -1:]
-            stats = {r: [0, 0, 0.0] for r in rows}  # agree, tokens, kl
-            for t in range(steps):
-                lp = F.log_softmax(logits.float(), -1)
-                for j, r in enumerate(rows):
-                    if t < len(chains[r]):
-                        ref = reference[r][t].float()
-                        s = stats[r]
-                        s[0] += int(lp[j].argmax() == ref.argmax())
-                        s[1] += 1
-                        s[2] += float((ref.exp() * (ref - lp[j])).sum())
-                if t + 1 < steps:
-                    pos = pos + 1
-                    logits = model(input_ids=chain[:, t:t + 1], position_ids=pos, past_key_values=cache,
-                                   use_cache=True).logits[:, -1]
-            for r in rows:
-                a, n, k = stats[r]
-                agree, total, kl_sum = agree + a, total + n, kl_sum + k
-                per_problem.append({"top1_agreement": a / n, "mean_kl": k / n, "tokens": n})
-            bar.update(len(rows))
-    return {"policy": policy, "budget": budget, "tokens": total, "top1_agreement": agree / total,
-            "mean_kl": kl_sum / total, "problems": per_problem}
+    with raas_flex.patched(model, budget, policy=name, page_size=page_size, **options):
+        width = max(len(prompts[r]) for r in rows)
+        steps = max(len(chains[r]) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        chain = torch.full((len(rows), steps), pad, dtype=torch.long)
+        for j, r in enumerate(rows):  # prompts left-padded, as generate gets them
+            ids[j, width - len(prompts[r]):] = torch.tensor(prompts[r])
+            mask[j, width - len(prompts[r]):] = 1
+            chain[j, :len(chains[r])] = torch.tensor(chains[r])
+        ids, mask, chain = ids.to(model.device), mask.to(model.device), chain.to(model.device)
+        lengths = torch.tensor([len(chains[r]) for r in rows], device=model.device)
+        agree = torch.zeros(len(rows), device=model.device)
+        kl = torch.zeros(len(rows), dtype=torch.float64, device=model.device)
+        cache = raas_flex.RaaSCache(model, max_length=width + steps)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+        pos = pos[:, -1:]
+        for t in range(steps):
+            lp = F.log_softmax(logits.float(), -1)
+            ref = torch.stack([x[min(t, len(x) - 1)] for x in reference]).float()
+            live = t < lengths
+            agree += (lp.argmax(-1) == ref.argmax(-1)) & live
+            kl += ((ref.exp() * (ref - lp)).sum(-1) * live).double()
+            if t + 1 < steps:
+                pos = pos + 1
+                logits = model(input_ids=chain[:, t:t + 1], position_ids=pos, past_key_values=cache,
+                               use_cache=True).logits[:, -1]
+    n = lengths.double()
+    return [{"index": r, "top1_agreement": float(a), "mean_kl": float(k), "tokens": int(m)}
+            for r, a, k, m in zip(rows, (agree / n).tolist(), (kl / n).tolist(), lengths.tolist())]
+
+
+def summarize(policy: str, budget: int, per_problem: dict[int, dict]) -> dict:
+    """A (policy, budget) row from its per-problem results so far: token-weighted top-1 agreement and
+    mean KL over every chain token of the problems done."""
+    done = [per_problem[i] for i in sorted(per_problem)]
+    tokens = sum(x["tokens"] for x in done)
+    return {"policy": policy, "budget": budget, "done": len(done), "tokens": tokens,
+            "top1_agreement": sum(x["top1_agreement"] * x["tokens"] for x in done) / tokens,
+            "mean_kl": sum(x["mean_kl"] * x["tokens"] for x in done) / tokens, "problems": done}
 
 
 RUN_KEYS = ("model", "accuracy_json", "problems", "reference_length", "dtype", "page_size")
 
 
 def resumed_rows(path: Path, report: dict) -> dict:
-    """``--resume``: the rows without an error of an earlier run written to ``path``, by (policy,
-    budget); {} when there is none. The earlier run must have the same settings (RUN_KEYS), else
+    """``--resume``: the per-problem results (by problem index) of the rows without an error of an
+    earlier run written to ``path``, by (policy, budget); {} when there is none. The earlier run must have the same settings (RUN_KEYS), else
     ValueError naming what differs."""
     if not path.exists():
         return {}
@@ -113,20 +121,22 @@ def resumed_rows(path: Path, report: dict) -> dict:
     changed = [k for k in RUN_KEYS if prev.get(k) != report[k]]
     if changed:
         raise ValueError(f"--resume: {path} is a run with other {', '.join(changed)}; use another --name or drop --resume")
-    return {(r["policy"], r["budget"]): r for r in prev.get("rows", []) if "error" not in r}
+    return {(r["policy"], r["budget"]): {x["index"]: x for x in r["problems"]}
+            for r in prev.get("rows", []) if "error" not in r}
 
 
 def markdown(report: dict) -> str:
     lines = [f"Teacher-forced along dense's chains: model `{report['model']}`, {report['problems']} problems, "
              f"{report['dtype']}, {report['device']}; mean dense chain {report['reference_length']:.0f} tokens.", "",
-             "| policy | budget | budget / dense length | top-1 = dense | mean KL (nats) | tokens |", "|---|---|---|---|---|---|"]
+             "| policy | budget | budget / dense length | top-1 = dense | mean KL (nats) | problems | tokens |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         frac = r["budget"] / report["reference_length"]
         if "error" in r:
-            lines.append(f"| {r['policy']} | {r['budget']} | {frac:.3f} | error: {r['error'][:120]} |  |  |")
+            lines.append(f"| {r['policy']} | {r['budget']} | {frac:.3f} | error: {r['error'][:120]} |  |  |  |")
             continue
         lines.append(f"| {r['policy']} | {r['budget']} | {frac:.3f} | {r['top1_agreement']:.4f} | {r['mean_kl']:.4f} "
-                     f"| {r['tokens']} |")
+                     f"| {r['done']} | {r['tokens']} |")
     lines += ["", f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -184,22 +194,34 @@ def main(argv=None) -> dict:
     done = resumed_rows(out / f"{args.name}.json", report) if args.resume else {}
     longest = max(map(len, prompts))
     configs = [(p, accuracy.resolve_budget(b, ref_len, args.page_size, longest)) for p in policies for b in budgets]
+    results = {key: dict(done.get(key, {})) for key in configs}  # (policy, budget) -> {problem: result}
+    errors: dict = {}
+
+    def write() -> None:
+        report["rows"] = [{"policy": k[0], "budget": k[1], "error": errors[k]} if k in errors
+                          else summarize(*k, results[k]) for k in configs if k in errors or results[k]]
+        (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+
+    # batch by batch, every (policy, budget) on it: the batch's dense reference is computed once
     with tqdm(total=len(configs) * len(problems), unit="problem", desc="fidelity", dynamic_ncols=True,
               mininterval=2.0 if sys.stderr.isatty() else 30.0) as bar:
-        for policy, budget in configs:
-            if (policy, budget) in done:
-                report["rows"].append(done[(policy, budget)])
-                bar.update(len(problems))
+        for rows in batches_by_length(chains, args.batch_size):
+            todo = [k for k in configs if k not in errors and any(r not in results[k] for r in rows)]
+            bar.update(len(rows) * (len(configs) - len(todo)))
+            if not todo:
                 continue
-            try:
-                row = policy_fidelity(model, prompts, chains, policy, budget, args.page_size, pad, args.batch_size,
-                                      bar)
-            except (ValueError, RuntimeError) as e:
-                row = {"policy": policy, "budget": budget, "error": f"{type(e).__name__}: {e}"[:500]}
-            report["rows"].append(row)
-            tqdm.write(f"{policy} budget {budget}: " + ("error" if "error" in row else
-                       f"top-1 {row['top1_agreement']:.4f} KL {row['mean_kl']:.4f}"))
-            (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+            reference = dense_logprobs(model, [prompts[r] for r in rows], [chains[r] for r in rows])
+            for policy, budget in todo:
+                try:
+                    for x in batch_fidelity(model, prompts, chains, rows, reference, policy, budget, args.page_size,
+                                            pad):
+                        results[policy, budget][x["index"]] = x
+                except (ValueError, RuntimeError) as e:
+                    errors[policy, budget] = f"{type(e).__name__}: {e}"[:500]
+                    tqdm.write(f"{policy} budget {budget}: error: {errors[policy, budget]}")
+                bar.update(len(rows))
+                write()
+    write()
     report["total_seconds"] = time.perf_counter() - t0
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     (out / f"{args.name}.md").write_text(markdown(report))

@@ -633,13 +633,27 @@ def test_teacher_forced_fidelity_is_exact_when_nothing_is_evicted(tiny_model_dir
     # other settings under the same name are refused; --limit takes the first problems
     common = ["--accuracy", str(tmp_path / "acc.json"), "--problems", str(problems), "--model", str(tiny_model_dir),
               "--policies", "raas;streaming", "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path)]
-    real = fidelity.policy_fidelity
-    monkeypatch.setattr(fidelity, "policy_fidelity", lambda *a, **k: pytest.fail("a finished row ran again"))
+    monkeypatch.setattr(fidelity, "batch_fidelity", lambda *a, **k: pytest.fail("a finished row ran again"))
+    monkeypatch.setattr(fidelity, "dense_logprobs", lambda *a, **k: pytest.fail("a reference nobody needs ran"))
     again = fidelity.main(common + ["--budgets", "96,+0.25", "--name", "fid", "--resume"])
     assert again["rows"] == json.loads(json.dumps(report["rows"]))
     with pytest.raises(ValueError, match="--resume: .* is a run with other problems"):
         fidelity.main(common + ["--budgets", "96", "--name", "fid", "--resume", "--limit", "2"])
-    monkeypatch.setattr(fidelity, "policy_fidelity", real)
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(str(ROOT))
+    # an interrupted run (one problem of one row missing) resumes with that problem's batch for that
+    # row only, and ends with the same numbers
+    cut = json.loads((tmp_path / "fid.json").read_text())
+    lost = cut["rows"][1]["problems"].pop(0)["index"]
+    (tmp_path / "fid.json").write_text(json.dumps(cut))
+    calls = []
+    real = fidelity.batch_fidelity
+    monkeypatch.setattr(fidelity, "batch_fidelity", lambda *a, **k: calls.append((a[3], a[5], a[6])) or real(*a, **k))
+    resumed = fidelity.main(common + ["--budgets", "96,+0.25", "--name", "fid", "--resume"])
+    assert len(calls) == 1 and lost in calls[0][0] and calls[0][1:] == (cut["rows"][1]["policy"], cut["rows"][1]["budget"])
+    assert resumed["rows"] == json.loads(json.dumps(report["rows"]))
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(str(ROOT))
     two = fidelity.main(common + ["--budgets", "96", "--name", "fid2", "--limit", "2"])
     assert two["problems"] == 2 and [r["tokens"] for r in two["rows"]] == [2 * 40, 2 * 40]
     other = tmp_path / "q.jsonl"
