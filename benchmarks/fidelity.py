@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:
 import raas_flex  # noqa: E402
 from benchmarks import accuracy  # noqa: E402
 from raas_flex.config import parse_spec  # noqa: E402
+from raas_flex.hf import generate_cache_key  # noqa: E402
 
 
 @torch.no_grad()
@@ -79,9 +80,9 @@ def batch_fidelity(model, prompts, chains, rows: list[int], reference: list[torc
         lengths = torch.tensor([len(chains[r]) for r in rows], device=model.device)
         agree = torch.zeros(len(rows), device=model.device)
         kl = torch.zeros(len(rows), dtype=torch.float64, device=model.device)
-        cache = raas_flex.RaaSCache(model, max_length=width + steps)
+        cache = {generate_cache_key(model): raas_flex.RaaSCache(model, max_length=width + steps)}
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+        logits = model(ids, attention_mask=mask, position_ids=pos, **cache).logits[:, -1]
         pos = pos[:, -1:]
         for t in range(steps):
             lp = F.log_softmax(logits.float(), -1)
@@ -91,8 +92,7 @@ def batch_fidelity(model, prompts, chains, rows: list[int], reference: list[torc
             kl += ((ref.exp() * (ref - lp)).sum(-1) * live).double()
             if t + 1 < steps:
                 pos = pos + 1
-                logits = model(input_ids=chain[:, t:t + 1], position_ids=pos, past_key_values=cache,
-                               use_cache=True).logits[:, -1]
+                logits = model(input_ids=chain[:, t:t + 1], position_ids=pos, use_cache=True, **cache).logits[:, -1]
     n = lengths.double()
     return [{"index": r, "top1_agreement": float(a), "mean_kl": float(k), "tokens": int(m)}
             for r, a, k, m in zip(rows, (agree / n).tolist(), (kl / n).tolist(), lengths.tolist())]
