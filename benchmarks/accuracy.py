@@ -400,30 +400,38 @@ def run_config(model, tok, prompts, problems, policy: str, budget: int, args, ba
     return row
 
 
+def compare(results: list[dict], reference: list[dict]) -> dict:
+    """``results`` against ``reference`` (two rows' per-problem results on the same problems, each with
+    ``pred`` and ``tokens``): ``agreement`` (share of answers equal), ``identical`` (share of outputs
+    token for token equal), ``mean_first_departure`` (mean index of the first generated token that
+    differs, over the outputs that differ) and ``first_departures`` (per problem, None where equal)."""
+    if len(results) != len(reference):
+        raise ValueError(f"results: {len(results)} problems against a reference of {len(reference)}")
+    firsts, agree = [], 0
+    for x, d in zip(results, reference):
+        agree += answers_match(x["pred"], d["pred"]) or (x["pred"] is None and d["pred"] is None)
+        a, b = x["tokens"], d["tokens"]
+        first = next((i for i, (s, t) in enumerate(zip(a, b)) if s != t), None)
+        firsts.append(min(len(a), len(b)) if first is None and len(a) != len(b) else first)
+    departures = [f for f in firsts if f is not None]
+    return {"agreement": agree / len(results), "identical": 1 - len(departures) / len(results),
+            "mean_first_departure": sum(departures) / len(departures) if departures else None,
+            "first_departures": firsts}
+
+
 def compare_with_dense(rows: list[dict], keep_tokens: bool = False) -> None:
-    """Per sparse row, against the dense row's outputs on the same problems: ``agreement`` (share of
-    answers equal to dense's), ``identical`` (share of outputs token for token equal) and
-    ``mean_first_departure`` (mean index of the first generated token that differs from dense's,
-    over the outputs that differ). Token lists stay only in the dense row (and everywhere with
-    ``keep_tokens``)."""
+    """Per sparse row, :func:`compare` against the dense row's outputs on the same problems
+    (``agreement``, ``identical``, ``mean_first_departure`` on the row, ``first_departure`` on each
+    result). Token lists stay only in the dense row (and everywhere with ``keep_tokens``)."""
     dense = next((r for r in rows if r["policy"] == "dense" and "results" in r), None)
     for r in rows:
         if "results" not in r:
             continue
         if dense is not None and r is not dense and all("tokens" in x for x in r["results"]):  # resumed: compared
-            departures, agree = [], 0
-            for x, d in zip(r["results"], dense["results"]):
-                agree += answers_match(x["pred"], d["pred"]) or (x["pred"] is None and d["pred"] is None)
-                a, b = x["tokens"], d["tokens"]
-                first = next((i for i, (s, t) in enumerate(zip(a, b)) if s != t), None)
-                if first is None and len(a) != len(b):
-                    first = min(len(a), len(b))
+            c = compare(r["results"], dense["results"])
+            for x, first in zip(r["results"], c.pop("first_departures")):
                 x["first_departure"] = first
-                if first is not None:
-                    departures.append(first)
-            n = len(r["results"])
-            r.update(agreement=agree / n, identical=1 - len(departures) / n,
-                     mean_first_departure=sum(departures) / len(departures) if departures else None)
+            r.update(c)
         if not keep_tokens and r is not dense:
             for x in r["results"]:
                 x.pop("tokens", None)

@@ -711,3 +711,35 @@ def test_milestone_teacher_forced_eval_splits_fact_and_other_values():
                                            lambda: torch.autocast("cpu", enabled=False), 2, columns=False)
     assert ev["tf_fact_acc"] == 0.0 and ev["tf_value_acc"] == 1.0 and ev["tf_seq_acc"] == 0.0
     assert 0.99 < ev["tf_token_acc"] < 1.0
+
+
+def test_compare_runs_finds_where_two_runs_depart(tiny_model_dir, tmp_path, monkeypatch):
+    """benchmarks/compare_runs.py: a run against itself agrees everywhere; a copy with one token changed
+    departs exactly there; other problems and rows without tokens are refused by name."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import compare_runs
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
+                                for p in tb.dataset(3, seed=4)))
+    accuracy.main(["--model", str(tiny_model_dir), "--problems", str(problems), "--policies", "dense;raas",
+                   "--budgets", "80", "--max-new-tokens", "20", "--device", "cpu", "--out", str(tmp_path), "--name", "a"])
+    a = tmp_path / "a.json"
+    same = compare_runs.main([str(a), str(a), "--out", str(tmp_path / "c.json")])
+    assert (same["agreement"], same["identical"], same["first_departures"]) == (1.0, 1.0, [None] * 3)
+    assert json.loads((tmp_path / "c.json").read_text()) == same
+    run = json.loads(a.read_text())
+    dense = run["rows"][0]
+    dense["results"][1]["tokens"][7] += 1
+    (tmp_path / "b.json").write_text(json.dumps(run))
+    moved = compare_runs.main([str(tmp_path / "b.json"), str(a)])
+    assert moved["first_departures"] == [None, 7, None] and moved["identical"] == pytest.approx(2 / 3)
+    assert moved["mean_first_departure"] == 7
+    with pytest.raises(ValueError, match="row 'raas' has no generated tokens"):
+        compare_runs.main([str(a), str(a), "--policy", "raas"])
+    with pytest.raises(ValueError, match="no row with policy 'h2o'"):
+        compare_runs.main([str(a), str(a), "--policy", "h2o"])
+    dense["results"][0]["gold"] = "nope"
+    (tmp_path / "b.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match="did not run the same problems"):
+        compare_runs.main([str(tmp_path / "b.json"), str(a)])
