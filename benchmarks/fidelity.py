@@ -13,7 +13,8 @@ left-padded prompt, as ``generate`` does) and compares each step's distribution 
 same prefix: top-1 agreement and mean KL(dense || policy) in nats, over every chain token of every
 problem. Budgets as in accuracy.py (fractions of the mean dense chain or token counts). ``--limit N``
 takes the first N problems of the run. Writes ``<out>/<name>.json`` after every batch of every
-(policy, budget) (per-problem results; a row's ``done`` counts its problems) and ``.md`` at the end;
+(policy, budget) (per-problem results; a row's ``done`` counts its problems), ``.md`` and ``.png``
+(agreement and KL against the budget) at the end;
 ``--resume`` keeps the per-problem results of an earlier run with the same settings and runs only the
 missing ones (long CPU runs span several calls).
 """
@@ -141,6 +142,33 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(report: dict, path: Path) -> None:
+    """Top-1 agreement and mean KL against the budget, one line per policy (rows without an error)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = [r for r in report["rows"] if "error" not in r]
+    for ax, key, label in ((axes[0], "top1_agreement", "next-token argmax = dense's"),
+                           (axes[1], "mean_kl", "mean KL(dense || policy), nats/token")):
+        for policy in dict.fromkeys(r["policy"] for r in rows):
+            pts = sorted((r["budget"], r[key]) for r in rows if r["policy"] == policy)
+            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=policy)
+        ax.set_xticks(sorted({r["budget"] for r in rows}))
+        ax.set_xlabel("KV budget (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend()
+    fig.suptitle(f"{report['model']}: teacher-forced along dense's chains, {report['problems']} problems, "
+                 f"{report['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--accuracy", required=True, help="an accuracy.py JSON with a dense row")
@@ -225,6 +253,7 @@ def main(argv=None) -> dict:
     report["total_seconds"] = time.perf_counter() - t0
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     (out / f"{args.name}.md").write_text(markdown(report))
+    plot(report, out / f"{args.name}.png")
     print(markdown(report))
     return report
 

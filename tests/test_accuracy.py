@@ -629,6 +629,7 @@ def test_teacher_forced_fidelity_is_exact_when_nothing_is_evicted(tiny_model_dir
         assert full["top1_agreement"] == 1.0 and full["mean_kl"] < 1e-4 and full["tokens"] == 3 * 40
         assert rows[(policy, 80)]["mean_kl"] > 1e-3
     assert json.loads((tmp_path / "fid.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    assert (tmp_path / "fid.png").stat().st_size > 10_000 and "| raas | 96 |" in (tmp_path / "fid.md").read_text()
     # --resume runs only what is missing (here nothing: the rows come back unchanged, no policy is run);
     # other settings under the same name are refused; --limit takes the first problems
     common = ["--accuracy", str(tmp_path / "acc.json"), "--problems", str(problems), "--model", str(tiny_model_dir),
