@@ -1,14 +1,16 @@
 """Generate with RaaS under a Hugging Face causal LM and report the KV memory it used.
 
-    python examples/generate.py                        # embedded default: the reasoning testbed model
+    python examples/generate.py                        # embedded default: the ledger testbed model
+    python examples/generate.py --model milestone      # the milestone (or the older lag: testbed) model
     python examples/generate.py --model tiny           # a tiny random Qwen2-shaped model (mechanics only)
     python examples/generate.py --model Qwen/Qwen3-0.6B --prompt "..." --budget 1024 --new 4096
     python examples/generate.py --budget 288 --option importance=attention \
         --option refresh=threshold --option refresh_threshold=0.01   # RaaS's threshold variant
 
-The embedded default is models/testbed, a 3.8M-parameter Llama trained on raas_flex.testbed (long
-chains of thought over a lookup table; docs/accuracy.md). It solves a held-out problem densely, then
-under the chosen policy and budget, and prints both answers against the reference and the KV
+The embedded default is models/ledger, a 3.8M-parameter Llama trained on raas_flex.ledger (chains of
+~2,000 tokens that read a ledger written ~1,300 tokens earlier; docs/testbed.md), the task on which
+recency, H2O and StreamingLLM fail at a quarter of the chain. It solves a held-out problem densely,
+then under the chosen policy and budget, and prints both answers against the reference and the KV
 memory each used.
 """
 
@@ -37,21 +39,31 @@ def tiny_default_model():
     return Qwen2ForCausalLM(cfg).eval(), None
 
 
-TESTBED = Path(__file__).resolve().parents[1] / "models" / "testbed"
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def task_problem(task: str, seed: int):
+    """One held-out problem of a testbed task and the tokens its longest chain can take."""
+    from raas_flex import ledger, testbed
+
+    make, spec = {"ledger": (ledger.ledger_dataset, ledger.LEDGER_SPEC),
+                  "milestone": (testbed.milestone_dataset, testbed.MILESTONE_SPEC),
+                  "testbed": (testbed.dataset, testbed.DEFAULT_SPEC)}[task]
+    return make(1, seed=seed, spec=spec)[0], spec.cot_tokens(spec.max_lines) + 8
 
 
 def run_testbed(args, device) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raas_flex.testbed import DEFAULT_SPEC, dataset, parse_answer
+    from raas_flex.testbed import parse_answer
 
-    if not (TESTBED / "config.json").exists():
-        raise SystemExit(f"the testbed model is missing at {TESTBED}; pass --model tiny or a hub id/path")
-    tok = AutoTokenizer.from_pretrained(TESTBED)
-    model = AutoModelForCausalLM.from_pretrained(TESTBED, dtype=torch.float32).to(device).eval()
-    problem = dataset(1, seed=args.problem_seed)[0]
+    path = MODELS / args.model
+    if not (path / "config.json").exists():
+        raise SystemExit(f"the {args.model} model is missing at {path}; pass --model tiny or a hub id/path")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    problem, new = task_problem(args.model, args.problem_seed)
     enc = tok(problem.question, return_tensors="pt").to(device)
-    new = DEFAULT_SPEC.cot_tokens(DEFAULT_SPEC.max_lines) + 8
     print(f"question ({enc.input_ids.shape[1]} tokens): {problem.question.strip()}")
     print(f"reference: {len(problem.cot)}-token chain, answer {problem.answer}")
     c = model.config
@@ -77,13 +89,15 @@ def run_testbed(args, device) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="testbed",
-                    help="'testbed' (default, models/testbed), 'tiny' (random weights), or a hub id / local path")
+    ap.add_argument("--model", default="ledger",
+                    help="a testbed model: 'ledger' (default), 'milestone' or 'testbed' (models/<name>); 'tiny' "
+                         "(random weights); or a hub id / local path")
     ap.add_argument("--problem-seed", type=int, default=7, help="testbed: which held-out problem")
     ap.add_argument("--no-dense", action="store_true", help="testbed: skip the dense reference run")
     ap.add_argument("--prompt", default="Solve step by step: what is 17 * 23 + 5?")
     ap.add_argument("--budget", type=int, default=None,
-                    help="KV token slots per sequence and head (default: 576, half a testbed chain; 64 for tiny)")
+                    help="KV token slots per sequence and head (default: a quarter of a ledger or milestone chain, "
+                         "496; half a lag-testbed chain, 576; 64 otherwise)")
     ap.add_argument("--policy", default="raas", choices=raas_flex.POLICIES)
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="an option of the policy (e.g. refresh_ratio=0.25, sink_tokens=16) or of the cache "
@@ -96,8 +110,8 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # On CPU raas_flex runs flex_attention eagerly by design (compile_flex=None); torch warns about it.
     warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
-    if args.model == "testbed":
-        args.budget = 576 if args.budget is None else args.budget
+    if args.model in ("ledger", "milestone", "testbed"):
+        args.budget = args.budget if args.budget is not None else 576 if args.model == "testbed" else 496
         return run_testbed(args, device)
     args.budget = 64 if args.budget is None else args.budget
     if args.model == "tiny":
