@@ -8,7 +8,7 @@
         --option refresh=threshold --option refresh_threshold=0.01   # RaaS's threshold variant
 
 The embedded default is models/ledger, a 3.8M-parameter Llama trained on raas_flex.ledger (chains of
-~2,000 tokens that read a ledger written ~1,300 tokens earlier; docs/testbed.md), the task on which
+~2,000 tokens that read each ledger for ~1,300 tokens after writing it; docs/testbed.md), the task on which
 recency, H2O and StreamingLLM fail at a quarter of the chain. It solves a held-out problem densely,
 then under the chosen policy and budget, and prints both answers against the reference and the KV
 memory each used.
