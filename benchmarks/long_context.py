@@ -335,14 +335,14 @@ def main(argv=None):
     ap.add_argument("--quest-margin", type=int, default=64, help="quest max_length = N + this")
     ap.add_argument("--quest-configs", default="quest",
                     help="semicolon-separated quest configurations (a row for each at every --quest-contexts N), "
-                         "e.g. 'quest;quest:backend=triton'")
+                         "e.g. 'quest;quest:page_size=32'")
     ap.add_argument("--dense-flash-configs", default="dense",
                     help="semicolon-separated configurations of the dense_flash rows (the engine's dense policy), "
-                         "e.g. 'dense;dense:backend=triton'")
+                         "e.g. 'dense;dense:page_size=64'")
     ap.add_argument("--order", default="dense,raas,quest",
                     help="measurement kinds in the order they run; a kind left out is not run (e.g. 'quest'); "
-                         "'dense_flash': the engine's own dense policy (every cached token, flash-decoding style: "
-                         "no repeated K/V, no materialized mask) at each dense context; 'dense_flex': transformers' "
+                         "'dense_flash': the engine's own dense policy (every cached token, no repeated K/V) "
+                         "at each dense context; 'dense_flex': transformers' "
                          "static cache with its flex_attention implementation (GQA without repeated K/V, blocks past "
                          "the filled prefix skipped): two dense anchors nearer their floor than 'dense'")
     ap.add_argument("--deadline-s", type=float, default=None,
@@ -643,7 +643,7 @@ def main(argv=None):
             gpu_memory_gb=torch.cuda.get_device_properties(0).total_memory / 2**30 if device != "cpu" else None,
             torch=torch.__version__, cuda=torch.version.cuda, transformers=__import__("transformers").__version__,
             python=sys.version.split()[0], arch=args.arch, layers=cfg.num_hidden_layers, weights_gb=weights / 2**30,
-            batch=B, budget=L, quest_budget=Lq, steps=args.steps, order=order, deadline_s=args.deadline_s,
+            copy_bandwidth_TBps=bandwidth / 1e12 if bandwidth else None, batch=B, budget=L, quest_budget=Lq, steps=args.steps, order=order, deadline_s=args.deadline_s,
             wall_s=elapsed(), interrupted=interrupted, time=time.strftime("%Y-%m-%d %H:%M:%S"))
         ratios = ratio_rows(rows)
         att_ratios = attention_ratios(rows)

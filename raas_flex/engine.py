@@ -69,8 +69,8 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
     if reason is not None:
         return reason
     policy = config.policy
-    if policy.append_code is None and backend != "triton":
-        return f"the flex backend serves policies raas, h2o, streaming; got policy={policy.name!r}"
+    if policy.append_code is None:
+        return f"the fused backends serve policies raas, h2o, streaming; got policy={policy.name!r}"
     if backend == "triton" and policy.step_observe in (1, 2, 3) and config.page_size & (config.page_size - 1):
         return f"the one-kernel step sums attention shares over pages of 2^n tokens; got page_size={config.page_size}"
     return None
@@ -86,8 +86,6 @@ def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype
             raise ValueError(f"backend={config.backend!r} is not supported for this cache: {why}; "
                              "use backend=None (the fastest supported) or backend='torch'")
         return config.backend
-    # the triton path of quest and dense (paged_attend) is taken only when asked for: it has not been
-    # timed against the torch path on a GPU yet (docs/kernels.md)
     if device.type == "cuda" and config.policy.append_code is not None:
         for backend in ("triton", "flex"):
             if backend_unsupported(backend, config, device, dtype, spec) is None:
@@ -241,10 +239,9 @@ class PagedKVCache(nn.Module):
         # lists (every block partial: in a full compacted buffer nearly every block is full anyway,
         # and the one-byte mask costs the kernel less than exact lists cost the step); quest gets
         # exact lists per step. flex backend: the bookkeeping kernel writes exact lists into them;
-        # triton: fused_step too, but quest and dense there run paged_attend over a page list instead.
+        # triton: fused_step too.
         self._lists = None
-        self._paged = self._backend == "triton" and self.policy.append_code is None
-        if not self._paged and (self._backend != "torch" or not self.policy.narrows):
+        if self._backend != "torch" or not self.policy.narrows:
             lists = all_partial_lists(B * H, S, self.block, device)
             for name, t in zip(("_kv_num", "_kv_idx", "_full_num", "_full_idx"), lists):
                 buf(name, t)
@@ -411,12 +408,6 @@ class PagedKVCache(nn.Module):
         if self._backend == "torch":
             self._prepare(q, k, v)
             return self._attend_observe(q)
-        if self._paged:  # quest, dense on triton: the torch append and page choice, attention over those pages
-            self.append(k, v)
-            chosen, pages = self.policy.attended_list(self, q)
-            self.valid.copy_((self.token_valid() & chosen[..., None]).view(self.B * self.H, self.S))
-            return kernels.paged_attend(q, self.k, self.v, pages, self.page_id, self.length, self._obs_count,
-                                        self.scale)
         state = (self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
                  self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
                  *self._lists)

@@ -93,13 +93,6 @@ class Policy:
     def attended_pages(self, c, q: Tensor) -> Tensor | None:
         return None
 
-    def attended_list(self, c, q: Tensor) -> tuple[Tensor, Tensor]:
-        """The pages attended this step, for the paged attention kernel (quest and dense on the triton
-        backend): (bool [B, Hkv, P] by slot, int64 [B, Hkv, K] their slots, -1 for none). Here every
-        resident page, K = P."""
-        resident = c.page_id >= 0
-        return resident, torch.where(resident, c.slot_index, -1)
-
     def observe(self, c, q: Tensor, valid: Tensor) -> None:
         return None
 
@@ -261,16 +254,6 @@ class Quest(Policy):
         """bool [B, Hkv, P]: the resident pages among the first ``budget_pages`` of ``order``."""
         rank = torch.empty_like(order).scatter_(-1, order, c.slot_index.expand_as(order))
         return (c.page_id >= 0) & (rank < c.budget_pages)
-
-    def attended_list(self, c, q: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`Policy.attended_list`: the ``budget_pages`` pages of :meth:`attended_pages`, in
-        :meth:`ranked_pages` order, -1 past the resident pages."""
-        if c.budget_pages >= c.P:
-            return super().attended_list(c, q)
-        resident = c.page_id >= 0
-        order = self.ranked_pages(c, q)
-        first = order[..., :c.budget_pages]
-        return self._first(c, order), torch.where(resident.gather(-1, first), first, -1)
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,8 @@ thread for this module (tiny ops; the CI machine has 2 contended cores).
 from __future__ import annotations
 
 import inspect
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -453,66 +451,6 @@ def test_gpu_auto_compiled_generate_with_prompt_in_pieces(backend):
             model.__dict__.pop(name, None)
     assert warm <= HUB_KERNELS_EXTRA_GRAPHS + 1 and graphs == warm
     assert torch.equal(pieces, whole)
-
-
-PAGED_GENERATE_SCRIPT = """
-import sys, torch
-sys.path[:0] = [{tests!r}]
-import raas_flex
-from test_hf import make_model
-from hf_batches import prompts, greedy
-model = make_model("llama")
-ids, mask = prompts([40, 23], seed=31)
-for policy in ("quest", "dense"):
-    out = {{}}
-    for backend in ("torch", "triton"):
-        raas_flex.patch(model, budget=32, page_size=16, policy=policy, backend=backend)
-        out[backend] = greedy(model, ids, mask, 30)
-        raas_flex.unpatch(model)
-    assert torch.equal(out["torch"], out["triton"]), policy
-    print(policy, "ok")
-"""
-
-
-@pytest.mark.skipif(not raas_flex.kernels.HAS_TRITON, reason="needs triton (its interpreter runs the kernel on CPU)")
-def test_interpreter_paged_generate_equals_torch_path():
-    """quest and dense with backend="triton" under generate (the kernel through Triton's interpreter, a
-    left-padded batch, quest attending to 2 of up to 5 pages): the torch path's greedy tokens."""
-    tests = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(Path(tests).parent), tests]))
-    res = subprocess.run([sys.executable, "-c", PAGED_GENERATE_SCRIPT.format(tests=tests)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert res.stdout.split() == ["quest", "ok", "dense", "ok"], res.stdout
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("policy", ["quest", "dense"])
-def test_gpu_paged_triton_generate_equals_torch_path(policy):
-    """quest and dense with backend="triton" (paged_attend over their pages) under generate, compiled
-    with CUDA graphs: the same greedy tokens as on the torch path (fp32: the same pages chosen, the
-    attention equal to rounding), and no graph compiled after the warm-up."""
-    model = make_model("llama").cuda()
-    ids, mask = prompts([40, 23], seed=31)
-    ids, mask = ids.cuda(), mask.cuda()
-    out = {}
-    counters = torch._dynamo.utils.counters
-    for backend in ("torch", "triton"):
-        raas_flex.patch(model, budget=32, page_size=16, policy=policy, backend=backend)
-        torch._dynamo.reset()
-        counters.clear()
-        try:
-            greedy(model, ids, mask, 2)
-            warm = counters["stats"]["unique_graphs"]
-            out[backend] = greedy(model, ids, mask, 60)
-            assert counters["stats"]["unique_graphs"] == warm, backend
-        finally:
-            torch._dynamo.reset()
-            for name in ("_compiled_call", "_last_compile_config"):
-                model.__dict__.pop(name, None)
-            raas_flex.unpatch(model)
-    assert torch.equal(out["triton"], out["torch"])
 
 
 def test_chunked_prefill_over_budget_names_the_pieces():

@@ -484,36 +484,6 @@ def test_hand_quest_attends_top_pages_and_open_page():
     assert c.valid[0].view(6, 2).tolist() == [[False] * 2, [True] * 2, [False] * 2, [False] * 2, [True, False], [False] * 2]
 
 
-@settings(max_examples=40, deadline=None)
-@given(ps=st.sampled_from([1, 2, 3, 4]), budget_pages=st.integers(2, 9), pages=st.integers(1, 8),
-       steps=st.integers(0, 12), seed=st.integers(0, 2**16))
-def test_quest_page_list_is_its_mask(ps, budget_pages, pages, steps, seed):
-    """Quest.attended_list (the paged kernel's input) names exactly the pages attended_pages marks,
-    best bound first, the open page among them, and -1 only past the resident pages."""
-    torch.manual_seed(seed)
-    cfg = RaaSConfig(budget=budget_pages * ps, page_size=ps, policy="quest", max_length=(pages + 3) * ps + steps)
-    c = PagedKVCache(cfg, batch_size=2, num_heads=4, num_kv_heads=2, head_dim=D)
-    k = torch.randn(2, 2, pages * ps, D)
-    c.prefill(k, torch.randn_like(k))
-    for _ in range(steps):
-        c.decode(torch.randn(2, 4, 1, D), torch.randn(2, 2, 1, D), torch.randn(2, 2, 1, D))
-    q = torch.randn(2, 4, 1, D)
-    chosen, pages_list = c.policy.attended_list(c, q)
-    marked = c.policy.attended_pages(c, q)
-    assert torch.equal(chosen, c.page_id >= 0 if marked is None else marked)
-    assert pages_list.shape[-1] == min(budget_pages, c.P)
-    bound = c.page_bound(q)
-    for row_list, row_mask, row_open, row_bound in zip(pages_list.view(-1, pages_list.shape[-1]), chosen.view(-1, c.P),
-                                                      c.open_slot.view(-1), bound.view(-1, c.P)):
-        listed = [p for p in row_list.tolist() if p >= 0]
-        assert row_list.tolist() == listed + [-1] * (len(row_list) - len(listed))  # -1 only at the end
-        assert sorted(listed) == row_mask.nonzero().flatten().tolist()
-        assert int(row_open) in listed
-        if marked is not None:  # ranked: the open page first, then by bound, largest first
-            rest = [float(row_bound[p]) for p in listed if p != int(row_open)]
-            assert listed[0] == int(row_open) and rest == sorted(rest, reverse=True)
-
-
 # -- importance functions of the engine (the injected tests bypass them) ------------------------
 @pytest.mark.parametrize("G,hkv,ps", [(1, 1, 4), (3, 2, 2), (7, 1, 8), (6, 2, 1)])
 def test_page_bound_and_share_match_float64(G, hkv, ps):
