@@ -31,9 +31,8 @@ class RaaSConfig:
     backend: how a decode step runs, fixed when the cache is built (see :mod:`raas_flex.engine`):
         "torch" (torch ops + flex_attention; every policy, every device), "flex" (CUDA: one Triton
         bookkeeping kernel + flex_attention; raas, h2o, streaming), "triton" (CUDA: the whole step
-        in one Triton kernel for raas, h2o and streaming; for quest and dense, attention over their
-        pages only). None: the fastest backend that serves the policy on the cache's device (quest,
-        dense: torch until their triton path is timed, docs/kernels.md).
+        in one Triton kernel; raas, h2o, streaming). None: the fastest backend that serves the
+        policy on the cache's device (quest and dense: torch).
     compile_flex: run flex_attention compiled when the step itself is not being compiled. None:
         compiled on CUDA, eager on CPU.
     """
