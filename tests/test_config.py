@@ -432,8 +432,8 @@ def test_fused_backend_is_refused_on_cpu(backend):
 
 BACKEND_ERRORS = [
     # (backend, policy, text): what a fused backend cannot serve, on a device where the kernels run
-    ("flex", Quest(), "the flex backend serves policies raas, h2o, streaming; got policy='quest'"),
-    ("flex", Dense(), "the flex backend serves policies raas, h2o, streaming; got policy='dense'"),
+    (backend, policy, f"the fused backends serve policies raas, h2o, streaming; got policy={policy.name!r}")
+    for backend in ("flex", "triton") for policy in (Quest(), Dense())
 ]
 
 
