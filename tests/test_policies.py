@@ -259,7 +259,7 @@ class Run:
     def check_state(self, valid) -> None:
         c, ref, ps = self.c, self.ref, self.cfg.page_size
         st_ = c.page_state()
-        B, H, P = self.sc["B"], self.sc["Hkv"], ref.P
+        B, H = self.sc["B"], self.sc["Hkv"]
         assert (c.P, c.S) == (ref.P, ref.S)
         pid = st_.page_id.tolist()
         assert pid == ref.page_ids(), f"step {ref.step}"
