@@ -236,22 +236,15 @@ class Quest(Policy):
     def evictable(self, c) -> Tensor:
         return torch.zeros_like(c.pinned)
 
-    def ranked_pages(self, c, q: Tensor) -> Tensor:
-        """int64 [B, Hkv, P]: the page slots in Quest's order, the attended ``budget_pages`` first: the
-        open page, then the resident pages by page bound, largest first (ties: the lower slot first),
-        then the empty slots."""
+    def attended_pages(self, c, q: Tensor) -> Tensor | None:
+        """bool [B, Hkv, P]: the ``budget_pages`` first page slots in Quest's order: the open page, then
+        the resident pages by page bound, largest first (ties: the lower slot first)."""
+        if c.budget_pages >= c.P:
+            return None  # the budget covers the whole buffer
         bound = torch.where(c.slot_index == c.open_slot[..., None], float("inf"), c.page_bound(q))
         # argsort, not descending_rank: this feeds the mask_mod, and a sort is always realized as its
         # own buffer (the fused pairwise form tripped Inductor's flex lowering for tiny page counts)
-        return torch.argsort(torch.where(c.page_id >= 0, bound, float("-inf")), dim=-1, descending=True, stable=True)
-
-    def attended_pages(self, c, q: Tensor) -> Tensor | None:
-        if c.budget_pages >= c.P:
-            return None  # the budget covers the whole buffer
-        return self._first(c, self.ranked_pages(c, q))
-
-    def _first(self, c, order: Tensor) -> Tensor:
-        """bool [B, Hkv, P]: the resident pages among the first ``budget_pages`` of ``order``."""
+        order = torch.argsort(torch.where(c.page_id >= 0, bound, float("-inf")), dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(-1, order, c.slot_index.expand_as(order))
         return (c.page_id >= 0) & (rank < c.budget_pages)
 
