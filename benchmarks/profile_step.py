@@ -24,6 +24,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", default="32/8")
     ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--context", type=int, default=None,
+                    help="tokens held by an unbounded policy (quest, dense) before the profiled steps "
+                         "(default: the budget)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--plain", action="store_true",
@@ -35,11 +38,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     hq, hkv = map(int, args.heads.split("/"))
     B, D, L, dev, dt = args.batch, 128, args.budget, "cuda", torch.bfloat16
+    N = L if args.context is None else args.context
+    if N < L:
+        raise ValueError(f"--context={N} must be at least --budget={L}")
     name, options = parse_spec(args.config)
     cfg = make_config(L, name, **{"pin_prompt": False, **options})
     cache = PagedKVCache(cfg, batch_size=B, num_heads=hq, num_kv_heads=hkv, head_dim=D, dtype=dt, device=dev,
-                         max_length=None if cfg.policy.bounded else L * 2)
-    n0 = L - 16 if cfg.policy.bounded else L
+                         max_length=None if cfg.policy.bounded else N + 64)
+    n0 = L - 16 if cfg.policy.bounded else N
     cache.prefill(torch.randn(B, hkv, n0, D, dtype=dt, device=dev), torch.randn(B, hkv, n0, D, dtype=dt, device=dev))
     step = cache.compiled_decode()
     q = torch.randn(B, hq, 1, D, dtype=dt, device=dev)
@@ -66,7 +72,7 @@ def main(argv=None):
         for _ in range(args.steps):
             step(q, k, v)
         torch.cuda.synchronize()
-    print(f"{args.config} B={B} heads={hq}/{hkv} L={L} block={cache.block} backend={cache.backend}: "
+    print(f"{args.config} B={B} heads={hq}/{hkv} L={L} N={N} block={cache.block} backend={cache.backend}: "
           f"per-step kernel times (us, {args.steps} steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
     from decode_step import graph_time_us  # same folder

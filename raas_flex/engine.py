@@ -23,9 +23,10 @@ one if the buffer is full), attends over the resident tokens, then lets the poli
     torch    the torch code below (append, validity mask, flex_attention, the policy's observe): the
              reference, every policy, every device
     flex     one Triton bookkeeping kernel (append, eviction, validity row, exact block lists and,
-             for raas with the bound and top-k, the observe) then flex_attention; CUDA
-    triton   the whole step in one Triton kernel (raas, h2o: shares from the attention's pass); for
-             quest and dense, the torch append and page choice, then attention over those pages only; CUDA
+             for raas with the bound and top-k, the observe) then flex_attention; CUDA; every policy
+             but quest
+    triton   the whole step in one Triton kernel (raas, h2o: shares from the attention's pass;
+             streaming and dense: no observe); CUDA; every policy but quest
 
 The bound observe reads only the query and the key bounds after the append, so the fused kernels
 run it before the attention; the state is that of the torch order (append, attend, observe).
@@ -70,7 +71,7 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
         return reason
     policy = config.policy
     if policy.append_code is None:
-        return f"the fused backends serve policies raas, h2o, streaming; got policy={policy.name!r}"
+        return f"the fused backends serve policies raas, h2o, streaming, dense; got policy={policy.name!r}"
     if backend == "triton" and policy.step_observe in (1, 2, 3) and config.page_size & (config.page_size - 1):
         return f"the one-kernel step sums attention shares over pages of 2^n tokens; got page_size={config.page_size}"
     return None

@@ -74,7 +74,7 @@ class Policy:
         """The observe of the one-kernel step (``kernels.fused_step``'s ``observe``) that implements
         observe(), None where it does not: 0 Quest's bound, top-k stamped (raas default); 1 attention
         share, top-k stamped; 2 attention share, shares above the threshold stamped; 3 attention share
-        added to the score (h2o); 4 none (streaming)."""
+        added to the score (h2o); 4 none (streaming, dense)."""
         return None
 
     def kernel_params(self, budget_pages: int, page_size: int) -> tuple[int, int, int, float]:
@@ -255,9 +255,14 @@ class Dense(Policy):
 
     name: ClassVar[str] = "dense"
     bounded: ClassVar[bool] = False
+    append_code: ClassVar[int | None] = 3
 
     def evictable(self, c) -> Tensor:
         return torch.zeros_like(c.pinned)
+
+    @property
+    def step_observe(self) -> int | None:
+        return 4  # nothing to observe
 
 
 POLICY_CLASSES = {cls.name: cls for cls in (RaaS, Quest, H2O, Streaming, Dense)}

@@ -218,10 +218,12 @@ def test_unsupported_reasons(monkeypatch):
     assert backend_unsupported("triton", raas, cuda, torch.bfloat16) is None
     quest = make_config(32, "quest", page_size=8, max_length=64)
     assert "policy='quest'" in backend_unsupported("flex", quest, cuda, torch.bfloat16)
+    assert "policy='quest'" in backend_unsupported("triton", quest, cuda, torch.bfloat16)
+    assert resolve_backend(quest, cuda, torch.bfloat16) == "torch"
     dense = make_config(32, "dense", page_size=8, max_length=64)
-    for config in (quest, dense):
-        assert "policy=" in backend_unsupported("triton", config, cuda, torch.bfloat16)
-        assert resolve_backend(config, cuda, torch.bfloat16) == "torch"
+    assert backend_unsupported("flex", dense, cuda, torch.bfloat16) is None
+    assert resolve_backend(dense, cuda, torch.bfloat16) == "triton"  # any page size: no shares
+    assert resolve_backend(make_config(36, "dense", page_size=12, max_length=64), cuda, torch.bfloat16) == "triton"
     assert resolve_backend(raas, cuda, torch.bfloat16) == "triton"
     threshold = make_config(32, "raas", page_size=8, importance="attention", refresh="threshold")
     assert backend_unsupported("flex", threshold, cuda, torch.bfloat16) is None  # the append fused, observe in torch
@@ -303,6 +305,14 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                            sink_tokens=7, steps=30), dict(split=1, observer=True, writer=False)),
         ("streaming", dict(B=2, Hq=4, Hkv=2, D=16, budget=64, ps=8, lens=[55, 9], integer=False, backend="triton",
                            pin_prompt=True, sink_tokens=0, block_size=2, sms=1, steps=20),
+         dict(split=1, observer=False, lean=True, lazy=False)),
+        # dense (nothing evictable) on the flex path and in fused_step, with and without the observer;
+        # row 0 of the last case fills its 64 slots and overflows (both caches flag it)
+        ("dense", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, max_length=48), None),
+        ("dense", dict(B=2, Hq=6, Hkv=2, D=16, budget=15, ps=3, lens=[5, 40], integer=True, backend="triton",
+                       max_length=96, steps=30), dict(split=2, observer=True, writer=False)),
+        ("dense", dict(B=2, Hq=4, Hkv=2, D=16, budget=16, ps=8, lens=[50, 9], integer=False, backend="triton",
+                       max_length=64, block_size=2, sms=1, steps=20),
          dict(split=1, observer=False, lean=True, lazy=False)),
     ]
     for policy, kw, want in cases:
@@ -404,7 +414,8 @@ def test_step_plan_refuses_bad_input(name, value, allowed):
     (5, 0, 4, "fused_step: observe=5 is not supported; allowed: 0, 1, 2, 3, 4"),
     (4, 0, 4, "fused_step: policy=0 with observe=4 is not supported"),
     (0, 1, 4, "fused_step: policy=1 with observe=0 is not supported; allowed: policy 0 (raas) with observe 0, 1 or 2, "
-              "policy 2 (h2o) with observe 3, policy 1 (streaming) with observe 4"),
+              "policy 2 (h2o) with observe 3, policy 1 (streaming) or 3 (dense) with observe 4"),
+    (0, 3, 4, "fused_step: policy=3 with observe=0 is not supported"),
     (3, 0, 4, "fused_step: policy=0 with observe=3 is not supported; allowed: policy 0 (raas) with observe 0, 1"),
     (1, 2, 4, "fused_step: policy=2 with observe=1 is not supported"),
     (2, 0, 12, "fused_step: attention shares need a page size that is a power of two; got 12"),
@@ -432,14 +443,16 @@ def test_interpreter_matches_torch_on_cpu():
     bounds in one chunk and several, as products and element-wise; and fused_step with attention
     shares (raas top-k and threshold, h2o) for pages of 1 to 128 slots, resynced every step (page
     tables equal, scores within 1e-4 relative, stamps equal except at the top-k or threshold
-    boundary: ``assert_stamps_near_tie``)."""
+    boundary: ``assert_stamps_near_tie``); and dense (nothing evictable, a full buffer overflows) on
+    both paths."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT.format(tests=tests)], env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 23 and lines[-3].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 26 and lines[-6].endswith("True"), res.stdout  # the h2o case overflowed
+    assert lines[-1].endswith("True") and not lines[-2].endswith("True"), res.stdout  # so did the last dense one
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -529,11 +542,35 @@ def test_gpu_fused_matches_torch_exact(case, mode):
     assert not bool(fus.overflow)
 
 
+# dense over an 8k buffer (512 pages: 8 rows of 16 programs on 132 SMs, no observer) and the flex path
+DENSE_CASES = [
+    ("dense-P512-G4-triton", dict(B=2, Hq=32, Hkv=8, D=128, budget=2048, ps=16), [8000, 3000],
+     dict(backend="triton", max_length=8192)),
+    ("dense-P512-G4-triton-sms16", dict(B=2, Hq=32, Hkv=8, D=128, budget=2048, ps=16), [8000, 3000],
+     dict(backend="triton", max_length=8192, sms=16)),
+    ("dense-P32-flex", dict(B=2, Hq=6, Hkv=2, D=64, budget=128, ps=8), [40, 118], dict(max_length=256)),
+]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[c[0] for c in DENSE_CASES])
+def test_gpu_dense_matches_torch(case, mode):
+    """Dense on the fused paths: random bf16 inputs resynced every step (70 steps), then integer
+    inputs without resync (bit-identical page tables); nothing evicted, nothing overflowed."""
+    _, shape, lens, kw = case
+    for integer in (False, True):
+        ref, fus = twin_run("dense", **shape, lens=lens, steps=70, mode=mode, integer=integer, **kw)
+        assert ref.evictions.sum().item() == 0 and fus.evictions.sum().item() == 0
+        assert not bool(ref.overflow) and not bool(fus.overflow)
+
+
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_backends():
-    """On CUDA, backend=None picks the one-kernel step for raas (either importance), h2o and streaming,
-    the fused bookkeeping + flex when asked for, torch for quest and dense; a refused choice names
+    """On CUDA, backend=None picks the one-kernel step for raas (either importance), h2o, streaming
+    and dense, the fused bookkeeping + flex when asked for, torch for quest; a refused choice names
     the policy."""
     make = lambda budget, policy, **kw: PagedKVCache(make_config(budget, policy, page_size=16, **kw), batch_size=1,
                                                      num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
@@ -546,6 +583,7 @@ def test_gpu_backends():
     assert make(64, "h2o", backend="flex").backend == "flex"
     assert make(64, "raas", importance="attention", backend="flex").backend == "flex"
     assert make(64, "quest", max_length=128).backend == "torch"
+    assert make(64, "dense", max_length=128).backend == "triton"
     for backend in ("flex", "triton"):
         with pytest.raises(ValueError, match=f"backend='{backend}' is not supported for this cache: .*policy='quest'"):
             make(64, "quest", max_length=128, backend=backend)

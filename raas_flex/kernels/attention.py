@@ -236,7 +236,7 @@ def _step_kernel(
     LAZY: tl.constexpr, LEAN: tl.constexpr, WRITER: tl.constexpr, ONLINE: tl.constexpr, OLAST: tl.constexpr,
 ):
     """Program (row, split) of a step under eviction rule POLICY (``Policy.append_code``: raas 0,
-    streaming 1, h2o 2) and observe OBSERVE (``Policy.step_observe``: 0 bound top-k, 1 share top-k, 2
+    streaming 1, h2o 2, dense 3) and observe OBSERVE (``Policy.step_observe``: 0 bound top-k, 1 share top-k, 2
     share threshold, 3 share added to the score, 4 none). Every program decides the append from the
     pre-step state. Without
     OBSERVER, program ``split`` attends its TILES tiles and (OBSERVE 0) bounds its PAGES pages; the
@@ -354,12 +354,12 @@ def fused_step(
     observe: int = 0, policy: int = 0, recent_pages: int = 0, threshold: float = 0.0, sink_pages: int = 0,
 ) -> Tensor:
     """A whole decode step in one launch: :func:`fused_append`'s state changes under eviction rule
-    ``policy`` (``Policy.append_code``: raas 0, streaming 1 with ``sink_pages``, h2o 2), the attention of
+    ``policy`` (``Policy.append_code``: raas 0, streaming 1 with ``sink_pages``, h2o 2, dense 3), the attention of
     q [B, Hq, 1, D] over the row
     after the append, and the policy's observe ``observe`` (``Policy.step_observe``): 0 Quest's bound,
     the top ``refresh_pages`` stamped; 1 the attention share (of the same pass over K/V), top
     ``refresh_pages`` stamped; 2 the share, pages of share > ``threshold`` stamped; 3 the share added
-    to the score (h2o, pages older than the ``recent_pages`` newest evictable); 4 none (streaming).
+    to the score (h2o, pages older than the ``recent_pages`` newest evictable); 4 none (streaming, dense).
     Returns [B, Hq, 1, D]
     in q's dtype. ``count`` (int32 [B * Hkv]) and ``ticket`` (int32 [1]): 0 at launch, left 0.
     Shares need a page size that is a power of two."""
@@ -370,10 +370,10 @@ def fused_step(
     nb = S // block
     if observe not in (0, 1, 2, 3, 4):
         raise ValueError(f"fused_step: observe={observe!r} is not supported; allowed: 0, 1, 2, 3, 4")
-    if (policy, observe) not in ((0, 0), (0, 1), (0, 2), (2, 3), (1, 4)):
+    if (policy, observe) not in ((0, 0), (0, 1), (0, 2), (2, 3), (1, 4), (3, 4)):
         raise ValueError(f"fused_step: policy={policy!r} with observe={observe!r} is not supported; allowed: "
                          "policy 0 (raas) with observe 0, 1 or 2, policy 2 (h2o) with observe 3, policy 1 "
-                         "(streaming) with observe 4")
+                         "(streaming) or 3 (dense) with observe 4")
     shares = observe in (1, 2, 3)
     if shares and ps & (ps - 1):
         raise ValueError(f"fused_step: attention shares need a page size that is a power of two; got {ps}")

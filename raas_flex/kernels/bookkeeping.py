@@ -105,7 +105,7 @@ def fused_append(
     overflow: Tensor, valid: Tensor, ticket: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor,
     full_idx: Tensor, policy: int, sink_pages: int, recent_pages: int, block: int,
 ) -> None:
-    """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy`` (``Policy.append_code``: raas 0, streaming 1, h2o 2);
+    """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy`` (``Policy.append_code``: raas 0, streaming 1, h2o 2, dense 3);
     refresh ``valid`` and the exact flex block lists for KV blocks of ``block`` slots (layout of
     masks.block_lists). ``ticket``: int32 [1], 0 at launch (left 0)."""
     _launch_append(k_new, v_new, (k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length,

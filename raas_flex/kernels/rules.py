@@ -52,8 +52,9 @@ def choose_slot(pid, p, in_row, need, open_old, pos, stamp_ptr, pinned_ptr, scor
     """The token's page slot for a row of page ids ``pid`` (``need``: the token opens a page): the
     first free slot, else the evictable page with the smallest key (ties: the lower slot). POLICY 0
     raas: unpinned pages, key (stamp, page id); 1 streaming: unpinned pages past SINK_PAGES, key page
-    id; 2 h2o: unpinned pages older than the RECENT_PAGES newest, key score. Returns (slot, opened,
-    write, has_free); ``write`` is False when no slot can be found (overflow)."""
+    id; 2 h2o: unpinned pages older than the RECENT_PAGES newest, key score; 3 dense: none (a full
+    buffer overflows). Returns (slot, opened, write, has_free); ``write`` is False when no slot can be
+    found (overflow)."""
     pinned = tl.load(pinned_ptr + base + p, mask=in_row, other=0).to(tl.int1)
     resident = (pid >= 0) & in_row
     free = (pid < 0) & in_row
@@ -66,6 +67,9 @@ def choose_slot(pid, p, in_row, need, open_old, pos, stamp_ptr, pinned_ptr, scor
     elif POLICY == 1:
         evictable = evictable & (pid >= SINK_PAGES)
         victim = tl.argmin(tl.where(evictable, pid, I64_MAX), 0)
+    elif POLICY == 3:
+        evictable = evictable & (pid < 0)  # nothing
+        victim = open_old
     else:  # (padding past P carries +inf, so a real slot wins a tie with it)
         evictable = evictable & (pid <= pos // PS - RECENT_PAGES)
         sc = tl.load(score_ptr + base + p, mask=in_row, other=0.0)
