@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import raas_flex  # noqa: E402
 from raas_flex.config import make_config, parse_spec  # noqa: E402
 from benchmarks.decode_step import copy_bandwidth  # noqa: E402
-from benchmarks.hf_generate import ARCHS, build  # noqa: E402
+from benchmarks.hf_generate import ARCHS, StepClock, build  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -85,24 +85,6 @@ except ImportError:  # pragma: no cover
 
 # estimates of a measurement's duration are multiplied by this before comparing with the time left
 DEADLINE_SAFETY = 1.25
-
-
-class StepTimes:
-    """Logits processor recording a host timestamp per decode step (generate syncs each step
-    anyway for its stopping criteria; the explicit synchronize only makes the stamp exact)."""
-
-    def __init__(self, sync: bool):
-        self.t: list[float] = []
-        self.sync = sync
-
-    def __call__(self, input_ids, scores):
-        if self.sync:
-            torch.cuda.synchronize()
-        self.t.append(time.perf_counter())
-        return scores
-
-    def deltas(self) -> list[float]:
-        return [b - a for a, b in zip(self.t, self.t[1:])]
 
 
 def counters_now():
@@ -139,7 +121,7 @@ def largest_batch(bytes_per_seq: int, reserve: int, device) -> int | None:
 def generate_timed(model, ids, new, device, **kw):
     from transformers import LogitsProcessorList
 
-    clock = StepTimes(sync=device != "cpu")
+    clock = StepClock()
     g0 = counters_now()
     if device != "cpu":
         torch.cuda.synchronize()

@@ -12,8 +12,13 @@ time of one decode step, the prompt's forward cancelling out. Wall minus kernel 
 share (gaps between kernels and graph replays, generate's own loop); the kernels that differ are
 printed per decode step.
 
+With --host, it instead shows where that host share goes: a generate of --steps decode steps at a
+full buffer under cProfile (Python functions by own time and by cumulative time; the time spent
+blocked on the GPU shows as the synchronising call's own time).
+
     python benchmarks/profile_generate.py --arch llama-3.1-8b --layers 4 --configs "raas;raas:backend=flex"
     python benchmarks/profile_generate.py --arch llama-3.1-8b --layers 32 --configs raas --per-step --steps 64
+    python benchmarks/profile_generate.py --arch llama-3.1-8b --layers 32 --configs raas --host --steps 64
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def main(argv=None):
     ap.add_argument("--configs", default="raas;raas:backend=flex")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--per-step", action="store_true", help="one decode step's wall vs GPU kernel time (see above)")
+    ap.add_argument("--host", action="store_true", help="where generate's host time goes, under cProfile (see above)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs CUDA")
@@ -56,6 +62,9 @@ def main(argv=None):
             torch.cuda.synchronize()
             if args.per_step:
                 per_step(model, ids, fill, args.steps, spec, args)
+                continue
+            if args.host:
+                host_profile(model, ids, fill, args.steps, spec, args)
                 continue
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 model.generate(ids, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False)
@@ -97,6 +106,33 @@ def per_step(model, ids, fill, steps, spec, args):
           f"host share {wall_ms - gpu_ms:.2f} ms ({(wall_ms - gpu_ms) / wall_ms:.0%})")
     for name, us in sorted(diff.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"  {us / 1e3:8.3f} ms/step  {name[:100]}")
+
+
+def host_profile(model, ids, fill, steps, spec, args):
+    """cProfile of a generate whose last --steps decode steps run at a full buffer."""
+    import cProfile
+    import io
+    import pstats
+
+    n = fill + steps
+    run = lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    run()  # this length once untimed
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    torch.cuda.synchronize()
+    prof.disable()
+    print(f"\n== {spec}: {args.arch} x {args.layers} layers, B={args.batch}, L={args.budget}, generate of {n} "
+          f"new tokens: {wall * 1e3 / n:.2f} ms/token without the profiler")
+    for key in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(args.top * 3)
+        print(out.getvalue())
 
 
 if __name__ == "__main__":

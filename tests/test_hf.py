@@ -33,6 +33,8 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+from transformers.cache_utils import DynamicCache
+from transformers.generation import utils as generation
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
@@ -69,9 +71,13 @@ def make_model(family: str = "llama", seed: int = 0, **overrides):
     return model
 
 
+ORIGINAL_STOP_CHECK = generation.DeferredStopCheck
+
+
 def registered() -> bool:
     name = hf.ATTN_IMPLEMENTATION
-    return name in AttentionInterface._global_mapping or name in AttentionMaskInterface._global_mapping
+    return (name in AttentionInterface._global_mapping or name in AttentionMaskInterface._global_mapping
+            or generation.DeferredStopCheck is not ORIGINAL_STOP_CHECK)
 
 
 def assert_pristine(model, registry: bool = True) -> None:
@@ -678,15 +684,72 @@ def test_context_manager():
 
 def test_nothing_is_registered_at_import():
     code = (
+        "from transformers.generation import utils\n"
+        "stop_check = utils.DeferredStopCheck\n"
         "import raas_flex, raas_flex.hf\n"
         "from transformers.modeling_utils import AttentionInterface\n"
         "from transformers.masking_utils import AttentionMaskInterface\n"
         "assert 'raas_flex' not in AttentionInterface._global_mapping\n"
         "assert 'raas_flex' not in AttentionMaskInterface._global_mapping\n"
+        "assert utils.DeferredStopCheck is stop_check\n"
         "print('ok')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+# -- generate's stopping check ------------------------------------------------------------------------------------
+def test_stop_check_is_deferred_for_a_raas_cache_on_cuda_only():
+    """While a model is patched, generate checks for the end one step late (no host sync per token) for a
+    RaaSCache on CUDA that is not handed back; every other case keeps transformers' own decision."""
+    model = make_model("llama")
+    raas_flex.patch(model, budget=32, page_size=8)
+    deferred = generation.DeferredStopCheck
+    assert deferred is not ORIGINAL_STOP_CHECK and issubclass(deferred, ORIGINAL_STOP_CHECK)
+    cuda, cpu, raas, dense = torch.device("cuda"), torch.device("cpu"), hf.RaaSCache(model), DynamicCache()
+    assert deferred.is_supported(cuda, raas, cache_is_returned=False, is_assistant=False)
+    assert not deferred.is_supported(cuda, raas, cache_is_returned=True, is_assistant=False)
+    assert not deferred.is_supported(cuda, raas, cache_is_returned=False, is_assistant=True)
+    for device, cache in ((cpu, raas), (cuda, dense), (torch.device("mps"), dense), (cuda, None)):
+        for returned in (False, True):
+            assert deferred.is_supported(device, cache, returned, False) == \
+                ORIGINAL_STOP_CHECK.is_supported(device, cache, returned, False)
+    raas_flex.unpatch(model)
+    assert generation.DeferredStopCheck is ORIGINAL_STOP_CHECK
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_deferred_stop_check_keeps_the_tokens(monkeypatch):
+    """On CUDA a patched generate stops one step late without changing a token: with end-of-sequence
+    tokens that stop the batch early (the deferred check runs one extra step and drops it), and without
+    (the length stops it), against the per-token check that return_dict_in_generate keeps."""
+    model = make_model("llama", seed=3).cuda()
+    raas_flex.patch(model, budget=64, page_size=16)
+    ids, mask = prompts([30, 17], seed=32)
+    ids, mask = ids.cuda(), mask.cuda()
+    calls = []
+    deferred = generation.DeferredStopCheck
+    original_call = deferred.__call__
+    monkeypatch.setattr(deferred, "__call__", lambda self, *a: calls.append(1) or original_call(self, *a))
+    try:
+        free = greedy(model, ids, mask, 40)
+        assert len(calls) == 40
+        eos = sorted({int(free[0, ids.shape[1] + 6]), int(free[1, ids.shape[1] + 9])})
+        model.generation_config.eos_token_id = eos
+        for new in (40, 12):
+            calls.clear()
+            fast = greedy(model, ids, mask, new)
+            assert calls, "the deferred stop check did not run"
+            calls.clear()
+            slow = greedy(model, ids, mask, new, return_dict_in_generate=True).sequences
+            assert not calls
+            assert torch.equal(fast, slow)
+        assert fast.shape[1] < ids.shape[1] + 12  # the end-of-sequence tokens stopped it early
+    finally:
+        torch._dynamo.reset()
+        for name in ("_compiled_call", "_last_compile_config"):
+            model.__dict__.pop(name, None)
 
 
 # -- refused models and options ---------------------------------------------------------------------------------
