@@ -23,8 +23,8 @@ one if the buffer is full), attends over the resident tokens, then lets the poli
     torch    the torch code below (append, validity mask, flex_attention, the policy's observe): the
              reference, every policy, every device
     flex     one Triton bookkeeping kernel (append, eviction, validity row, exact block lists and,
-             for raas with the bound and top-k, the observe) then flex_attention; CUDA; every policy
-             but quest
+             for raas with the bound and top-k, the observe) then flex_attention (quest: over the
+             pages it picks, from the torch page choice); CUDA; every policy
     triton   the whole step in one Triton kernel (raas, h2o: shares from the attention's pass;
              streaming and dense: no observe); CUDA; every policy but quest
 
@@ -71,7 +71,9 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
         return reason
     policy = config.policy
     if policy.append_code is None:
-        return f"the fused backends serve policies raas, h2o, streaming, dense; got policy={policy.name!r}"
+        return f"the fused backends serve policies with an eviction rule (append_code); got policy={policy.name!r}"
+    if backend == "triton" and policy.narrows:
+        return f"the one-kernel step attends to every resident token, and policy={policy.name!r} picks pages"
     if backend == "triton" and policy.step_observe in (1, 2, 3) and config.page_size & (config.page_size - 1):
         return f"the one-kernel step sums attention shares over pages of 2^n tokens; got page_size={config.page_size}"
     return None
@@ -239,8 +241,8 @@ class PagedKVCache(nn.Module):
         # Block lists. torch backend: a policy that attends to every resident page gets constant
         # lists (every block partial: in a full compacted buffer nearly every block is full anyway,
         # and the one-byte mask costs the kernel less than exact lists cost the step); quest gets
-        # exact lists per step. flex backend: the bookkeeping kernel writes exact lists into them;
-        # triton: fused_step too.
+        # exact lists per step. flex backend: the bookkeeping kernel writes exact lists into them
+        # (quest's lists are rebuilt from ``valid`` each step); triton: fused_step too.
         self._lists = None
         if self._backend != "torch" or not self.policy.narrows:
             lists = all_partial_lists(B * H, S, self.block, device)
@@ -421,6 +423,8 @@ class PagedKVCache(nn.Module):
                                          self.block, self._refresh_pages)
             return self.attend(q)
         kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages, self.block)
+        if self.policy.narrows:  # the attended pages change every step
+            self.valid.copy_(self.valid_slots(q).view(self.B * self.H, self.S))
         out = self.attend(q)
         self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
         return out
@@ -566,10 +570,14 @@ class PagedKVCache(nn.Module):
             p = self._probs(qp, self.valid.view(B, H, S))  # [B, H, G, S]
             out = p.view(bh, G, S).to(self.v.dtype) @ self.v.view(bh, S, D)
         else:
-            # a torch-backend graph on GPU gets opaque copies so that Inductor's flex lowering sees
-            # realized buffers (the fused backends' ``valid`` and lists are Triton outputs already)
-            barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu" and self._backend == "torch"
-            block_mask = build_block_mask(self.valid, self.block, G, barrier=barrier, lists=self._lists)
+            # ``valid`` written by torch ops in a GPU graph gets opaque copies so that Inductor's flex
+            # lowering sees realized buffers (the fused backends' ``valid`` and lists are Triton outputs);
+            # a policy that picks pages gets exact lists from ``valid`` every step
+            narrows = self.policy.narrows
+            barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu" and (
+                self._backend == "torch" or narrows)
+            block_mask = build_block_mask(self.valid, self.block, G, barrier=barrier,
+                                          lists=None if narrows else self._lists)
             fn = _compiled_flex() if self._compile_flex and not torch.compiler.is_compiling() else flex_attention
             out = fn(qp.view(bh, 1, G, D), self.k.view(bh, 1, S, D), self.v.view(bh, 1, S, D), block_mask=block_mask,
                      scale=self.scale, kernel_options=self._kernel_options, score_mod=self._score_mod(),

@@ -232,6 +232,7 @@ class Quest(Policy):
     name: ClassVar[str] = "quest"
     bounded: ClassVar[bool] = False
     narrows: ClassVar[bool] = True
+    append_code: ClassVar[int | None] = 3  # dense's rule: nothing is evictable
 
     def evictable(self, c) -> Tensor:
         return torch.zeros_like(c.pinned)

@@ -331,7 +331,8 @@ GPU_CONFIGS = {  # test name -> (policy, config)
     "raas-threshold-triton": ("raas", dict(budget=64, ps=16, backend="triton", importance="attention",
                                            refresh="threshold", refresh_threshold=0.05)),
     "h2o-triton": ("h2o", dict(budget=64, ps=16, backend="triton")),
-    "quest": ("quest", dict(budget=64, ps=16, max_length=256)),
+    "quest": ("quest", dict(budget=64, ps=16, max_length=256, backend="flex")),  # pages picked in torch
+    "quest-torch": ("quest", dict(budget=64, ps=16, max_length=256, backend="torch")),
 }
 GPU_POLICIES = list(GPU_CONFIGS)
 
@@ -342,7 +343,7 @@ def gpu_run(policy, heads, dtype, *, compile_mode, steps=60, lens=(20, 45), seed
     seq = Seq(2, Hq, Hkv, lens, dtype=dtype, device=GPU_DEVICE, seed=seed, head_dim=64)
     base, cfg = GPU_CONFIGS[policy]
     cache = make_cache(base, **cfg, B=2, Hq=Hq, Hkv=Hkv, head_dim=64, dtype=dtype, device=GPU_DEVICE)
-    assert cache.backend == cfg.get("backend", "torch")  # quest: the torch code (no fused kernels for it)
+    assert cache.backend == cfg.get("backend", "torch")
     cache.prefill(*seq.prompt())
     if compile_mode is None:
         fn = cache.decode

@@ -89,7 +89,7 @@ def assert_same_step(ref, fus, out_ref, out_fus, *, exact: bool, tol) -> None:
     else:
         torch.testing.assert_close(fus.score, ref.score, rtol=1e-4, atol=1e-3)
         assert_stamps_near_tie(ref, fus)
-    if fus._lists is not None:  # exact block lists from the kernels 
+    if fus._lists is not None and not fus.policy.narrows:  # exact block lists from the kernels (quest's: from valid)
         want = masks.block_lists(ref.valid, fus.block)
         got = (fus._kv_num, fus._kv_idx, fus._full_num, fus._full_idx)
         for name, a, b in zip(("kv_num", "kv_idx", "full_num", "full_idx"), want, got):
@@ -217,9 +217,9 @@ def test_unsupported_reasons(monkeypatch):
     raas = make_config(32, "raas", page_size=8)
     assert backend_unsupported("triton", raas, cuda, torch.bfloat16) is None
     quest = make_config(32, "quest", page_size=8, max_length=64)
-    assert "policy='quest'" in backend_unsupported("flex", quest, cuda, torch.bfloat16)
-    assert "policy='quest'" in backend_unsupported("triton", quest, cuda, torch.bfloat16)
-    assert resolve_backend(quest, cuda, torch.bfloat16) == "torch"
+    assert backend_unsupported("flex", quest, cuda, torch.bfloat16) is None  # the append fused, pages picked in torch
+    assert "policy='quest' picks pages" in backend_unsupported("triton", quest, cuda, torch.bfloat16)
+    assert resolve_backend(quest, cuda, torch.bfloat16) == "flex"
     dense = make_config(32, "dense", page_size=8, max_length=64)
     assert backend_unsupported("flex", dense, cuda, torch.bfloat16) is None
     assert resolve_backend(dense, cuda, torch.bfloat16) == "triton"  # any page size: no shares
@@ -298,6 +298,10 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                      steps=24),
          dict(split=2, observer=True, writer=False)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3), None),
+        # quest on the flex path (dense's append rule, its page choice in torch); the second fills its
+        # 64 slots and overflows
+        ("quest", dict(B=2, Hq=4, Hkv=2, D=16, budget=16, ps=4, lens=[5, 30], integer=True, max_length=96), None),
+        ("quest", dict(B=1, Hq=6, Hkv=2, D=16, budget=24, ps=8, lens=[40], integer=False, max_length=64), None),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True), None),
         # fused_step for streaming (no observe): sink pages, a pinned prompt, pages of 3 slots (no
         # shares, so any page size), with and without the observer program
@@ -443,15 +447,16 @@ def test_interpreter_matches_torch_on_cpu():
     bounds in one chunk and several, as products and element-wise; and fused_step with attention
     shares (raas top-k and threshold, h2o) for pages of 1 to 128 slots, resynced every step (page
     tables equal, scores within 1e-4 relative, stamps equal except at the top-k or threshold
-    boundary: ``assert_stamps_near_tie``); and dense (nothing evictable, a full buffer overflows) on
-    both paths."""
+    boundary: ``assert_stamps_near_tie``); dense (nothing evictable, a full buffer overflows) on
+    both paths; and quest on the flex path (same rule, pages picked each step)."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT.format(tests=tests)], env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 26 and lines[-6].endswith("True"), res.stdout  # the h2o case overflowed
+    assert len(lines) == 28 and lines[-6].endswith("True"), res.stdout  # the h2o case overflowed
+    assert [ln.split()[-1] for ln in lines if ln.startswith("quest")] == ["False", "True"], res.stdout
     assert lines[-1].endswith("True") and not lines[-2].endswith("True"), res.stdout  # so did the last dense one
 
 
@@ -566,11 +571,32 @@ def test_gpu_dense_matches_torch(case, mode):
         assert not bool(ref.overflow) and not bool(fus.overflow)
 
 
+QUEST_CASES = [  # quest on the flex path (backend=None on CUDA): 512 pages of 16 slots, 128 attended; 32 of 8
+    ("quest-P512-G4", dict(B=2, Hq=32, Hkv=8, D=128, budget=2048, ps=16), [8000, 3000], dict(max_length=8192)),
+    ("quest-P32-G3", dict(B=2, Hq=6, Hkv=2, D=64, budget=64, ps=8), [40, 118], dict(max_length=256)),
+]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", QUEST_CASES, ids=[c[0] for c in QUEST_CASES])
+def test_gpu_quest_matches_torch(case, mode):
+    """Quest with the fused append and its page choice in torch, against the torch reference: random bf16
+    inputs resynced every step, then integer inputs without resync (bit-identical page tables and
+    attended slots); nothing evicted, nothing overflowed."""
+    _, shape, lens, kw = case
+    for integer in (False, True):
+        ref, fus = twin_run("quest", **shape, lens=lens, steps=70, mode=mode, integer=integer, **kw)
+        assert ref.evictions.sum().item() == 0 and fus.evictions.sum().item() == 0
+        assert not bool(ref.overflow) and not bool(fus.overflow)
+
+
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_backends():
     """On CUDA, backend=None picks the one-kernel step for raas (either importance), h2o, streaming
-    and dense, the fused bookkeeping + flex when asked for, torch for quest; a refused choice names
+    and dense, the fused bookkeeping + flex when asked for and for quest; a refused choice names
     the policy."""
     make = lambda budget, policy, **kw: PagedKVCache(make_config(budget, policy, page_size=16, **kw), batch_size=1,
                                                      num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
@@ -582,11 +608,10 @@ def test_gpu_backends():
     assert make(64, "streaming", backend="flex").backend == "flex"
     assert make(64, "h2o", backend="flex").backend == "flex"
     assert make(64, "raas", importance="attention", backend="flex").backend == "flex"
-    assert make(64, "quest", max_length=128).backend == "torch"
+    assert make(64, "quest", max_length=128).backend == "flex"
     assert make(64, "dense", max_length=128).backend == "triton"
-    for backend in ("flex", "triton"):
-        with pytest.raises(ValueError, match=f"backend='{backend}' is not supported for this cache: .*policy='quest'"):
-            make(64, "quest", max_length=128, backend=backend)
+    with pytest.raises(ValueError, match="backend='triton' is not supported for this cache: .*policy='quest' picks pages"):
+        make(64, "quest", max_length=128, backend="triton")
     c = make(64, "raas")
     z = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match=r"k must be \[batch_size=1, num_kv_heads=1, 1, head_dim=64\]"):
