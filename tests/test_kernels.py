@@ -571,9 +571,9 @@ def test_gpu_dense_matches_torch(case, mode):
         assert not bool(ref.overflow) and not bool(fus.overflow)
 
 
-QUEST_CASES = [  # quest on the flex path (backend=None on CUDA): 512 pages of 16 slots, 128 attended; 32 of 8
+QUEST_CASES = [  # quest on the flex path (backend=None on CUDA): 512 pages of 16 slots, 128 attended; 16 of them, 4
     ("quest-P512-G4", dict(B=2, Hq=32, Hkv=8, D=128, budget=2048, ps=16), [8000, 3000], dict(max_length=8192)),
-    ("quest-P32-G3", dict(B=2, Hq=6, Hkv=2, D=64, budget=64, ps=8), [40, 118], dict(max_length=256)),
+    ("quest-P16-G3", dict(B=2, Hq=6, Hkv=2, D=64, budget=64, ps=16), [40, 118], dict(max_length=256)),
 ]
 
 
