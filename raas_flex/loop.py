@@ -1,12 +1,13 @@
 """A lean greedy decode loop for a patched model, for when ``model.generate``'s own per-token host
 work is what limits the step.
 
-``generate`` runs Python per token (input preparation, logits processors, stopping criteria) and
-checks on the host every step whether all rows have finished, so the GPU waits for the host between
-steps. :func:`greedy_decode` calls the same compiled decode forward (``generate``'s own, from
+``generate`` runs Python per token (input preparation, logits processors, stopping criteria); a
+patched ``generate`` on CUDA reads "has every row finished?" one step late, so that work overlaps
+the GPU's as long as it is shorter than a step, and the host runs at most one step ahead.
+:func:`greedy_decode` calls the same compiled decode forward (``generate``'s own, from
 ``model.get_compiled_call``) in a plain loop: argmax on the device, the end-of-sequence state kept on
-the device, and one host check every ``_STOP_CHECK`` tokens, so the host queues steps ahead of the
-GPU (in the style of gpt-fast). Its tokens are ``generate``'s with ``do_sample=False`` for the same
+the device, and one host check every ``_STOP_CHECK`` tokens, so the host queues many steps ahead of
+the GPU (in the style of gpt-fast). Its tokens are ``generate``'s with ``do_sample=False`` for the same
 inputs, except that no logits processor of the model's generation config runs (it warns when the
 config sets one).
 """
