@@ -116,8 +116,9 @@ def _deferred_stop_check(base: type) -> type:
     cost of one extra decode step when an end-of-sequence token stops the loop, whose token is
     dropped; it takes that path on MPS only. A RaaS generation takes it on CUDA as well when the
     cache is not handed back to the caller (no ``return_dict_in_generate``, no cache passed in): the
-    extra step may have evicted a page, which cannot be undone, but the cache is then discarded.
-    Every other cache keeps transformers' own decision."""
+    extra step may have evicted a page, which cannot be undone, but the cache is then discarded
+    (``raas_flex.stats`` after such a call counts that step). Every other cache keeps transformers'
+    own decision."""
 
     class RaaSDeferredStopCheck(base):
         @staticmethod
