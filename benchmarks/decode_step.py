@@ -317,52 +317,71 @@ def main(argv=None):
 
 
 def plot(rows, meta, path: Path) -> Path:
-    """Two panels: step time vs context N (per batch/heads, L=2048 or the first budget), and
-    raas step / SDPA over L for every (B, heads, L)."""
+    """Two panels: each bounded configuration's step over SDPA over L at every (B, heads, L), one
+    bar per configuration; and the step against the context N (per batch/heads, L=2048 or the
+    first budget; SDPA over the dense cache, raas, quest), or with a single N, quest against its
+    floor."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw=dict(width_ratios=(1, 2)))
     shapes = sorted({(r["B"], r["Hq"], r["Hkv"]) for r in rows})
     budgets = sorted({r["L"] for r in rows})
-    L0 = 2048 if 2048 in budgets else budgets[0]
+    contexts = sorted({r["N"] for r in rows})
+    configs = meta.get("configs") or [p for p in ("raas", "h2o", "streaming", "quest") if any(p in r for r in rows)]
+    bounded = [c for c in configs if parse_spec(c)[0] not in ("quest", "dense")]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (B, Hq, Hkv) in enumerate(shapes):
-        rs = sorted((r for r in rows if (r["B"], r["Hq"], r["Hkv"], r["L"]) == (B, Hq, Hkv, L0)), key=lambda r: r["N"])
-        c = colors[i % len(colors)]
-        for key, style, label in (("sdpa_dense_N", "-o", "SDPA dense over N"), ("raas", "-s", f"raas L={L0}"),
-                                  ("quest", ":^", f"quest L={L0}")):
-            pts = [(r["N"], r[key]) for r in rs if r.get(key)]
-            if pts:
-                a.plot(*zip(*pts), style, color=c, label=f"B={B} {Hq}/{Hkv}: {label}", alpha=0.9 if key != "quest" else 0.6)
-    a.set_xscale("log", base=2)
-    a.set_yscale("log")
-    a.set_xlabel("context N (tokens)")
-    a.set_ylabel("one layer, one decode step (us)")
-    a.set_title("decode step vs context")
-    a.legend(fontsize=6, ncol=2)
-    labels, ratios = [], []
-    for (B, Hq, Hkv) in shapes:
-        for L in budgets:
-            r = next((r for r in rows if (r["B"], r["Hq"], r["Hkv"], r["L"]) == (B, Hq, Hkv, L) and r.get("raas")), None)
+    L0 = 2048 if 2048 in budgets else budgets[0]
+    if len(contexts) > 1:
+        for i, (B, Hq, Hkv) in enumerate(shapes):
+            rs = sorted((r for r in rows if (r["B"], r["Hq"], r["Hkv"], r["L"]) == (B, Hq, Hkv, L0)), key=lambda r: r["N"])
+            c = colors[i % len(colors)]
+            for key, style, label in (("sdpa_dense_N", "-o", "SDPA dense over N"), ("raas", "-s", f"raas L={L0}"),
+                                      ("quest", ":^", f"quest L={L0}")):
+                pts = [(r["N"], r[key]) for r in rs if r.get(key)]
+                if pts:
+                    a.plot(*zip(*pts), style, color=c, label=f"B={B} {Hq}/{Hkv}: {label}",
+                           alpha=0.9 if key != "quest" else 0.6)
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xlabel("context N (tokens)")
+        a.set_ylabel("one layer, one decode step (us)")
+        a.set_title("decode step vs context")
+        a.legend(fontsize=6, ncol=2)
+    else:
+        quest = [(f"B{r['B']} {r['Hq']}/{r['Hkv']} L{r['L'] // 1024}k", r["quest"] / r["floor_quest"])
+                 for r in rows if r.get("quest") and r.get("floor_quest")]
+        if quest:
+            a.bar(range(len(quest)), [x for _, x in quest], color="tab:gray")
+            a.set_xticks(range(len(quest)), [n for n, _ in quest], rotation=70, fontsize=7)
+            a.set_yscale("log")
+            a.set_ylabel("quest step / its floor (bounds over N + L tokens' K/V)")
+        a.set_title(f"quest against its floor, N={contexts[0]}")
+    labels = [(B, Hq, Hkv, L) for (B, Hq, Hkv) in shapes for L in budgets
+              if any((r["B"], r["Hq"], r["Hkv"], r["L"]) == (B, Hq, Hkv, L) and r.get("sdpa_L") for r in rows)]
+    width = 0.8 / max(len(bounded), 1)
+    for j, cfg in enumerate(bounded):
+        xs, ys = [], []
+        for i, key in enumerate(labels):
+            r = next((r for r in rows if (r["B"], r["Hq"], r["Hkv"], r["L"]) == key and r.get(cfg)), None)
             if r and r.get("sdpa_L"):
-                labels.append(f"B{B} {Hq}/{Hkv} L{L // 1024}k")
-                ratios.append(r["raas"] / r["sdpa_L"])
-    b.bar(range(len(ratios)), ratios, color=["tab:green" if x <= 1.3 else "tab:orange" for x in ratios])
+                xs.append(i + (j - (len(bounded) - 1) / 2) * width)
+                ys.append(r[cfg] / r["sdpa_L"])
+        b.bar(xs, ys, width, color=colors[j % len(colors)], label=cfg)
     b.axhline(1.3, color="k", ls="--", lw=1, label="target 1.3x")
     b.axhline(1.0, color="gray", lw=0.8)
-    b.set_xticks(range(len(labels)), labels, rotation=70, fontsize=7)
-    b.set_ylabel("raas engine step / SDPA over L slots")
-    b.set_title("distance to the compacted-cache ideal")
-    b.legend(fontsize=8)
+    b.set_xticks(range(len(labels)), [f"B{B} {Hq}/{Hkv} L{L // 1024}k" for B, Hq, Hkv, L in labels],
+                 rotation=70, fontsize=7)
+    b.set_ylabel("engine step / SDPA over L slots")
+    b.set_title("bounded configurations: distance to the compacted-cache ideal")
+    b.legend(fontsize=7, ncol=2)
     fig.suptitle(f"{meta.get('device', '')}, torch {meta.get('torch', '')}, {meta.get('dtype', '')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
-
 
 if __name__ == "__main__":
     main()
