@@ -11,8 +11,9 @@ How it fits into transformers (5.17 and later):
   ``"raas_flex"`` (``AttentionInterface`` / ``AttentionMaskInterface``; nothing is registered at
   import time), lets ``generate`` check for the end of a RaaS generation one step late on CUDA
   (``_deferred_stop_check``: no host sync per token), and sets
-  ``config._attn_implementation = "raas_flex"`` on the model's config. It attaches a small runtime object (plain Python, not an ``nn.Module``: ``state_dict`` and
-  ``modules()`` are unchanged) to the model and to each attention module, and wraps three methods on
+  ``config._attn_implementation = "raas_flex"`` on the model's config. It attaches a small runtime
+  object (plain Python, not an ``nn.Module``: ``state_dict`` and ``modules()`` are unchanged) to the
+  model and to each attention module, and wraps three methods on
   the model *instance* (never the class): ``_prepare_cache_for_generation`` (so that ``generate``
   creates a :class:`RaaSCache` when no cache is passed and ``cache_implementation`` is unset),
   ``generate`` (to raise if any layer's cache overflowed during the generation) and ``_prefill``
