@@ -101,10 +101,13 @@ _MISSING = object()
 
 # -- registration ----------------------------------------------------------------------------------
 def _interfaces():
+    """What patch registers into: transformers' attention and mask registries and the generation
+    module whose ``DeferredStopCheck`` it extends."""
+    import transformers.generation.utils as generation
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
-    return AttentionInterface, AttentionMaskInterface
+    return AttentionInterface, AttentionMaskInterface, generation
 
 
 def _deferred_stop_check(base: type) -> type:
@@ -135,9 +138,7 @@ def _register() -> None:
     global _SAVED_REGISTRATIONS
     if _SAVED_REGISTRATIONS is not None:
         return
-    import transformers.generation.utils as generation
-
-    attn, mask = _interfaces()
+    attn, mask, generation = _interfaces()
     _SAVED_REGISTRATIONS = {
         "attn": attn._global_mapping.get(ATTN_IMPLEMENTATION, _MISSING),
         "mask": mask._global_mapping.get(ATTN_IMPLEMENTATION, _MISSING),
@@ -152,15 +153,13 @@ def _unregister() -> None:
     global _SAVED_REGISTRATIONS
     if _SAVED_REGISTRATIONS is None:
         return
-    attn, mask = _interfaces()
+    attn, mask, generation = _interfaces()
     for cls, key in ((attn, "attn"), (mask, "mask")):
         old = _SAVED_REGISTRATIONS[key]
         if old is _MISSING:
             cls._global_mapping.pop(ATTN_IMPLEMENTATION, None)
         else:
             cls._global_mapping[ATTN_IMPLEMENTATION] = old
-    import transformers.generation.utils as generation
-
     generation.DeferredStopCheck = _SAVED_REGISTRATIONS["stop"]
     _SAVED_REGISTRATIONS = None
 

@@ -564,9 +564,15 @@ DENSE_CASES = [
 def test_gpu_dense_matches_torch(case, mode):
     """Dense on the fused paths: random bf16 inputs resynced every step (70 steps), then integer
     inputs without resync (bit-identical page tables); nothing evicted, nothing overflowed."""
+    keeps_everything_like_torch("dense", case, mode)
+
+
+def keeps_everything_like_torch(policy, case, mode):
+    """twin_run of a policy that evicts nothing (dense, quest), random then integer inputs, and
+    neither cache evicted or overflowed."""
     _, shape, lens, kw = case
     for integer in (False, True):
-        ref, fus = twin_run("dense", **shape, lens=lens, steps=70, mode=mode, integer=integer, **kw)
+        ref, fus = twin_run(policy, **shape, lens=lens, steps=70, mode=mode, integer=integer, **kw)
         assert ref.evictions.sum().item() == 0 and fus.evictions.sum().item() == 0
         assert not bool(ref.overflow) and not bool(fus.overflow)
 
@@ -585,11 +591,7 @@ def test_gpu_quest_matches_torch(case, mode):
     """Quest with the fused append and its page choice in torch, against the torch reference: random bf16
     inputs resynced every step, then integer inputs without resync (bit-identical page tables and
     attended slots); nothing evicted, nothing overflowed."""
-    _, shape, lens, kw = case
-    for integer in (False, True):
-        ref, fus = twin_run("quest", **shape, lens=lens, steps=70, mode=mode, integer=integer, **kw)
-        assert ref.evictions.sum().item() == 0 and fus.evictions.sum().item() == 0
-        assert not bool(ref.overflow) and not bool(fus.overflow)
+    keeps_everything_like_torch("quest", case, mode)
 
 
 @pytest.mark.gpu
