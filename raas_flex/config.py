@@ -27,7 +27,7 @@ class RaaSConfig:
     max_length: tokens per sequence that the O(N) policies (quest, dense) must hold. The Hugging
         Face patch fills it in from ``generate``'s max_length.
     block_size: KV block of the flex kernel (must divide the buffer). None: gcd(buffer, 128), or
-        ``page_size`` for a policy that picks pages (quest).
+        ``page_size`` for a policy that picks pages (quest, which allows only that).
     backend: how a decode step runs, fixed when the cache is built (see :mod:`raas_flex.engine`):
         "torch" (torch ops + flex_attention; every policy, every device), "flex" (CUDA: one Triton
         bookkeeping kernel + flex_attention; every policy, quest's page choice in torch), "triton"
@@ -64,6 +64,9 @@ class RaaSConfig:
         for name in ("max_length", "block_size"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), low=1)
+        if self.policy.narrows and self.block_size not in (None, self.page_size):
+            raise ValueError(f"policy={self.policy.name!r} lists the pages it picks as the flex kernel's KV blocks: "
+                             f"block_size must be None or page_size={self.page_size}, got {self.block_size}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not supported; allowed: None, "
                              f"{', '.join(map(repr, BACKENDS))}")

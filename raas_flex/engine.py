@@ -238,17 +238,14 @@ class PagedKVCache(nn.Module):
         # first row of each (sequence, KV head) in the flattened [B*H*P, ...] page tables: a step's row
         # writes index one flat dimension (few ops eager, one in-place scatter compiled)
         buf("_row0", torch.arange(B * H, device=device).view(B, H) * P)
-        # Block lists. torch backend: a policy that attends to every resident page gets constant
-        # lists (every block partial: in a full compacted buffer nearly every block is full anyway,
-        # and the one-byte mask costs the kernel less than exact lists cost the step); quest gets
-        # exact lists per step. flex backend: the bookkeeping kernel writes exact lists into them
-        # (quest's lists are rebuilt from ``valid`` each step); triton: fused_step too.
-        self._lists = None
-        if self._backend != "torch" or not self.policy.narrows:
-            lists = all_partial_lists(B * H, S, self.block, device)
-            for name, t in zip(("_kv_num", "_kv_idx", "_full_num", "_full_idx"), lists):
-                buf(name, t)
-            self._lists = (self._kv_num, self._kv_idx, self._full_num, self._full_idx)
+        # Block lists. torch backend: constant lists (every block partial: in a full compacted buffer
+        # nearly every block is full anyway, and the one-byte mask costs the kernel less than exact
+        # lists cost the step). flex backend: the bookkeeping kernel writes exact lists into them;
+        # triton: fused_step too. A policy that picks pages lists its pages each step (``_narrow``).
+        lists = all_partial_lists(B * H, S, self.block, device)
+        for name, t in zip(("_kv_num", "_kv_idx", "_full_num", "_full_idx"), lists):
+            buf(name, t)
+        self._lists = (self._kv_num, self._kv_idx, self._full_num, self._full_idx)
         if self._backend != "torch":
             buf("_imp", torch.zeros(B, H, P, dtype=torch.float32, device=device))  # page bounds / shares scratch
             buf("_ticket", torch.zeros(1, dtype=torch.int32, device=device))  # programs finished
@@ -409,8 +406,7 @@ class PagedKVCache(nn.Module):
         """
         self._check_step(q, k, v)
         if self._backend == "torch":
-            self._prepare(q, k, v)
-            return self._attend_observe(q)
+            return self._attend_observe(q, self._prepare(q, k, v))
         state = (self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
                  self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
                  *self._lists)
@@ -423,9 +419,8 @@ class PagedKVCache(nn.Module):
                                          self.block, self._refresh_pages)
             return self.attend(q)
         kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages, self.block)
-        if self.policy.narrows:  # the attended pages change every step
-            self.valid.copy_(self.valid_slots(q).view(self.B * self.H, self.S))
-        out = self.attend(q)
+        lists = self._narrow(q) if self.policy.narrows else None  # the attended pages change every step
+        out = self.attend(q, lists)
         self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
         return out
 
@@ -443,8 +438,7 @@ class PagedKVCache(nn.Module):
 
         def decode(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             self._check_step(q, k, v)
-            prepare(q, k, v)
-            return attend_observe(q)
+            return attend_observe(q, prepare(q, k, v))
 
         return decode
 
@@ -460,15 +454,37 @@ class PagedKVCache(nn.Module):
             if t.device != self.k.device:
                 raise ValueError(f"{name} is on {t.device}, the cache on {self.k.device}")
 
-    def _prepare(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        """torch backend, first half of a step: append the token, fill ``valid`` for this step."""
-        if self.append(k, v) and self.spec.window is None and not self.policy.narrows:
-            return  # only the new token's slot changed: append marked it valid
-        self.valid.copy_(self.valid_slots(q).view(self.B * self.H, self.S))
+    def _prepare(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
+        """torch backend, first half of a step: append the token, fill ``valid`` for this step; returns
+        the block lists of a policy that picks pages (see :meth:`_narrow`)."""
+        if self.policy.narrows:
+            self.append(k, v)
+            return self._narrow(q)
+        if self.append(k, v) and self.spec.window is None:
+            return None  # only the new token's slot changed: append marked it valid
+        self.valid.copy_(self.valid_slots().view(self.B * self.H, self.S))
+        return None
 
-    def _attend_observe(self, q: Tensor) -> Tensor:
+    def _narrow(self, q: Tensor) -> tuple[Tensor, Tensor] | None:
+        """A page-picking policy's step after the append: ``valid`` keeps the attended pages' tokens, and
+        the returned flex block lists (kv_num [B*Hkv, 1, 1], kv_idx [B*Hkv, 1, 1, P], int32, all
+        blocks partial) name exactly those pages: a block is a page (``RaaSConfig.kernel_block``).
+        None when the policy attends every resident page (the cache's own lists serve)."""
+        valid = self.valid_slots()
+        choice = self.policy.attended_pages(self, q)
+        if choice is None:
+            self.valid.copy_(valid.view(self.B * self.H, self.S))
+            return None
+        order, count = choice
+        first = order[..., :self.budget_pages]
+        picked = torch.zeros_like(self.pinned).scatter_(-1, first, self.slot_index[:self.budget_pages] < count[..., None])
+        self.valid.copy_((valid.view(self.B, self.H, self.P, self.ps) & picked[..., None]).view(-1, self.S))
+        bh = self.B * self.H
+        return count.to(torch.int32).view(bh, 1, 1), order.to(torch.int32).view(bh, 1, 1, self.P)
+
+    def _attend_observe(self, q: Tensor, lists: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """torch backend, second half of a step: attention over ``valid``, then the policy's update."""
-        out = self.attend(q)
+        out = self.attend(q, lists)
         self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
         return out
 
@@ -541,21 +557,20 @@ class PagedKVCache(nn.Module):
         logical = self.page_id[..., None] * self.ps + self._tok_ar  # [B, H, P, ps]
         return (self.page_id[..., None] >= 0) & (logical < self.length[:, None, None, None])
 
-    def valid_slots(self, q: Tensor) -> Tensor:
-        """bool [B, Hkv, S]: slots attended this step (resident tokens, narrowed by the policy)."""
+    def valid_slots(self) -> Tensor:
+        """bool [B, Hkv, S]: resident tokens, within the layer's window (a page-picking policy narrows
+        them further in :meth:`_narrow`)."""
         valid = self.token_valid()
         if self.spec.window is not None:  # the newest `window` logical tokens, the current one included
             logical = self.page_id[..., None] * self.ps + self._tok_ar
             valid = valid & (logical >= (self.length - self.spec.window)[:, None, None, None])
-        pages = self.policy.attended_pages(self, q)
-        if pages is not None:
-            valid = valid & pages[..., None]
         return valid.view(self.B, self.H, self.S)
 
-    def attend(self, q: Tensor) -> Tensor:
+    def attend(self, q: Tensor, lists: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Exact softmax attention of q [B, Hq, 1, D] over the slots marked in ``self.valid``, with the
         layer's softcap and sinks (``spec``): flex_attention with the block mask of those slots, or on
-        CPU (see ``_sdpa``) the same softmax written out with them as its mask."""
+        CPU (see ``_sdpa``) the same softmax written out with them as its mask. ``lists``: the step's
+        partial block lists from :meth:`_narrow` (None: the cache's own)."""
         B, H, G, S, D = self.B, self.H, self.G, self.S, self.D
         bh = B * H
         qp = q.reshape(bh, G, D).to(self.k.dtype)
@@ -570,14 +585,12 @@ class PagedKVCache(nn.Module):
             p = self._probs(qp, self.valid.view(B, H, S))  # [B, H, G, S]
             out = p.view(bh, G, S).to(self.v.dtype) @ self.v.view(bh, S, D)
         else:
-            # ``valid`` written by torch ops in a GPU graph gets opaque copies so that Inductor's flex
-            # lowering sees realized buffers (the fused backends' ``valid`` and lists are Triton outputs);
-            # a policy that picks pages gets exact lists from ``valid`` every step
-            narrows = self.policy.narrows
+            # ``valid`` and lists written by torch ops in a GPU graph get opaque copies so that Inductor's
+            # flex lowering sees realized buffers (the fused backends' ``valid`` and lists are Triton outputs)
             barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu" and (
-                self._backend == "torch" or narrows)
-            block_mask = build_block_mask(self.valid, self.block, G, barrier=barrier,
-                                          lists=None if narrows else self._lists)
+                self._backend == "torch" or self.policy.narrows)
+            block_mask = build_block_mask(self.valid, self.block, G, self._lists if lists is None else lists,
+                                          barrier=barrier)
             fn = _compiled_flex() if self._compile_flex and not torch.compiler.is_compiling() else flex_attention
             out = fn(qp.view(bh, 1, G, D), self.k.view(bh, 1, S, D), self.v.view(bh, 1, S, D), block_mask=block_mask,
                      scale=self.scale, kernel_options=self._kernel_options, score_mod=self._score_mod(),

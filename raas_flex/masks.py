@@ -85,24 +85,23 @@ def all_partial_lists(bh: int, s: int, block: int, device) -> tuple[Tensor, Tens
     return num, idx, torch.zeros_like(num), idx.clone()
 
 
-def build_block_mask(valid: Tensor, block: int, q_len: int, *, barrier: bool = False,
-                     lists: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> BlockMask:
+def build_block_mask(valid: Tensor, block: int, q_len: int, lists: tuple[Tensor, ...], *,
+                     barrier: bool = False) -> BlockMask:
     """BlockMask over a compacted buffer for the packed-GQA decode layout (see module docstring).
 
-    barrier: pass the validity and block lists through :func:`materialize` first (used when the
-    step is compiled by Inductor for GPU inside a larger graph).
-    lists: precomputed (kv_num, kv_idx, full_num, full_idx) to use instead of exact lists computed
-    from ``valid`` (see :func:`all_partial_lists`); mask_mod stays exact either way.
+    lists: (kv_num, kv_idx, full_num, full_idx) as :func:`block_lists` lays them out (the fused
+    kernels write them; :func:`all_partial_lists` lists every block as partial), or (kv_num, kv_idx)
+    alone: partial blocks only. Then flex's decode kernel splits the listed blocks, not the whole
+    buffer, among its programs (a page-picking policy lists a few pages of a long buffer).
+    mask_mod stays exact either way.
+    barrier: pass the validity and block lists through :func:`materialize` first (used when they
+    are computed by torch ops in a step that Inductor compiles for GPU inside a larger graph).
     """
     bh, s = valid.shape
     if barrier:
         valid = materialize(valid)
-    if lists is not None:
-        kv_num, kv_idx, full_num, full_idx = lists
-    else:
-        kv_num, kv_idx, full_num, full_idx = block_lists(valid, block)
-        if barrier:
-            kv_num, kv_idx, full_num, full_idx = (materialize(t) for t in (kv_num, kv_idx, full_num, full_idx))
+        lists = tuple(materialize(t) for t in lists)
+    kv_num, kv_idx, full_num, full_idx = lists if len(lists) == 4 else (*lists, None, None)
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,

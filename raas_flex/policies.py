@@ -7,7 +7,8 @@ page goes to the lowest free page slot, else replaces the evictable page with th
 
 - ``evictable(c)``: which resident, unpinned pages it allows to evict (bool [B, Hkv, P]);
 - ``eviction_key(c)``: the order of eviction (smallest first), [B, Hkv, P];
-- ``attended_pages(c, q)``: pages attended this step (None = every resident page);
+- ``attended_pages(c, q)``: pages attended this step (None = every resident page), as page slots
+  and how many of them count;
 - ``observe(c, q, valid)``: state updates after attention (RaaS refreshes timestamps).
 
 ``c`` is the engine; policies read its public page table (``page_id``, ``stamp``, ``pinned``,
@@ -90,7 +91,11 @@ class Policy:
     def eviction_key(self, c) -> Tensor:
         return c.page_id
 
-    def attended_pages(self, c, q: Tensor) -> Tensor | None:
+    def attended_pages(self, c, q: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(order int64 [B, Hkv, P], count int64 [B, Hkv]): the first ``count`` (at most ``budget_pages``)
+        entries of ``order`` are the distinct page slots attended this step; the rest pads it to P, the
+        length of flex's block lists. None: every resident page. Only a policy that ``narrows`` returns
+        a choice."""
         return None
 
     def observe(self, c, q: Tensor, valid: Tensor) -> None:
@@ -237,17 +242,16 @@ class Quest(Policy):
     def evictable(self, c) -> Tensor:
         return torch.zeros_like(c.pinned)
 
-    def attended_pages(self, c, q: Tensor) -> Tensor | None:
-        """bool [B, Hkv, P]: the ``budget_pages`` first page slots in Quest's order: the open page, then
-        the resident pages by page bound, largest first (ties: the lower slot first)."""
+    def attended_pages(self, c, q: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The ``budget_pages`` first page slots in Quest's order: the open page, then the resident pages
+        by page bound, largest first (ties: the lower slot first); all of them while fewer are resident."""
         if c.budget_pages >= c.P:
             return None  # the budget covers the whole buffer
+        resident = c.page_id >= 0
         bound = torch.where(c.slot_index == c.open_slot[..., None], float("inf"), c.page_bound(q))
-        # argsort, not descending_rank: this feeds the mask_mod, and a sort is always realized as its
-        # own buffer (the fused pairwise form tripped Inductor's flex lowering for tiny page counts)
-        order = torch.argsort(torch.where(c.page_id >= 0, bound, float("-inf")), dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, c.slot_index.expand_as(order))
-        return (c.page_id >= 0) & (rank < c.budget_pages)
+        order = torch.argsort(torch.where(resident, bound, float("-inf")), dim=-1, descending=True, stable=True)
+        count = resident.sum(-1).clamp(max=c.budget_pages)
+        return order, count
 
 
 @dataclass(frozen=True)

@@ -318,6 +318,26 @@ def test_compiled_budget_covering_sequence_is_dense_causal(compiled_cache, polic
         torch.testing.assert_close(out[b], seq.dense_causal(b, scale=cache.scale)[:, 1:], **TOL[torch.float32])
 
 
+@pytest.mark.compiled
+def test_compiled_flex_reads_quests_picked_page_lists():
+    """Compiled flex (on CPU too) walks the block lists quest's step passes: its picked pages as
+    partial blocks, in bound order. The output equals float64 attention over the attended slots, with
+    no recompile; a list one page short changes it (so the kernel does read the lists)."""
+    cache = make_cache("quest", budget=16, ps=4, max_length=64, B=2, Hq=6, Hkv=2, compile_flex=True)
+    seq = Seq(B=2, Hq=6, Hkv=2, lens=[5, 9], seed=13)
+    fn = cache.compiled_decode()
+    warm_up(cache, fn, seq)
+    with no_recompiles_and_static_memory(cache):
+        for _ in range(30):
+            q, k, v = seq.next()
+            assert_step(cache, seq, q, fn(q, k, v), TOL[torch.float32])
+    assert ((cache.page_id >= 0).sum(-1) > cache.budget_pages).all(), "quest must pick among more pages"
+    q, _, _ = seq.next()
+    kv_num, kv_idx = cache._narrow(q)
+    full = cache.attend(q, (kv_num, kv_idx))
+    assert not torch.allclose(cache.attend(q, (kv_num - 1, kv_idx)), full)
+
+
 # -- GPU -----------------------------------------------------------------------------------------
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 GPU_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]

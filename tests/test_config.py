@@ -42,6 +42,8 @@ CONFIG_ERRORS = [
     (dict(budget=32, max_length=0), ValueError, "max_length must be >= 1, got 0"),
     (dict(budget=32, max_length=True), TypeError, "max_length must be an int, got True"),
     (dict(budget=32, block_size=0), ValueError, "block_size must be >= 1, got 0"),
+    (dict(budget=32, policy="quest", block_size=32), ValueError,
+     "policy='quest' lists the pages it picks as the flex kernel's KV blocks: block_size must be None or page_size=16, got 32"),
     (dict(budget=32, compile_flex="yes"), TypeError, "compile_flex must be True, False or None, got 'yes'"),
     (dict(budget=32, backend="sdpa"), ValueError, "backend='sdpa' is not supported; allowed: None, 'torch', 'flex', 'triton'"),
     (dict(budget=32, backend="Triton"), ValueError, "backend='Triton' is not supported"),

@@ -145,8 +145,14 @@ class Injector:
 
 
 def stub_attention(cache: PagedKVCache) -> None:
-    # The policy tests do not need the attention output; eager flex costs ~30 ms a call here.
-    cache.attend = lambda q: torch.zeros_like(q)
+    """The policy tests do not need the attention output (eager flex costs ~30 ms a call here); the
+    stub keeps the block lists the step passed (``cache.step_lists``)."""
+
+    def attend(q, lists=None):
+        cache.step_lists = lists
+        return torch.zeros_like(q)
+
+    cache.attend = attend
 
 
 def config_of(kw: dict) -> RaaSConfig:
@@ -189,8 +195,20 @@ def check_block_lists(valid: torch.Tensor, block: int) -> None:
         assert len(set(ki[r][: kn[r]]) | set(fi[r][: fn[r]])) == kn[r] + fn[r]
 
 
-def check_block_mask(valid: torch.Tensor, block: int, G: int) -> None:
-    bm = masks.build_block_mask(valid, block, G)
+def check_picked_lists(valid: torch.Tensor, lists, page_size: int) -> None:
+    """A page-picking step's partial-only lists name exactly the pages that hold a valid slot."""
+    kv_num, kv_idx = lists
+    bh, s = valid.shape
+    assert kv_num.dtype == kv_idx.dtype == torch.int32 and kv_num.shape == (bh, 1, 1)
+    pages = valid.view(bh, s // page_size, page_size).any(-1)
+    for r in range(bh):
+        listed = kv_idx.view(bh, -1)[r, : kv_num[r].item()].tolist()
+        assert len(listed) == len(set(listed)) and set(listed) == set(pages[r].nonzero().flatten().tolist()), r
+    check_block_mask(valid, page_size, 1, lists)
+
+
+def check_block_mask(valid: torch.Tensor, block: int, G: int, lists=None) -> None:
+    bm = masks.build_block_mask(valid, block, G, masks.block_lists(valid, block) if lists is None else lists)
     bh, s = valid.shape
     dense = bm.to_dense()  # [bh, 1, 1, nb]: block listed (partial or full)
     assert torch.equal(dense.view(bh, -1).bool(), valid.view(bh, s // block, block).any(-1))
@@ -322,6 +340,10 @@ class Run:
             for block in {c.block, ps, c.S}:
                 check_block_lists(c.valid, block)
             check_block_mask(c.valid, c.block, c.G)
+            if c.policy.narrows and c.budget_pages < c.P:
+                check_picked_lists(c.valid, c.step_lists, c.block)
+            else:
+                assert c.step_lists is None
         # memory never moves or grows
         assert [t.data_ptr() for t in c.buffers()] == self.ptrs
         assert (c.kv_bytes, c.state_bytes) == (self.kv_bytes, self.state_bytes)
