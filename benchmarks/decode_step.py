@@ -194,7 +194,7 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
             row["floor_N"] = 2 * B * Hkv * N * D * dtype.itemsize / bw * 1e6
             if any(parse_spec(p)[0] == "quest" for p in policies):
                 pages = -(-(N + extra) // 16)  # quest's buffer: N + extra slots in pages of 16
-                row["floor_quest"] = 2 * B * Hkv * (pages + L) * D * dtype.itemsize / bw * 1e6
+                row["floor_quest"] = quest_read_bytes(B, Hkv, pages, L, D, dtype.itemsize) / bw * 1e6
             del k, v
         key = ("sdpa_L", B, Hq, Hkv, L)
         if key not in cached:
@@ -230,6 +230,12 @@ def markdown(rows, policies) -> str:
         vals += [(r[p] / r["sdpa_dense_N"]) if r.get(p) and r.get("sdpa_dense_N") else None for p in denses]
         out.append("| " + " | ".join(f(v) for v in vals) + " |")
     return "\n".join(out)
+
+
+def quest_read_bytes(B: int, Hkv: int, pages: int, L: int, D: int, itemsize: int) -> int:
+    """Bytes one layer's quest step must read: the key max and min of every page (its bounds) and the
+    K and V of the L tokens it attends."""
+    return 2 * B * Hkv * (pages + L) * D * itemsize
 
 
 def main(argv=None):
