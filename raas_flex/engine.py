@@ -457,30 +457,23 @@ class PagedKVCache(nn.Module):
     def _prepare(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
         """torch backend, first half of a step: append the token, fill ``valid`` for this step; returns
         the block lists of a policy that picks pages (see :meth:`_narrow`)."""
-        if self.policy.narrows:
-            self.append(k, v)
-            return self._narrow(q)
-        if self.append(k, v) and self.spec.window is None:
+        if self.append(k, v) and self.spec.window is None and not self.policy.narrows:
             return None  # only the new token's slot changed: append marked it valid
-        self.valid.copy_(self.valid_slots().view(self.B * self.H, self.S))
-        return None
+        return self._narrow(q)
 
     def _narrow(self, q: Tensor) -> tuple[Tensor, Tensor] | None:
-        """A page-picking policy's step after the append: ``valid`` keeps the attended pages' tokens, and
-        the returned flex block lists (kv_num [B*Hkv, 1, 1], kv_idx [B*Hkv, 1, 1, P], int32, all
-        blocks partial) name exactly those pages: a block is a page (``RaaSConfig.kernel_block``).
-        None when the policy attends every resident page (the cache's own lists serve)."""
-        valid = self.valid_slots()
-        choice = self.policy.attended_pages(self, q)
+        """After the append: ``valid`` gets the resident tokens (in the layer's window) of the pages the
+        policy attends. A policy that picks pages gets flex block lists naming exactly its pages, a
+        block being a page (kv_num [B*Hkv, 1, 1], kv_idx [B*Hkv, 1, 1, P], int32, all partial); else None."""
+        valid, choice = self.valid_slots(), self.policy.attended_pages(self, q)
         if choice is None:
             self.valid.copy_(valid.view(self.B * self.H, self.S))
             return None
         order, count = choice
-        first = order[..., :self.budget_pages]
-        picked = torch.zeros_like(self.pinned).scatter_(-1, first, self.slot_index[:self.budget_pages] < count[..., None])
+        picked = torch.zeros_like(self.pinned).scatter_(
+            -1, order[..., :self.budget_pages], self.slot_index[:self.budget_pages] < count[..., None])
         self.valid.copy_((valid.view(self.B, self.H, self.P, self.ps) & picked[..., None]).view(-1, self.S))
-        bh = self.B * self.H
-        return count.to(torch.int32).view(bh, 1, 1), order.to(torch.int32).view(bh, 1, 1, self.P)
+        return count.to(torch.int32).view(-1, 1, 1), order.to(torch.int32).view(-1, 1, 1, self.P)
 
     def _attend_observe(self, q: Tensor, lists: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """torch backend, second half of a step: attention over ``valid``, then the policy's update."""
