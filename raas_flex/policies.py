@@ -92,10 +92,10 @@ class Policy:
         return c.page_id
 
     def attended_pages(self, c, q: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(order int64 [B, Hkv, P], count int64 [B, Hkv]): the first ``count`` (at most ``budget_pages``)
-        entries of ``order`` are the distinct page slots attended this step; the rest pads it to P, the
-        length of flex's block lists. None: every resident page. Only a policy that ``narrows`` returns
-        a choice."""
+        """(order int64 [B, Hkv, P], count int64 [B, Hkv]): the first ``budget_pages`` entries of ``order``
+        are distinct page slots, of which the first ``count`` are attended this step; the rest pads it to
+        P, the length of flex's block lists. None: every resident page. Only a policy that ``narrows``
+        returns a choice."""
         return None
 
     def observe(self, c, q: Tensor, valid: Tensor) -> None:
