@@ -389,5 +389,6 @@ def plot(rows, meta, path: Path) -> Path:
     plt.close(fig)
     return path
 
+
 if __name__ == "__main__":
     main()

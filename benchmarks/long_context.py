@@ -449,13 +449,16 @@ def main(argv=None):
         del ids
         ms = median_ms(d[len(d) // 4:])
         lay = st["layers"][0]
-        # quest reads every page's key bounds and the K/V of the tokens it attends; dense reads its state
-        read = st["state_bytes"] if policy != "quest" else cfg.num_hidden_layers * quest_read_bytes(
-            B, cfg.num_key_value_heads, lay["slots"] // st["page_size"], Lq, head_dim_of(cfg), itemsize)
+        if policy == "quest":  # it reads every page's key bounds and the K/V of the tokens it attends
+            reads = "weights + page bounds + attended K/V"
+            read = cfg.num_hidden_layers * quest_read_bytes(
+                B, cfg.num_key_value_heads, lay["slots"] // st["page_size"], Lq, head_dim_of(cfg), itemsize)
+        else:  # dense reads its whole state
+            reads, read = "weights + cache state", st["state_bytes"]
         return dict(prompt=N - args.steps, steps=args.steps, max_length=max_length, slots=lay["slots"],
                     tokens_kept=max(lay["tokens"]), attended_tokens=Lq if policy == "quest" else max(lay["tokens"]),
                     prefill_chunk=args.prefill_chunk or None, floor_ms=floor_ms(read),
-                    floor_reads="weights + cache state" if policy != "quest" else "weights + page bounds + attended K/V",
+                    floor_reads=reads,
                     ms_per_step=ms, tokens_per_s=B / ms * 1e3, peak_gb=peak / 2**30, kv_gb=st["kv_bytes"] / 2**30,
                     state_gb=st["state_bytes"] / 2**30, evictions=st["evictions"], **comp,
                     graphs_compiled_warmup=g_warm, t_warmup_s=t_warm, t_timed_s=t_timed)
