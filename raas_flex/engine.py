@@ -227,9 +227,8 @@ class PagedKVCache(nn.Module):
         # slots attended in the current step; the mask_mod reads this buffer (the CPU flex template
         # only accepts graph inputs, not intermediates, inside mask_mod)
         buf("valid", torch.zeros(B * H, S, dtype=torch.bool, device=device))
-        # a step's new K/V as the transformers cache hands them to the attention function
+        # a step's new key as the transformers cache hands it to the attention function (hf_cache)
         buf("k_new", torch.zeros(B, H, 1, D, dtype=dtype, device=device))
-        buf("v_new", torch.zeros(B, H, 1, D, dtype=dtype, device=device))
         if spec.sinks:  # learned sink logit per query head, as [B*Hkv, G, 1] (set_sinks)
             buf("sink_logits", torch.zeros(H, self.G, dtype=torch.float32, device=device))
         # constants used by the step (buffers, so that the step allocates nothing that grows)

@@ -27,8 +27,8 @@ How it fits into transformers (5.17 and later):
   left padding is compacted away). The layer's cache is built then, for what the model passes its
   attention function: a sliding window, a softcap, sinks (``AttentionSpec``, :mod:`raas_flex.hf_cache`). A further prompt piece (``prefill_chunk_size``) attends the stored real
   tokens plus itself, and the engine is filled again with the prompt so far. For a decode step,
-  ``update`` copies the new K/V into the engine's input buffers and returns those; the attention
-  function recognises them (``key is engine.k_new``) and runs the whole step,
+  ``update`` copies the new key into the engine's input buffer and returns it with the value; the
+  attention function recognises it (``key is engine.k_new``) and runs the whole step,
   ``PagedKVCache.decode`` (append, attention, observe): the path the one-layer benchmark times.
 - Decode steps change no Python state (``RaaSLayer.is_compileable`` is True): the decode forward
   traces to one graph that replays for every step, so ``generate`` auto-compiles it on CUDA (the
@@ -195,7 +195,7 @@ def raas_attention(module, query, key, value, attention_mask, scaling=None, drop
         eager = not torch.compiler.is_compiling()
         with torch.inference_mode() if eager else torch.no_grad():
             q = query.detach()
-            out = engine.decode(q, engine.k_new, engine.v_new)  # [B, Hq, 1, D]
+            out = engine.decode(q, engine.k_new, value.detach())  # [B, Hq, 1, D]
             if runtime.tracer is not None:  # raas_flex.tracing block open (off: no op is added to the step)
                 runtime.tracer.on_decode(layer_idx, engine, q)
         return (out.clone() if eager else out).transpose(1, 2), None

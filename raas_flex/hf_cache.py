@@ -149,8 +149,10 @@ class RaaSLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.prefilled and key_states.shape[2] == 1 and not self.cache._prompt_pieces:
-            # decode step: hand the new K/V to raas_attention through the engine's input buffers,
-            # which identify the engine there; it runs the whole step (PagedKVCache.decode)
+            # decode step: hand the new key to raas_attention through the engine's input buffer, which
+            # identifies the engine there (the copy fuses with the key's rotary kernel); the value goes
+            # as it is (the kernels read strided K/V). raas_attention runs the whole step
+            # (PagedKVCache.decode)
             if not runtime.owns(self):
                 raise RuntimeError(
                     f"layer {self.layer_idx}: the KV state of this RaaSCache was taken over by a later generation on "
@@ -159,8 +161,7 @@ class RaaSLayer(CacheLayerMixin):
             self._check_capacity()
             with torch.no_grad():
                 self.engine.k_new.copy_(key_states.detach())
-                self.engine.v_new.copy_(value_states.detach())
-            return self.engine.k_new, self.engine.v_new
+            return self.engine.k_new, value_states
         runtime.pending[self.layer_idx] = (self, key_states)
         return key_states, value_states
 
