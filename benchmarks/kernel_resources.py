@@ -7,9 +7,13 @@ would have used are compiled ahead of time for the chosen architecture (Triton's
 ``cuobjdump`` reads registers, stack (register spills) and static shared memory per thread block;
 the compiler's metadata gives the dynamic shared memory (where Triton keeps pipelined tiles).
 It catches code that does not compile for the GPU, and shows register pressure before a GPU run.
+From registers and shared memory it also gives the occupancy on an sm_90 SM (H100, H200): how many
+programs of the kernel one SM holds at once, and in how many waves the grid runs on ``--sms`` SMs.
 It measures no speed.
 
-    python benchmarks/kernel_resources.py --batch 8 --heads 32/8 --budget 2048 --sms 132
+    python benchmarks/kernel_resources.py --shapes 8/32/8 --budgets 2048 --sms 132
+    python benchmarks/kernel_resources.py --shapes 8/28/4,32/32/8 --budgets 1024,2048 --observe 0,1,2 \
+        --kernels _step_kernel --out resources.json
 """
 
 from __future__ import annotations
@@ -23,12 +27,33 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raas_flex import kernels  # noqa: E402
 from raas_flex.masks import all_partial_lists  # noqa: E402
+
+
+class SM90(NamedTuple):
+    """What one sm_90 SM (H100, H200) shares among resident programs (CUDA occupancy rules)."""
+
+    registers: int = 65536
+    register_unit: int = 256  # registers are allocated per warp in units of this many
+    warps: int = 64
+    blocks: int = 32
+    shared: int = 233472  # bytes of shared memory a kernel's blocks can use (228 KB)
+    shared_reserved: int = 1024  # bytes the system keeps per block
+
+
+def programs_per_sm(registers: int, warps: int, shared_bytes: int, sm: SM90 = SM90()) -> int:
+    """Programs (thread blocks) of ``warps`` warps one SM holds at once, given each thread's
+    registers and the block's shared memory (static + dynamic)."""
+    per_warp = -(-registers * 32 // sm.register_unit) * sm.register_unit
+    by_regs = (sm.registers // per_warp) // warps
+    by_shared = sm.shared // (shared_bytes + sm.shared_reserved)
+    return min(by_regs, by_shared, sm.warps // warps, sm.blocks)
 
 
 class Capture:
@@ -142,19 +167,41 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
     return capture.launches
 
 
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise SystemExit(f"{name}={text!r} is not allowed; allowed: a comma list of integers")
+    return values
+
+
+def _shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        nums = part.split("/")
+        if len(nums) != 3 or not all(n.isdigit() and int(n) > 0 for n in nums):
+            raise SystemExit(f"--shapes: {part!r} is not allowed; allowed: B/Hq/Hkv with positive integers, "
+                             "e.g. 8/32/8")
+        shapes.append(tuple(map(int, nums)))
+    if not shapes:
+        raise SystemExit(f"--shapes={text!r} is not allowed; allowed: a comma list of B/Hq/Hkv")
+    return shapes
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--heads", default="32/8", help="Hq/Hkv")
+    ap.add_argument("--shapes", default="8/32/8", help="comma list of B/Hq/Hkv")
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--budgets", default="2048", help="comma list of budgets L (slots)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--sms", type=int, default=132,
                     help="SM count of the GPU whose launch plan (kernels.step_plan) the launches follow (132: H200)")
-    ap.add_argument("--observe", type=int, default=0, choices=[0, 1, 2, 3],
-                    help="fused_step's observe (Policy.step_observe): 0 bound top-k (raas default), 1 attention "
-                         "share top-k, 2 share threshold, 3 share accumulated (h2o)")
+    ap.add_argument("--observe", default="0",
+                    help="comma list of fused_step's observe (Policy.step_observe): 0 bound top-k (raas default), "
+                         "1 attention share top-k, 2 share threshold, 3 share accumulated (h2o)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--kernels", default=None,
                     help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel)")
@@ -162,28 +209,44 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not kernels.HAS_TRITON:
         raise SystemExit("kernel_resources.py needs triton installed")
-    hq, hkv = map(int, args.heads.split("/"))
+    shapes, budgets = _shapes(args.shapes), _ints(args.budgets, "--budgets")
+    observes = _ints(args.observe, "--observe")
+    bad = sorted(set(observes) - {0, 1, 2, 3})
+    if bad:
+        raise SystemExit(f"--observe: {bad} not allowed; allowed: 0, 1, 2, 3")
     dtype = getattr(torch, args.dtype)
     rows = []
-    captured = launches(args.batch, hq, hkv, args.head_dim, args.budget, args.page_size, dtype, args.sms, args.observe)
-    known = [fn.fn.__name__ for fn, *_ in captured]
-    wanted = known if args.kernels is None else [k.strip() for k in args.kernels.split(",") if k.strip()]
-    unknown = sorted(set(wanted) - set(known))
-    if unknown:
-        ap.error(f"--kernels: unknown {', '.join(unknown)}; allowed: {', '.join(known)}")
-    for fn, grid, a, kw in captured:
-        if fn.fn.__name__ not in wanted:
-            continue
-        r = compile_launch(fn, a, kw, args.arch)
-        r["grid"] = list(grid)
-        rows.append(r)
-        print(f"{r['kernel']:<24} grid {str(tuple(grid)):<12} warps {r['warps']}  registers {r['registers']:>3}  "
-              f"stack {r['stack_bytes']:>4} B  shared {r['shared_bytes']:>6} B static, "
-              f"{r['dynamic_shared_bytes']:>6} B dynamic  async copies {r['async_copies']}  ({r['compile_s']} s)")
+    for (batch, hq, hkv) in shapes:
+        for budget in budgets:
+            for observe in observes:
+                captured = launches(batch, hq, hkv, args.head_dim, budget, args.page_size, dtype, args.sms, observe)
+                known = [fn.fn.__name__ for fn, *_ in captured]
+                wanted = known if args.kernels is None else [k.strip() for k in args.kernels.split(",") if k.strip()]
+                unknown = sorted(set(wanted) - set(known))
+                if unknown:
+                    ap.error(f"--kernels: unknown {', '.join(unknown)}; allowed: {', '.join(known)}")
+                for fn, grid, a, kw in captured:
+                    if fn.fn.__name__ not in wanted:
+                        continue
+                    r = dict(batch=batch, heads=f"{hq}/{hkv}", budget=budget, observe=observe,
+                             **compile_launch(fn, a, kw, args.arch))
+                    r["grid"] = list(grid)
+                    programs = 1
+                    for g in grid:
+                        programs *= g
+                    r["per_sm"] = programs_per_sm(r["registers"], r["warps"],
+                                                  r["shared_bytes"] + r["dynamic_shared_bytes"])
+                    r["waves"] = -(-programs // (r["per_sm"] * args.sms)) if r["per_sm"] else None
+                    rows.append(r)
+                    print(f"{batch}/{hq}/{hkv} L={budget} observe {observe}  {r['kernel']:<15} "
+                          f"grid {str(tuple(grid)):<10} warps {r['warps']}  registers {r['registers']:>3}  "
+                          f"stack {r['stack_bytes']:>4} B  shared {r['shared_bytes']:>5} B static, "
+                          f"{r['dynamic_shared_bytes']:>6} B dynamic  async copies {r['async_copies']}  "
+                          f"{r['per_sm']} per SM, {r['waves']} wave(s)  ({r['compile_s']} s)")
     if args.out:
         meta = dict(command="python benchmarks/kernel_resources.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    arch=args.arch, torch=torch.__version__, triton=__import__("triton").__version__,
-                    note="compiled on a CPU machine (no GPU): resources only, no speed")
+                    arch=args.arch, sms=args.sms, torch=torch.__version__, triton=__import__("triton").__version__,
+                    note="compiled on a CPU machine (no GPU): resources and occupancy only, no speed")
         Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return rows
 

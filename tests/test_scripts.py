@@ -326,16 +326,16 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     full row writes, without the observer, and with the writer; an unknown kernel name is refused."""
     kr = _bench_module("kernel_resources")
     out = tmp_path / "res.json"
-    small = ["--heads", "4/2", "--head-dim", "16", "--page-size", "8"]
-    rows = kr.main(["--batch", "1", *small, "--budget", "256", "--out", str(out)])
+    small = ["--head-dim", "16", "--page-size", "8"]
+    rows = kr.main(["--shapes", "1/4/2", *small, "--budgets", "256", "--out", str(out)])
     assert [r["kernel"] for r in rows] == ["_append_kernel", "_step_kernel"]
     assert rows[1]["grid"] == [2, 4 + 1]  # 132 SMs: 4 programs per row (one per tile) and the observer
     assert json.loads(out.read_text())["rows"][0]["registers"] == rows[0]["registers"]
-    first = kr.main(["--batch", "1", *small, "--budget", "256", "--sms", "1", "--kernels", "_step_kernel"])
+    first = kr.main(["--shapes", "1/4/2", *small, "--budgets", "256", "--sms", "1", "--kernels", "_step_kernel"])
     assert first[0]["grid"] == [2, 2 + 1]  # one SM: 2 programs per row, the observer first in the grid
-    plain = kr.main(["--batch", "2", *small, "--budget", "256", "--sms", "1", "--kernels", "_step_kernel"])
+    plain = kr.main(["--shapes", "2/4/2", *small, "--budgets", "256", "--sms", "1", "--kernels", "_step_kernel"])
     assert plain[0]["grid"] == [4, 1]  # 4 rows on one SM: no observer
-    writer = kr.main(["--batch", "1", *small, "--budget", "1024", "--kernels", "_step_kernel"])
+    writer = kr.main(["--shapes", "1/4/2", *small, "--budgets", "1024", "--kernels", "_step_kernel"])
     assert writer[0]["grid"] == [2, 16 + 2]  # 16 programs per row: the observer and the writer
     steps = [rows[1], first[0], plain[0], writer[0]]
     assert all(0 < r["registers"] <= 255 for r in [rows[0], *steps])
@@ -343,8 +343,26 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     # of more than one tile are pipelined into asynchronous copies
     assert first[0]["async_copies"] > 0 and plain[0]["async_copies"] > 0
     assert all(r["dynamic_shared_bytes"] > 0 for r in steps)
+    # occupancy: programs an SM holds, and the grid's waves on the GPU the plan was made for
+    for r, sms in zip(steps, (132, 1, 1, 132)):
+        per_sm = kr.programs_per_sm(r["registers"], r["warps"], r["shared_bytes"] + r["dynamic_shared_bytes"])
+        assert r["per_sm"] == per_sm >= 1 and r["waves"] == -(-r["grid"][0] * r["grid"][1] // (per_sm * sms))
     with pytest.raises(SystemExit):
         kr.main(["--kernels", "_nope"])
+    with pytest.raises(SystemExit):
+        kr.main(["--shapes", "8/32"])
+
+
+def test_programs_per_sm_follows_the_sm90_limits():
+    """Registers go per warp in units of 256 (168 per thread: 3 programs of 4 warps; 176: 2), shared
+    memory per block plus 1 KB reserved out of 228 KB, at most 64 warps and 32 blocks."""
+    kr = _bench_module("kernel_resources")
+    assert kr.programs_per_sm(168, 4, 40_000) == 3
+    assert kr.programs_per_sm(176, 4, 40_000) == 2
+    assert kr.programs_per_sm(128, 4, 0) == 4
+    assert kr.programs_per_sm(64, 4, 80_000) == 2  # shared memory bounds it
+    assert kr.programs_per_sm(16, 1, 0) == 32  # the block limit
+    assert kr.programs_per_sm(255, 8, 0) == 1
 
 
 def test_cpu_generate_alternates_rounds_and_reports_the_median(tmp_path):
