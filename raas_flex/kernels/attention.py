@@ -15,21 +15,8 @@ import raas_flex.kernels as _pkg
 
 from . import BLOCK_N, SHARE_COMBINE_ELEMS, WARPS, lists_in_regs, step_plan
 from .bookkeeping import _STATE
-from .rules import (append_inputs, bound_loop, choose_slot, finish_step, new_key_bounds, page_entry, page_tokens,
-                    refresh_set, row_writes)
-
-
-@triton.jit
-def _last_of_row(count_ptr, row64, NPROG: tl.constexpr):
-    """Whether this program is the last of its row's NPROG to get here: a barrier over its stores, then
-    a per-row ticket (acq_rel: every other program's stores are seen by this one's later loads). The
-    last program resets the count."""
-    tl.debug_barrier()
-    if NPROG == 1:
-        last = True
-    else:
-        last = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel") == NPROG - 1
-    return last
+from .rules import (append_inputs, bound_loop, choose_slot, finish_step, last_of_row, new_key_bounds, page_entry,
+                    page_tokens, refresh_set, row_writes)
 
 
 @triton.jit
@@ -292,7 +279,7 @@ def _step_kernel(
         if split == 0:  # the observer: (bounds) every bound of the row, the top-k set (to imp as 1/0)
             if BOUNDS:
                 bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr, 0, P,
-                           slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BP, BPC, DOT, False)
+                           slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BP, BPC, DOT, False, True)
                 tl.debug_barrier()  # the row of bounds is complete
                 a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
                 sel = refresh_set(a, pid_new, p, in_row, P, REFRESH, BLOCK_P)
@@ -319,9 +306,9 @@ def _step_kernel(
         if BOUNDS:
             bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                        split * PAGES, split * PAGES + PAGES, slot, opened, new_id, new_max, new_min, b, h, base,
-                       G, P, D, BP, BPC, DOT, False)
+                       G, P, D, BP, BPC, DOT, False, True)
 
-    if _last_of_row(count_ptr, row64, NPROG):
+    if last_of_row(count_ptr, row64, NPROG):
         if BOUNDS:  # the bounds, or the observer's top-k set, first: its latency overlaps the combine's loads
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
         m, tot = _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT,
