@@ -162,8 +162,10 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
         kernels.fused_append_observe(q, kn, vn, *state, imp, 0, 0, block, refresh)
         kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block, observe, 2 if observe == 3 else 0,
                            P - P // 2 if observe == 3 else 0, 1e-4)
-        if P > 1:  # quest's page choice (a quarter of the pages), blocks of a page
-            kv_num, kv_idx = all_partial_lists(B * Hkv, S, ps, torch.device("cpu"))[:2]
+        if P > 1:  # quest's step: its append (dense's rule, no lists), its page choice (a quarter of the pages)
+            quest = (*state[:-4], *all_partial_lists(B * Hkv, S, ps, torch.device("cpu")))
+            kernels.fused_append(kn, vn, *quest, 3, 0, 0, ps, False)
+            kv_num, kv_idx = quest[-4:-2]
             kernels.quest_pick(q, page_id, kmax, kmin, open_slot, length, imp, count, valid, kv_num, kv_idx,
                                max(1, P // 4))
     finally:

@@ -398,10 +398,9 @@ class PagedKVCache(nn.Module):
     def decode(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """One decode step: append k/v [B, Hkv, 1, D], attend with q [B, Hq, 1, D], observe q.
 
-        Returns the attention output [B, Hq, 1, D]. No host synchronisation, fixed shapes, all
-        state updated in place: safe to torch.compile(fullgraph=True) and to capture in CUDA graphs.
-        :meth:`compiled_decode` compiles it the right way for the device. ``model.generate`` on a
-        patched model runs exactly this, once per layer and token.
+        Returns the attention output [B, Hq, 1, D]. No host synchronisation, fixed shapes, all state updated in place:
+        safe to torch.compile(fullgraph=True) and to capture in CUDA graphs. :meth:`compiled_decode` compiles it the
+        right way for the device. ``model.generate`` on a patched model runs exactly this, once per layer and token.
         """
         self._check_step(q, k, v)
         if self._backend == "torch":
@@ -417,9 +416,10 @@ class PagedKVCache(nn.Module):
             kernels.fused_append_observe(q, k, v, *state, self._imp, self._sink_pages, self._recent_pages,
                                          self.block, self._refresh_pages)
             return self.attend(q)
-        kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages, self.block)
         lists = (self._kv_num, self._kv_idx) if self.policy.narrows and self.budget_pages < self.P else None
-        if lists is not None:  # Quest's pages (the only policy that picks): valid and the lists rewritten
+        kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages, self.block,
+                             lists is None)
+        if lists is not None:  # Quest's pages (the only policy that picks): valid and the lists written here
             kernels.quest_pick(q, self.page_id, self.kmax, self.kmin, self.open_slot, self.length, self._imp,
                                self._obs_count, self.valid, *lists, self.budget_pages)
         out = self.attend(q, lists)

@@ -13,7 +13,7 @@ from torch.library import triton_op, wrap_triton
 from ..policies import RaaS
 from . import APPEND_BOUND_ELEMS, PICK_PAGES, PICK_SLOTS, WARPS, lists_in_regs
 from .rules import (append_inputs, bound_loop, bound_pages, choose_slot, finish_step, last_of_row, new_key_bounds,
-                    page_entry, page_tokens, refresh_set, row_writes)
+                    page_entry, page_tokens, refresh_set, row_writes, table_writes)
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _append_kernel(
     BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
     POLICY: tl.constexpr, SINK_PAGES: tl.constexpr, RECENT_PAGES: tl.constexpr,
     KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr,
-    OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr,
+    OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr, LISTS: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // H
@@ -56,9 +56,13 @@ def _append_kernel(
     page_entry(page_id_ptr, stamp_ptr, pinned_ptr, open_slot_ptr, row64, base, slot, new_id, step_new,
                opened, write, open_old)
     tl.store(score_ptr + base + slot, 0.0, mask=opened)
-    row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr,
-               full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min, ev, opened, has_free,
-               write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False)
+    if LISTS:
+        row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr,
+                   full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min, ev, opened, has_free,
+                   write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False)
+    else:  # (quest_pick writes the validity row and the lists next)
+        table_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, row64, base, slot, new_max, new_min, ev,
+                     opened, has_free, write, D)
     if OBSERVE:  # the RaaS observe of this step's query over the row after the append
         tl.debug_barrier()  # the page-table entry and key bounds stored above are complete
         if BPC == BLOCK_P:  # one chunk: the bounds stay in registers
@@ -74,7 +78,8 @@ def _append_kernel(
     finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, B * H, B, BLOCK_B, False)
 
 
-def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0):
+def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0,
+                   lists=True):
     k_cache, page_id = state[0], state[2]
     B, H, S, D = k_cache.shape
     P = page_id.shape[-1]
@@ -91,7 +96,7 @@ def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block,
         BLOCK_B=triton.next_power_of_2(B), POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
         KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
         LISTS_IN_REGS=lists_in_regs(nb, P), OBSERVE=observe, G=(q.shape[1] // H) if observe else 1,
-        REFRESH=refresh_pages, BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), num_warps=WARPS,
+        REFRESH=refresh_pages, BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), LISTS=lists, num_warps=WARPS,
     )
 
 
@@ -105,14 +110,15 @@ def fused_append(
     k_cache: Tensor, v_cache: Tensor, page_id: Tensor, stamp: Tensor, pinned: Tensor, score: Tensor,
     kmax: Tensor, kmin: Tensor, open_slot: Tensor, length: Tensor, step: Tensor, evictions: Tensor,
     overflow: Tensor, valid: Tensor, ticket: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor,
-    full_idx: Tensor, policy: int, sink_pages: int, recent_pages: int, block: int,
+    full_idx: Tensor, policy: int, sink_pages: int, recent_pages: int, block: int, lists: bool = True,
 ) -> None:
-    """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy`` (``Policy.append_code``: raas 0, streaming 1, h2o 2, dense 3);
-    refresh ``valid`` and the exact flex block lists for KV blocks of ``block`` slots (layout of
-    masks.block_lists). ``ticket``: int32 [1], 0 at launch (left 0)."""
+    """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy``
+    (``Policy.append_code``: raas 0, streaming 1, h2o 2, dense 3); with ``lists``, refresh ``valid`` and
+    the exact flex block lists for KV blocks of ``block`` slots (layout of masks.block_lists; without:
+    left for :func:`quest_pick`). ``ticket``: int32 [1], 0 at launch (left 0)."""
     _launch_append(k_new, v_new, (k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length,
                                   step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx),
-                   policy, sink_pages, recent_pages, block)
+                   policy, sink_pages, recent_pages, block, lists=lists)
 
 
 @triton_op("raas_flex::fused_append_observe", mutates_args=_STATE | {"imp"})
