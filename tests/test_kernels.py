@@ -471,6 +471,19 @@ def test_fused_step_refuses_what_it_does_not_serve(observe, policy, page_size, t
                            torch.zeros(1, dtype=torch.int32), c.scale, 1, c.block, observe, policy, 0, 0.1)
 
 
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("pick", [0, 8, 9])
+def test_quest_pick_refuses_a_pick_that_is_not_a_choice(pick):
+    """quest_pick picks 1 to P - 1 pages (P or more is every page: the engine then attends to all);
+    it names the argument before it launches anything."""
+    c = PagedKVCache(make_config(16, "quest", page_size=4, backend="torch"), batch_size=1, num_heads=2,
+                     num_kv_heads=1, head_dim=16, max_length=32)
+    assert c.P == 8
+    with pytest.raises(ValueError, match=f"quest_pick: pick_pages={pick} is not allowed; allowed: 1 to 7"):
+        kernels.quest_pick(torch.zeros(1, 2, 1, 16), c.page_id, c.kmax, c.kmin, c.open_slot, c.length,
+                           torch.zeros(1, 1, c.P), torch.zeros(1, dtype=torch.int32), c.valid, *c._lists[:2], pick)
+
+
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
 def test_interpreter_matches_torch_on_cpu():
     """The kernels' logic through Triton's CPU interpreter against the torch reference: the append
