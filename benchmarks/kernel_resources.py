@@ -58,15 +58,17 @@ def programs_per_sm(registers: int, warps: int, shared_bytes: int, sm: SM90 = SM
 
 
 class Capture:
-    """Stands in for ``wrap_triton``: records each launch (kernel, positional args, keywords)."""
+    """Stands in for ``wrap_triton``: records each launch (the op being called, set in ``op``; kernel,
+    grid, positional args, keywords)."""
 
     def __init__(self):
         self.launches = []
+        self.op = None
 
     def __call__(self, fn):
         def at_grid(grid):
             def launch(*args, **kw):
-                self.launches.append((fn, grid, args, kw))
+                self.launches.append((self.op, fn, grid, args, kw))
             return launch
 
         class Launcher:
@@ -159,13 +161,17 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
     bookkeeping.wrap_triton = attention.wrap_triton = capture
     kernels.device_sms = lambda device: sms
     try:
+        capture.op = "fused_append_observe"
         kernels.fused_append_observe(q, kn, vn, *state, imp, 0, 0, block, refresh)
+        capture.op = "fused_step"
         kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block, observe, 2 if observe == 3 else 0,
                            P - P // 2 if observe == 3 else 0, 1e-4)
         if P > 1:  # quest's step: its append (dense's rule, no lists), its page choice (a quarter of the pages)
             quest = (*state[:-4], *all_partial_lists(B * Hkv, S, ps, torch.device("cpu")))
+            capture.op = "fused_append"
             kernels.fused_append(kn, vn, *quest, 3, 0, 0, ps, False)
             kv_num, kv_idx = quest[-4:-2]
+            capture.op = "quest_pick"
             kernels.quest_pick(q, page_id, kmax, kmin, open_slot, length, imp, count, valid, kv_num, kv_idx,
                                max(1, P // 4))
     finally:
@@ -228,15 +234,15 @@ def main(argv=None):
         for budget in budgets:
             for observe in observes:
                 captured = launches(batch, hq, hkv, args.head_dim, budget, args.page_size, dtype, args.sms, observe)
-                known = [fn.fn.__name__ for fn, *_ in captured]
+                known = [fn.fn.__name__ for _, fn, *_ in captured]
                 wanted = known if args.kernels is None else [k.strip() for k in args.kernels.split(",") if k.strip()]
                 unknown = sorted(set(wanted) - set(known))
                 if unknown:
                     ap.error(f"--kernels: unknown {', '.join(unknown)}; allowed: {', '.join(known)}")
-                for fn, grid, a, kw in captured:
+                for op, fn, grid, a, kw in captured:
                     if fn.fn.__name__ not in wanted:
                         continue
-                    r = dict(batch=batch, heads=f"{hq}/{hkv}", budget=budget, observe=observe,
+                    r = dict(op=op, batch=batch, heads=f"{hq}/{hkv}", budget=budget, observe=observe,
                              **compile_launch(fn, a, kw, args.arch))
                     r["grid"] = list(grid)
                     programs = 1
@@ -246,7 +252,7 @@ def main(argv=None):
                                                   r["shared_bytes"] + r["dynamic_shared_bytes"])
                     r["waves"] = -(-programs // (r["per_sm"] * args.sms)) if r["per_sm"] else None
                     rows.append(r)
-                    print(f"{batch}/{hq}/{hkv} L={budget} observe {observe}  {r['kernel']:<15} "
+                    print(f"{batch}/{hq}/{hkv} L={budget} observe {observe}  {op:<20} {r['kernel']:<15} "
                           f"grid {str(tuple(grid)):<10} warps {r['warps']}  registers {r['registers']:>3}  "
                           f"stack {r['stack_bytes']:>4} B  shared {r['shared_bytes']:>5} B static, "
                           f"{r['dynamic_shared_bytes']:>6} B dynamic  async copies {r['async_copies']}  "

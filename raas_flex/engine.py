@@ -24,7 +24,7 @@ one if the buffer is full), attends over the resident tokens, then lets the poli
              reference, every policy, every device
     flex     one Triton bookkeeping kernel (append, eviction, validity row, exact block lists and,
              for raas with the bound and top-k, the observe) then flex_attention (quest: over the
-             pages it picks, from the torch page choice); CUDA; every policy
+             pages its second kernel, kernels.quest_pick, picks); CUDA; every policy
     triton   the whole step in one Triton kernel (raas, h2o: shares from the attention's pass;
              streaming and dense: no observe); CUDA; every policy but quest
 
@@ -398,9 +398,10 @@ class PagedKVCache(nn.Module):
     def decode(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """One decode step: append k/v [B, Hkv, 1, D], attend with q [B, Hq, 1, D], observe q.
 
-        Returns the attention output [B, Hq, 1, D]. No host synchronisation, fixed shapes, all state updated in place:
-        safe to torch.compile(fullgraph=True) and to capture in CUDA graphs. :meth:`compiled_decode` compiles it the
-        right way for the device. ``model.generate`` on a patched model runs exactly this, once per layer and token.
+        Returns the attention output [B, Hq, 1, D]. No host synchronisation, fixed shapes, all
+        state updated in place: safe to torch.compile(fullgraph=True) and to capture in CUDA graphs.
+        :meth:`compiled_decode` compiles it the right way for the device. ``model.generate`` on a
+        patched model runs exactly this, once per layer and token.
         """
         self._check_step(q, k, v)
         if self._backend == "torch":
@@ -464,9 +465,8 @@ class PagedKVCache(nn.Module):
         return self._narrow(q)
 
     def _narrow(self, q: Tensor) -> tuple[Tensor, Tensor] | None:
-        """torch backend, after the append: ``valid`` gets the resident tokens (in the layer's window) of the
-        pages the policy attends, and a policy that picks pages its flex lists, a block a page (kv_num [B*Hkv,
-        1, 1], kv_idx [B*Hkv, 1, 1, P], int32, all partial; the flex path's: kernels.quest_pick); else None."""
+        """torch backend, after the append: ``valid`` gets the resident tokens (in the layer's window) of the pages
+        the policy attends; returns a page-picking policy's partial flex lists (a block a page), else None."""
         valid, choice = self.valid_slots(), self.policy.attended_pages(self, q)
         if choice is None:
             self.valid.copy_(valid.view(self.B * self.H, self.S))

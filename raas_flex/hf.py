@@ -115,7 +115,8 @@ def _deferred_stop_check(base: type) -> type:
     for a RaaS generation on CUDA.
 
     ``generate`` reads "has every row finished?" on the host after each token, a host sync that
-    leaves the GPU idle while the host prepares the next step (measured in docs/performance.md). Transformers can read that flag one step late instead (copied asynchronously), at the
+    leaves the GPU idle while the host prepares the next step (measured in docs/performance.md).
+    Transformers can read that flag one step late instead (copied asynchronously), at the
     cost of one extra decode step when an end-of-sequence token stops the loop, whose token is
     dropped; it takes that path on MPS only. A RaaS generation takes it on CUDA as well when the
     cache is not handed back to the caller (no ``return_dict_in_generate``, no cache passed in): the

@@ -330,6 +330,7 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     small = ["--head-dim", "16", "--page-size", "8"]
     rows = kr.main(["--shapes", "1/4/2", *small, "--budgets", "256", "--out", str(out)])
     assert [r["kernel"] for r in rows] == ["_append_kernel", "_step_kernel", "_append_kernel", "_pick_kernel"]
+    assert [r["op"] for r in rows] == ["fused_append_observe", "fused_step", "fused_append", "quest_pick"]
     assert rows[3]["grid"] == [2, 1]  # quest_pick: 32 pages, one program per row
     assert rows[1]["grid"] == [2, 4 + 1]  # 132 SMs: 4 programs per row (one per tile) and the observer
     assert json.loads(out.read_text())["rows"][0]["registers"] == rows[0]["registers"]
