@@ -1,8 +1,6 @@
 """Compile the Triton kernels of raas_flex for an NVIDIA GPU without one, and report their resources.
 
-Every kernel is launched through its op (``kernels.fused_append_observe``, ``kernels.fused_step``,
-``kernels.quest_pick``)
-on CPU tensors of the requested shape, planned as on a GPU of ``--sms`` SMs (``kernels.step_plan``),
+Every kernel is launched through its op (``kernels.fused_append_observe``, ``kernels.fused_step``) on CPU tensors of the requested shape, planned as on a GPU of ``--sms`` SMs (``kernels.step_plan``),
 with the launch intercepted: the arguments and compile-time constants it
 would have used are compiled ahead of time for the chosen architecture (Triton's own ptxas), and
 ``cuobjdump`` reads registers, stack (register spills) and static shared memory per thread block;
@@ -166,14 +164,6 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
         capture.op = "fused_step"
         kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block, observe, 2 if observe == 3 else 0,
                            P - P // 2 if observe == 3 else 0, 1e-4)
-        if P > 1:  # quest's step: its append (dense's rule, no lists), its page choice (a quarter of the pages)
-            quest = (*state[:-4], *all_partial_lists(B * Hkv, S, ps, torch.device("cpu")))
-            capture.op = "fused_append"
-            kernels.fused_append(kn, vn, *quest, 3, 0, 0, ps, False)
-            kv_num, kv_idx = quest[-4:-2]
-            capture.op = "quest_pick"
-            kernels.quest_pick(q, page_id, kmax, kmin, open_slot, length, imp, count, valid, kv_num, kv_idx,
-                               max(1, P // 4))
     finally:
         bookkeeping.wrap_triton, attention.wrap_triton, kernels.device_sms = saved
     assert G * Hkv == Hq
@@ -217,8 +207,7 @@ def main(argv=None):
                          "1 attention share top-k, 2 share threshold, 3 share accumulated (h2o)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--kernels", default=None,
-                    help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel, "
-                         "_pick_kernel)")
+                    help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel)")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     args = ap.parse_args(argv)
     if not kernels.HAS_TRITON:

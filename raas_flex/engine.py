@@ -24,7 +24,7 @@ one if the buffer is full), attends over the resident tokens, then lets the poli
              reference, every policy, every device
     flex     one Triton bookkeeping kernel (append, eviction, validity row, exact block lists and,
              for raas with the bound and top-k, the observe) then flex_attention (quest: over the
-             pages its second kernel, kernels.quest_pick, picks); CUDA; every policy
+             pages it picks, from the torch page choice); CUDA; every policy
     triton   the whole step in one Triton kernel (raas, h2o: shares from the attention's pass;
              streaming and dense: no observe); CUDA; every policy but quest
 
@@ -417,12 +417,8 @@ class PagedKVCache(nn.Module):
             kernels.fused_append_observe(q, k, v, *state, self._imp, self._sink_pages, self._recent_pages,
                                          self.block, self._refresh_pages)
             return self.attend(q)
-        lists = (self._kv_num, self._kv_idx) if self.policy.narrows and self.budget_pages < self.P else None
-        kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages, self.block,
-                             lists is None)
-        if lists is not None:  # Quest's pages (the only policy that picks): valid and the lists written here
-            kernels.quest_pick(q, self.page_id, self.kmax, self.kmin, self.open_slot, self.length, self._imp,
-                               self._obs_count, self.valid, *lists, self.budget_pages)
+        kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages, self.block)
+        lists = self._narrow(q) if self.policy.narrows else None  # the attended pages change every step
         out = self.attend(q, lists)
         self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
         return out
@@ -465,8 +461,9 @@ class PagedKVCache(nn.Module):
         return self._narrow(q)
 
     def _narrow(self, q: Tensor) -> tuple[Tensor, Tensor] | None:
-        """torch backend, after the append: ``valid`` gets the resident tokens (in the layer's window) of the pages
-        the policy attends; returns a page-picking policy's partial flex lists (a block a page), else None."""
+        """After the append: ``valid`` gets the resident tokens (in the layer's window) of the pages the
+        policy attends. A policy that picks pages gets flex block lists naming exactly its pages, a
+        block being a page (kv_num [B*Hkv, 1, 1], kv_idx [B*Hkv, 1, 1, P], int32, all partial); else None."""
         valid, choice = self.valid_slots(), self.policy.attended_pages(self, q)
         if choice is None:
             self.valid.copy_(valid.view(self.B * self.H, self.S))
@@ -580,8 +577,10 @@ class PagedKVCache(nn.Module):
             p = self._probs(qp, self.valid.view(B, H, S))  # [B, H, G, S]
             out = p.view(bh, G, S).to(self.v.dtype) @ self.v.view(bh, S, D)
         else:
-            # torch ops' ``valid`` and lists in a GPU graph get opaque copies: Inductor's flex lowering wants buffers
-            barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu" and self._backend == "torch"
+            # ``valid`` and lists written by torch ops in a GPU graph get opaque copies so that Inductor's
+            # flex lowering sees realized buffers (the fused backends' ``valid`` and lists are Triton outputs)
+            barrier = torch.compiler.is_compiling() and self.valid.device.type != "cpu" and (
+                self._backend == "torch" or self.policy.narrows)
             block_mask = build_block_mask(self.valid, self.block, G, self._lists if lists is None else lists,
                                           barrier=barrier)
             fn = _compiled_flex() if self._compile_flex and not torch.compiler.is_compiling() else flex_attention

@@ -6,9 +6,6 @@
                           exact flex block lists
     fused_append_observe  the same, then the RaaS observe of the step's query (Quest's page bound,
                           the top-k refresh): the flex path's one launch a step
-    quest_pick            Quest's page choice after fused_append: page bounds split among programs per
-                          row, then the row's last program picks the pages and writes the validity row
-                          and the flex lists of exactly those pages (the quest flex path)
     fused_step            the whole raas, h2o or streaming step (append, attention, observe) in one launch, laid
                           out by :func:`step_plan` (backend="triton"); attention shares come from the
                           attention's own pass over K/V
@@ -56,8 +53,6 @@ STAGES_WIDE = 3  # K/V pipeline stages for wide steps (rows >= STAGES_WIDE_ROWS 
 STAGES_WIDE_ROWS = 128  # (see STAGES_WIDE)
 STAGES_WIDE_G = 7  # (see STAGES_WIDE)
 SHARE_COMBINE_ELEMS = 4096  # partial page sums per chunk of the combine of fused_step's attention shares.
-PICK_PAGES = 128  # pages each quest_pick program bounds.
-PICK_SLOTS = 4096  # validity slots per chunk of quest_pick's row writes.
 
 
 def interpreting() -> bool:
@@ -171,4 +166,4 @@ def step_plan(rows: int, slots: int, pages: int, G: int, D: int, sms: int | None
 
 if HAS_TRITON:
     from .attention import fused_step  # noqa: E402
-    from .bookkeeping import fused_append, fused_append_observe, quest_pick  # noqa: E402
+    from .bookkeeping import fused_append, fused_append_observe  # noqa: E402

@@ -15,8 +15,21 @@ import raas_flex.kernels as _pkg
 
 from . import BLOCK_N, SHARE_COMBINE_ELEMS, WARPS, lists_in_regs, step_plan
 from .bookkeeping import _STATE
-from .rules import (append_inputs, bound_loop, choose_slot, finish_step, last_of_row, new_key_bounds, page_entry,
-                    page_tokens, refresh_set, row_writes)
+from .rules import (append_inputs, bound_loop, choose_slot, finish_step, new_key_bounds, page_entry, page_tokens,
+                    refresh_set, row_writes)
+
+
+@triton.jit
+def _last_of_row(count_ptr, row64, NPROG: tl.constexpr):
+    """Whether this program is the last of its row's NPROG to get here: a barrier over its stores, then
+    a per-row ticket (acq_rel: every other program's stores are seen by this one's later loads). The
+    last program resets the count."""
+    tl.debug_barrier()
+    if NPROG == 1:
+        last = True
+    else:
+        last = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel") == NPROG - 1
+    return last
 
 
 @triton.jit
@@ -118,15 +131,11 @@ def _step_attend(q, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, psum_ptr, pm_ptr
         vt = tl.load(v_ptr + offs, mask=inb[:, None], other=0.0)
         m_i, l_i, acc, pr = _softmax_tile(q, kt, vt, okc, m_i, l_i, acc, scale_log2)
         if SHARES:
-            # each unit's sum as a product with a one-hot [slot, unit] tile (exact fp32 products; a
-            # matrix product needs 16 columns): a reshape and row sum held ~90 more registers on sm_90
             NPT: tl.constexpr = BLOCK_N // UNIT
-            NPU: tl.constexpr = 16 if NPT < 16 else NPT
             tile = split * TILES + ti
-            uc = tl.arange(0, NPU)
-            sums = tl.dot(pr, ((nn[:, None] // UNIT) == uc[None, :]).to(tl.float32), input_precision="ieee")
-            tl.store(psum_ptr + (row64 * BG + gg[:, None]) * UT + tile * NPT + uc[None, :], sums,
-                     mask=gm[:, None] & (uc < NPT)[None, :])
+            uu = tile * NPT + tl.arange(0, NPT)
+            tl.store(psum_ptr + (row64 * BG + gg[:, None]) * UT + uu[None, :],
+                     tl.sum(tl.reshape(pr, [BG, NPT, UNIT]), 2), mask=gm[:, None])
             tl.store(pm_ptr + (row64 * TT + tile) * BG + gg, m_i)
     own = (t // (TILES * BLOCK_N)) == split
     s_new = tl.sum(q.to(tl.float32) * kk.to(tl.float32)[None, :], 1) * scale_log2
@@ -279,7 +288,7 @@ def _step_kernel(
         if split == 0:  # the observer: (bounds) every bound of the row, the top-k set (to imp as 1/0)
             if BOUNDS:
                 bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr, 0, P,
-                           slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BP, BPC, DOT, False, True)
+                           slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BP, BPC, DOT, False)
                 tl.debug_barrier()  # the row of bounds is complete
                 a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
                 sel = refresh_set(a, pid_new, p, in_row, P, REFRESH, BLOCK_P)
@@ -306,9 +315,9 @@ def _step_kernel(
         if BOUNDS:
             bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                        split * PAGES, split * PAGES + PAGES, slot, opened, new_id, new_max, new_min, b, h, base,
-                       G, P, D, BP, BPC, DOT, False, True)
+                       G, P, D, BP, BPC, DOT, False)
 
-    if last_of_row(count_ptr, row64, NPROG):
+    if _last_of_row(count_ptr, row64, NPROG):
         if BOUNDS:  # the bounds, or the observer's top-k set, first: its latency overlaps the combine's loads
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
         m, tot = _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT,

@@ -1,7 +1,5 @@
 """The append kernel: one program per (sequence, KV head) row appends the step's token, and with
-OBSERVE runs the RaaS observe of the step's query for the row (the flex path's one launch a step).
-Quest's page choice after the append (``quest_pick``): the page bounds of a row split among programs,
-then its last program picks the pages and writes the validity row and the flex lists."""
+OBSERVE runs the RaaS observe of the step's query for the row (the flex path's one launch a step)."""
 
 from __future__ import annotations
 
@@ -11,9 +9,9 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ..policies import RaaS
-from . import APPEND_BOUND_ELEMS, PICK_PAGES, PICK_SLOTS, WARPS, lists_in_regs
-from .rules import (append_inputs, bound_loop, bound_pages, choose_slot, finish_step, last_of_row, new_key_bounds,
-                    page_entry, page_tokens, refresh_set, row_writes, table_writes)
+from . import APPEND_BOUND_ELEMS, WARPS, lists_in_regs
+from .rules import (append_inputs, bound_loop, bound_pages, choose_slot, finish_step, new_key_bounds, page_entry,
+                    refresh_set, row_writes)
 
 
 @triton.jit
@@ -26,7 +24,7 @@ def _append_kernel(
     BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
     POLICY: tl.constexpr, SINK_PAGES: tl.constexpr, RECENT_PAGES: tl.constexpr,
     KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr,
-    OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr, LISTS: tl.constexpr,
+    OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // H
@@ -56,21 +54,17 @@ def _append_kernel(
     page_entry(page_id_ptr, stamp_ptr, pinned_ptr, open_slot_ptr, row64, base, slot, new_id, step_new,
                opened, write, open_old)
     tl.store(score_ptr + base + slot, 0.0, mask=opened)
-    if LISTS:
-        row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr,
-                   full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min, ev, opened, has_free,
-                   write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False)
-    else:  # (quest_pick writes the validity row and the lists next)
-        table_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, row64, base, slot, new_max, new_min, ev,
-                     opened, has_free, write, D)
+    row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr,
+               full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min, ev, opened, has_free,
+               write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False)
     if OBSERVE:  # the RaaS observe of this step's query over the row after the append
         tl.debug_barrier()  # the page-table entry and key bounds stored above are complete
         if BPC == BLOCK_P:  # one chunk: the bounds stay in registers
             a = bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr, p, in_row,
-                            slot, opened, new_id, new_max, new_min, b, h, base, G, D, BPC, True, True, True)
+                            slot, opened, new_id, new_max, new_min, b, h, base, G, D, BPC, True, True)
         else:
             bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr, 0, P,
-                       slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BLOCK_P, BPC, True, True, True)
+                       slot, opened, new_id, new_max, new_min, b, h, base, G, P, D, BLOCK_P, BPC, True, True)
             tl.debug_barrier()  # the row of bounds is complete
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
         refresh = refresh_set(a, pid_new, p, in_row, P, REFRESH, BLOCK_P)
@@ -78,8 +72,7 @@ def _append_kernel(
     finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, B * H, B, BLOCK_B, False)
 
 
-def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0,
-                   lists=True):
+def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0):
     k_cache, page_id = state[0], state[2]
     B, H, S, D = k_cache.shape
     P = page_id.shape[-1]
@@ -96,7 +89,7 @@ def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block,
         BLOCK_B=triton.next_power_of_2(B), POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
         KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
         LISTS_IN_REGS=lists_in_regs(nb, P), OBSERVE=observe, G=(q.shape[1] // H) if observe else 1,
-        REFRESH=refresh_pages, BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), LISTS=lists, num_warps=WARPS,
+        REFRESH=refresh_pages, BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), num_warps=WARPS,
     )
 
 
@@ -110,15 +103,14 @@ def fused_append(
     k_cache: Tensor, v_cache: Tensor, page_id: Tensor, stamp: Tensor, pinned: Tensor, score: Tensor,
     kmax: Tensor, kmin: Tensor, open_slot: Tensor, length: Tensor, step: Tensor, evictions: Tensor,
     overflow: Tensor, valid: Tensor, ticket: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor,
-    full_idx: Tensor, policy: int, sink_pages: int, recent_pages: int, block: int, lists: bool = True,
+    full_idx: Tensor, policy: int, sink_pages: int, recent_pages: int, block: int,
 ) -> None:
-    """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy``
-    (``Policy.append_code``: raas 0, streaming 1, h2o 2, dense 3); with ``lists``, refresh ``valid`` and
-    the exact flex block lists for KV blocks of ``block`` slots (layout of masks.block_lists; without:
-    left for :func:`quest_pick`). ``ticket``: int32 [1], 0 at launch (left 0)."""
+    """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy`` (``Policy.append_code``: raas 0, streaming 1, h2o 2, dense 3);
+    refresh ``valid`` and the exact flex block lists for KV blocks of ``block`` slots (layout of
+    masks.block_lists). ``ticket``: int32 [1], 0 at launch (left 0)."""
     _launch_append(k_new, v_new, (k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length,
                                   step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx),
-                   policy, sink_pages, recent_pages, block, lists=lists)
+                   policy, sink_pages, recent_pages, block)
 
 
 @triton_op("raas_flex::fused_append_observe", mutates_args=_STATE | {"imp"})
@@ -137,75 +129,3 @@ def fused_append_observe(
                    RaaS.append_code, sink_pages, recent_pages, block, q=q, imp=imp,
                    refresh_pages=refresh_pages)
 
-
-
-@triton.jit
-def _pick_kernel(
-    q_ptr, sqb, sqh, sqd, page_id_ptr, kmax_ptr, kmin_ptr, open_slot_ptr, length_ptr, imp_ptr, count_ptr,
-    valid_ptr, kv_num_ptr, kv_idx_ptr,
-    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, PICK: tl.constexpr,
-    CHUNKS: tl.constexpr, CH: tl.constexpr, BPC: tl.constexpr, BLOCK_P: tl.constexpr, VS: tl.constexpr,
-):
-    """Program (row, c): Quest's bound of the row's pages c * CH .. c * CH + CH - 1 (the tables as the
-    append left them) to imp; the row's last program (per-row ticket) then picks the open page and the
-    PICK - 1 other resident pages of largest bound (ties: the lower slot), writes the flex lists (the
-    picked slots first, then the others: kv_idx a permutation of the P slots, kv_num the picked
-    count) and the validity row: the written tokens of the picked pages."""
-    row = tl.program_id(0)
-    c = tl.program_id(1)
-    b = row // H
-    h = row % H
-    row64 = row.to(tl.int64)
-    base = row64 * P
-    S: tl.constexpr = P * PS
-    none = tl.zeros([D], tl.float32)  # (the tables are read as stored: no new row to merge)
-    bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, imp_ptr, kmax_ptr, kmin_ptr, imp_ptr, c * CH, c * CH + CH,
-               -1, False, 0, none, none, b, h, base, G, P, D, CH, BPC, True, True, False)
-    if last_of_row(count_ptr, row64, CHUNKS):
-        p = tl.arange(0, BLOCK_P)
-        in_row = p < P
-        pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1, cache_modifier=".cg")
-        a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
-        a = tl.where(p == tl.load(open_slot_ptr + row64), float("inf"), a)  # the open page always
-        picked = refresh_set(a, pid, p, in_row, P, PICK, BLOCK_P)
-        n = tl.sum(picked.to(tl.int32), 0)
-        first = tl.cumsum(picked.to(tl.int32), 0) - picked.to(tl.int32)
-        rest = ~picked & in_row
-        dest = tl.where(picked, first, n + tl.cumsum(rest.to(tl.int32), 0) - rest.to(tl.int32))
-        tl.store(kv_idx_ptr + base + dest, p.to(tl.int32), mask=in_row)
-        tl.store(kv_num_ptr + row64, n)
-        # tokens attended per page slot (0 off the picked pages), then the validity row from them
-        pos = tl.load(length_ptr + b) - 1  # (the append advanced the length)
-        tl.debug_barrier()  # every thread has read the bounds before they are overwritten
-        tl.store(imp_ptr + base + p, tl.where(picked, page_tokens(pid, pos, PS), 0).to(tl.float32), mask=in_row)
-        tl.debug_barrier()
-        for s0 in range(0, S, VS):
-            s = s0 + tl.arange(0, VS)
-            ok = s < S
-            ntok = tl.load(imp_ptr + base + s // PS, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.store(valid_ptr + row64 * S + s, (s % PS).to(tl.float32) < ntok, mask=ok)
-        tl.store(count_ptr + row64, 0)
-
-
-@triton_op("raas_flex::quest_pick", mutates_args={"imp", "count", "valid", "kv_num", "kv_idx"})
-def quest_pick(
-    q: Tensor, page_id: Tensor, kmax: Tensor, kmin: Tensor, open_slot: Tensor, length: Tensor, imp: Tensor,
-    count: Tensor, valid: Tensor, kv_num: Tensor, kv_idx: Tensor, pick_pages: int,
-) -> None:
-    """Quest's page choice for q [B, Hq, 1, D] over the rows as :func:`fused_append` left them (a
-    block is a page): the open page and the ``pick_pages - 1`` other resident pages of largest page
-    bound (``Quest.attended_pages``'s set), as partial flex lists (kv_num [B * Hkv, 1, 1], kv_idx
-    [B * Hkv, 1, 1, P]: the picked slots first) and the validity row ``valid`` [B * Hkv, S] of their
-    written tokens. imp: fp32 [B, Hkv, P] scratch; count: int32 [B * Hkv], 0 at launch, left 0."""
-    B, H, P, D = kmax.shape
-    S = valid.shape[-1]
-    if not 1 <= pick_pages < P:
-        raise ValueError(f"quest_pick: pick_pages={pick_pages!r} is not allowed; allowed: 1 to {P - 1}")
-    block_p = triton.next_power_of_2(P)
-    ch = max(16, min(block_p, PICK_PAGES))
-    wrap_triton(_pick_kernel)[(B * H, triton.cdiv(P, ch))](
-        q, q.stride(0), q.stride(1), q.stride(3), page_id, kmax, kmin, open_slot, length, imp, count, valid,
-        kv_num, kv_idx, H=H, G=q.shape[1] // H, P=P, D=D, PS=S // P, PICK=pick_pages, CHUNKS=triton.cdiv(P, ch),
-        CH=ch, BPC=max(16, min(ch, APPEND_BOUND_ELEMS // D)), BLOCK_P=block_p,
-        VS=min(triton.next_power_of_2(S), PICK_SLOTS), num_warps=WARPS,
-    )

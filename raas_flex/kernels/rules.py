@@ -112,24 +112,16 @@ def row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_nu
                ev, opened, has_free, write, D: tl.constexpr, S: tl.constexpr, PS: tl.constexpr,
                BLOCK_PS: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
                BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, LEAN: tl.constexpr):
-    """The append's writes that no attention reads: :func:`table_writes`, then the validity row and the
-    block lists (see :func:`write_valid_lists`)."""
-    table_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, row64, base, slot, new_max, new_min, ev, opened,
-                 has_free, write, D)
-    write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
-                      page_tokens(pid_new, pos, PS), S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS,
-                      slot, LEAN)
-
-
-@triton.jit
-def table_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, row64, base, slot, new_max, new_min, ev, opened,
-                 has_free, write, D: tl.constexpr):
-    """The overflow flag, the eviction count and the written page's key bounds."""
+    """The append's writes that no attention reads: the overflow flag, the eviction count, the written
+    page's key bounds, the validity row and the block lists (see :func:`write_valid_lists`)."""
     d = tl.arange(0, D)
     tl.store(overflow_ptr, 1, mask=write == 0)
     tl.store(evictions_ptr + row64, ev + (opened & (has_free == 0)).to(tl.int64))
     tl.store(kmax_ptr + (base + slot) * D + d, new_max)
     tl.store(kmin_ptr + (base + slot) * D + d, new_min)
+    write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
+                      page_tokens(pid_new, pos, PS), S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS,
+                      slot, LEAN)
 
 
 @triton.jit
@@ -180,12 +172,11 @@ def write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_
 @triton.jit
 def bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                 pp, mp, slot, opened, new_id, new_max, new_min, b, h, base,
-                G: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, DOT: tl.constexpr, STORED: tl.constexpr,
-                SCORE: tl.constexpr):
+                G: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, DOT: tl.constexpr, STORED: tl.constexpr):
     """Quest's bound of the BP pages ``pp`` (``mp``: in the row) as they are after the append (slot
     ``slot`` with key bounds new_max / new_min, id new_id if ``opened``): sum_d max(q_d M_d, q_d m_d)
-    = q+ . M + q- . m, max over the G query heads, -inf for empty slots. Stored to ``imp`` and (SCORE),
-    -inf / nan as 0, to ``score``; returned. DOT: two matrix products (fp32 operands exact, no tf32); else
+    = q+ . M + q- . m, max over the G query heads, -inf for empty slots. Stored to ``imp`` and, -inf /
+    nan as 0, to ``score``; returned. DOT: two matrix products (fp32 operands exact, no tf32); else
     element-wise with a reduction over D per query head. STORED: the program has stored the step's
     writes to the tables already (and passed a barrier), so they are read as they are: merging the new
     row from registers instead costs a layout change through shared memory (the append kernel's
@@ -225,10 +216,9 @@ def bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr
             best = tl.maximum(best, sg)
     imp = tl.where(pid >= 0, best, float("-inf"))
     tl.store(imp_ptr + base + pp, imp, mask=mp)
-    if SCORE:
-        sc = tl.where(imp != imp, 0.0, imp)
-        sc = tl.where(sc == float("-inf"), 0.0, sc)
-        tl.store(score_ptr + base + pp, tl.where(sc == float("inf"), F32_MAX, sc), mask=mp)
+    sc = tl.where(imp != imp, 0.0, imp)
+    sc = tl.where(sc == float("-inf"), 0.0, sc)
+    tl.store(score_ptr + base + pp, tl.where(sc == float("inf"), F32_MAX, sc), mask=mp)
     return imp
 
 
@@ -236,13 +226,13 @@ def bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr
 def bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                lo, hi, slot, opened, new_id, new_max, new_min, b, h, base,
                G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, BPC: tl.constexpr,
-               DOT: tl.constexpr, STORED: tl.constexpr, SCORE: tl.constexpr):
+               DOT: tl.constexpr, STORED: tl.constexpr):
     """:func:`bound_pages` of the pages lo .. min(hi, P) - 1 (BP >= hi - lo), in unrolled chunks of BPC."""
     for c0 in tl.static_range(0, BP, BPC):
         pp = lo + c0 + tl.arange(0, BPC)
         bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                     pp, (pp < P) & (pp < hi), slot, opened, new_id, new_max, new_min, b, h, base, G, D, BPC, DOT,
-                    STORED, SCORE)
+                    STORED)
 
 
 @triton.jit
@@ -263,19 +253,6 @@ def refresh_set(imp, pid, i, in_row, P: tl.constexpr, REFRESH: tl.constexpr, BLO
         need = REFRESH - tl.sum(above.to(tl.int32), 0)
         refresh = resident & (above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)))
     return refresh
-
-
-@triton.jit
-def last_of_row(count_ptr, row64, NPROG: tl.constexpr):
-    """Whether this program is the last of its row's NPROG to get here: a barrier over its stores, then
-    a per-row ticket (acq_rel: every other program's stores are seen by this one's later loads). The
-    last program resets the count."""
-    tl.debug_barrier()
-    if NPROG == 1:
-        last = True
-    else:
-        last = tl.atomic_add(count_ptr + row64, 1, sem="acq_rel") == NPROG - 1
-    return last
 
 
 @triton.jit
