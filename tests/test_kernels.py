@@ -75,7 +75,11 @@ class Inputs:
         return self.rand(self.B, self.H, n, self.D), self.rand(self.B, self.H, n, self.D), mask.to(self.device)
 
     def step(self):
-        return self.rand(self.B, self.Hq, 1, self.D), self.rand(self.B, self.H, 1, self.D), self.rand(self.B, self.H, 1, self.D)
+        """q, k, v of one token as a fused qkv projection hands them over (the value reaches the kernels as
+        the model made it): views [B, heads, 1, D] of one [B, 1, Hq + 2 Hkv, D] tensor, batch stride
+        (Hq + 2 Hkv) D."""
+        qkv = self.rand(self.B, 1, self.Hq + 2 * self.H, self.D).transpose(1, 2)
+        return qkv[:, : self.Hq], qkv[:, self.Hq : self.Hq + self.H], qkv[:, self.Hq + self.H :]
 
 
 def assert_same_step(ref, fus, out_ref, out_fus, *, exact: bool, tol) -> None:
