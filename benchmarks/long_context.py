@@ -339,6 +339,10 @@ def main(argv=None):
                          "reserving this much working memory (peak - weights - KV of an earlier dense run)")
     ap.add_argument("--prefill-chunk", type=int, default=4096,
                     help="prompt pieces of every row (generate's prefill_chunk_size; 0: one forward)")
+    ap.add_argument("--compile-mode", default="reduce-overhead", choices=["reduce-overhead", "max-autotune"],
+                    help="torch.compile mode of generate's decode forward (transformers.CompileConfig; both "
+                         "replay CUDA graphs): 'max-autotune' lets Inductor time its own GEMM kernels against "
+                         "cuBLAS for the decode's small-batch projections")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (checks the script, no timing claims)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
@@ -385,6 +389,7 @@ def main(argv=None):
     torch._dynamo.config.cache_size_limit = 256
     model = build(args.arch, args.layers, device, dtype) if not args.smoke else _tiny(device)
     model.generation_config.pad_token_id = 0
+    model.generation_config.compile_config = __import__("transformers").CompileConfig(mode=args.compile_mode)
     cfg = model.config
     gen = torch.Generator(device).manual_seed(1)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -635,7 +640,7 @@ def main(argv=None):
             torch=torch.__version__, cuda=torch.version.cuda, transformers=__import__("transformers").__version__,
             python=sys.version.split()[0], arch=args.arch, layers=cfg.num_hidden_layers, weights_gb=weights / 2**30,
             copy_bandwidth_TBps=bandwidth / 1e12 if bandwidth else None, batch=B, budget=L, quest_budget=Lq, steps=args.steps, order=order, deadline_s=args.deadline_s,
-            wall_s=elapsed(), interrupted=interrupted, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+            compile_mode=args.compile_mode, wall_s=elapsed(), interrupted=interrupted, time=time.strftime("%Y-%m-%d %H:%M:%S"))
         ratios = ratio_rows(rows)
         att_ratios = attention_ratios(rows)
         tag = "smoke" if args.smoke else f"{args.arch}_B{B}"
@@ -745,7 +750,8 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int, att_ratio
                   "| B | first | ms/step | configuration | ms/step | tokens/s ratio |", "|---|---|---|---|---|---|"]
         lines += [f"| {q['B']} | {q['base']} | {q['base_ms_per_step']:.2f} | {q['config']} | {q['ms_per_step']:.2f} | "
                   f"{q['tokens_per_s_ratio']:.2f}x |" for q in att_ratios]
-    head = ", ".join(f"{k}={meta[k]}" for k in ("device", "torch", "transformers", "arch", "layers") if k in meta)
+    head = ", ".join(f"{k}={meta[k]}" for k in ("device", "torch", "transformers", "arch", "layers", "compile_mode")
+                     if k in meta)
     return (f"{head}\n\ncommand: `{meta['command']}`\n\nwall time: {meta['wall_s']:.0f} s"
             f"{' (interrupted: ' + meta['interrupted'] + ')' if meta.get('interrupted') else ''}\n\n"
             + "\n".join(lines) + "\n")

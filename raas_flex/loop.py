@@ -67,7 +67,8 @@ def greedy_decode(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, a
         min_new_tokens: eos ids are not chosen before this many new tokens (``generate``'s option).
         compile: run the decode forward compiled (``generate``'s compiled call: Inductor with CUDA
             graphs by default). None: compile on CUDA, not on CPU, as ``generate`` does.
-        compile_config: a ``transformers.CompileConfig`` for that compile (default: the model's).
+        compile_config: a ``transformers.CompileConfig`` for that compile (default: as ``generate``, the
+            model's ``generation_config.compile_config``, else transformers' default).
 
     Returns:
         ``[B, P + n]``: the prompt and the ``n <= max_new_tokens`` new tokens, as ``generate`` returns.
@@ -110,6 +111,8 @@ def greedy_decode(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, a
         logits = model(input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
                        **{key: cache}).logits[:, -1]
         compiled = compile if compile is not None else device.type == "cuda"
+        if compile_config is None:  # as generate: the generation config's, else transformers' default
+            compile_config = getattr(model.generation_config, "compile_config", None)
         forward = model.get_compiled_call(compile_config) if compiled else model.__call__
         eos_t = torch.tensor(eos, device=device) if eos is not None else None
         done = torch.zeros(B, dtype=torch.bool, device=device)

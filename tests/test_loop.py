@@ -54,7 +54,8 @@ def test_greedy_decode_stops_as_generate(row, step, min_new):
 
 def test_greedy_decode_compiled_once():
     """The compiled path (generate's compiled call, forced on CPU through an aot_eager CompileConfig)
-    gives the eager tokens and compiles nothing after a warm-up, also for a second prompt."""
+    gives the eager tokens and compiles nothing after a warm-up, also for a second prompt; without a
+    compile_config it takes the model's generation config's, as generate does."""
     from transformers import CompileConfig
 
     model = make_model("llama", seed=55)
@@ -74,13 +75,18 @@ def test_greedy_decode_compiled_once():
         with torch._dynamo.config.patch(error_on_recompile=True):
             out = raas_flex.greedy_decode(model, ids, 60, attention_mask=mask, compile=True, compile_config=config)
             out2 = raas_flex.greedy_decode(model, ids2, 10, attention_mask=mask2, compile=True, compile_config=config)
+            model.generation_config.compile_config = config  # no compile_config: the model's, as generate
+            out3 = raas_flex.greedy_decode(model, ids2, 10, attention_mask=mask2, compile=True)
         graphs = counters["stats"]["unique_graphs"]
+        used = model._last_compile_config
     finally:
         torch._dynamo.reset()
+        model.generation_config.compile_config = None
         for name in ("_compiled_call", "_last_compile_config"):
             model.__dict__.pop(name, None)
     assert 1 <= warm <= HUB_KERNELS_EXTRA_GRAPHS + 1 and graphs == warm
-    assert torch.equal(out, ref) and torch.equal(out2, ref2)
+    assert torch.equal(out, ref) and torch.equal(out2, ref2) and torch.equal(out3, ref2)
+    assert used is config
 
 
 def test_greedy_decode_warns_about_processors_it_does_not_run():

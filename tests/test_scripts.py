@@ -128,8 +128,12 @@ def test_long_context_dense_flash_anchor_and_floor(tmp_path):
     assert raas["lean_ms_per_step"] > 0 and raas["lean_graphs_compiled"] == 0  # --lean: the greedy_decode loop
     assert "lean loop (greedy_decode)" in (tmp_path / "long_context_smoke.md").read_text()
     assert raas["floor_ms"] is None and flash[0]["floor_ms"] is None  # (no GPU: no bandwidth measured)
-    ratios = json.loads((tmp_path / "long_context_smoke.json").read_text())["ratios"]
+    data = json.loads((tmp_path / "long_context_smoke.json").read_text())
+    assert data["meta"]["compile_mode"] == "reduce-overhead"  # --compile-mode's default: transformers' own
+    ratios = data["ratios"]
     assert {q["dense_kind"] for q in ratios if q["mode"] == raas["mode"]} == {"dense", "dense_flash", "dense_flex"}
+    with pytest.raises(SystemExit):
+        long_context.main(["--smoke", "--compile-mode", "default", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         long_context.main(["--smoke", "--order", "dense,flash", "--out", str(tmp_path)])
     for bad in ("dense;dense", "quest", "dense:refresh"):
