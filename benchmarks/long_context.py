@@ -56,6 +56,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from transformers import CompileConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import raas_flex  # noqa: E402
@@ -389,7 +390,7 @@ def main(argv=None):
     torch._dynamo.config.cache_size_limit = 256
     model = build(args.arch, args.layers, device, dtype) if not args.smoke else _tiny(device)
     model.generation_config.pad_token_id = 0
-    model.generation_config.compile_config = __import__("transformers").CompileConfig(mode=args.compile_mode)
+    model.generation_config.compile_config = CompileConfig(mode=args.compile_mode)
     cfg = model.config
     gen = torch.Generator(device).manual_seed(1)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
