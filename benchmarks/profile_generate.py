@@ -10,7 +10,11 @@ calls of S and S + --steps new tokens from the same prompt are timed (wall, no p
 profiled (kernel time); the differences divided by --steps are the wall time and the GPU kernel
 time of one decode step, the prompt's forward cancelling out. Wall minus kernel time is the host's
 share (gaps between kernels and graph replays, generate's own loop); the kernels that differ are
-printed per decode step.
+printed per decode step, and grouped against their memory floors at the measured copy bandwidth:
+the matrix products (cuBLAS and GEMM kernels) against the bytes of the weights they read (all but
+an untied input embedding), the cache's own kernels (the engine's step, flex attention) against
+every byte the cache state holds, and the rest (Inductor's pointwise and reduction kernels, the
+eager kernels between graph replays).
 
 With --host, it instead shows where that host share goes: a generate of --steps decode steps at a
 full buffer under cProfile (Python functions by own time and by cumulative time; the time spent
@@ -33,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import raas_flex  # noqa: E402
+from benchmarks.decode_step import copy_bandwidth  # noqa: E402
 from benchmarks.hf_generate import ARCHS, build  # noqa: E402
 from raas_flex.config import parse_spec  # noqa: E402
 
@@ -106,6 +111,33 @@ def per_step(model, ids, fill, steps, spec, args):
           f"host share {wall_ms - gpu_ms:.2f} ms ({(wall_ms - gpu_ms) / wall_ms:.0%})")
     for name, us in sorted(diff.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"  {us / 1e3:8.3f} ms/step  {name[:100]}")
+    bandwidth = copy_bandwidth("cuda")
+    table = model.get_input_embeddings().weight  # a step reads B of its rows, unless the head shares it
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not table or tied(model))
+    floors = {"matmuls": weights, "cache step": raas_flex.stats(model)["state_bytes"], "rest": 0}
+    groups = Counter()
+    for name, us in diff.items():
+        groups[kernel_group(name)] += us / 1e3
+    print(f"  by group, against (bytes / {bandwidth / 1e12:.2f} TB/s copy bandwidth):")
+    for group, nbytes in floors.items():
+        floor = nbytes / bandwidth * 1e3
+        over = f", {groups[group] / floor:.2f}x" if floor else ""
+        print(f"  {groups[group]:8.3f} ms/step  {group} (floor {floor:.3f} ms: {nbytes / 1e9:.2f} GB{over})")
+
+
+def tied(model) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def kernel_group(name: str) -> str:
+    """A CUDA kernel's group in the per-step breakdown: 'matmuls' (cuBLAS's and Inductor's GEMM
+    kernels, split-K reductions), 'cache step' (the engine's Triton kernels, flex attention) or 'rest'."""
+    low = name.lower()
+    if any(tag in low for tag in ("nvjet", "gemm", "cublas", "splitk", "cutlass", "triton_tem_fused_mm", "_mm_")):
+        return "matmuls"
+    if any(tag in low for tag in ("_step_kernel", "_append", "flex_attention", "flex_decoding", "triton_tem_fused_flex")):
+        return "cache step"
+    return "rest"
 
 
 def host_profile(model, ids, fill, steps, spec, args):

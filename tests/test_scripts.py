@@ -387,3 +387,17 @@ def test_cpu_generate_alternates_rounds_and_reports_the_median(tmp_path):
     data = json.loads((tmp_path / "cpu_generate_t.json").read_text())
     assert data["meta"]["rounds"] == 3 and data["rows"] == json.loads(json.dumps(rows))
     assert "median of rounds" in (tmp_path / "cpu_generate_t.md").read_text()
+
+
+def test_profile_generate_groups_the_kernels_of_a_recorded_step():
+    """profile_generate --per-step's groups, on the kernel names of a step recorded on the H200: cuBLAS's
+    GEMMs and split-K reductions are matrix products, the engine's step kernel is the cache's, Inductor's
+    pointwise and reduction kernels are the rest."""
+    pg = _bench_module("profile_generate")
+    text = (ROOT / "benchmarks/results/h200/profile_generate_per_step_llama8b.txt").read_text()
+    names = [line.split("ms/step", 1)[1].strip() for line in text.splitlines() if " ms/step  " in line]
+    groups = {name: pg.kernel_group(name) for name in names}
+    assert groups and all((g == "matmuls") == ("nvjet" in n or "splitKreduce" in n) for n, g in groups.items())
+    assert {n for n, g in groups.items() if g == "cache step"} == {"_step_kernel"}
+    assert pg.kernel_group("triton_tem_fused__unsafe_view_mm_t_3") == "matmuls"  # an Inductor GEMM template
+    assert pg.kernel_group("triton_tem_fused_flex_decoding_0") == "cache step"
