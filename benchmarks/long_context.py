@@ -413,7 +413,7 @@ def main(argv=None):
         partial.write_text(json.dumps(rows, indent=1))  # survives a timeout
         tqdm.write(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
 
-    phase = {"name": ""}
+    phase = {"name": "", "row": {}}  # the measurement under way, and the row it has filled so far
 
     # -- one measurement per kind -----------------------------------------------------------------
     def run_dense(N, impl="sdpa"):
@@ -474,6 +474,9 @@ def main(argv=None):
         return fill + args.steps if not (args.raas_long and b == B) else max(args.raas_long - P0, fill + args.steps)
 
     def run_raas(b, attention):
+        """A raas-style row at batch b: generate's time per step at a full buffer, then (--lean) the lean
+        loop's. The generate row is kept in phase["row"] before the lean loop starts, so that a timeout
+        there still writes it (with lean_interrupted)."""
         ids = torch.randint(100, 1000, (b, P0), device=device, generator=gen)
         new = raas_new(b)
         kw = dict(prefill_chunk_size=args.prefill_chunk or None)
@@ -484,23 +487,25 @@ def main(argv=None):
             phase["name"] = "timed"
             _, d, comp, peak, t_timed = generate_timed(model, ids, new, device, **kw)
             st = raas_flex.stats(model)
+            # d[i] is the time of decode step i+1, at context P0 + i + 2
+            full = [x for i, x in enumerate(d) if P0 + i + 2 > L + 16]
+            ms = median_ms(full[-args.steps:])
+            row = phase["row"]
+            row.update(prompt=P0, prefill_chunk=args.prefill_chunk or None, decoded=new, ms_per_step=ms,
+                       tokens_per_s=b / ms * 1e3, peak_gb=peak / 2**30, kv_gb=st["kv_bytes"] / 2**30,
+                       state_gb=st["state_bytes"] / 2**30, evictions=st["evictions"],
+                       floor_ms=floor_ms(st["state_bytes"]), **comp, graphs_compiled_warmup=g_warm,
+                       t_warmup_s=t_warm, t_timed_s=t_timed)
+            if row["floor_ms"]:
+                row["over_floor"] = ms / row["floor_ms"]
             if args.lean and b == B:
                 phase["name"] = "lean loop"
                 lean_ms, lean_graphs = lean_timed(model, ids, new - args.steps, args.steps, device)
+                row.update(lean_ms_per_step=lean_ms, lean_tokens_per_s=b / lean_ms * 1e3,
+                           lean_graphs_compiled=lean_graphs)
+                if row["floor_ms"]:
+                    row["lean_over_floor"] = lean_ms / row["floor_ms"]
         del ids
-        # d[i] is the time of decode step i+1, at context P0 + i + 2
-        full = [x for i, x in enumerate(d) if P0 + i + 2 > L + 16]
-        ms = median_ms(full[-args.steps:])
-        row = dict(prompt=P0, prefill_chunk=args.prefill_chunk or None, decoded=new, ms_per_step=ms, tokens_per_s=b / ms * 1e3, peak_gb=peak / 2**30,
-                   kv_gb=st["kv_bytes"] / 2**30, state_gb=st["state_bytes"] / 2**30, evictions=st["evictions"],
-                   floor_ms=floor_ms(st["state_bytes"]), **comp, graphs_compiled_warmup=g_warm, t_warmup_s=t_warm,
-                   t_timed_s=t_timed)
-        if row["floor_ms"]:
-            row["over_floor"] = ms / row["floor_ms"]
-        if args.lean and b == B:
-            row.update(lean_ms_per_step=lean_ms, lean_tokens_per_s=b / lean_ms * 1e3, lean_graphs_compiled=lean_graphs)
-            if row["floor_ms"]:
-                row["lean_over_floor"] = lean_ms / row["floor_ms"]
         if args.raas_long and b == B:
             windows = {}
             for lo in sorted({L + 256, (P0 + new) // 2, P0 + new - 512}):
@@ -602,7 +607,7 @@ def main(argv=None):
                 except Exception as e:  # pragma: no cover - e.g. a sticky CUDA error; the measurement will say
                     tqdm.write(f"reset before {kind} failed: {type(e).__name__}: {e}")
             last_kind = kind
-            phase["name"] = "setup"
+            phase["name"], phase["row"] = "setup", {}
             t0 = time.perf_counter()
             failure = None
             try:
@@ -629,6 +634,8 @@ def main(argv=None):
     except (KeyboardInterrupt, SystemExit) as e:
         interrupted, stop = f"{type(e).__name__}({getattr(e, 'code', '')}) during {phase['name'] or 'setup'}", e
         tqdm.write(f"interrupted: {interrupted}; writing the results so far")
+        if phase["name"] == "lean loop":  # generate's time of this row was measured: keep it
+            emit(dict(base, **phase["row"], lean_interrupted=True))
     finally:
         bar.close()
         if old_term is not None:
@@ -712,6 +719,8 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int, att_ratio
             note = (note + "; " if note else "") + (f"lean loop (greedy_decode): {r['lean_ms_per_step']:.2f} ms/step, "
                                                    f"{r['lean_tokens_per_s']:.0f} tokens/s{over}, "
                                                    f"{r['lean_graphs_compiled']} graphs compiled while timed")
+        if r.get("lean_interrupted"):
+            note = (note + "; " if note else "") + "lean loop interrupted (generate's time kept)"
         if meta.get("device") != "cpu" and r.get("graphs_compiled_warmup") == 0:
             note = (note + "; " if note else "") + "no graph compiled in its warm-up (decode eager, or graphs reused)"
         if "skipped" in r:

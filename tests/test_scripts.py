@@ -401,3 +401,22 @@ def test_profile_generate_groups_the_kernels_of_a_recorded_step():
     assert {n for n, g in groups.items() if g == "cache step"} == {"_step_kernel"}
     assert pg.kernel_group("triton_tem_fused__unsafe_view_mm_t_3") == "matmuls"  # an Inductor GEMM template
     assert pg.kernel_group("triton_tem_fused_flex_decoding_0") == "cache step"
+
+
+def test_long_context_keeps_generates_time_when_the_lean_loop_is_interrupted(tmp_path, monkeypatch):
+    """A timeout (SIGTERM's SystemExit) during --lean's loop: generate's time of that row was measured
+    and is written, marked lean_interrupted, and the script still exits as asked."""
+    long_context = _bench_module("long_context")
+
+    def killed(*a, **k):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(long_context, "lean_timed", killed)
+    with pytest.raises(SystemExit):
+        long_context.main(["--smoke", "--order", "raas", "--lean", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "long_context_smoke.json").read_text())
+    (row,) = data["rows"]
+    assert row["kind"] == "raas" and row["ms_per_step"] > 0 and row["evictions"] > 0
+    assert row["lean_interrupted"] is True and "lean_ms_per_step" not in row
+    assert data["meta"]["interrupted"] == "SystemExit(143) during lean loop"
+    assert "lean loop interrupted" in (tmp_path / "long_context_smoke.md").read_text()
