@@ -112,8 +112,8 @@ def per_step(model, ids, fill, steps, spec, args):
     for name, us in sorted(diff.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"  {us / 1e3:8.3f} ms/step  {name[:100]}")
     bandwidth = copy_bandwidth("cuda")
-    table = model.get_input_embeddings().weight  # a step reads B of its rows, unless the head shares it
-    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not table or tied(model))
+    table = None if tied(model) else model.get_input_embeddings().weight  # a step reads B of its rows
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not table)
     floors = {"matmuls": weights, "cache step": raas_flex.stats(model)["state_bytes"], "rest": 0}
     groups = Counter()
     for name, us in diff.items():
@@ -121,8 +121,8 @@ def per_step(model, ids, fill, steps, spec, args):
     print(f"  by group, against (bytes / {bandwidth / 1e12:.2f} TB/s copy bandwidth):")
     for group, nbytes in floors.items():
         floor = nbytes / bandwidth * 1e3
-        over = f", {groups[group] / floor:.2f}x" if floor else ""
-        print(f"  {groups[group]:8.3f} ms/step  {group} (floor {floor:.3f} ms: {nbytes / 1e9:.2f} GB{over})")
+        against = f"floor {floor:.3f} ms: {nbytes / 1e9:.2f} GB, {groups[group] / floor:.2f}x" if nbytes else "no floor"
+        print(f"  {groups[group]:8.3f} ms/step  {group} ({against})")
 
 
 def tied(model) -> bool:
