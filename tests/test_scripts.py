@@ -1,6 +1,7 @@
 """The benchmark and example scripts run (tiny CPU sizes), so they cannot rot unnoticed."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +126,10 @@ def test_long_context_dense_flash_anchor_and_floor(tmp_path):
     raas = next(r for r in rows if r["kind"] == "raas")
     assert flash and all("ms_per_step" in r and r["attended_tokens"] == r["tokens_kept"] for r in flash)
     assert {r["config"] for r in flash} == {"dense"}  # --dense-flash-configs' default
-    assert raas["lean_ms_per_step"] > 0 and raas["lean_graphs_compiled"] == 0  # --lean: the greedy_decode loop
+    # --lean: the greedy_decode loop was timed (a difference of two CPU wall times of 4 tiny steps: its sign
+    # is noise on a busy CPU, so only that it is a number) and compiled nothing while timed
+    assert math.isfinite(raas["lean_ms_per_step"])
+    assert raas["lean_graphs_compiled"] == 0
     assert "lean loop (greedy_decode)" in (tmp_path / "long_context_smoke.md").read_text()
     assert raas["floor_ms"] is None and flash[0]["floor_ms"] is None  # (no GPU: no bandwidth measured)
     data = json.loads((tmp_path / "long_context_smoke.json").read_text())
