@@ -630,6 +630,7 @@ SHARE_SCRIPT = textwrap.dedent("""
     sys.path[:0] = [{tests!r}]
     import test_kernels as t
     from raas_flex import kernels, masks
+    from raas_flex.kernels import attention
     from raas_flex.policies import descending_rank
 
     RTOL, ATOL = {rtol!r}, {atol!r}  # the shares' tolerance (argued in the test's docstring)
@@ -679,12 +680,16 @@ SHARE_SCRIPT = textwrap.dedent("""
         q, k, v = inp.step()
         q = q * data.draw(st.sampled_from([0.5, 1.0, 3.0]), label="query scale")  # flat to peaked softmax
         out_ref = ref.decode(q, k, v)
-        saved = kernels.device_sms
+        # the shares' combine over the whole row in one chunk (the shipped size at these budgets), or
+        # in chunks of 1 or 4 pages (its path for rows of more than 256 pages)
+        chunk = data.draw(st.sampled_from([None, 16, 64]), label="share combine elements")
+        saved = kernels.device_sms, attention.SHARE_COMBINE_ELEMS
         kernels.device_sms = lambda device: sms
+        attention.SHARE_COMBINE_ELEMS = chunk or saved[1]
         try:
             out = fus.decode(q, k, v)
         finally:
-            kernels.device_sms = saved
+            kernels.device_sms, attention.SHARE_COMBINE_ELEMS = saved
         # the append and the row writes: exactly the reference's
         for name in t.EXACT:
             assert torch.equal(getattr(ref, name), getattr(fus, name)), name
