@@ -417,7 +417,8 @@ class PagedKVCache(nn.Module):
             kernels.fused_append_observe(q, k, v, *state, self._imp, self._sink_pages, self._recent_pages,
                                          self.block, self._refresh_pages)
             return self.attend(q)
-        kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages, self.block)
+        kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages, self.block,
+                             not self.policy.narrows)
         lists = self._narrow(q) if self.policy.narrows else None  # the attended pages change every step
         out = self.attend(q, lists)
         self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))

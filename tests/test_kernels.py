@@ -581,9 +581,11 @@ def keeps_everything_like_torch(policy, case, mode):
         assert not bool(ref.overflow) and not bool(fus.overflow)
 
 
-QUEST_CASES = [  # quest on the flex path (backend=None on CUDA): 512 pages of 16 slots, 128 attended; 16 of them, 4
+QUEST_CASES = [  # quest on the flex path (backend=None on CUDA): 512 pages of 16 slots, 128 attended; 16 of them,
+    # 4; all 16 (no page choice: the constant all-partial block lists, which the append kernel leaves to quest)
     ("quest-P512-G4", dict(B=2, Hq=32, Hkv=8, D=128, budget=2048, ps=16), [8000, 3000], dict(max_length=8192)),
     ("quest-P16-G3", dict(B=2, Hq=6, Hkv=2, D=64, budget=64, ps=16), [40, 118], dict(max_length=256)),
+    ("quest-P16-all", dict(B=2, Hq=6, Hkv=2, D=64, budget=256, ps=16), [40, 118], dict(max_length=256)),
 ]
 
 

@@ -24,7 +24,7 @@ def _append_kernel(
     BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
     POLICY: tl.constexpr, SINK_PAGES: tl.constexpr, RECENT_PAGES: tl.constexpr,
     KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr,
-    OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr,
+    OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr, LISTS: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // H
@@ -56,7 +56,7 @@ def _append_kernel(
     tl.store(score_ptr + base + slot, 0.0, mask=opened)
     row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr,
                full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min, ev, opened, has_free,
-               write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False)
+               write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False, LISTS)
     if OBSERVE:  # the RaaS observe of this step's query over the row after the append
         tl.debug_barrier()  # the page-table entry and key bounds stored above are complete
         if BPC == BLOCK_P:  # one chunk: the bounds stay in registers
@@ -72,7 +72,8 @@ def _append_kernel(
     finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, B * H, B, BLOCK_B, False)
 
 
-def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0):
+def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0,
+                   lists=True):
     k_cache, page_id = state[0], state[2]
     B, H, S, D = k_cache.shape
     P = page_id.shape[-1]
@@ -89,7 +90,7 @@ def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block,
         BLOCK_B=triton.next_power_of_2(B), POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
         KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
         LISTS_IN_REGS=lists_in_regs(nb, P), OBSERVE=observe, G=(q.shape[1] // H) if observe else 1,
-        REFRESH=refresh_pages, BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), num_warps=WARPS,
+        REFRESH=refresh_pages, BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), LISTS=lists, num_warps=WARPS,
     )
 
 
@@ -103,14 +104,15 @@ def fused_append(
     k_cache: Tensor, v_cache: Tensor, page_id: Tensor, stamp: Tensor, pinned: Tensor, score: Tensor,
     kmax: Tensor, kmin: Tensor, open_slot: Tensor, length: Tensor, step: Tensor, evictions: Tensor,
     overflow: Tensor, valid: Tensor, ticket: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor,
-    full_idx: Tensor, policy: int, sink_pages: int, recent_pages: int, block: int,
+    full_idx: Tensor, policy: int, sink_pages: int, recent_pages: int, block: int, lists: bool = True,
 ) -> None:
     """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy`` (``Policy.append_code``: raas 0, streaming 1, h2o 2, dense 3);
-    refresh ``valid`` and the exact flex block lists for KV blocks of ``block`` slots (layout of
-    masks.block_lists). ``ticket``: int32 [1], 0 at launch (left 0)."""
+    with ``lists``, refresh ``valid`` and the exact flex block lists for KV blocks of ``block`` slots
+    (layout of masks.block_lists; a policy that picks its pages writes both itself, after the
+    append). ``ticket``: int32 [1], 0 at launch (left 0)."""
     _launch_append(k_new, v_new, (k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length,
                                   step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx),
-                   policy, sink_pages, recent_pages, block)
+                   policy, sink_pages, recent_pages, block, lists=lists)
 
 
 @triton_op("raas_flex::fused_append_observe", mutates_args=_STATE | {"imp"})

@@ -111,17 +111,19 @@ def row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_nu
                full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min,
                ev, opened, has_free, write, D: tl.constexpr, S: tl.constexpr, PS: tl.constexpr,
                BLOCK_PS: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
-               BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, LEAN: tl.constexpr):
+               BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, LEAN: tl.constexpr, LISTS: tl.constexpr = True):
     """The append's writes that no attention reads: the overflow flag, the eviction count, the written
-    page's key bounds, the validity row and the block lists (see :func:`write_valid_lists`)."""
+    page's key bounds, and with LISTS the validity row and the block lists (see
+    :func:`write_valid_lists`; a policy that picks its pages writes both itself)."""
     d = tl.arange(0, D)
     tl.store(overflow_ptr, 1, mask=write == 0)
     tl.store(evictions_ptr + row64, ev + (opened & (has_free == 0)).to(tl.int64))
     tl.store(kmax_ptr + (base + slot) * D + d, new_max)
     tl.store(kmin_ptr + (base + slot) * D + d, new_min)
-    write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
-                      page_tokens(pid_new, pos, PS), S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS,
-                      slot, LEAN)
+    if LISTS:
+        write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
+                          page_tokens(pid_new, pos, PS), S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS,
+                          slot, LEAN)
 
 
 @triton.jit
