@@ -464,6 +464,48 @@ def test_interpreter_matches_torch_on_cpu():
     assert lines[-1].endswith("True") and not lines[-2].endswith("True"), res.stdout  # so did the last dense one
 
 
+LISTS_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path[:0] = [{tests!r}]
+    import test_kernels as t
+    from raas_flex import kernels, masks
+    # quest (dense's append rule) on the flex path: two caches from one prompt, one step each, the
+    # append with and without the validity row and lists; the second starts from marked ones
+    caches = [t.make_pair("quest", B=2, Hq=4, Hkv=2, D=16, budget=16, ps=4, dtype=torch.float32, device="cpu",
+                          max_length=64)[1] for _ in range(2)]
+    inp = t.Inputs(2, 4, 2, 16, dtype=torch.float32, device="cpu", integer=False, seed=3)
+    prompt = inp.prompt([5, 12])
+    _, k, v = inp.step()
+    for c in caches:
+        c.prefill(*prompt)
+    with_lists, without = caches
+    marks = [t.fill_(1) for t in (without.valid, *without._lists)]
+    for c, lists in ((with_lists, True), (without, False)):
+        state = (c.k, c.v, c.page_id, c.stamp, c.pinned, c.score, c.kmax, c.kmin, c.open_slot, c.length, c.step,
+                 c.evictions, c.overflow, c.valid, c._ticket, *c._lists)
+        kernels.fused_append(k, v, *state, c.policy.append_code, 0, 0, c.block, lists)
+    for name in t.STATE:
+        assert torch.equal(getattr(with_lists, name), getattr(without, name)), name
+    assert torch.equal(with_lists.valid, with_lists.token_valid().view(with_lists.valid.shape))
+    assert all(torch.equal(a, b) for a, b in zip(masks.block_lists(with_lists.valid, with_lists.block),
+                                                  with_lists._lists))
+    assert without.valid.all() and all(bool((x == 1).all()) for x in without._lists), "lists=False wrote them"
+    print("lists ok")
+""")
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
+def test_interpreter_append_without_lists_leaves_them():
+    """fused_append(..., lists=False) (quest's, whose page choice writes them after the append) makes
+    the same state change as with lists but leaves the validity row and the block lists as they were;
+    with lists they are the resident tokens and their exact lists."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", LISTS_SCRIPT.format(tests=str(Path(__file__).resolve().parent))],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "lists ok" in res.stdout
+
+
 # -- GPU -------------------------------------------------------------------------------------------
 # (id, policy, shape and budget, prompt lengths, extra config). Page counts 8, 33, 128 and 256; G of
 # 1, 3, 4, 7; prompts near the budget (eviction starts within ~ps steps) mixed with short ones.
