@@ -479,7 +479,8 @@ LISTS_SCRIPT = textwrap.dedent("""
     for c in caches:
         c.prefill(*prompt)
     with_lists, without = caches
-    marks = [t.fill_(1) for t in (without.valid, *without._lists)]
+    for x in (without.valid, *without._lists):
+        x.fill_(1)
     for c, lists in ((with_lists, True), (without, False)):
         state = (c.k, c.v, c.page_id, c.stamp, c.pinned, c.score, c.kmax, c.kmin, c.open_slot, c.length, c.step,
                  c.evictions, c.overflow, c.valid, c._ticket, *c._lists)
