@@ -66,6 +66,23 @@ def _bench_module(name):
         sys.path.pop(0)
 
 
+def test_share_columns_pass_gives_page_shares_and_output():
+    """share_columns.py's flex pass over [V | one-hot page columns] returns the attention output and
+    each page's softmax mass summed over the query heads (against float64 dense attention)."""
+    m = _bench_module("share_columns")
+    torch.manual_seed(0)
+    bh, G, S, D, page = 3, 4, 128, 16, 16
+    q, k, v = (torch.randn(bh, 1, n, D) for n in (G, S, S))
+    vc = m.column_values(v, page)
+    assert vc.shape == (bh, 1, S, D + S // page)
+    out, shares = m.columns_step(q, k, vc, D, G)
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) / D ** 0.5, dim=-1)  # [bh, 1, G, S]
+    want = torch.stack([p[..., i * page:(i + 1) * page].sum((-1, -2)).squeeze(1) for i in range(S // page)], -1)
+    torch.testing.assert_close(shares.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), p @ v.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shares.sum(-1).double(), torch.full((bh,), float(G), dtype=torch.float64))
+
+
 @pytest.mark.compiled
 def test_decode_step_smoke_all_policies_and_replot(tmp_path):
     decode_step = _bench_module("decode_step")
