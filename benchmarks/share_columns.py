@@ -12,7 +12,8 @@ head dim 128, L slots in pages of 16), CUDA-graph replay medians in microseconds
     flex_L            compiled flex_attention over the L slots, V alone (the engine's packed-GQA layout and
                       flex kernel options, ``engine.default_kernel_options``)
     flex_columns      the same with V' = [V | one-hot page columns] (head dim 128 + L/16), and the
-                      shares summed over each KV head's query heads
+                      shares summed over each KV head's query heads (the engine takes their max;
+                      either is one small reduction after the pass)
     <config>          the engine's whole step (``PagedKVCache.compiled_decode()``), e.g.
                       ``raas:importance=attention``
 
