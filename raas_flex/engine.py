@@ -623,8 +623,10 @@ class PagedKVCache(nn.Module):
         """Quest's upper bound of q.k per page, max over each KV head's query heads: fp32 [B, Hkv, P].
 
         sum_d max(q_d M_d, q_d m_d) = q+ . M + q- . m  (q+ = max(q, 0), q- = min(q, 0)), so it is
-        two small matmuls instead of a [G, P, D] intermediate. Empty slots get -inf.
-        """
+        two small matmuls instead of a [G, P, D] intermediate. Empty slots get -inf. The fused backends
+        take the bounds kernel (many programs a row), the torch backend the code below."""
+        if self._backend != "torch":
+            return kernels.page_bounds(q, self.kmax, self.kmin, self.page_id)
         if not torch.compiler.is_compiling():  # eager (the CPU path): two batched products, few ops
             bh, f32 = self.B * self.H, torch.float32
             qg = _as(q.reshape(bh, self.G, self.D), f32)
@@ -634,9 +636,7 @@ class PagedKVCache(nn.Module):
             return torch.where(self.page_id >= 0, s.view(self.B, self.H, self.P), float("-inf"))
         qg = q.reshape(self.B, self.H, self.G, 1, self.D).float()
         kmax, kmin = self.kmax.float(), self.kmin.float()
-        # compiled: one reduction over D per query head of the group, combined with max: Inductor fuses
-        # these into a single pass over kmax/kmin (a batched matmul would need fp32 copies of the
-        # tables and a separate cuBLAS call)
+        # compiled: one reduction over D per query head, maxed: one fused pass over kmax/kmin (kernels.md)
         s = None
         for g in range(self.G):
             qi = qg[:, :, g]  # [B, H, 1, D]

@@ -831,6 +831,53 @@ def test_interpreter_shares_match_float64_on_random_states():
     assert "shares ok" in res.stdout
 
 
+BOUNDS_SCRIPT = textwrap.dedent("""
+    import torch
+    from hypothesis import given, settings, strategies as st
+    from raas_flex import kernels
+
+    @settings(max_examples={examples}, deadline=None, derandomize=True)
+    @given(st.data())
+    def check(data):
+        B, H = data.draw(st.integers(1, 2), label="B"), data.draw(st.integers(1, 3), label="Hkv")
+        G, P = data.draw(st.integers(1, 8), label="G"), data.draw(st.integers(1, 70), label="P")
+        D = data.draw(st.sampled_from([16, 32]), label="D")
+        integer = data.draw(st.booleans(), label="integer")
+        gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+        draw = lambda *shape: (torch.randint(-3, 4, shape, generator=gen).float() if integer
+                               else torch.randn(*shape, generator=gen))
+        q = draw(B, H * G + 2 * H, 1, D)[:, : H * G]  # a view with the batch stride of a fused projection
+        a, b = draw(B, H, P, D), draw(B, H, P, D)
+        kmax, kmin = torch.maximum(a, b), torch.minimum(a, b)
+        page_id = torch.where(torch.rand(B, H, P, generator=gen) < 0.8, torch.arange(P), -1)
+        got = kernels.page_bounds(q, kmax, kmin, page_id)
+        qg = q.double().view(B, H, G, 1, D)
+        want = (qg.clamp(min=0) * kmax.double()[:, :, None] + qg.clamp(max=0) * kmin.double()[:, :, None])
+        want = torch.where(page_id >= 0, want.sum(-1).amax(2), float("-inf")).float()
+        if integer:  # every product and sum exact in fp32
+            assert torch.equal(got, want), (got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    check()
+    print("bounds ok")
+""")
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
+def test_interpreter_page_bounds_match_float64():
+    """Property: the bounds kernel (quest's page choice on the fused backends) gives Quest's bound of
+    every page slot, max over each KV head's query heads, -inf for empty slots: bit for bit on
+    integer inputs, within fp32 rounding on random ones, for any G (1 to 8), page count (not a power
+    of two too) and a strided q. (The interpreter's bf16 products are wrong on CPU, so fp32 here; the
+    GPU tests run quest in bf16.)"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", BOUNDS_SCRIPT.format(examples=60)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "bounds ok" in res.stdout
+
+
 RANK_SCRIPT = textwrap.dedent("""
     import sys, torch, triton, triton.language as tl
     from hypothesis import given, settings, strategies as st

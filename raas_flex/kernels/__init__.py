@@ -6,6 +6,8 @@
                           exact flex block lists
     fused_append_observe  the same, then the RaaS observe of the step's query (Quest's page bound,
                           the top-k refresh): the flex path's one launch a step
+    page_bounds           Quest's page bound of every page slot (quest's page choice), many programs
+                          a row
     fused_step            the whole raas, h2o or streaming step (append, attention, observe) in one launch, laid
                           out by :func:`step_plan` (backend="triton"); attention shares come from the
                           attention's own pass over K/V
@@ -38,6 +40,7 @@ FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 WARPS = 4  # warps per program of every kernel.
 LISTS_IN_REGS_MAX = 8192  # block occupancy from registers up to this many (block, page) pairs, else read back.
 APPEND_BOUND_ELEMS = 8192  # key-bound elements per chunk of the append kernel's observe.
+BOUND_PAGES = 64  # pages per program of the bounds kernel (quest's page choice).
 BLOCK_N = 64  # slots per K/V tile of fused_step.
 TILES_PER_PROGRAM = 16  # a row gets more attention programs when one would run more tiles than this.
 CPU_SPLIT = 4  # attention programs per row wanted where there is no SM count (the interpreter).
@@ -166,4 +169,4 @@ def step_plan(rows: int, slots: int, pages: int, G: int, D: int, sms: int | None
 
 if HAS_TRITON:
     from .attention import fused_step  # noqa: E402
-    from .bookkeeping import fused_append, fused_append_observe  # noqa: E402
+    from .bookkeeping import fused_append, fused_append_observe, page_bounds  # noqa: E402

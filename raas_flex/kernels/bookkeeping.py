@@ -1,15 +1,17 @@
 """The append kernel: one program per (sequence, KV head) row appends the step's token, and with
-OBSERVE runs the RaaS observe of the step's query for the row (the flex path's one launch a step)."""
+OBSERVE runs the RaaS observe of the step's query for the row (the flex path's one launch a step).
+The bounds kernel: Quest's page bound of every page slot, for quest's page choice."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ..policies import RaaS
-from . import APPEND_BOUND_ELEMS, WARPS, lists_in_regs
+from . import APPEND_BOUND_ELEMS, BOUND_PAGES, WARPS, lists_in_regs
 from .rules import (append_inputs, bound_loop, bound_pages, choose_slot, finish_step, new_key_bounds, page_entry,
                     refresh_set, row_writes)
 
@@ -131,3 +133,29 @@ def fused_append_observe(
                    RaaS.append_code, sink_pages, recent_pages, block, q=q, imp=imp,
                    refresh_pages=refresh_pages)
 
+
+
+@triton.jit
+def _bounds_kernel(q_ptr, sqb, sqh, sqd, page_id_ptr, kmax_ptr, kmin_ptr, out_ptr,
+                   H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BPC: tl.constexpr):
+    """Program (row, chunk): :func:`bound_pages` of the row's BPC pages of the chunk, as stored."""
+    row = tl.program_id(0)
+    pp = tl.program_id(1) * BPC + tl.arange(0, BPC)
+    none = tl.zeros([D], kmax_ptr.dtype.element_ty)  # (the step's new key bounds: read as stored instead)
+    bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, out_ptr, kmax_ptr, kmin_ptr, out_ptr, pp, pp < P, -1, False, 0,
+                none, none, row // H, row % H, row.to(tl.int64) * P, G, D, BPC, True, True, False)
+
+
+@triton_op("raas_flex::page_bounds", mutates_args=())
+def page_bounds(q: Tensor, kmax: Tensor, kmin: Tensor, page_id: Tensor) -> Tensor:
+    """Quest's bound of every page slot for q [B, Hq, 1, D] over the key bounds kmax / kmin [B, Hkv,
+    P, D] as stored: fp32 [B, Hkv, P], -inf for empty slots (:meth:`PagedKVCache.page_bound`, by the
+    rule of the append kernel's observe), BOUND_PAGES pages a program."""
+    B, H, P, D = kmax.shape
+    out = torch.empty(B, H, P, dtype=torch.float32, device=kmax.device)
+    bpc = max(16, min(triton.next_power_of_2(P), BOUND_PAGES))  # (a matrix product needs 16)
+    wrap_triton(_bounds_kernel)[(B * H, triton.cdiv(P, bpc))](
+        q, q.stride(0), q.stride(1), q.stride(3), page_id, kmax, kmin, out,
+        H=H, G=q.shape[1] // H, P=P, D=D, BPC=bpc, num_warps=WARPS,
+    )
+    return out

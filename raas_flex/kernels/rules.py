@@ -174,11 +174,12 @@ def write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_
 @triton.jit
 def bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                 pp, mp, slot, opened, new_id, new_max, new_min, b, h, base,
-                G: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, DOT: tl.constexpr, STORED: tl.constexpr):
+                G: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, DOT: tl.constexpr, STORED: tl.constexpr,
+                SCORE: tl.constexpr = True):
     """Quest's bound of the BP pages ``pp`` (``mp``: in the row) as they are after the append (slot
     ``slot`` with key bounds new_max / new_min, id new_id if ``opened``): sum_d max(q_d M_d, q_d m_d)
-    = q+ . M + q- . m, max over the G query heads, -inf for empty slots. Stored to ``imp`` and, -inf /
-    nan as 0, to ``score``; returned. DOT: two matrix products (fp32 operands exact, no tf32); else
+    = q+ . M + q- . m, max over the G query heads, -inf for empty slots. Stored to ``imp`` and (SCORE),
+    -inf / nan as 0, to ``score``; returned. DOT: two matrix products (fp32 operands exact, no tf32); else
     element-wise with a reduction over D per query head. STORED: the program has stored the step's
     writes to the tables already (and passed a barrier), so they are read as they are: merging the new
     row from registers instead costs a layout change through shared memory (the append kernel's
@@ -218,9 +219,10 @@ def bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr
             best = tl.maximum(best, sg)
     imp = tl.where(pid >= 0, best, float("-inf"))
     tl.store(imp_ptr + base + pp, imp, mask=mp)
-    sc = tl.where(imp != imp, 0.0, imp)
-    sc = tl.where(sc == float("-inf"), 0.0, sc)
-    tl.store(score_ptr + base + pp, tl.where(sc == float("inf"), F32_MAX, sc), mask=mp)
+    if SCORE:
+        sc = tl.where(imp != imp, 0.0, imp)
+        sc = tl.where(sc == float("-inf"), 0.0, sc)
+        tl.store(score_ptr + base + pp, tl.where(sc == float("inf"), F32_MAX, sc), mask=mp)
     return imp
 
 
