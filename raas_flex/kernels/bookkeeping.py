@@ -134,7 +134,6 @@ def fused_append_observe(
                    refresh_pages=refresh_pages)
 
 
-
 @triton.jit
 def _bounds_kernel(q_ptr, sqb, sqh, sqd, page_id_ptr, kmax_ptr, kmin_ptr, out_ptr,
                    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BPC: tl.constexpr):
