@@ -24,7 +24,7 @@ one if the buffer is full), attends over the resident tokens, then lets the poli
              reference, every policy, every device
     flex     one Triton bookkeeping kernel (append, eviction, validity row, exact block lists and,
              for raas with the bound and top-k, the observe) then flex_attention (quest: over the
-             pages it picks, from the torch page choice); CUDA; every policy
+             pages it picks, by the bounds and pick kernels); CUDA; every policy
     triton   the whole step in one Triton kernel (raas, h2o: shares from the attention's pass;
              streaming and dense: no observe); CUDA; every policy but quest
 
@@ -281,19 +281,9 @@ class PagedKVCache(nn.Module):
     def page_state(self) -> PageState:
         """Copies of the page table (for tests, plots and debugging; syncs nothing itself)."""
         fill = self.length - (self.length - 1).clamp(min=0) // self.ps * self.ps
-        return PageState(
-            page_id=self.page_id.clone(),
-            stamp=self.stamp.clone(),
-            pinned=self.pinned.clone(),
-            score=self.score.clone(),
-            open_slot=self.open_slot.clone(),
-            length=self.length.clone(),
-            fill=torch.where(self.length > 0, fill, 0),
-            step=self.step.clone(),
-            evictions=self.evictions.clone(),
-            overflow=self.overflow.clone(),
-            page_size=self.ps,
-        )
+        names = ("page_id", "stamp", "pinned", "score", "open_slot", "length", "step", "evictions", "overflow")
+        return PageState(**{n: getattr(self, n).clone() for n in names}, fill=torch.where(self.length > 0, fill, 0),
+                         page_size=self.ps)
 
     def check(self) -> None:
         """Raise if a token ever found no slot (host sync: call outside the decode loop)."""
@@ -464,7 +454,11 @@ class PagedKVCache(nn.Module):
     def _narrow(self, q: Tensor) -> tuple[Tensor, Tensor] | None:
         """After the append: ``valid`` gets the resident tokens (in the layer's window) of the pages the
         policy attends. A policy that picks pages gets flex block lists naming exactly its pages, a
-        block being a page (kv_num [B*Hkv, 1, 1], kv_idx [B*Hkv, 1, 1, P], int32, all partial); else None."""
+        block being a page (kv_num [B*Hkv, 1, 1], kv_idx [B*Hkv, 1, 1, P], int32, all partial); else None.
+        Quest on the fused backends: its rule in the pick kernel, after the bounds kernel."""
+        if self._backend != "torch":
+            return kernels.pick_pages(self.page_bound(q), self.page_id, self.open_slot, self.length, self.valid,
+                                      self.budget_pages)
         valid, choice = self.valid_slots(), self.policy.attended_pages(self, q)
         if choice is None:
             self.valid.copy_(valid.view(self.B * self.H, self.S))

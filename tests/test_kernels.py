@@ -637,9 +637,9 @@ QUEST_CASES = [  # quest on the flex path (backend=None on CUDA): 512 pages of 1
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", QUEST_CASES, ids=[c[0] for c in QUEST_CASES])
 def test_gpu_quest_matches_torch(case, mode):
-    """Quest with the fused append and its page choice in torch, against the torch reference: random bf16
-    inputs resynced every step, then integer inputs without resync (bit-identical page tables and
-    attended slots); nothing evicted, nothing overflowed."""
+    """Quest with the fused append and its bounds and pick kernels, against the torch reference: random
+    bf16 inputs resynced every step, then integer inputs without resync (bit-identical page tables
+    and attended slots); nothing evicted, nothing overflowed."""
     keeps_everything_like_torch("quest", case, mode)
 
 
@@ -878,6 +878,77 @@ def test_interpreter_page_bounds_match_float64():
     assert "bounds ok" in res.stdout
 
 
+PICK_SCRIPT = textwrap.dedent("""
+    import types, torch
+    from hypothesis import given, settings, strategies as st
+    from raas_flex import kernels
+    from raas_flex.policies import Quest
+
+    # few distinct bounds, so ties are frequent; 1.0's float32 neighbour differs in the last bit
+    VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, 1.0000001192092896, 3e38, -3e38])
+
+    def run(B, H, P, ps, lengths, bound, page_id, budget):
+        length = torch.tensor(lengths)
+        open_slot = torch.where(page_id == ((length - 1) // ps)[:, None, None], torch.arange(P), 0).amax(-1)
+        valid = torch.ones(B * H, P * ps, dtype=torch.bool)  # every slot must be written
+        kv_num, kv_idx = kernels.pick_pages(bound, page_id, open_slot, length, valid, budget)
+        cache = types.SimpleNamespace(budget_pages=budget, P=P, page_id=page_id, slot_index=torch.arange(P),
+                                      open_slot=open_slot, page_bound=lambda q: bound)
+        choice = Quest().attended_pages(cache, None)  # the torch rule
+        if choice is None:
+            picked = page_id >= 0
+        else:
+            order, count = choice
+            picked = torch.zeros_like(page_id, dtype=torch.bool).scatter_(
+                -1, order[..., :budget], torch.arange(P)[:budget] < count[..., None])
+        logical = page_id[..., None] * ps + torch.arange(ps)
+        want = (page_id >= 0)[..., None] & (logical < length[:, None, None, None]) & picked[..., None]
+        assert torch.equal(valid.view(B, H, P, ps), want), (bound, page_id, budget)
+        assert torch.equal(kv_num.view(B, H), picked.sum(-1).int())
+        for r, (n, idx) in enumerate(zip(kv_num.view(-1).tolist(), kv_idx.view(B * H, P).tolist())):
+            assert idx[:n] == picked.view(B * H, P)[r].nonzero().view(-1).tolist()  # the chosen, in slot order
+            assert sorted(idx) == list(range(P))  # then every other slot once
+
+    @settings(max_examples={examples}, deadline=None, derandomize=True)
+    @given(st.data())
+    def check(data):
+        B, H = data.draw(st.integers(1, 2), label="B"), data.draw(st.integers(1, 2), label="Hkv")
+        P, ps = data.draw(st.integers(1, 40), label="P"), data.draw(st.sampled_from([1, 2, 3, 4]), label="ps")
+        lengths = data.draw(st.lists(st.integers(1, P * ps), min_size=B, max_size=B), label="lengths")
+        page_id = torch.full((B, H, P), -1)
+        for b, n in enumerate(lengths):  # every written page resident (quest keeps them), in any slots
+            for h in range(H):
+                slots = data.draw(st.permutations(range(P)), label="slots")[: -(-n // ps)]
+                page_id[b, h, slots] = torch.arange(len(slots))
+        vals = data.draw(st.lists(VALUES, min_size=B * H * P, max_size=B * H * P), label="bounds")
+        bound = torch.where(page_id >= 0, torch.tensor(vals).view(B, H, P), float("-inf"))
+        run(B, H, P, ps, lengths, bound, page_id, data.draw(st.integers(1, P + 2), label="budget_pages"))
+
+    check()
+    # a long row: 300 slots, 1,150 tokens of pages of 4, 64 chosen
+    gen = torch.Generator().manual_seed(0)
+    page_id = torch.where(torch.arange(300) < 288, torch.randperm(300, generator=gen), -1)[None, None]
+    page_id = torch.where(page_id < 288, page_id, -1)
+    run(1, 1, 300, 4, [1150], torch.where(page_id >= 0, torch.randn(1, 1, 300, generator=gen).round(decimals=1),
+                                          float("-inf")), page_id, 64)
+    print("pick ok")
+""")
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
+def test_interpreter_pick_pages_matches_quest_rule():
+    """Property: the pick kernel (quest's page choice on the fused backends) chooses exactly the pages
+    of the torch rule (``Quest.attended_pages``: the open page first, then by bound, ties to the lower
+    slot, all while fewer are resident), writes the validity row of their written tokens (every other
+    slot False) and lists the chosen slots first in slot order, then every other slot once; on rows
+    full of ties, bounds one bit apart, budgets up to the whole row and beyond, and a row of 300 slots."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", PICK_SCRIPT.format(examples=150)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "pick ok" in res.stdout
+
+
 RANK_SCRIPT = textwrap.dedent("""
     import sys, torch, triton, triton.language as tl
     from hypothesis import given, settings, strategies as st
@@ -893,16 +964,14 @@ RANK_SCRIPT = textwrap.dedent("""
         sel = refresh_set(imp, pid, i, in_row, P, REFRESH, BLOCK_P)
         tl.store(stamp_ptr + i, tl.zeros([BLOCK_P], tl.int64) + 7, mask=sel)
 
-    # few distinct values, so ties (and -0.0 against 0.0) are frequent
-    VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-30, -1e-30, 3e38, -3e38])
+    # few distinct values, so ties (and -0.0 against 0.0) are frequent; 1.0's float32 neighbours differ
+    # from it in the last bits only, any float32 anywhere
+    VALUES = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-30, -1e-30, 3e38, -3e38,
+                                        1.0000001192092896, 0.9999999403953552, -1.0000001192092896]),
+                       st.floats(width=32, allow_nan=False, allow_infinity=False))
 
-    @settings(max_examples={examples}, deadline=None, derandomize=True)
-    @given(st.data())
-    def check(data):
-        P = data.draw(st.integers(1, 40), label="P")
-        vals = data.draw(st.lists(VALUES, min_size=P, max_size=P), label="importance")
-        resident = data.draw(st.lists(st.booleans(), min_size=P, max_size=P), label="resident")
-        refresh = data.draw(st.integers(1, P + 2), label="refresh_pages")
+    def run(vals, resident, refresh):
+        P = len(vals)
         res = torch.tensor(resident)
         imp = torch.where(res, torch.tensor(vals, dtype=torch.float32), float("-inf"))  # as the kernels store it
         pid = torch.where(res, torch.arange(P), -1)
@@ -911,7 +980,19 @@ RANK_SCRIPT = textwrap.dedent("""
         want = torch.where(res & (descending_rank(imp) < refresh), 7, 0)
         assert torch.equal(stamp, want), (imp.tolist(), resident, refresh, stamp.tolist(), want.tolist())
 
+    @settings(max_examples={examples}, deadline=None, derandomize=True)
+    @given(st.data())
+    def check(data):
+        P = data.draw(st.integers(1, 40), label="P")
+        vals = data.draw(st.lists(VALUES, min_size=P, max_size=P), label="importance")
+        resident = data.draw(st.lists(st.booleans(), min_size=P, max_size=P), label="resident")
+        run(vals, resident, data.draw(st.integers(1, P + 2), label="refresh_pages"))
+
     check()
+    # neighbours that differ in the last bit only, the larger in the higher slot
+    up = 1.0000001192092896
+    run([1.0, up], [True, True], 1)
+    run([-up, -1.0, 0.0, 1.0, up, 1.0], [True] * 6, 2)
     print("rank ok")
 """)
 

@@ -8,6 +8,8 @@
                           the top-k refresh): the flex path's one launch a step
     page_bounds           Quest's page bound of every page slot (quest's page choice), many programs
                           a row
+    pick_pages            quest's page choice from those bounds (a radix select, one program a row),
+                          with the validity row and block lists of the chosen pages
     fused_step            the whole raas, h2o or streaming step (append, attention, observe) in one launch, laid
                           out by :func:`step_plan` (backend="triton"); attention shares come from the
                           attention's own pass over K/V
@@ -169,4 +171,4 @@ def step_plan(rows: int, slots: int, pages: int, G: int, D: int, sms: int | None
 
 if HAS_TRITON:
     from .attention import fused_step  # noqa: E402
-    from .bookkeeping import fused_append, fused_append_observe, page_bounds  # noqa: E402
+    from .bookkeeping import fused_append, fused_append_observe, page_bounds, pick_pages  # noqa: E402

@@ -1,6 +1,7 @@
 """The append kernel: one program per (sequence, KV head) row appends the step's token, and with
 OBSERVE runs the RaaS observe of the step's query for the row (the flex path's one launch a step).
-The bounds kernel: Quest's page bound of every page slot, for quest's page choice."""
+The bounds kernel: Quest's page bound of every page slot; the pick kernel: quest's page choice from
+them, with the validity row and block lists of the chosen pages."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch.library import triton_op, wrap_triton
 from ..policies import RaaS
 from . import APPEND_BOUND_ELEMS, BOUND_PAGES, WARPS, lists_in_regs
 from .rules import (append_inputs, bound_loop, bound_pages, choose_slot, finish_step, new_key_bounds, page_entry,
-                    refresh_set, row_writes)
+                    page_tokens, refresh_set, row_writes)
 
 
 @triton.jit
@@ -158,3 +159,47 @@ def page_bounds(q: Tensor, kmax: Tensor, kmin: Tensor, page_id: Tensor) -> Tenso
         H=H, G=q.shape[1] // H, P=P, D=D, BPC=bpc, num_warps=WARPS,
     )
     return out
+
+
+@triton.jit
+def _pick_kernel(bound_ptr, page_id_ptr, open_slot_ptr, length_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr,
+                 H: tl.constexpr, P: tl.constexpr, PS: tl.constexpr, BUDGET: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_PS: tl.constexpr):
+    """Program ``row``: the BUDGET resident pages of the row's largest bound, the open page first
+    (:func:`refresh_set`, ties to the lower slot), as the validity row (their written tokens) and
+    block lists of one page a block: the chosen slots in slot order, then the others."""
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    base = row64 * P
+    p = tl.arange(0, BLOCK_P)
+    in_row = p < P
+    pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
+    bound = tl.load(bound_ptr + base + p, mask=in_row, other=float("-inf"))
+    bound = tl.where(p == tl.load(open_slot_ptr + row64), float("inf"), bound)
+    pick = refresh_set(bound, pid, p, in_row, P, BUDGET, BLOCK_P)
+    count = tl.sum(pick.to(tl.int32), 0)
+    c = tl.cumsum(pick.to(tl.int32), 0)
+    tl.store(kv_idx_ptr + row64 * P + tl.where(pick, c - 1, count + p - c), p, mask=in_row)
+    tl.store(kv_num_ptr + row64, count)
+    n_p = tl.where(pick, page_tokens(pid, tl.load(length_ptr + row // H) - 1, PS), 0)
+    tt = tl.arange(0, BLOCK_PS)
+    tl.store(valid_ptr + (base + p[:, None]) * PS + tt[None, :], tt[None, :] < n_p[:, None],
+             mask=in_row[:, None] & (tt[None, :] < PS))
+
+
+@triton_op("raas_flex::pick_pages", mutates_args={"valid"})
+def pick_pages(bound: Tensor, page_id: Tensor, open_slot: Tensor, length: Tensor, valid: Tensor,
+               budget_pages: int) -> tuple[Tensor, Tensor]:
+    """Quest's page choice (:meth:`Quest.attended_pages`' rule) from the bounds fp32 [B, Hkv, P] of
+    :func:`page_bounds`: ``valid`` [B * Hkv, S] gets the written tokens of the chosen pages (after the
+    append); returns flex block lists of one page a block, (kv_num [B * Hkv, 1, 1], kv_idx [B * Hkv, 1,
+    1, P]), int32, every block partial."""
+    B, H, P = page_id.shape
+    ps = valid.shape[-1] // P
+    kv_num = torch.empty(B * H, 1, 1, dtype=torch.int32, device=bound.device)
+    kv_idx = torch.empty(B * H, 1, 1, P, dtype=torch.int32, device=bound.device)
+    wrap_triton(_pick_kernel)[(B * H,)](
+        bound, page_id, open_slot, length, valid, kv_num, kv_idx, H=H, P=P, PS=ps, BUDGET=budget_pages,
+        BLOCK_P=triton.next_power_of_2(P), BLOCK_PS=triton.next_power_of_2(ps), num_warps=WARPS,
+    )
+    return kv_num, kv_idx
