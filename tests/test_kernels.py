@@ -956,12 +956,13 @@ RANK_SCRIPT = textwrap.dedent("""
     from raas_flex.policies import descending_rank
 
     @triton.jit
-    def probe(imp_ptr, pid_ptr, stamp_ptr, P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr):
+    def probe(imp_ptr, pid_ptr, stamp_ptr, P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr,
+              SEARCH: tl.constexpr):
         i = tl.arange(0, BLOCK_P)
         in_row = i < P
         imp = tl.load(imp_ptr + i, mask=in_row, other=float("-inf"))
         pid = tl.load(pid_ptr + i, mask=in_row, other=-1)
-        sel = refresh_set(imp, pid, i, in_row, P, REFRESH, BLOCK_P)
+        sel = refresh_set(imp, pid, i, in_row, P, REFRESH, BLOCK_P, SEARCH)
         tl.store(stamp_ptr + i, tl.zeros([BLOCK_P], tl.int64) + 7, mask=sel)
 
     # few distinct values, so ties (and -0.0 against 0.0) are frequent; 1.0's float32 neighbours differ
@@ -975,10 +976,11 @@ RANK_SCRIPT = textwrap.dedent("""
         res = torch.tensor(resident)
         imp = torch.where(res, torch.tensor(vals, dtype=torch.float32), float("-inf"))  # as the kernels store it
         pid = torch.where(res, torch.arange(P), -1)
-        stamp = torch.zeros(P, dtype=torch.int64)
-        probe[(1,)](imp, pid, stamp, P=P, REFRESH=refresh, BLOCK_P=triton.next_power_of_2(P))
         want = torch.where(res & (descending_rank(imp) < refresh), 7, 0)
-        assert torch.equal(stamp, want), (imp.tolist(), resident, refresh, stamp.tolist(), want.tolist())
+        for search in (False, True):  # the k-th largest by a sort, and by the bitwise search
+            stamp = torch.zeros(P, dtype=torch.int64)
+            probe[(1,)](imp, pid, stamp, P=P, REFRESH=refresh, BLOCK_P=triton.next_power_of_2(P), SEARCH=search)
+            assert torch.equal(stamp, want), (search, imp.tolist(), resident, refresh, stamp.tolist(), want.tolist())
 
     @settings(max_examples={examples}, deadline=None, derandomize=True)
     @given(st.data())
@@ -999,9 +1001,10 @@ RANK_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
 def test_interpreter_topk_refresh_matches_descending_rank():
-    """Property: the kernels' top-k refresh stamps exactly the resident pages whose
-    stable descending rank (torch reference) is below refresh_pages, on rows full of exact ties,
-    +-0.0, huge magnitudes and empty slots."""
+    """Property: the kernels' top-k refresh (its k-th largest by a sort and by the bitwise search)
+    stamps exactly the resident pages whose stable descending rank (torch reference) is below
+    refresh_pages, on rows full of exact ties, +-0.0, huge magnitudes, neighbours one bit apart, any
+    float32 and empty slots."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", RANK_SCRIPT.format(examples=300)], env=env,
                          capture_output=True, text=True, timeout=600)

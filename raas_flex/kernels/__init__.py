@@ -8,7 +8,7 @@
                           the top-k refresh): the flex path's one launch a step
     page_bounds           Quest's page bound of every page slot (quest's page choice), many programs
                           a row
-    pick_pages            quest's page choice from those bounds (a radix select, one program a row),
+    pick_pages            quest's page choice from those bounds (a bitwise search, one program a row),
                           with the validity row and block lists of the chosen pages
     fused_step            the whole raas, h2o or streaming step (append, attention, observe) in one launch, laid
                           out by :func:`step_plan` (backend="triton"); attention shares come from the

@@ -166,7 +166,7 @@ def _pick_kernel(bound_ptr, page_id_ptr, open_slot_ptr, length_ptr, valid_ptr, k
                  H: tl.constexpr, P: tl.constexpr, PS: tl.constexpr, BUDGET: tl.constexpr, BLOCK_P: tl.constexpr,
                  BLOCK_PS: tl.constexpr):
     """Program ``row``: the BUDGET resident pages of the row's largest bound, the open page first
-    (:func:`refresh_set`, ties to the lower slot), as the validity row (their written tokens) and
+    (:func:`refresh_set` by its search, ties to the lower slot), as the validity row (their written tokens) and
     block lists of one page a block: the chosen slots in slot order, then the others."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
@@ -176,7 +176,7 @@ def _pick_kernel(bound_ptr, page_id_ptr, open_slot_ptr, length_ptr, valid_ptr, k
     pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
     bound = tl.load(bound_ptr + base + p, mask=in_row, other=float("-inf"))
     bound = tl.where(p == tl.load(open_slot_ptr + row64), float("inf"), bound)
-    pick = refresh_set(bound, pid, p, in_row, P, BUDGET, BLOCK_P)
+    pick = refresh_set(bound, pid, p, in_row, P, BUDGET, BLOCK_P, True)
     count = tl.sum(pick.to(tl.int32), 0)
     c = tl.cumsum(pick.to(tl.int32), 0)
     tl.store(kv_idx_ptr + row64 * P + tl.where(pick, c - 1, count + p - c), p, mask=in_row)

@@ -240,40 +240,39 @@ def bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr,
 
 
 @triton.jit
-def kth_largest(key, ok, k, BLOCK: tl.constexpr):
-    """Where the k-th largest (1 <= k <= the count of ``ok``) of the int32 keys [BLOCK] marked ``ok``
-    lies: (the keys above it, the keys equal to it, how many of those equal keys are among the k
-    largest). A radix select over 4-bit digits of the keys' order-preserving unsigned image, most
-    significant first: eight counting passes of 16 bins, no sort."""
+def kth_largest(key, ok, k):
+    """The k-th largest (1 <= k <= the count of ``ok``) of the int32 keys marked ``ok``, without a
+    sort: a search over the bits of the keys' order-preserving unsigned image, most significant
+    first, one count of the keys at or above each candidate (32 counts)."""
     u = key.to(tl.uint32, bitcast=True) ^ 0x80000000
-    bins = tl.arange(0, 16)
-    live = ok  # the keys that agree with the k-th largest on every digit chosen so far
-    above = ok & (key != key)
-    need = k
-    for i in tl.static_range(8):
-        digit = ((u >> (28 - 4 * i)) & 15).to(tl.int32)
-        cnt = tl.sum((live[:, None] & (digit[:, None] == bins[None, :])).to(tl.int32), 0)
-        ge = tl.sum(cnt, 0) - tl.cumsum(cnt, 0) + cnt  # live keys with a digit >= each bin's
-        pick = tl.sum((ge >= need).to(tl.int32), 0) - 1  # the k-th largest's digit
-        need -= tl.sum(tl.where(bins > pick, cnt, 0), 0)
-        above = above | (live & (digit > pick))
-        live = live & (digit == pick)
-    return above, live, need
+    t = tl.full([], 0, tl.uint32)
+    for bit in tl.static_range(31, -1, -1):
+        cand = t | (1 << bit)
+        t = tl.where(tl.sum((ok & (u >= cand)).to(tl.int32), 0) >= k, cand, t)
+    return (t ^ 0x80000000).to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def refresh_set(imp, pid, i, in_row, P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr):
+def refresh_set(imp, pid, i, in_row, P: tl.constexpr, REFRESH: tl.constexpr, BLOCK_P: tl.constexpr,
+                SEARCH: tl.constexpr = False):
     """The top REFRESH resident pages of a row (imp, pid: [BLOCK_P] over slots i) as a mask, in the
     torch code's stable descending order (equal importance: the lower slot first). The importance
-    maps to an order-preserving int32 image (-0.0 as 0.0); :func:`kth_largest` finds the REFRESH-th
-    largest; pages above it are in, and of those equal to it the lowest slots fill what is left."""
+    maps to an order-preserving int32 image (-0.0 as 0.0); one sort (SEARCH: :func:`kth_largest`,
+    for long rows) gives the REFRESH-th largest t; pages above t are in, and of those equal to t the
+    lowest slots fill what is left."""
     resident = (pid >= 0) & in_row
     if REFRESH >= P:
         refresh = resident
     else:
         bits = tl.where(imp == 0.0, 0.0, imp).to(tl.int32, bitcast=True)
-        low = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        above, tie, need = kth_largest(low, in_row, REFRESH, BLOCK_P)
+        low = tl.where(in_row, tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF), -2147483647 - 1)
+        if SEARCH:
+            t = kth_largest(low, in_row, REFRESH)
+        else:
+            t = tl.sum(tl.where(i == REFRESH - 1, tl.sort(low, descending=True), 0), 0)
+        above = in_row & (low > t)
+        tie = in_row & (low == t)
+        need = REFRESH - tl.sum(above.to(tl.int32), 0)
         refresh = resident & (above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)))
     return refresh
 
