@@ -166,8 +166,8 @@ def _pick_kernel(bound_ptr, page_id_ptr, open_slot_ptr, length_ptr, valid_ptr, k
                  H: tl.constexpr, P: tl.constexpr, PS: tl.constexpr, BUDGET: tl.constexpr, BLOCK_P: tl.constexpr,
                  BLOCK_PS: tl.constexpr):
     """Program ``row``: the BUDGET resident pages of the row's largest bound, the open page first
-    (:func:`refresh_set` by its search, ties to the lower slot), as the validity row (their written tokens) and
-    block lists of one page a block: the chosen slots in slot order, then the others."""
+    (:func:`refresh_set` by its search, ties to the lower slot), as the validity row (their written
+    tokens) and block lists of one page a block: the chosen slots in slot order, then the others."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     base = row64 * P
