@@ -1,7 +1,7 @@
 """Shared test setup: hypothesis profiles, deterministic seeds, warning filters.
 
 Hypothesis profiles (select with HYPOTHESIS_PROFILE=name):
-    default   100 examples per property, what CI runs (the whole suite stays under ~5 min on 2 cores)
+    default   100 examples per property, what CI runs
     ci        like default, derandomized so a CI run is reproducible (set by .ci/run)
     thorough  500 examples per property, for a long local run after touching the engine
 """

@@ -943,7 +943,7 @@ def test_interpreter_pick_pages_matches_quest_rule():
     slot False) and lists the chosen slots first in slot order, then every other slot once; on rows
     full of ties, bounds one bit apart, budgets up to the whole row and beyond, and a row of 300 slots."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", PICK_SCRIPT.format(examples=100)], env=env,
+    res = subprocess.run([sys.executable, "-c", PICK_SCRIPT.format(examples=60)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "pick ok" in res.stdout
@@ -1006,7 +1006,7 @@ def test_interpreter_topk_refresh_matches_descending_rank():
     refresh_pages, on rows full of exact ties, +-0.0, huge magnitudes, neighbours one bit apart, any
     float32 and empty slots."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", RANK_SCRIPT.format(examples=200)], env=env,
+    res = subprocess.run([sys.executable, "-c", RANK_SCRIPT.format(examples=120)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "rank ok" in res.stdout
