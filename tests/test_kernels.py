@@ -302,7 +302,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                      steps=24),
          dict(split=2, observer=True, writer=False)),
         ("streaming", dict(B=2, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[0, 9], integer=True, sink_tokens=3), None),
-        # quest on the flex path (dense's append rule, its page choice in torch); the second fills its
+        # quest on the flex path (dense's append rule, its bounds and pick kernels); the second fills its
         # 64 slots and overflows
         ("quest", dict(B=2, Hq=4, Hkv=2, D=16, budget=16, ps=4, lens=[5, 30], integer=True, max_length=96), None),
         ("quest", dict(B=1, Hq=6, Hkv=2, D=16, budget=24, ps=8, lens=[40], integer=False, max_length=64), None),
@@ -323,7 +323,9 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                        max_length=64, block_size=2, sms=1, steps=20),
          dict(split=1, observer=False, lean=True, lazy=False)),
     ]
-    for policy, kw, want in cases:
+    for i, (policy, kw, want) in enumerate(cases):
+        if i % {parts} != {part}:  # (the test runs the cases in {parts} processes side by side)
+            continue
         steps = kw.pop("steps", 40)
         ref, fus = t.twin_run(policy, steps=steps, mode="eager", dtype=torch.float32, device="cpu", **kw)
         if want is not None:
@@ -331,7 +333,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                                      bounds=fus.policy.step_observe == 0)
             got = {{k: getattr(plan, k) for k in want}}
             assert got == want, (kw, plan)
-        print(policy, "ok", ref.evictions.sum().item(), bool(ref.overflow))
+        print(i, policy, "ok", ref.evictions.sum().item(), bool(ref.overflow))
 """)
 
 
@@ -455,13 +457,19 @@ def test_interpreter_matches_torch_on_cpu():
     both paths; and quest on the flex path (same rule, pages picked each step)."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT.format(tests=tests)], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    lines = [ln for ln in res.stdout.splitlines() if " ok " in ln]
-    assert len(lines) == 28 and lines[-6].endswith("True"), res.stdout  # the h2o case overflowed
-    assert [ln.split()[-1] for ln in lines if ln.startswith("quest")] == ["False", "True"], res.stdout
-    assert lines[-1].endswith("True") and not lines[-2].endswith("True"), res.stdout  # so did the last dense one
+    parts = 2  # every other case in each of two processes: the CPU machine's two cores
+    procs = [subprocess.Popen([sys.executable, "-c", INTERPRETER_SCRIPT.format(tests=tests, part=part, parts=parts)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for part in range(parts)]
+    outs = [proc.communicate(timeout=900) for proc in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    stdout = "\n".join(out for out, _ in outs)
+    lines = sorted((ln for ln in stdout.splitlines() if " ok " in ln), key=lambda ln: int(ln.split()[0]))
+    lines = [ln.split(None, 1)[1] for ln in lines]  # in the cases' order, without the index
+    assert len(lines) == 28 and lines[-6].endswith("True"), stdout  # the h2o case overflowed
+    assert [ln.split()[-1] for ln in lines if ln.startswith("quest")] == ["False", "True"], stdout
+    assert lines[-1].endswith("True") and not lines[-2].endswith("True"), stdout  # so did the last dense one
 
 
 LISTS_SCRIPT = textwrap.dedent("""
