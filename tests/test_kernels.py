@@ -238,6 +238,15 @@ def test_unsupported_reasons(monkeypatch):
     assert "page_size=12" in backend_unsupported("triton", make_config(48, "h2o", page_size=12), cuda, torch.bfloat16)
 
 
+def run_interpreted(script: str, marker: str, timeout: int = 600) -> None:
+    """Run a test script in a fresh Python with Triton's CPU interpreter on; it must exit 0 and
+    print ``marker`` (its last line, once every check passed)."""
+    res = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, TRITON_INTERPRET="1"),
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert marker in res.stdout
+
+
 INTERPRETER_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path[:0] = [{tests!r}]
@@ -508,11 +517,7 @@ def test_interpreter_append_without_lists_leaves_them():
     """fused_append(..., lists=False) (quest's, whose page choice writes them after the append) makes
     the same state change as with lists but leaves the validity row and the block lists as they were;
     with lists they are the resident tokens and their exact lists."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", LISTS_SCRIPT.format(tests=str(Path(__file__).resolve().parent))],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "lists ok" in res.stdout
+    run_interpreted(LISTS_SCRIPT.format(tests=str(Path(__file__).resolve().parent)), "lists ok")
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -832,11 +837,8 @@ def test_interpreter_shares_match_float64_on_random_states():
     a page whose float64 share lies within that tolerance of the decision boundary (the threshold,
     or the row's refresh-th largest share) may be decided either way by fp32 rounding; everywhere
     else fused and reference stamps must both equal the float64 decision, and be equal."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
     script = SHARE_SCRIPT.format(tests=str(Path(__file__).resolve().parent), examples=100, rtol=1e-4, atol=1e-6)
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "shares ok" in res.stdout
+    run_interpreted(script, "shares ok", timeout=900)
 
 
 BOUNDS_SCRIPT = textwrap.dedent("""
@@ -879,11 +881,7 @@ def test_interpreter_page_bounds_match_float64():
     integer inputs, within fp32 rounding on random ones, for any G (1 to 8), page count (not a power
     of two too) and a strided q. (The interpreter's bf16 products are wrong on CPU, so fp32 here; the
     GPU tests run quest in bf16.)"""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", BOUNDS_SCRIPT.format(examples=60)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "bounds ok" in res.stdout
+    run_interpreted(BOUNDS_SCRIPT.format(examples=60), "bounds ok")
 
 
 PICK_SCRIPT = textwrap.dedent("""
@@ -950,11 +948,7 @@ def test_interpreter_pick_pages_matches_quest_rule():
     slot, all while fewer are resident), writes the validity row of their written tokens (every other
     slot False) and lists the chosen slots first in slot order, then every other slot once; on rows
     full of ties, bounds one bit apart, budgets up to the whole row and beyond, and a row of 300 slots."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", PICK_SCRIPT.format(examples=60)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "pick ok" in res.stdout
+    run_interpreted(PICK_SCRIPT.format(examples=60), "pick ok")
 
 
 RANK_SCRIPT = textwrap.dedent("""
@@ -1013,8 +1007,4 @@ def test_interpreter_topk_refresh_matches_descending_rank():
     stamps exactly the resident pages whose stable descending rank (torch reference) is below
     refresh_pages, on rows full of exact ties, +-0.0, huge magnitudes, neighbours one bit apart, any
     float32 and empty slots."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", RANK_SCRIPT.format(examples=120)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "rank ok" in res.stdout
+    run_interpreted(RANK_SCRIPT.format(examples=120), "rank ok")
