@@ -31,8 +31,9 @@ class RaaSConfig:
     backend: how a decode step runs, fixed when the cache is built (see :mod:`raas_flex.engine`):
         "torch" (torch ops + flex_attention; every policy, every device), "flex" (CUDA: one Triton
         bookkeeping kernel + flex_attention; every policy, quest's page choice by two more
-        kernels), "triton" (CUDA: the whole step in one Triton kernel; every policy but quest).
-        None: the fastest backend that serves the policy on the cache's device (quest: flex on CUDA).
+        kernels), "triton" (CUDA: the whole step in one Triton kernel; quest: its append, page
+        bounds, page choice and the attention over the chosen pages in four). None: the fastest
+        backend that serves the policy on the cache's device (triton on CUDA where it serves).
     compile_flex: run flex_attention compiled when the step itself is not being compiled. None:
         compiled on CUDA, eager on CPU.
     """

@@ -26,7 +26,8 @@ one if the buffer is full), attends over the resident tokens, then lets the poli
              for raas with the bound and top-k, the observe) then flex_attention (quest: over the
              pages it picks, by the bounds and pick kernels); CUDA; every policy
     triton   the whole step in one Triton kernel (raas, h2o: shares from the attention's pass;
-             streaming and dense: no observe); CUDA; every policy but quest
+             streaming and dense: no observe); quest: the append, bounds and pick kernels, then a
+             Triton attention over the picked pages through their list; CUDA; every policy
 
 The bound observe reads only the query and the key bounds after the append, so the fused kernels
 run it before the attention; the state is that of the torch order (append, attend, observe).
@@ -72,8 +73,6 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
     policy = config.policy
     if policy.append_code is None:
         return f"the fused backends serve policies with an eviction rule (append_code); got policy={policy.name!r}"
-    if backend == "triton" and policy.narrows:
-        return f"the one-kernel step attends to every resident token, and policy={policy.name!r} picks pages"
     if backend == "triton" and policy.step_observe in (1, 2, 3) and config.page_size & (config.page_size - 1):
         return f"the one-kernel step sums attention shares over pages of 2^n tokens; got page_size={config.page_size}"
     return None
@@ -399,6 +398,12 @@ class PagedKVCache(nn.Module):
         state = (self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
                  self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
                  *self._lists)
+        if self._backend == "triton" and self.policy.narrows:
+            kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages,
+                                 self.block, False)
+            kv_num, kv_idx = self._narrow(q)
+            return kernels.paged_attend(q, self.k, self.v, self.page_id, self.length, kv_num, kv_idx,
+                                        self._obs_count, self.scale, self.budget_pages)
         if self._backend == "triton":
             return kernels.fused_step(q, k, v, *state, self._imp, self._obs_count, self.scale, self._refresh_pages,
                                       self.block, self.policy.step_observe, self.policy.append_code,

@@ -351,7 +351,7 @@ GPU_CONFIGS = {  # test name -> (policy, config)
     "raas-threshold-triton": ("raas", dict(budget=64, ps=16, backend="triton", importance="attention",
                                            refresh="threshold", refresh_threshold=0.05)),
     "h2o-triton": ("h2o", dict(budget=64, ps=16, backend="triton")),
-    "quest": ("quest", dict(budget=64, ps=16, max_length=256, backend="flex")),  # pages picked in torch
+    "quest": ("quest", dict(budget=64, ps=16, max_length=256, backend="flex")),  # the picked pages through flex
     "quest-torch": ("quest", dict(budget=64, ps=16, max_length=256, backend="torch")),
 }
 GPU_POLICIES = list(GPU_CONFIGS)

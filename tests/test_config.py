@@ -433,23 +433,26 @@ def test_fused_backend_is_refused_on_cpu(backend):
 
 
 BACKEND_ERRORS = [
-    # (backend, policy, text): what a fused backend cannot serve, on a device where the kernels run
-    ("triton", Quest(), "the one-kernel step attends to every resident token, and policy='quest' picks pages"),
+    # (backend, policy, page_size, text): what a fused backend cannot serve, on a device where the kernels run
+    ("triton", RaaS(importance="attention"), 12,
+     "the one-kernel step sums attention shares over pages of 2^n tokens; got page_size=12"),
+    ("triton", H2O(), 6, "the one-kernel step sums attention shares over pages of 2^n tokens; got page_size=6"),
 ]
 
 
-@pytest.mark.parametrize("backend,policy,text", BACKEND_ERRORS, ids=[f"{b}-{i}" for i, (b, _, _) in enumerate(BACKEND_ERRORS)])
-def test_fused_backend_is_refused_for_policies_it_does_not_serve(monkeypatch, backend, policy, text):
+@pytest.mark.parametrize("backend,policy,page_size,text", BACKEND_ERRORS,
+                         ids=[f"{b}-{i}" for i, (b, *_) in enumerate(BACKEND_ERRORS)])
+def test_fused_backend_is_refused_for_policies_it_does_not_serve(monkeypatch, backend, policy, page_size, text):
     """The policy checks of resolve_backend, on a device the kernels serve (simulated: the device/dtype
     check says yes), so that they run on CPU."""
     monkeypatch.setattr(kernels, "unsupported_reason", lambda *args, **kwargs: None)
-    cfg = RaaSConfig(budget=32, page_size=8, policy=policy, backend=backend, max_length=64)
+    cfg = RaaSConfig(budget=36, page_size=page_size, policy=policy, backend=backend, max_length=72)
     with pytest.raises(ValueError, match=m(f"backend={backend!r} is not supported for this cache: ") + ".*" + m(text)):
         engine.resolve_backend(cfg, torch.device("cpu"), torch.float32)
     # what they serve is accepted; None picks the fastest checked one on CUDA, the torch code elsewhere
     for pol, best in ((RaaS(), "triton"), (RaaS(importance="attention"), "triton"),
                       (RaaS(importance="attention", refresh="threshold"), "triton"), (H2O(), "triton"),
-                      (Streaming(), "triton"), (Quest(), "flex"), (Dense(), "triton")):
+                      (Streaming(), "triton"), (Quest(), "triton"), (Dense(), "triton")):
         cfg = RaaSConfig(budget=32, page_size=8, policy=pol, max_length=64)
         assert engine.resolve_backend(cfg, torch.device("cuda"), torch.float16) == best
         assert engine.resolve_backend(cfg, torch.device("cpu"), torch.float16) == "torch"

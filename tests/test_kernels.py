@@ -221,9 +221,9 @@ def test_unsupported_reasons(monkeypatch):
     raas = make_config(32, "raas", page_size=8)
     assert backend_unsupported("triton", raas, cuda, torch.bfloat16) is None
     quest = make_config(32, "quest", page_size=8, max_length=64)
-    assert backend_unsupported("flex", quest, cuda, torch.bfloat16) is None  # the append fused, pages picked in torch
-    assert "policy='quest' picks pages" in backend_unsupported("triton", quest, cuda, torch.bfloat16)
-    assert resolve_backend(quest, cuda, torch.bfloat16) == "flex"
+    assert backend_unsupported("flex", quest, cuda, torch.bfloat16) is None  # the picked pages through flex
+    assert backend_unsupported("triton", quest, cuda, torch.bfloat16) is None  # through paged_attend
+    assert resolve_backend(quest, cuda, torch.bfloat16) == "triton"
     dense = make_config(32, "dense", page_size=8, max_length=64)
     assert backend_unsupported("flex", dense, cuda, torch.bfloat16) is None
     assert resolve_backend(dense, cuda, torch.bfloat16) == "triton"  # any page size: no shares
@@ -315,6 +315,12 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         # 64 slots and overflows
         ("quest", dict(B=2, Hq=4, Hkv=2, D=16, budget=16, ps=4, lens=[5, 30], integer=True, max_length=96), None),
         ("quest", dict(B=1, Hq=6, Hkv=2, D=16, budget=24, ps=8, lens=[40], integer=False, max_length=64), None),
+        # quest on backend="triton" (the same kernels, then paged_attend over the picked pages): 1 and 4
+        # attention programs a row (the online combine); the first fills its 64 slots and overflows
+        ("quest", dict(B=2, Hq=6, Hkv=2, D=16, budget=24, ps=8, lens=[5, 40], integer=False, max_length=64,
+                       backend="triton"), None),
+        ("quest", dict(B=1, Hq=3, Hkv=1, D=16, budget=256, ps=4, lens=[300], integer=True, max_length=512,
+                       backend="triton", steps=12), None),
         ("h2o", dict(B=1, Hq=2, Hkv=1, D=16, budget=16, ps=2, lens=[12], integer=True, pin_prompt=True), None),
         # fused_step for streaming (no observe): sink pages, a pinned prompt, pages of 3 slots (no
         # shares, so any page size), with and without the observer program
@@ -463,7 +469,8 @@ def test_interpreter_matches_torch_on_cpu():
     shares (raas top-k and threshold, h2o) for pages of 1 to 128 slots, resynced every step (page
     tables equal, scores within 1e-4 relative, stamps equal except at the top-k or threshold
     boundary: ``assert_stamps_near_tie``); dense (nothing evictable, a full buffer overflows) on
-    both paths; and quest on the flex path (same rule, pages picked each step)."""
+    both paths; and quest on both paths (same rule, pages picked each step; on triton, paged_attend
+    with 1 and 4 programs a row)."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
     parts = 2  # every other case in each of two processes: the CPU machine's two cores
@@ -476,8 +483,8 @@ def test_interpreter_matches_torch_on_cpu():
     stdout = "\n".join(out for out, _ in outs)
     lines = sorted((ln for ln in stdout.splitlines() if " ok " in ln), key=lambda ln: int(ln.split()[0]))
     lines = [ln.split(None, 1)[1] for ln in lines]  # in the cases' order, without the index
-    assert len(lines) == 28 and lines[-6].endswith("True"), stdout  # the h2o case overflowed
-    assert [ln.split()[-1] for ln in lines if ln.startswith("quest")] == ["False", "True"], stdout
+    assert len(lines) == 30 and lines[-6].endswith("True"), stdout  # the h2o case overflowed
+    assert [ln.split()[-1] for ln in lines if ln.startswith("quest")] == ["False", "True", "True", "False"], stdout
     assert lines[-1].endswith("True") and not lines[-2].endswith("True"), stdout  # so did the last dense one
 
 
@@ -637,11 +644,15 @@ def keeps_everything_like_torch(policy, case, mode):
         assert not bool(ref.overflow) and not bool(fus.overflow)
 
 
-QUEST_CASES = [  # quest on the flex path (backend=None on CUDA): 512 pages of 16 slots, 128 attended; 16 of them,
-    # 4; all 16 (no page choice: the constant all-partial block lists, which the append kernel leaves to quest)
-    ("quest-P512-G4", dict(B=2, Hq=32, Hkv=8, D=128, budget=2048, ps=16), [8000, 3000], dict(max_length=8192)),
-    ("quest-P16-G3", dict(B=2, Hq=6, Hkv=2, D=64, budget=64, ps=16), [40, 118], dict(max_length=256)),
-    ("quest-P16-all", dict(B=2, Hq=6, Hkv=2, D=64, budget=256, ps=16), [40, 118], dict(max_length=256)),
+QUEST_CASES = [  # quest on triton (backend=None's: paged_attend over the picked pages), then on flex: 512 pages of
+    # 16 slots, 128 attended; 16 of them, 4; all 16 (flex: the constant all-partial block lists, which the append
+    # kernel leaves to quest)
+    *((f"quest-P512-G4-{b}", dict(B=2, Hq=32, Hkv=8, D=128, budget=2048, ps=16), [8000, 3000],
+       dict(max_length=8192, backend=b)) for b in ("triton", "flex")),
+    *((f"quest-P16-G3-{b}", dict(B=2, Hq=6, Hkv=2, D=64, budget=64, ps=16), [40, 118], dict(max_length=256, backend=b))
+      for b in ("triton", "flex")),
+    *((f"quest-P16-all-{b}", dict(B=2, Hq=6, Hkv=2, D=64, budget=256, ps=16), [40, 118],
+       dict(max_length=256, backend=b)) for b in ("triton", "flex")),
 ]
 
 
@@ -660,8 +671,7 @@ def test_gpu_quest_matches_torch(case, mode):
 @requires_cuda
 def test_gpu_backends():
     """On CUDA, backend=None picks the one-kernel step for raas (either importance), h2o, streaming
-    and dense, the fused bookkeeping + flex when asked for and for quest; a refused choice names
-    the policy."""
+    and dense, and quest's kernels with paged_attend; the fused bookkeeping + flex when asked for."""
     make = lambda budget, policy, **kw: PagedKVCache(make_config(budget, policy, page_size=16, **kw), batch_size=1,
                                                      num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
                                                      device="cuda")
@@ -672,10 +682,9 @@ def test_gpu_backends():
     assert make(64, "streaming", backend="flex").backend == "flex"
     assert make(64, "h2o", backend="flex").backend == "flex"
     assert make(64, "raas", importance="attention", backend="flex").backend == "flex"
-    assert make(64, "quest", max_length=128).backend == "flex"
+    assert make(64, "quest", max_length=128).backend == "triton"
+    assert make(64, "quest", max_length=128, backend="flex").backend == "flex"
     assert make(64, "dense", max_length=128).backend == "triton"
-    with pytest.raises(ValueError, match="backend='triton' is not supported for this cache: .*policy='quest' picks pages"):
-        make(64, "quest", max_length=128, backend="triton")
     c = make(64, "raas")
     z = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match=r"k must be \[batch_size=1, num_kv_heads=1, 1, head_dim=64\]"):

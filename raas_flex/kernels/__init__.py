@@ -13,6 +13,8 @@
     fused_step            the whole raas, h2o or streaming step (append, attention, observe) in one launch, laid
                           out by :func:`step_plan` (backend="triton"); attention shares come from the
                           attention's own pass over K/V
+    paged_attend          the attention over the pages pick_pages chose, read through its list (quest
+                          on backend="triton")
 
 They are torch.library.triton_op ops that declare every buffer they write (mutates_args): they run
 eagerly, in torch.compile(fullgraph=True) graphs and under CUDA graphs, launch a grid fixed by the
@@ -170,5 +172,5 @@ def step_plan(rows: int, slots: int, pages: int, G: int, D: int, sms: int | None
 
 
 if HAS_TRITON:
-    from .attention import fused_step  # noqa: E402
+    from .attention import fused_step, paged_attend  # noqa: E402
     from .bookkeeping import fused_append, fused_append_observe, page_bounds, pick_pages  # noqa: E402

@@ -1,7 +1,8 @@
 """fused_step: a whole raas, h2o or streaming decode step (append, attention, observe) in one launch, laid out
 by :func:`raas_flex.kernels.step_plan`. Page importance from attention probabilities (raas
 importance="attention", h2o) is summed per page by the attention programs in the same pass over K/V
-that computes the output, and rescaled at the row's combine like the output accumulator."""
+that computes the output, and rescaled at the row's combine like the output accumulator.
+paged_attend: the attention over the pages a policy picked (quest), read through its page list."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from torch.library import triton_op, wrap_triton
 
 import raas_flex.kernels as _pkg
 
-from . import BLOCK_N, SHARE_COMBINE_ELEMS, WARPS, lists_in_regs, step_plan
+from . import BLOCK_N, COMBINE_ONLINE_MIN_SPLIT, SHARE_COMBINE_ELEMS, WARPS, lists_in_regs, split_for, step_plan
 from .bookkeeping import _STATE
-from .rules import (append_inputs, bound_loop, choose_slot, finish_step, new_key_bounds, page_entry, page_tokens,
-                    refresh_set, row_writes)
+from .rules import (append_inputs, bound_loop, choose_slot, finish_step, load_q, new_key_bounds, page_entry,
+                    page_tokens, refresh_set, row_writes)
 
 
 @triton.jit
@@ -407,5 +408,77 @@ def fused_step(
         LISTS_IN_REGS=lists_in_regs(nb, P), DOT=plan.dot, OBSERVER=plan.observer, LAZY=plan.lazy,
         LEAN=plan.lean, WRITER=plan.writer, ONLINE=plan.online, OLAST=plan.observers_last,
         num_warps=WARPS, num_stages=plan.stages,
+    )
+    return out
+
+
+@triton.jit
+def _paged_kernel(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, length_ptr, kv_num_ptr, kv_idx_ptr, count_ptr,
+                  acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2, H: tl.constexpr, G: tl.constexpr,
+                  BG: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  TILES: tl.constexpr, SPLIT: tl.constexpr, ONLINE: tl.constexpr):
+    """Program (row, split): the online softmax of the row's query heads over tiles split * TILES ..
+    of the row's picked pages (the first kv_num slots of its list, each page's written tokens) laid
+    end to end, BLOCK_N slots a tile; the row's last program combines the parts."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = row // H
+    h = row % H
+    scale_log2 = tl.cast(scale_log2, tl.float32)
+    S: tl.constexpr = P * PS
+    row64 = row.to(tl.int64)
+    base = row64 * P
+    d = tl.arange(0, D)
+    gg = tl.arange(0, BG)
+    q = load_q(q_ptr, sqb, sqh, sqd, b, h, k_ptr.dtype.element_ty, G, BG, D)
+    n = tl.load(kv_num_ptr + row64)
+    pos = tl.load(length_ptr + b) - 1  # the newest token's position (the append is done)
+    m_i = tl.full([BG], float("-inf"), tl.float32)
+    l_i = tl.zeros([BG], tl.float32)
+    acc = tl.zeros([BG, D], tl.float32)
+    first = split * TILES
+    last = tl.minimum(first + TILES, (n * PS + BLOCK_N - 1) // BLOCK_N)
+    for ti in range(first, last):
+        c = ti * BLOCK_N + tl.arange(0, BLOCK_N)  # slot of the picked pages laid end to end
+        j = c // PS
+        listed = j < n
+        slot = tl.load(kv_idx_ptr + base + j, mask=listed, other=0)
+        ok = listed & (c % PS < page_tokens(tl.load(page_id_ptr + base + slot, mask=listed, other=-1), pos, PS))
+        offs = (row64 * S + slot * PS + c % PS)[:, None] * D + d[None, :]
+        kt = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)
+        vt = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
+        m_i, l_i, acc, _ = _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2)
+    part = row64 * SPLIT + split
+    tl.store(ml_ptr + (part * 2) * BG + gg, m_i)
+    tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l_i)
+    tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc)
+    if _last_of_row(count_ptr, row64, SPLIT):
+        _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT, ONLINE)
+        if SPLIT > 1:
+            tl.store(count_ptr + row64, 0)
+
+
+@triton_op("raas_flex::paged_attend", mutates_args={"count"})
+def paged_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_id: Tensor, length: Tensor, kv_num: Tensor,
+                 kv_idx: Tensor, count: Tensor, scale: float, budget_pages: int) -> Tensor:
+    """The attention of q [B, Hq, 1, D] over the pages :func:`pick_pages` chose (the first kv_num
+    [B * Hkv] slots of each row's list kv_idx [B * Hkv, P], at most ``budget_pages``), each page's
+    written tokens after the step's append (by ``length``). Returns [B, Hq, 1, D] in q's dtype (zeros
+    for a row with nothing picked). ``count`` (int32 [B * Hkv]): 0 at launch, left 0."""
+    B, H, S, D = k_cache.shape
+    P = page_id.shape[-1]
+    ps = S // P
+    G = q.shape[1] // H
+    tiles = max(1, -(-min(budget_pages, P) * ps // BLOCK_N))
+    split = split_for(B * H, tiles, _pkg.device_sms(q.device))
+    bg = max(16, triton.next_power_of_2(G))
+    acc = torch.empty(B * H, split, bg, D, dtype=torch.float32, device=q.device)
+    ml = torch.empty(B * H, split, 2, bg, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, H * G, 1, D, dtype=q.dtype, device=q.device)
+    wrap_triton(_paged_kernel)[(B * H, split)](
+        q, q.stride(0), q.stride(1), q.stride(3), k_cache, v_cache, page_id, length, kv_num, kv_idx, count,
+        acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * 1.4426950408889634,
+        H=H, G=G, BG=bg, P=P, D=D, PS=ps, BLOCK_N=BLOCK_N, TILES=-(-tiles // split), SPLIT=split,
+        ONLINE=split >= COMBINE_ONLINE_MIN_SPLIT, num_warps=WARPS, num_stages=2,
     )
     return out
