@@ -32,7 +32,8 @@ earlier ones (same kind, scaled by size; quest from dense at the nearest context
 (`skipped: "deadline"` row) if it cannot finish in time; the first measurement always runs. An
 exception in one measurement (OOM or other) becomes an error row, and compile/CUDA-graph state
 is reset (torch._dynamo.reset, cudagraph trees reset, gc, empty_cache) before the next one; the
-same reset runs between measurement kinds. Rows go to long_context.partial.json as they come;
+same reset runs between any two measurements (each compiles its own graphs, and CUDA-graph trees
+left from one would keep its caches' memory: two quest configurations at 32k did not fit otherwise). Rows go to long_context.partial.json as they come;
 the results JSON and markdown are written at the end, also after an interrupt or SIGTERM.
 
     python benchmarks/long_context.py --arch llama-3.1-8b --batch 8 --contexts 32768 --budget 2048 \\
@@ -551,7 +552,6 @@ def main(argv=None):
         old_term = None
 
     measured = 0
-    last_kind = None
     bar = tqdm(total=len(plan), desc="measurements", file=sys.stderr)
     try:
         for kind, x in plan:
@@ -601,12 +601,11 @@ def main(argv=None):
                               deadline_s=args.deadline_s))
                     bar.update()
                     continue
-            if last_kind is not None and kind != last_kind:
+            if measured > 0:
                 try:
-                    reset_state(model, device)  # each kind compiles its own graphs: start from a clean slate
+                    reset_state(model, device)  # each measurement compiles its own graphs: start from a clean slate
                 except Exception as e:  # pragma: no cover - e.g. a sticky CUDA error; the measurement will say
                     tqdm.write(f"reset before {kind} failed: {type(e).__name__}: {e}")
-            last_kind = kind
             phase["name"], phase["row"] = "setup", {}
             t0 = time.perf_counter()
             failure = None
