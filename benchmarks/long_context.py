@@ -32,9 +32,9 @@ earlier ones (same kind, scaled by size; quest from dense at the nearest context
 (`skipped: "deadline"` row) if it cannot finish in time; the first measurement always runs. An
 exception in one measurement (OOM or other) becomes an error row, and compile/CUDA-graph state
 is reset (torch._dynamo.reset, cudagraph trees reset, gc, empty_cache) before the next one; the
-same reset runs between any two measurements (each compiles its own graphs, and CUDA-graph trees
-left from one would keep its caches' memory: two quest configurations at 32k did not fit otherwise). Rows go to long_context.partial.json as they come;
-the results JSON and markdown are written at the end, also after an interrupt or SIGTERM.
+same reset runs between any two measurements (each compiles its own graphs; CUDA-graph trees left
+from one keep its caches alive). Rows go to long_context.partial.json as they come; the results
+JSON and markdown are written at the end, also after an interrupt or SIGTERM.
 
     python benchmarks/long_context.py --arch llama-3.1-8b --batch 8 --contexts 32768 --budget 2048 \\
         --raas-batches 8x --quest-contexts 32768 --deadline-s 510

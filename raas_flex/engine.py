@@ -398,13 +398,7 @@ class PagedKVCache(nn.Module):
         state = (self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
                  self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
                  *self._lists)
-        if self._backend == "triton" and self.policy.narrows:
-            kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages,
-                                 self.block, False)
-            kv_num, kv_idx = self._narrow(q)
-            return kernels.paged_attend(q, self.k, self.v, self.page_id, self.length, kv_num, kv_idx,
-                                        self._obs_count, self.scale, self.budget_pages)
-        if self._backend == "triton":
+        if self._backend == "triton" and not self.policy.narrows:
             return kernels.fused_step(q, k, v, *state, self._imp, self._obs_count, self.scale, self._refresh_pages,
                                       self.block, self.policy.step_observe, self.policy.append_code,
                                       self._recent_pages, self._threshold, self._sink_pages)
@@ -415,6 +409,9 @@ class PagedKVCache(nn.Module):
         kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages, self.block,
                              not self.policy.narrows)
         lists = self._narrow(q) if self.policy.narrows else None  # the attended pages change every step
+        if self._backend == "triton":  # quest: its picked pages through their list
+            return kernels.paged_attend(q, self.k, self.v, self.page_id, self.length, *lists, self._obs_count,
+                                        self.scale, self.budget_pages)
         out = self.attend(q, lists)
         self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
         return out

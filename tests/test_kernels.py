@@ -981,7 +981,8 @@ PAGED_SCRIPT = textwrap.dedent("""
             page_id.view(B * H, P)[r, where] = torch.arange(written)
             kv_idx[r] = torch.tensor(order(r), dtype=torch.int32)
             kv_num[r] = num(r, min(budget, written))
-            kv_idx[r, : kv_num[r]] = torch.tensor(where, dtype=torch.int32)[torch.randperm(written, generator=gen)[: kv_num[r]]]
+            pick = torch.randperm(written, generator=gen)[: kv_num[r]]
+            kv_idx[r, : kv_num[r]] = torch.tensor(where, dtype=torch.int32)[pick]
         count = torch.zeros(B * H, dtype=torch.int32)
         got = kernels.paged_attend(q, k, v, page_id, length, kv_num.view(-1, 1, 1), kv_idx.view(-1, 1, 1, P), count,
                                    D ** -0.5, budget)

@@ -19,6 +19,8 @@ from .bookkeeping import _STATE
 from .rules import (append_inputs, bound_loop, choose_slot, finish_step, load_q, new_key_bounds, page_entry,
                     page_tokens, refresh_set, row_writes)
 
+_LOG2E = 1.4426950408889634  # the kernels' softmax runs in base 2: scores times scale * log2(e)
+
 
 @triton.jit
 def _last_of_row(count_ptr, row64, NPROG: tl.constexpr):
@@ -54,6 +56,16 @@ def _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2):
     else:
         pv = tl.dot(pr.to(vt.dtype), vt)
     return m_new, l_i, acc * alpha[:, None] + pv, pr
+
+
+@triton.jit
+def _store_part(ml_ptr, acc_ptr, part, m, l, acc, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr):
+    """An attention program's partial result, part ``part`` (row * SPLIT + split): its max m and sum l
+    [BG] to ml, the G heads' rows of its accumulator [BG, D] to acc (what _combine_row reads)."""
+    gg = tl.arange(0, BG)
+    tl.store(ml_ptr + (part * 2) * BG + gg, m)
+    tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l)
+    tl.store(acc_ptr + (part * BG + gg)[:, None] * D + tl.arange(0, D)[None, :], acc, mask=(gg < G)[:, None])
 
 
 @triton.jit
@@ -147,10 +159,7 @@ def _step_attend(q, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, psum_ptr, pm_ptr
     p_new = tl.exp2(s_new - m_safe)
     l_i = l_i * alpha + p_new
     acc = acc * alpha[:, None] + p_new[:, None] * vv.to(tl.float32)[None, :]
-    part = row64 * SPLIT + split
-    tl.store(ml_ptr + (part * 2) * BG + gg, m_new)
-    tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l_i)
-    tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc, mask=gm[:, None])
+    _store_part(ml_ptr, acc_ptr, row64 * SPLIT + split, m_new, l_i, acc, G, BG, D)
     mine = (d * 0 + t // (TILES * BLOCK_N)) == split  # (a [D] mask: the interpreter wants no broadcast)
     tl.store(k_ptr + (row64 * S + t) * D + d, kk, mask=mine)
     tl.store(v_ptr + (row64 * S + t) * D + d, vv, mask=mine)
@@ -398,7 +407,7 @@ def fused_step(
         v_new.stride(0), v_new.stride(1), v_new.stride(3),
         k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length, step, evictions, overflow,
         valid, ticket, kv_num, kv_idx, full_num, full_idx, imp, count,
-        acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * 1.4426950408889634, psum, pm, threshold,
+        acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * _LOG2E, psum, pm, threshold,
         B=B, H=H, G=G, P=P, D=D, PS=ps, POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
         OBSERVE=observe, UNIT=unit, UT=ut,
         TT=tt, CP=cp, REFRESH=refresh_pages, BLOCK_P=block_p,
@@ -429,7 +438,6 @@ def _paged_kernel(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, length_ptr, k
     row64 = row.to(tl.int64)
     base = row64 * P
     d = tl.arange(0, D)
-    gg = tl.arange(0, BG)
     q = load_q(q_ptr, sqb, sqh, sqd, b, h, k_ptr.dtype.element_ty, G, BG, D)
     n = tl.load(kv_num_ptr + row64)
     pos = tl.load(length_ptr + b) - 1  # the newest token's position (the append is done)
@@ -448,10 +456,7 @@ def _paged_kernel(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, length_ptr, k
         kt = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)
         vt = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
         m_i, l_i, acc, _ = _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2)
-    part = row64 * SPLIT + split
-    tl.store(ml_ptr + (part * 2) * BG + gg, m_i)
-    tl.store(ml_ptr + (part * 2 + 1) * BG + gg, l_i)
-    tl.store(acc_ptr + (part * BG + gg)[:, None] * D + d[None, :], acc)
+    _store_part(ml_ptr, acc_ptr, row64 * SPLIT + split, m_i, l_i, acc, G, BG, D)
     if _last_of_row(count_ptr, row64, SPLIT):
         _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT, ONLINE)
         if SPLIT > 1:
@@ -477,7 +482,7 @@ def paged_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_id: Tensor, l
     out = torch.empty(B, H * G, 1, D, dtype=q.dtype, device=q.device)
     wrap_triton(_paged_kernel)[(B * H, split)](
         q, q.stride(0), q.stride(1), q.stride(3), k_cache, v_cache, page_id, length, kv_num, kv_idx, count,
-        acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * 1.4426950408889634,
+        acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * _LOG2E,
         H=H, G=G, BG=bg, P=P, D=D, PS=ps, BLOCK_N=BLOCK_N, TILES=-(-tiles // split), SPLIT=split,
         ONLINE=split >= COMBINE_ONLINE_MIN_SPLIT, num_warps=WARPS, num_stages=2,
     )
