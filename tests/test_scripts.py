@@ -441,3 +441,22 @@ def test_long_context_keeps_generates_time_when_the_lean_loop_is_interrupted(tmp
     assert row["lean_interrupted"] is True and "lean_ms_per_step" not in row
     assert data["meta"]["interrupted"] == "SystemExit(143) during lean loop"
     assert "lean loop interrupted" in (tmp_path / "long_context_smoke.md").read_text()
+
+
+def test_ncu_stalls_sums_a_recorded_source_page(tmp_path):
+    """ncu_stalls over the pick kernel's source page recorded on an H100: the straight-line build ran
+    each SASS line at most once per warp (64 programs of 4 warps), nearly all of them; the reasons'
+    samples sum to the page's total; a page without stall columns is refused."""
+    import gzip
+
+    ns = _bench_module("ncu_stalls")
+    page = ROOT / "benchmarks/results/h100/ncu_pick_b8_32x8_l2048/_pick_kernel_sass.csv.gz"
+    lines, executed, samples, by_reason = ns.stall_shares(str(page))
+    assert 0.99 * lines * 64 * 4 < executed <= lines * 64 * 4
+    assert samples > 0 and sum(by_reason.values()) == samples
+    assert by_reason.most_common(1)[0][0] == "no_inst"
+    bare = tmp_path / "bare.csv.gz"
+    with gzip.open(bare, "wt") as f:
+        f.write('"Kernel Name","k"\n"Address","Source","Instructions Executed"\n"0x0","NOP","1"\n')
+    with pytest.raises(ValueError, match="no warp-stall columns"):
+        ns.stall_shares(str(bare))

@@ -72,7 +72,7 @@ def _append_kernel(
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
         refresh = refresh_set(a, pid_new, p, in_row, P, REFRESH, BLOCK_P)
         tl.store(stamp_ptr + base + p, tl.zeros([BLOCK_P], tl.int64) + step_new, mask=refresh)
-    finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, B * H, B, BLOCK_B, False)
+    finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, B * H, B, BLOCK_B)
 
 
 def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0,
@@ -175,13 +175,14 @@ def _pick_kernel(bound_ptr, page_id_ptr, open_slot_ptr, length_ptr, valid_ptr, k
     in_row = p < P
     pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
     bound = tl.load(bound_ptr + base + p, mask=in_row, other=float("-inf"))
+    pos = tl.load(length_ptr + row // H) - 1  # (up front: after the stores below it would be a trip of its own)
     bound = tl.where(p == tl.load(open_slot_ptr + row64), float("inf"), bound)
     pick = refresh_set(bound, pid, p, in_row, P, BUDGET, BLOCK_P, True)
     count = tl.sum(pick.to(tl.int32), 0)
     c = tl.cumsum(pick.to(tl.int32), 0)
     tl.store(kv_idx_ptr + row64 * P + tl.where(pick, c - 1, count + p - c), p, mask=in_row)
     tl.store(kv_num_ptr + row64, count)
-    n_p = tl.where(pick, page_tokens(pid, tl.load(length_ptr + row // H) - 1, PS), 0)
+    n_p = tl.where(pick, page_tokens(pid, pos, PS), 0)
     tt = tl.arange(0, BLOCK_PS)
     tl.store(valid_ptr + (base + p[:, None]) * PS + tt[None, :], tt[None, :] < n_p[:, None],
              mask=in_row[:, None] & (tt[None, :] < PS))

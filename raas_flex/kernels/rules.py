@@ -241,14 +241,21 @@ def bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr,
 
 @triton.jit
 def kth_largest(key, ok, k):
-    """The k-th largest (1 <= k <= the count of ``ok``) of the int32 keys marked ``ok``, without a
-    sort: a search over the bits of the keys' order-preserving unsigned image, most significant
-    first, one count of the keys at or above each candidate (32 counts)."""
+    """A threshold t for the k largest (1 <= k <= the count of ``ok``) of the int32 keys marked ``ok``,
+    without a sort: a search over the bits of the keys' order-preserving unsigned image, most
+    significant first, one count of the keys at or above each candidate. It stops as soon as exactly
+    k keys are at or above t (then they are the k largest, and t may be below the k-th largest);
+    otherwise, after all 32 bits, t is the k-th largest."""
     u = key.to(tl.uint32, bitcast=True) ^ 0x80000000
     t = tl.full([], 0, tl.uint32)
-    for bit in tl.static_range(31, -1, -1):
-        cand = t | (1 << bit)
-        t = tl.where(tl.sum((ok & (u >= cand)).to(tl.int32), 0) >= k, cand, t)
+    bit = tl.full([], 31, tl.int32)
+    done = tl.full([], 0, tl.int32)
+    while (bit >= 0) & (done == 0):
+        cand = t | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+        c = tl.sum((ok & (u >= cand)).to(tl.int32), 0)
+        t = tl.where(c >= k, cand, t)
+        done = (c == k).to(tl.int32)
+        bit -= 1
     return (t ^ 0x80000000).to(tl.int32, bitcast=True)
 
 
@@ -257,9 +264,9 @@ def refresh_set(imp, pid, i, in_row, P: tl.constexpr, REFRESH: tl.constexpr, BLO
                 SEARCH: tl.constexpr = False):
     """The top REFRESH resident pages of a row (imp, pid: [BLOCK_P] over slots i) as a mask, in the
     torch code's stable descending order (equal importance: the lower slot first). The importance
-    maps to an order-preserving int32 image (-0.0 as 0.0); one sort (SEARCH: :func:`kth_largest`,
-    for long rows) gives the REFRESH-th largest t; pages above t are in, and of those equal to t the
-    lowest slots fill what is left."""
+    maps to an order-preserving int32 image (-0.0 as 0.0); one sort gives the REFRESH-th largest t
+    (SEARCH, for long rows: :func:`kth_largest`, which may stop at a lower t with exactly REFRESH at
+    or above it); pages above t are in, and of those equal to t the lowest slots fill what is left."""
     resident = (pid >= 0) & in_row
     if REFRESH >= P:
         refresh = resident
@@ -279,18 +286,14 @@ def refresh_set(imp, pid, i, in_row, P: tl.constexpr, REFRESH: tl.constexpr, BLO
 
 @triton.jit
 def finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, NPROG: tl.constexpr, B: tl.constexpr,
-                BLOCK_B: tl.constexpr, LOAD_LENS: tl.constexpr):
+                BLOCK_B: tl.constexpr):
     """The last of NPROG programs to get here (a ticket after a barrier; every program has read the
     lengths and the step by then) advances the lengths and the step and resets the ticket. ``lens``:
-    the lengths [BLOCK_B] as loaded at the program's start (the append kernel, whose tail this
-    shortens by a trip to memory); with LOAD_LENS they are loaded here instead (``lens`` unused)."""
+    the lengths [BLOCK_B] as the caller loaded them before its ticket (no program changes them before
+    this one), so the last program's tail holds no trip to memory after the ticket."""
     tl.debug_barrier()
     if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == NPROG - 1:
         bb = tl.arange(0, BLOCK_B)
-        if LOAD_LENS:
-            tl.store(length_ptr + bb, tl.load(length_ptr + bb, mask=bb < B, other=0, cache_modifier=".cg") + 1,
-                     mask=bb < B)
-        else:
-            tl.store(length_ptr + bb, lens + 1, mask=bb < B)
+        tl.store(length_ptr + bb, lens + 1, mask=bb < B)
         tl.store(step_ptr, step_new)
         tl.store(ticket_ptr, 0)
