@@ -1,11 +1,13 @@
 """Compile the Triton kernels of raas_flex for an NVIDIA GPU without one, and report their resources.
 
-Every kernel is launched through its op (``kernels.fused_append_observe``, ``kernels.fused_step``) on CPU tensors of the requested shape, planned as on a GPU of ``--sms`` SMs (``kernels.step_plan``),
+Every kernel is launched through its op (``kernels.fused_append_observe``, ``kernels.fused_step``,
+``kernels.pick_pages`` with a budget of 1/16 of the pages) on CPU tensors of the requested shape, planned as on a GPU of ``--sms`` SMs (``kernels.step_plan``),
 with the launch intercepted: the arguments and compile-time constants it
 would have used are compiled ahead of time for the chosen architecture (Triton's own ptxas), and
 ``cuobjdump`` reads registers, stack (register spills) and static shared memory per thread block;
 the compiler's metadata gives the dynamic shared memory (where Triton keeps pipelined tiles).
-It catches code that does not compile for the GPU, and shows register pressure before a GPU run.
+It catches code that does not compile for the GPU, and shows register pressure and code size (SASS
+instructions) before a GPU run.
 From registers and shared memory it also gives the occupancy on an sm_90 SM (H100, H200): how many
 programs of the kernel one SM holds at once, and in how many waves the grid runs on ``--sms`` SMs.
 It measures no speed.
@@ -114,6 +116,7 @@ def compile_launch(fn, args, kw, arch: int):
     try:
         dump = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
                               check=True).stdout
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", dump)
@@ -126,6 +129,8 @@ def compile_launch(fn, args, kw, arch: int):
                 dynamic_shared_bytes=int(compiled.metadata.shared), local_bytes=local,
                 # loads the software pipeliner turned into asynchronous copies (cp.async)
                 async_copies=ttgir.count("async_copy_global_to_local"),
+                # code size: a stretch that a program runs once waits on instruction fetch
+                sass_instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s", sass, re.M)),
                 warps=options.num_warps, stages=options.num_stages, compile_s=round(seconds, 1))
 
 
@@ -164,6 +169,8 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
         capture.op = "fused_step"
         kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block, observe, 2 if observe == 3 else 0,
                            P - P // 2 if observe == 3 else 0, 1e-4)
+        capture.op = "pick_pages"  # quest's page choice over these P pages, a budget of P / 16 of them
+        kernels.pick_pages(imp, page_id, open_slot, length, valid, max(1, P // 16))
     finally:
         bookkeeping.wrap_triton, attention.wrap_triton, kernels.device_sms = saved
     assert G * Hkv == Hq
@@ -207,7 +214,7 @@ def main(argv=None):
                          "1 attention share top-k, 2 share threshold, 3 share accumulated (h2o)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--kernels", default=None,
-                    help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel)")
+                    help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel, _pick_kernel)")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     args = ap.parse_args(argv)
     if not kernels.HAS_TRITON:
@@ -245,6 +252,7 @@ def main(argv=None):
                           f"grid {str(tuple(grid)):<10} warps {r['warps']}  registers {r['registers']:>3}  "
                           f"stack {r['stack_bytes']:>4} B  shared {r['shared_bytes']:>5} B static, "
                           f"{r['dynamic_shared_bytes']:>6} B dynamic  async copies {r['async_copies']}  "
+                          f"{r['sass_instructions']} SASS instructions  "
                           f"{r['per_sm']} per SM, {r['waves']} wave(s)  ({r['compile_s']} s)")
     if args.out:
         meta = dict(command="python benchmarks/kernel_resources.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -345,16 +345,17 @@ def test_importance_recall_milestone_reads_come_from_the_trace(tmp_path):
 def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     """The resource report compiles the shipped kernels for sm_90 on this CPU machine, specialised as
     a launch would be, with a Python float argument typed fp64 as torch.compile launches it (a kernel
-    whose fp32 softmax state turns fp64 fails to compile), and reads back registers, shared memory and
-    pipelined loads. fused_step is compiled under the plans (kernels.step_plan) of GPUs of 132 and 1
-    SMs, which build it with the observer last and the online combine, with the observer first and
-    full row writes, without the observer, and with the writer; an unknown kernel name is refused."""
+    whose fp32 softmax state turns fp64 fails to compile), and reads back registers, shared memory,
+    pipelined loads and code size (quest's pick too). fused_step is compiled under the plans
+    (kernels.step_plan) of GPUs of 132 and 1 SMs, which build it with the observer last and the online
+    combine, with the observer first and full row writes, without the observer, and with the writer;
+    an unknown kernel name is refused."""
     kr = _bench_module("kernel_resources")
     out = tmp_path / "res.json"
     small = ["--head-dim", "16", "--page-size", "8"]
     rows = kr.main(["--shapes", "1/4/2", *small, "--budgets", "256", "--out", str(out)])
-    assert [r["kernel"] for r in rows] == ["_append_kernel", "_step_kernel"]
-    assert [r["op"] for r in rows] == ["fused_append_observe", "fused_step"]
+    assert [r["kernel"] for r in rows] == ["_append_kernel", "_step_kernel", "_pick_kernel"]
+    assert [r["op"] for r in rows] == ["fused_append_observe", "fused_step", "pick_pages"]
     assert rows[1]["grid"] == [2, 4 + 1]  # 132 SMs: 4 programs per row (one per tile) and the observer
     assert json.loads(out.read_text())["rows"][0]["registers"] == rows[0]["registers"]
     first = kr.main(["--shapes", "1/4/2", *small, "--budgets", "256", "--sms", "1", "--kernels", "_step_kernel"])
@@ -369,6 +370,8 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     # of more than one tile are pipelined into asynchronous copies
     assert first[0]["async_copies"] > 0 and plain[0]["async_copies"] > 0
     assert all(r["dynamic_shared_bytes"] > 0 for r in steps)
+    # code size: the whole step (append, attention, bounds, combine) is longer than the append kernel
+    assert 0 < rows[0]["sass_instructions"] < rows[1]["sass_instructions"]
     # occupancy: programs an SM holds, and the grid's waves on the GPU the plan was made for
     for r, sms in zip(steps, (132, 1, 1, 132)):
         per_sm = kr.programs_per_sm(r["registers"], r["warps"], r["shared_bytes"] + r["dynamic_shared_bytes"])
