@@ -1,9 +1,9 @@
 """Compile the Triton kernels of raas_flex for an NVIDIA GPU without one, and report their resources.
 
 Every kernel is launched through its op (``kernels.fused_append_observe``, ``kernels.fused_step``,
-``kernels.pick_pages`` with a budget of 1/16 of the pages) on CPU tensors of the requested shape, planned as on a GPU of ``--sms`` SMs (``kernels.step_plan``),
-with the launch intercepted: the arguments and compile-time constants it
-would have used are compiled ahead of time for the chosen architecture (Triton's own ptxas), and
+``kernels.pick_pages`` with a budget of 1/16 of the pages) on CPU tensors of the requested shape,
+planned as on a GPU of ``--sms`` SMs (``kernels.step_plan``), with the launch intercepted: the
+arguments and compile-time constants it would have used are compiled ahead of time for the chosen architecture (Triton's own ptxas), and
 ``cuobjdump`` reads registers, stack (register spills) and static shared memory per thread block;
 the compiler's metadata gives the dynamic shared memory (where Triton keeps pipelined tiles).
 It catches code that does not compile for the GPU, and shows register pressure and code size (SASS
