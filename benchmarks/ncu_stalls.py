@@ -1,5 +1,6 @@
 """What a kernel's warps waited on: the warp-stall samples of an Nsight Compute source page (the
-KERNEL_sass.csv.gz that benchmarks/ncu_kernel.sh writes), summed over its SASS lines, by reason.
+KERNEL_sass.csv.gz that benchmarks/ncu_kernel.sh writes), summed over its SASS lines, by reason, and
+the share of them in lines that run more than once per warp (loops).
 
     python benchmarks/ncu_stalls.py benchmarks/results/h100/ncu_pick_b8_32x8_l2048/_pick_kernel_sass.csv.gz
 
@@ -15,26 +16,42 @@ import gzip
 from collections import Counter
 
 
-def stall_shares(path: str) -> tuple[int, int, int, Counter]:
-    """(SASS lines, warp instructions executed, stall samples, samples by reason) of one source page."""
+def _page(path: str) -> tuple[list[str], list[list[str]]]:
+    """The column names and the SASS lines of one source page; ValueError without stall columns."""
     with gzip.open(path, "rt") as f:
         rows = list(csv.reader(f))
     header = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
     names = rows[header]
+    if "Warp Stall Sampling (All Samples)" not in names or not any(n.startswith("stall_") for n in names):
+        raise ValueError(f"{path}: no warp-stall columns (profile with --section SourceCounters)")
+    return names, [r for r in rows[header + 1:] if len(r) >= len(names)]
+
+
+def stall_shares(path: str) -> tuple[int, int, int, Counter]:
+    """(SASS lines, warp instructions executed, stall samples, samples by reason) of one source page."""
+    names, lines = _page(path)
     col = {n: i for i, n in enumerate(names)}
     reasons = [n for n in names if n.startswith("stall_") and "Not Issued" not in n]
-    if not reasons or "Warp Stall Sampling (All Samples)" not in col:
-        raise ValueError(f"{path}: no warp-stall columns (profile with --section SourceCounters)")
-    lines, executed, samples, by_reason = 0, 0, 0, Counter()
-    for r in rows[header + 1:]:
-        if len(r) < len(names):
-            continue
-        lines += 1
+    executed, samples, by_reason = 0, 0, Counter()
+    for r in lines:
         executed += int(r[col["Instructions Executed"]] or 0)
         samples += int(r[col["Warp Stall Sampling (All Samples)"]] or 0)
         for n in reasons:
             by_reason[n.removeprefix("stall_")] += int(r[col[n]] or 0)
-    return lines, executed, samples, by_reason
+    return len(lines), executed, samples, by_reason
+
+
+def loop_shares(path: str) -> tuple[int, int, int, float]:
+    """(warps, SASS lines run more than once per warp, their stall samples, the most runs per warp of
+    a line) of one source page: where a kernel's loops are and what they cost. The warps are the
+    first line's executions (a kernel's first instruction runs once in every warp)."""
+    names, lines = _page(path)
+    col = {n: i for i, n in enumerate(names)}
+    runs = [int(r[col["Instructions Executed"]] or 0) for r in lines]
+    warps = runs[0]
+    looped = [i for i, n in enumerate(runs) if n > warps]
+    samples = sum(int(lines[i][col["Warp Stall Sampling (All Samples)"]] or 0) for i in looped)
+    return warps, len(looped), samples, max(runs) / max(warps, 1)
 
 
 def main(argv=None):
@@ -46,6 +63,9 @@ def main(argv=None):
     print(f"{args.source_csv}: {lines} SASS lines, {executed} warp instructions executed, {samples} stall samples")
     for reason, n in by_reason.most_common(args.top):
         print(f"  {reason:18s} {n:6d}  {100 * n / max(samples, 1):5.1f}%")
+    warps, looped, loop_samples, most = loop_shares(args.source_csv)
+    print(f"{warps} warps; {looped} SASS lines run more than once per warp (loops) hold {loop_samples} samples "
+          f"({100 * loop_samples / max(samples, 1):.1f}%); the most runs of a line per warp: {most:.1f}")
 
 
 if __name__ == "__main__":

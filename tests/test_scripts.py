@@ -447,17 +447,27 @@ def test_long_context_keeps_generates_time_when_the_lean_loop_is_interrupted(tmp
 
 
 def test_ncu_stalls_sums_a_recorded_source_page(tmp_path):
-    """ncu_stalls over the pick kernel's source page recorded on an H100: the straight-line build ran
-    each SASS line at most once per warp (64 programs of 4 warps), nearly all of them; the reasons'
-    samples sum to the page's total; a page without stall columns is refused."""
+    """ncu_stalls over the pick kernel's source pages recorded on an H100 (64 programs of 4 warps):
+    the straight-line build ran nearly every SASS line once per warp and waited most on instruction
+    fetch; the build whose search is a loop has its loop's lines run many times per warp, holding a
+    large share of the samples, and fetch is no longer what it waits on most. The reasons' samples
+    sum to each page's total; a page without stall columns is refused."""
     import gzip
 
     ns = _bench_module("ncu_stalls")
-    page = ROOT / "benchmarks/results/h100/ncu_pick_b8_32x8_l2048/_pick_kernel_sass.csv.gz"
+    results = ROOT / "benchmarks/results/h100"
+    page = results / "ncu_pick_b8_32x8_l2048/_pick_kernel_sass.csv.gz"
     lines, executed, samples, by_reason = ns.stall_shares(str(page))
     assert 0.99 * lines * 64 * 4 < executed <= lines * 64 * 4
     assert samples > 0 and sum(by_reason.values()) == samples
     assert by_reason.most_common(1)[0][0] == "no_inst"
+    warps, looped, loop_samples, most = ns.loop_shares(str(page))
+    assert warps == 64 * 4 and most <= 2 and loop_samples < 0.05 * samples
+    loop_page = results / "ncu_pick_loop_b8_32x8_l2048/_pick_kernel_sass.csv.gz"
+    _, _, samples, by_reason = ns.stall_shares(str(loop_page))
+    assert sum(by_reason.values()) == samples and by_reason.most_common(1)[0][0] != "no_inst"
+    warps, looped, loop_samples, most = ns.loop_shares(str(loop_page))
+    assert warps == 64 * 4 and looped > 0 and most > 8 and loop_samples > 0.25 * samples
     bare = tmp_path / "bare.csv.gz"
     with gzip.open(bare, "wt") as f:
         f.write('"Kernel Name","k"\n"Address","Source","Instructions Executed"\n"0x0","NOP","1"\n')
