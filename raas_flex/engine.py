@@ -406,12 +406,15 @@ class PagedKVCache(nn.Module):
             kernels.fused_append_observe(q, k, v, *state, self._imp, self._sink_pages, self._recent_pages,
                                          self.block, self._refresh_pages)
             return self.attend(q)
-        kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages, self.block,
-                             not self.policy.narrows)
-        lists = self._narrow(q) if self.policy.narrows else None  # the attended pages change every step
-        if self._backend == "triton":  # quest: its picked pages through their list
-            return kernels.paged_attend(q, self.k, self.v, self.page_id, self.length, *lists, self._obs_count,
-                                        self.scale, self.budget_pages)
+        if self.policy.narrows:  # quest: the append with its page bounds, then the page choice (two launches)
+            lists = kernels.quest_step(q, k, v, *state, self._imp, self.budget_pages)
+            if self._backend == "triton":  # its picked pages through their list
+                return kernels.paged_attend(q, self.k, self.v, self.page_id, self.length, *lists, self._obs_count,
+                                            self.scale, self.budget_pages)
+        else:
+            kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages,
+                                 self.block)
+            lists = None
         out = self.attend(q, lists)
         self.policy.observe(self, q, self.valid.view(self.B, self.H, self.S))
         return out
@@ -457,10 +460,7 @@ class PagedKVCache(nn.Module):
         """After the append: ``valid`` gets the resident tokens (in the layer's window) of the pages the
         policy attends. A policy that picks pages gets flex block lists naming exactly its pages, a
         block being a page (kv_num [B*Hkv, 1, 1], kv_idx [B*Hkv, 1, 1, P], int32, all partial); else None.
-        Quest on the fused backends: its rule in the pick kernel, after the bounds kernel."""
-        if self._backend != "torch":
-            return kernels.pick_pages(self.page_bound(q), self.page_id, self.open_slot, self.length, self.valid,
-                                      self.budget_pages)
+        The torch backend's; quest on the fused backends makes its choice in ``kernels.quest_step``."""
         valid, choice = self.valid_slots(), self.policy.attended_pages(self, q)
         if choice is None:
             self.valid.copy_(valid.view(self.B * self.H, self.S))

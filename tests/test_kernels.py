@@ -488,43 +488,47 @@ def test_interpreter_matches_torch_on_cpu():
     assert lines[-1].endswith("True") and not lines[-2].endswith("True"), stdout  # so did the last dense one
 
 
-LISTS_SCRIPT = textwrap.dedent("""
+QUEST_STEP_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path[:0] = [{tests!r}]
     import test_kernels as t
-    from raas_flex import kernels, masks
-    # quest (dense's append rule) on the flex path: two caches from one prompt, one step each, the
-    # append with and without the validity row and lists; the second starts from marked ones
+    from raas_flex import kernels
+    # two quest caches on the fused path from one prompt: 128 pages of 4 slots, so the bounds take two
+    # programs a row; steps that open a page and steps that do not
     caches = [t.make_pair("quest", B=2, Hq=4, Hkv=2, D=16, budget=16, ps=4, dtype=torch.float32, device="cpu",
-                          max_length=64)[1] for _ in range(2)]
+                          max_length=512)[1] for _ in range(2)]
     inp = t.Inputs(2, 4, 2, 16, dtype=torch.float32, device="cpu", integer=False, seed=3)
     prompt = inp.prompt([5, 12])
-    _, k, v = inp.step()
     for c in caches:
         c.prefill(*prompt)
-    with_lists, without = caches
-    for x in (without.valid, *without._lists):
-        x.fill_(1)
-    for c, lists in ((with_lists, True), (without, False)):
-        state = (c.k, c.v, c.page_id, c.stamp, c.pinned, c.score, c.kmax, c.kmin, c.open_slot, c.length, c.step,
-                 c.evictions, c.overflow, c.valid, c._ticket, *c._lists)
-        kernels.fused_append(k, v, *state, c.policy.append_code, 0, 0, c.block, lists)
-    for name in t.STATE:
-        assert torch.equal(getattr(with_lists, name), getattr(without, name)), name
-    assert torch.equal(with_lists.valid, with_lists.token_valid().view(with_lists.valid.shape))
-    assert all(torch.equal(a, b) for a, b in zip(masks.block_lists(with_lists.valid, with_lists.block),
-                                                  with_lists._lists))
-    assert without.valid.all() and all(bool((x == 1).all()) for x in without._lists), "lists=False wrote them"
-    print("lists ok")
+    fused, parts = caches
+    assert fused.P == 128 and kernels.BOUND_PAGES < fused.P
+    for i in range(6):
+        q, k, v = inp.step()
+        states = [(c.k, c.v, c.page_id, c.stamp, c.pinned, c.score, c.kmax, c.kmin, c.open_slot, c.length, c.step,
+                   c.evictions, c.overflow, c.valid, c._ticket, *c._lists) for c in caches]
+        got = kernels.quest_step(q, k, v, *states[0], fused._imp, fused.budget_pages)
+        kernels.fused_append(k, v, *states[1], parts.policy.append_code, 0, 0, parts.block)
+        bound = kernels.page_bounds(q, parts.kmax, parts.kmin, parts.page_id)
+        want = kernels.pick_pages(bound, parts.page_id, parts.open_slot, parts.length, parts.valid,
+                                  parts.budget_pages)
+        for name in t.STATE + ("valid",):
+            assert torch.equal(getattr(fused, name), getattr(parts, name)), (i, name)
+        assert torch.equal(fused._imp, bound), i
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (i, got, want)
+    assert int(fused._ticket) == 0 and (fused.page_id >= 0).sum(-1).max() > fused.budget_pages
+    print("quest step ok")
 """)
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
-def test_interpreter_append_without_lists_leaves_them():
-    """fused_append(..., lists=False) (quest's, whose page choice writes them after the append) makes
-    the same state change as with lists but leaves the validity row and the block lists as they were;
-    with lists they are the resident tokens and their exact lists."""
-    run_interpreted(LISTS_SCRIPT.format(tests=str(Path(__file__).resolve().parent)), "lists ok")
+def test_interpreter_quest_step_matches_its_parts():
+    """quest_step (quest's append and page bounds in one launch of many programs a row, then the pick)
+    makes, step after step, the same state change as the append kernel under dense's rule, the bounds
+    kernel and the pick kernel one after another: tables, lengths, step and validity row equal, the
+    bounds and the picked lists equal (the kernels apart are checked against the torch rules in the
+    tests above and below)."""
+    run_interpreted(QUEST_STEP_SCRIPT.format(tests=str(Path(__file__).resolve().parent)), "quest step ok")
 
 
 # -- GPU -------------------------------------------------------------------------------------------

@@ -6,14 +6,15 @@
                           exact flex block lists
     fused_append_observe  the same, then the RaaS observe of the step's query (Quest's page bound,
                           the top-k refresh): the flex path's one launch a step
-    page_bounds           Quest's page bound of every page slot (quest's page choice), many programs
-                          a row
+    page_bounds           Quest's page bound of every page slot, many programs a row
     pick_pages            quest's page choice from those bounds (a bitwise search, one program a row),
                           with the validity row and block lists of the chosen pages
+    quest_step            quest's step before its attention: the append under dense's rule and the
+                          page bounds in one launch (many programs a row), then the pick
     fused_step            the whole raas, h2o or streaming step (append, attention, observe) in one launch, laid
                           out by :func:`step_plan` (backend="triton"); attention shares come from the
                           attention's own pass over K/V
-    paged_attend          the attention over the pages pick_pages chose, read through its list (quest
+    paged_attend          the attention over the pages quest_step chose, read through its list (quest
                           on backend="triton")
 
 They are torch.library.triton_op ops that declare every buffer they write (mutates_args): they run
@@ -173,4 +174,4 @@ def step_plan(rows: int, slots: int, pages: int, G: int, D: int, sms: int | None
 
 if HAS_TRITON:
     from .attention import fused_step, paged_attend  # noqa: E402
-    from .bookkeeping import fused_append, fused_append_observe, page_bounds, pick_pages  # noqa: E402
+    from .bookkeeping import fused_append, fused_append_observe, page_bounds, pick_pages, quest_step  # noqa: E402

@@ -1,7 +1,8 @@
 """The append kernel: one program per (sequence, KV head) row appends the step's token, and with
 OBSERVE runs the RaaS observe of the step's query for the row (the flex path's one launch a step).
 The bounds kernel: Quest's page bound of every page slot; the pick kernel: quest's page choice from
-them, with the validity row and block lists of the chosen pages."""
+them, with the validity row and block lists of the chosen pages. The quest kernel: quest's append
+and its page bounds in one launch (many programs a row), before the pick."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch.library import triton_op, wrap_triton
 from ..policies import RaaS
 from . import APPEND_BOUND_ELEMS, BOUND_PAGES, WARPS, lists_in_regs
 from .rules import (append_inputs, bound_loop, bound_pages, choose_slot, finish_step, new_key_bounds, page_entry,
-                    page_tokens, refresh_set, row_writes)
+                    page_tokens, refresh_set, row_writes, table_writes)
 
 
 @triton.jit
@@ -27,7 +28,7 @@ def _append_kernel(
     BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
     POLICY: tl.constexpr, SINK_PAGES: tl.constexpr, RECENT_PAGES: tl.constexpr,
     KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr,
-    OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr, LISTS: tl.constexpr,
+    OBSERVE: tl.constexpr, G: tl.constexpr, REFRESH: tl.constexpr, BPC: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // H
@@ -59,7 +60,7 @@ def _append_kernel(
     tl.store(score_ptr + base + slot, 0.0, mask=opened)
     row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr,
                full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min, ev, opened, has_free,
-               write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False, LISTS)
+               write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False)
     if OBSERVE:  # the RaaS observe of this step's query over the row after the append
         tl.debug_barrier()  # the page-table entry and key bounds stored above are complete
         if BPC == BLOCK_P:  # one chunk: the bounds stay in registers
@@ -75,8 +76,7 @@ def _append_kernel(
     finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, B * H, B, BLOCK_B)
 
 
-def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0,
-                   lists=True):
+def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block, q=None, imp=None, refresh_pages=0):
     k_cache, page_id = state[0], state[2]
     B, H, S, D = k_cache.shape
     P = page_id.shape[-1]
@@ -93,7 +93,7 @@ def _launch_append(k_new, v_new, state, policy, sink_pages, recent_pages, block,
         BLOCK_B=triton.next_power_of_2(B), POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
         KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
         LISTS_IN_REGS=lists_in_regs(nb, P), OBSERVE=observe, G=(q.shape[1] // H) if observe else 1,
-        REFRESH=refresh_pages, BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), LISTS=lists, num_warps=WARPS,
+        REFRESH=refresh_pages, BPC=max(16, min(block_p, APPEND_BOUND_ELEMS // D)), num_warps=WARPS,
     )
 
 
@@ -107,15 +107,15 @@ def fused_append(
     k_cache: Tensor, v_cache: Tensor, page_id: Tensor, stamp: Tensor, pinned: Tensor, score: Tensor,
     kmax: Tensor, kmin: Tensor, open_slot: Tensor, length: Tensor, step: Tensor, evictions: Tensor,
     overflow: Tensor, valid: Tensor, ticket: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor,
-    full_idx: Tensor, policy: int, sink_pages: int, recent_pages: int, block: int, lists: bool = True,
+    full_idx: Tensor, policy: int, sink_pages: int, recent_pages: int, block: int,
 ) -> None:
-    """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy`` (``Policy.append_code``: raas 0, streaming 1, h2o 2, dense 3);
-    with ``lists``, refresh ``valid`` and the exact flex block lists for KV blocks of ``block`` slots
-    (layout of masks.block_lists; a policy that picks its pages writes both itself, after the
-    append). ``ticket``: int32 [1], 0 at launch (left 0)."""
+    """Append one token per row (k_new, v_new: [B, Hkv, 1, D]) under eviction rule ``policy``
+    (``Policy.append_code``: raas 0, streaming 1, h2o 2, dense 3); refresh ``valid`` and the exact flex
+    block lists for KV blocks of ``block`` slots (layout of masks.block_lists). ``ticket``: int32 [1],
+    0 at launch (left 0)."""
     _launch_append(k_new, v_new, (k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length,
                                   step, evictions, overflow, valid, ticket, kv_num, kv_idx, full_num, full_idx),
-                   policy, sink_pages, recent_pages, block, lists=lists)
+                   policy, sink_pages, recent_pages, block)
 
 
 @triton_op("raas_flex::fused_append_observe", mutates_args=_STATE | {"imp"})
@@ -162,12 +162,64 @@ def page_bounds(q: Tensor, kmax: Tensor, kmin: Tensor, page_id: Tensor) -> Tenso
 
 
 @triton.jit
+def _quest_kernel(q_ptr, sqb, sqh, sqd, kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd,
+                  k_ptr, v_ptr, page_id_ptr, stamp_ptr, pinned_ptr, score_ptr, kmax_ptr, kmin_ptr,
+                  open_slot_ptr, length_ptr, step_ptr, evictions_ptr, overflow_ptr, bound_ptr,
+                  H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
+                  BPC: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (row, chunk): the row's append under dense's rule, decided by every program of the row
+    from the state before the step (the slot choice only when the token opens a page) and written by
+    chunk 0 (the token, the page-table entry, the table writes; the lengths and the step are left to
+    the pick), then Quest's bound of the chunk's BPC pages as they are after the append: the written
+    page's key bounds and id come from registers, so it does not matter whether chunk 0's stores are
+    seen yet."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = row // H
+    h = row % H
+    S: tl.constexpr = P * PS
+    row64 = row.to(tl.int64)
+    base = row64 * P
+    step_new, pos, open_old, ev, kk, vv, old_max, old_min, _ = append_inputs(
+        kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
+        open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D)
+    off = pos % PS
+    need = off == 0
+    if need:
+        p = tl.arange(0, BLOCK_P)
+        in_row = p < P
+        pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
+        slot, opened, write, has_free = choose_slot(pid, p, in_row, need, open_old, pos, stamp_ptr, pinned_ptr,
+                                                    score_ptr, base, 3, 0, 0, PS, BLOCK_P)
+    else:
+        slot, opened, write, has_free = open_old, need, need == 0, need == 0
+    new_id = pos // PS
+    new_max, new_min = new_key_bounds(kk, old_max, old_min, opened, write, kmax_ptr, kmin_ptr)
+    if chunk == 0:
+        d = tl.arange(0, D)
+        t = slot * PS + off  # (after an overflow it overwrites the open page's first slot, as in torch)
+        tl.store(k_ptr + (row64 * S + t) * D + d, kk)
+        tl.store(v_ptr + (row64 * S + t) * D + d, vv)
+        page_entry(page_id_ptr, stamp_ptr, pinned_ptr, open_slot_ptr, row64, base, slot, new_id, step_new,
+                   opened, write, open_old)
+        tl.store(score_ptr + base + slot, 0.0, mask=opened)
+        table_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, row64, base, slot, new_max, new_min, ev,
+                     opened, has_free, write, D)
+    pp = chunk * BPC + tl.arange(0, BPC)
+    bound_pages(q_ptr, sqb, sqh, sqd, page_id_ptr, bound_ptr, kmax_ptr, kmin_ptr, bound_ptr, pp, pp < P, slot, opened,
+                new_id, new_max, new_min, b, h, base, G, D, BPC, True, False, False)
+
+
+@triton.jit
 def _pick_kernel(bound_ptr, page_id_ptr, open_slot_ptr, length_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr,
-                 H: tl.constexpr, P: tl.constexpr, PS: tl.constexpr, BUDGET: tl.constexpr, BLOCK_P: tl.constexpr,
-                 BLOCK_PS: tl.constexpr):
+                 step_ptr, ticket_ptr, B: tl.constexpr, H: tl.constexpr, P: tl.constexpr, PS: tl.constexpr,
+                 BUDGET: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PS: tl.constexpr, BLOCK_B: tl.constexpr,
+                 FINISH: tl.constexpr):
     """Program ``row``: the BUDGET resident pages of the row's largest bound, the open page first
     (:func:`refresh_set` by its search, ties to the lower slot), as the validity row (their written
-    tokens) and block lists of one page a block: the chosen slots in slot order, then the others."""
+    tokens) and block lists of one page a block: the chosen slots in slot order, then the others.
+    FINISH (after the quest kernel): the lengths do not count the step's token yet, and the last
+    program advances them and the step (:func:`finish_step`)."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     base = row64 * P
@@ -175,7 +227,11 @@ def _pick_kernel(bound_ptr, page_id_ptr, open_slot_ptr, length_ptr, valid_ptr, k
     in_row = p < P
     pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
     bound = tl.load(bound_ptr + base + p, mask=in_row, other=float("-inf"))
-    pos = tl.load(length_ptr + row // H) - 1  # (up front: after the stores below it would be a trip of its own)
+    pos = tl.load(length_ptr + row // H) - 1 + FINISH  # (up front: after the stores it would be a trip of its own)
+    if FINISH:
+        bb = tl.arange(0, BLOCK_B)
+        lens = tl.load(length_ptr + bb, mask=bb < B, other=0)
+        step_new = tl.load(step_ptr) + 1
     bound = tl.where(p == tl.load(open_slot_ptr + row64), float("inf"), bound)
     pick = refresh_set(bound, pid, p, in_row, P, BUDGET, BLOCK_P, True)
     count = tl.sum(pick.to(tl.int32), 0)
@@ -186,6 +242,8 @@ def _pick_kernel(bound_ptr, page_id_ptr, open_slot_ptr, length_ptr, valid_ptr, k
     tt = tl.arange(0, BLOCK_PS)
     tl.store(valid_ptr + (base + p[:, None]) * PS + tt[None, :], tt[None, :] < n_p[:, None],
              mask=in_row[:, None] & (tt[None, :] < PS))
+    if FINISH:
+        finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, B * H, B, BLOCK_B)
 
 
 @triton_op("raas_flex::pick_pages", mutates_args={"valid"})
@@ -195,12 +253,44 @@ def pick_pages(bound: Tensor, page_id: Tensor, open_slot: Tensor, length: Tensor
     :func:`page_bounds`: ``valid`` [B * Hkv, S] gets the written tokens of the chosen pages (after the
     append); returns flex block lists of one page a block, (kv_num [B * Hkv, 1, 1], kv_idx [B * Hkv, 1,
     1, P]), int32, every block partial."""
+    return _launch_pick(bound, page_id, open_slot, length, valid, length, length, budget_pages, False)
+
+
+def _launch_pick(bound, page_id, open_slot, length, valid, step, ticket, budget_pages, finish):
     B, H, P = page_id.shape
     ps = valid.shape[-1] // P
     kv_num = torch.empty(B * H, 1, 1, dtype=torch.int32, device=bound.device)
     kv_idx = torch.empty(B * H, 1, 1, P, dtype=torch.int32, device=bound.device)
     wrap_triton(_pick_kernel)[(B * H,)](
-        bound, page_id, open_slot, length, valid, kv_num, kv_idx, H=H, P=P, PS=ps, BUDGET=budget_pages,
-        BLOCK_P=triton.next_power_of_2(P), BLOCK_PS=triton.next_power_of_2(ps), num_warps=WARPS,
+        bound, page_id, open_slot, length, valid, kv_num, kv_idx, step, ticket, B=B, H=H, P=P, PS=ps,
+        BUDGET=budget_pages, BLOCK_P=triton.next_power_of_2(P), BLOCK_PS=triton.next_power_of_2(ps),
+        BLOCK_B=triton.next_power_of_2(B), FINISH=finish, num_warps=WARPS,
     )
     return kv_num, kv_idx
+
+
+@triton_op("raas_flex::quest_step", mutates_args=_STATE | {"imp"})
+def quest_step(
+    q: Tensor, k_new: Tensor, v_new: Tensor,
+    k_cache: Tensor, v_cache: Tensor, page_id: Tensor, stamp: Tensor, pinned: Tensor, score: Tensor,
+    kmax: Tensor, kmin: Tensor, open_slot: Tensor, length: Tensor, step: Tensor, evictions: Tensor,
+    overflow: Tensor, valid: Tensor, ticket: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor,
+    full_idx: Tensor, imp: Tensor, budget_pages: int,
+) -> tuple[Tensor, Tensor]:
+    """Quest's step before its attention, in two launches: the append of k_new, v_new [B, Hkv, 1, D]
+    under dense's rule with Quest's bound of every page slot for q [B, Hq, 1, D] after it (to ``imp``,
+    fp32 [B, Hkv, P], as :func:`page_bounds` gives them), BOUND_PAGES pages a program; then the page
+    choice of :func:`pick_pages`, whose last program advances the lengths and the step. The state
+    changes as :func:`fused_append` (``policy`` 3) would make them, except the flex block lists
+    (kv_num .. full_idx, left as they are): ``valid`` gets the chosen pages' tokens. Returns the pick's
+    lists. ``ticket``: int32 [1], 0 at launch (left 0)."""
+    B, H, P, D = kmax.shape
+    bpc = max(16, min(triton.next_power_of_2(P), BOUND_PAGES))  # (a matrix product needs 16)
+    wrap_triton(_quest_kernel)[(B * H, triton.cdiv(P, bpc))](
+        q, q.stride(0), q.stride(1), q.stride(3), k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
+        v_new.stride(0), v_new.stride(1), v_new.stride(3), k_cache, v_cache, page_id, stamp, pinned, score, kmax,
+        kmin, open_slot, length, step, evictions, overflow, imp,
+        H=H, G=q.shape[1] // H, P=P, D=D, PS=k_cache.shape[2] // P, BPC=bpc, BLOCK_P=triton.next_power_of_2(P),
+        num_warps=WARPS,
+    )
+    return _launch_pick(imp, page_id, open_slot, length, valid, step, ticket, budget_pages, True)

@@ -107,23 +107,30 @@ def page_entry(page_id_ptr, stamp_ptr, pinned_ptr, open_slot_ptr, row64, base, s
 
 
 @triton.jit
-def row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr,
-               full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min,
-               ev, opened, has_free, write, D: tl.constexpr, S: tl.constexpr, PS: tl.constexpr,
-               BLOCK_PS: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
-               BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, LEAN: tl.constexpr, LISTS: tl.constexpr = True):
-    """The append's writes that no attention reads: the overflow flag, the eviction count, the written
-    page's key bounds, and with LISTS the validity row and the block lists (see
-    :func:`write_valid_lists`; a policy that picks its pages writes both itself)."""
+def table_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, row64, base, slot, new_max, new_min, ev, opened,
+                 has_free, write, D: tl.constexpr):
+    """The append's table writes that no attention reads: the overflow flag, the eviction count and the
+    written page's key bounds."""
     d = tl.arange(0, D)
     tl.store(overflow_ptr, 1, mask=write == 0)
     tl.store(evictions_ptr + row64, ev + (opened & (has_free == 0)).to(tl.int64))
     tl.store(kmax_ptr + (base + slot) * D + d, new_max)
     tl.store(kmin_ptr + (base + slot) * D + d, new_min)
-    if LISTS:
-        write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
-                          page_tokens(pid_new, pos, PS), S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS,
-                          slot, LEAN)
+
+
+@triton.jit
+def row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr,
+               full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min,
+               ev, opened, has_free, write, D: tl.constexpr, S: tl.constexpr, PS: tl.constexpr,
+               BLOCK_PS: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
+               BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, LEAN: tl.constexpr):
+    """The append's writes that no attention reads: :func:`table_writes`, then the validity row and the
+    block lists (:func:`write_valid_lists`)."""
+    table_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, row64, base, slot, new_max, new_min, ev, opened,
+                 has_free, write, D)
+    write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
+                      page_tokens(pid_new, pos, PS), S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS,
+                      slot, LEAN)
 
 
 @triton.jit
