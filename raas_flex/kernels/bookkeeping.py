@@ -135,6 +135,12 @@ def fused_append_observe(
                    refresh_pages=refresh_pages)
 
 
+
+def _bound_chunk(P: int) -> int:
+    """Pages per program of the bounds kernels: BOUND_PAGES, at least 16 (a matrix product needs 16)."""
+    return max(16, min(triton.next_power_of_2(P), BOUND_PAGES))
+
+
 @triton.jit
 def _bounds_kernel(q_ptr, sqb, sqh, sqd, page_id_ptr, kmax_ptr, kmin_ptr, out_ptr,
                    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BPC: tl.constexpr):
@@ -153,7 +159,7 @@ def page_bounds(q: Tensor, kmax: Tensor, kmin: Tensor, page_id: Tensor) -> Tenso
     rule of the append kernel's observe), BOUND_PAGES pages a program."""
     B, H, P, D = kmax.shape
     out = torch.empty(B, H, P, dtype=torch.float32, device=kmax.device)
-    bpc = max(16, min(triton.next_power_of_2(P), BOUND_PAGES))  # (a matrix product needs 16)
+    bpc = _bound_chunk(P)
     wrap_triton(_bounds_kernel)[(B * H, triton.cdiv(P, bpc))](
         q, q.stride(0), q.stride(1), q.stride(3), page_id, kmax, kmin, out,
         H=H, G=q.shape[1] // H, P=P, D=D, BPC=bpc, num_warps=WARPS,
@@ -285,7 +291,7 @@ def quest_step(
     (kv_num .. full_idx, left as they are): ``valid`` gets the chosen pages' tokens. Returns the pick's
     lists. ``ticket``: int32 [1], 0 at launch (left 0)."""
     B, H, P, D = kmax.shape
-    bpc = max(16, min(triton.next_power_of_2(P), BOUND_PAGES))  # (a matrix product needs 16)
+    bpc = _bound_chunk(P)
     wrap_triton(_quest_kernel)[(B * H, triton.cdiv(P, bpc))](
         q, q.stride(0), q.stride(1), q.stride(3), k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(3),
         v_new.stride(0), v_new.stride(1), v_new.stride(3), k_cache, v_cache, page_id, stamp, pinned, score, kmax,
