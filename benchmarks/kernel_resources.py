@@ -1,7 +1,7 @@
 """Compile the Triton kernels of raas_flex for an NVIDIA GPU without one, and report their resources.
 
 Every kernel is launched through its op (``kernels.fused_append_observe``, ``kernels.fused_step``,
-``kernels.pick_pages`` with a budget of 1/16 of the pages) on CPU tensors of the requested shape,
+``kernels.quest_step`` with a budget of 1/16 of the pages) on CPU tensors of the requested shape,
 planned as on a GPU of ``--sms`` SMs (``kernels.step_plan``), with the launch intercepted: the
 arguments and compile-time constants it would have used are compiled ahead of time for the chosen architecture (Triton's own ptxas), and
 ``cuobjdump`` reads registers, stack (register spills) and static shared memory per thread block;
@@ -169,8 +169,8 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
         capture.op = "fused_step"
         kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block, observe, 2 if observe == 3 else 0,
                            P - P // 2 if observe == 3 else 0, 1e-4)
-        capture.op = "pick_pages"  # quest's page choice over these P pages, a budget of P / 16 of them
-        kernels.pick_pages(imp, page_id, open_slot, length, valid, max(1, P // 16))
+        capture.op = "quest_step"  # quest's append and bounds, then its pick over these P pages (a budget of P / 16)
+        kernels.quest_step(q, kn, vn, *state, imp, max(1, P // 16))
     finally:
         bookkeeping.wrap_triton, attention.wrap_triton, kernels.device_sms = saved
     assert G * Hkv == Hq
@@ -214,7 +214,8 @@ def main(argv=None):
                          "1 attention share top-k, 2 share threshold, 3 share accumulated (h2o)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--kernels", default=None,
-                    help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel, _pick_kernel)")
+                    help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel, _quest_kernel, "
+                         "_pick_kernel)")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     args = ap.parse_args(argv)
     if not kernels.HAS_TRITON:
