@@ -12,10 +12,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ..policies import RaaS
+from ..policies import Quest, RaaS
 from . import APPEND_BOUND_ELEMS, BOUND_PAGES, WARPS, lists_in_regs
 from .rules import (append_inputs, bound_loop, bound_pages, choose_slot, finish_step, new_key_bounds, page_entry,
-                    page_tokens, refresh_set, row_writes, table_writes)
+                    page_tokens, refresh_set, row_writes, table_writes, token_writes)
 
 
 @triton.jit
@@ -36,7 +36,6 @@ def _append_kernel(
     S: tl.constexpr = P * PS
     row64 = row.to(tl.int64)
     base = row64 * P
-    d = tl.arange(0, D)
     bb = tl.arange(0, BLOCK_B)
     lens = tl.load(length_ptr + bb, mask=bb < B, other=0)  # up front (the last program writes lens + 1)
     step_new, pos, open_old, ev, kk, vv, old_max, old_min, _ = append_inputs(
@@ -51,13 +50,9 @@ def _append_kernel(
     new_id = pos // PS
     new_max, new_min = new_key_bounds(kk, old_max, old_min, opened, write, kmax_ptr, kmin_ptr)
     pid_new = tl.where(opened & (p == slot), new_id, pid)
-    # the token (after an overflow it overwrites the open page's first slot, as in torch)
-    t = slot * PS + off
-    tl.store(k_ptr + (row64 * S + t) * D + d, kk)
-    tl.store(v_ptr + (row64 * S + t) * D + d, vv)
+    token_writes(k_ptr, v_ptr, score_ptr, row64, base, slot, off, kk, vv, opened, S, PS, D)
     page_entry(page_id_ptr, stamp_ptr, pinned_ptr, open_slot_ptr, row64, base, slot, new_id, step_new,
                opened, write, open_old)
-    tl.store(score_ptr + base + slot, 0.0, mask=opened)
     row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr,
                full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min, ev, opened, has_free,
                write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False)
@@ -172,8 +167,9 @@ def _quest_kernel(q_ptr, sqb, sqh, sqd, kn_ptr, vn_ptr, skb, skh, skd, svb, svh,
                   k_ptr, v_ptr, page_id_ptr, stamp_ptr, pinned_ptr, score_ptr, kmax_ptr, kmin_ptr,
                   open_slot_ptr, length_ptr, step_ptr, evictions_ptr, overflow_ptr, bound_ptr,
                   H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
-                  BPC: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (row, chunk): the row's append under dense's rule, decided by every program of the row
+                  BPC: tl.constexpr, BLOCK_P: tl.constexpr, POLICY: tl.constexpr):
+    """Program (row, chunk): the row's append under eviction rule POLICY (quest's: dense's, nothing
+    evictable), decided by every program of the row
     from the state before the step (the slot choice only when the token opens a page) and written by
     chunk 0 (the token, the page-table entry, the table writes; the lengths and the step are left to
     the pick), then Quest's bound of the chunk's BPC pages as they are after the append: the written
@@ -196,19 +192,15 @@ def _quest_kernel(q_ptr, sqb, sqh, sqd, kn_ptr, vn_ptr, skb, skh, skd, svb, svh,
         in_row = p < P
         pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
         slot, opened, write, has_free = choose_slot(pid, p, in_row, need, open_old, pos, stamp_ptr, pinned_ptr,
-                                                    score_ptr, base, 3, 0, 0, PS, BLOCK_P)
+                                                    score_ptr, base, POLICY, 0, 0, PS, BLOCK_P)
     else:
         slot, opened, write, has_free = open_old, need, need == 0, need == 0
     new_id = pos // PS
     new_max, new_min = new_key_bounds(kk, old_max, old_min, opened, write, kmax_ptr, kmin_ptr)
     if chunk == 0:
-        d = tl.arange(0, D)
-        t = slot * PS + off  # (after an overflow it overwrites the open page's first slot, as in torch)
-        tl.store(k_ptr + (row64 * S + t) * D + d, kk)
-        tl.store(v_ptr + (row64 * S + t) * D + d, vv)
+        token_writes(k_ptr, v_ptr, score_ptr, row64, base, slot, off, kk, vv, opened, S, PS, D)
         page_entry(page_id_ptr, stamp_ptr, pinned_ptr, open_slot_ptr, row64, base, slot, new_id, step_new,
                    opened, write, open_old)
-        tl.store(score_ptr + base + slot, 0.0, mask=opened)
         table_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, row64, base, slot, new_max, new_min, ev,
                      opened, has_free, write, D)
     pp = chunk * BPC + tl.arange(0, BPC)
@@ -297,6 +289,6 @@ def quest_step(
         v_new.stride(0), v_new.stride(1), v_new.stride(3), k_cache, v_cache, page_id, stamp, pinned, score, kmax,
         kmin, open_slot, length, step, evictions, overflow, imp,
         H=H, G=q.shape[1] // H, P=P, D=D, PS=k_cache.shape[2] // P, BPC=bpc, BLOCK_P=triton.next_power_of_2(P),
-        num_warps=WARPS,
+        POLICY=Quest.append_code, num_warps=WARPS,
     )
     return _launch_pick(imp, page_id, open_slot, length, valid, step, ticket, budget_pages, True)

@@ -107,6 +107,18 @@ def page_entry(page_id_ptr, stamp_ptr, pinned_ptr, open_slot_ptr, row64, base, s
 
 
 @triton.jit
+def token_writes(k_ptr, v_ptr, score_ptr, row64, base, slot, off, kk, vv, opened, S: tl.constexpr, PS: tl.constexpr,
+                 D: tl.constexpr):
+    """The token's K and V at offset ``off`` of page slot ``slot`` (after an overflow it overwrites the
+    open page's first slot, as in torch) and an opened page's score reset to 0."""
+    d = tl.arange(0, D)
+    t = slot * PS + off
+    tl.store(k_ptr + (row64 * S + t) * D + d, kk)
+    tl.store(v_ptr + (row64 * S + t) * D + d, vv)
+    tl.store(score_ptr + base + slot, 0.0, mask=opened)
+
+
+@triton.jit
 def table_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, row64, base, slot, new_max, new_min, ev, opened,
                  has_free, write, D: tl.constexpr):
     """The append's table writes that no attention reads: the overflow flag, the eviction count and the
