@@ -20,6 +20,7 @@ It measures no speed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -123,6 +124,7 @@ def compile_launch(fn, args, kw, arch: int):
     if m is None:
         raise RuntimeError(f"cuobjdump printed no resource usage for {fn.fn.__name__}:\n{dump[-500:]}")
     reg, stack, shared, local = map(int, m.groups())
+    code = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s.*$", sass, re.M)  # the instruction lines
     # cuobjdump sees the static shared memory only; Triton's pipelined tiles live in the dynamic part
     ttgir = compiled.asm["ttgir"]
     return dict(kernel=fn.fn.__name__, registers=reg, stack_bytes=stack, shared_bytes=shared,
@@ -130,7 +132,9 @@ def compile_launch(fn, args, kw, arch: int):
                 # loads the software pipeliner turned into asynchronous copies (cp.async)
                 async_copies=ttgir.count("async_copy_global_to_local"),
                 # code size: a stretch that a program runs once waits on instruction fetch
-                sass_instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s", sass, re.M)),
+                sass_instructions=len(code),
+                # equal hashes: the same machine code (two trees, or a change meant to compile to nothing)
+                sass_sha1=hashlib.sha1("\n".join(code).encode()).hexdigest()[:16],
                 warps=options.num_warps, stages=options.num_stages, compile_s=round(seconds, 1))
 
 
@@ -253,7 +257,7 @@ def main(argv=None):
                           f"grid {str(tuple(grid)):<10} warps {r['warps']}  registers {r['registers']:>3}  "
                           f"stack {r['stack_bytes']:>4} B  shared {r['shared_bytes']:>5} B static, "
                           f"{r['dynamic_shared_bytes']:>6} B dynamic  async copies {r['async_copies']}  "
-                          f"{r['sass_instructions']} SASS instructions  "
+                          f"{r['sass_instructions']} SASS instructions ({r['sass_sha1']})  "
                           f"{r['per_sm']} per SM, {r['waves']} wave(s)  ({r['compile_s']} s)")
     if args.out:
         meta = dict(command="python benchmarks/kernel_resources.py " + " ".join(argv if argv is not None else sys.argv[1:]),

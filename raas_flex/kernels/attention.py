@@ -330,8 +330,6 @@ def _step_kernel(
     if _last_of_row(count_ptr, row64, NPROG):
         if BOUNDS:  # the bounds, or the observer's top-k set, first: its latency overlaps the combine's loads
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
-        bb = tl.arange(0, BLOCK_B)  # the lengths for finish_step, beside the combine's loads
-        lens = tl.load(length_ptr + bb, mask=bb < B, other=0)
         m, tot = _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT,
                               ONLINE)
         if not OBSERVER:
@@ -353,7 +351,7 @@ def _step_kernel(
             tl.store(stamp_ptr + base + p, tl.zeros([BLOCK_P], tl.int64) + step_new, mask=sel)
         if NPROG > 1:
             tl.store(count_ptr + row64, 0)
-        finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, B * H, B, BLOCK_B)
+        finish_step(ticket_ptr, length_ptr, step_ptr, step_new, 0, B * H, B, BLOCK_B, LOAD_LENS=True)
 
 
 @triton_op("raas_flex::fused_step", mutates_args=_STATE | {"imp", "count"})

@@ -305,14 +305,20 @@ def refresh_set(imp, pid, i, in_row, P: tl.constexpr, REFRESH: tl.constexpr, BLO
 
 @triton.jit
 def finish_step(ticket_ptr, length_ptr, step_ptr, step_new, lens, NPROG: tl.constexpr, B: tl.constexpr,
-                BLOCK_B: tl.constexpr):
+                BLOCK_B: tl.constexpr, LOAD_LENS: tl.constexpr = False):
     """The last of NPROG programs to get here (a ticket after a barrier; every program has read the
     lengths and the step by then) advances the lengths and the step and resets the ticket. ``lens``:
     the lengths [BLOCK_B] as the caller loaded them before its ticket (no program changes them before
-    this one), so the last program's tail holds no trip to memory after the ticket."""
+    this one), so the last program's tail holds no trip to memory after the ticket. With LOAD_LENS
+    they are loaded after the ticket instead (``lens`` unused): the step kernel, where lengths held
+    through the row's combine cost registers (kernels.md, "Measured and not shipped")."""
     tl.debug_barrier()
     if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == NPROG - 1:
         bb = tl.arange(0, BLOCK_B)
-        tl.store(length_ptr + bb, lens + 1, mask=bb < B)
+        if LOAD_LENS:
+            tl.store(length_ptr + bb, tl.load(length_ptr + bb, mask=bb < B, other=0, cache_modifier=".cg") + 1,
+                     mask=bb < B)
+        else:
+            tl.store(length_ptr + bb, lens + 1, mask=bb < B)
         tl.store(step_ptr, step_new)
         tl.store(ticket_ptr, 0)
