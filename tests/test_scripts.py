@@ -346,7 +346,7 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     """The resource report compiles the shipped kernels for sm_90 on this CPU machine, specialised as
     a launch would be, with a Python float argument typed fp64 as torch.compile launches it (a kernel
     whose fp32 softmax state turns fp64 fails to compile), and reads back registers, shared memory,
-    pipelined loads and code size (quest's two kernels too). fused_step is compiled under the plans
+    pipelined loads, code size and a hash of the machine code (quest's two kernels too). fused_step is compiled under the plans
     (kernels.step_plan) of GPUs of 132 and 1 SMs, which build it with the observer last and the online
     combine, with the observer first and full row writes, without the observer, and with the writer;
     an unknown kernel name is refused."""
@@ -372,6 +372,10 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     assert all(r["dynamic_shared_bytes"] > 0 for r in steps)
     # code size: the whole step (append, attention, bounds, combine) is longer than the append kernel
     assert 0 < rows[0]["sass_instructions"] < rows[1]["sass_instructions"]
+    # the machine code's hash: one launch compiled again gives the same, other kernels and plans others
+    again = kr.main(["--shapes", "1/4/2", *small, "--budgets", "256", "--kernels", "_step_kernel"])
+    assert again[0]["sass_sha1"] == rows[1]["sass_sha1"]
+    assert len({r["sass_sha1"] for r in [*rows, *steps[1:]]}) == len(rows) + 3
     # occupancy: programs an SM holds, and the grid's waves on the GPU the plan was made for
     for r, sms in zip(steps, (132, 1, 1, 132)):
         per_sm = kr.programs_per_sm(r["registers"], r["warps"], r["shared_bytes"] + r["dynamic_shared_bytes"])
