@@ -141,7 +141,7 @@ def compile_launch(fn, args, kw, arch: int):
 def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
     """Call every op once on CPU tensors (raas state of one layer) and capture the launches, with the
     plan a GPU of ``sms`` SMs would get (kernels.step_plan); fused_step with observe ``observe``
-    (``Policy.step_observe``; 3 is h2o's, with its eviction rule)."""
+    (``Policy.step_observe``; 3 is h2o's, with its eviction rule; 4 streaming's, one sink page)."""
     P, S = L // ps, L
     block = min(128, S)
     G = Hq // Hkv
@@ -171,8 +171,9 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
         capture.op = "fused_append_observe"
         kernels.fused_append_observe(q, kn, vn, *state, imp, 0, 0, block, refresh)
         capture.op = "fused_step"
-        kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block, observe, 2 if observe == 3 else 0,
-                           P - P // 2 if observe == 3 else 0, 1e-4)
+        policy = {3: 2, 4: 1}.get(observe, 0)  # h2o's and streaming's eviction rules, else raas's
+        kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block, observe, policy,
+                           P - P // 2 if observe == 3 else 0, 1e-4, 1 if observe == 4 else 0)
         capture.op = "quest_step"  # quest's append and bounds, then its pick over these P pages (a budget of P / 16)
         kernels.quest_step(q, kn, vn, *state, imp, max(1, P // 16))
     finally:
@@ -215,7 +216,7 @@ def main(argv=None):
                     help="SM count of the GPU whose launch plan (kernels.step_plan) the launches follow (132: H200)")
     ap.add_argument("--observe", default="0",
                     help="comma list of fused_step's observe (Policy.step_observe): 0 bound top-k (raas default), "
-                         "1 attention share top-k, 2 share threshold, 3 share accumulated (h2o)")
+                         "1 attention share top-k, 2 share threshold, 3 share accumulated (h2o), 4 none (streaming)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--kernels", default=None,
                     help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel, _quest_kernel, "
@@ -226,9 +227,9 @@ def main(argv=None):
         raise SystemExit("kernel_resources.py needs triton installed")
     shapes, budgets = _shapes(args.shapes), _ints(args.budgets, "--budgets")
     observes = _ints(args.observe, "--observe")
-    bad = sorted(set(observes) - {0, 1, 2, 3})
+    bad = sorted(set(observes) - {0, 1, 2, 3, 4})
     if bad:
-        raise SystemExit(f"--observe: {bad} not allowed; allowed: 0, 1, 2, 3")
+        raise SystemExit(f"--observe: {bad} not allowed; allowed: 0, 1, 2, 3, 4")
     dtype = getattr(torch, args.dtype)
     rows = []
     for (batch, hq, hkv) in shapes:

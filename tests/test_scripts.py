@@ -349,7 +349,7 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     pipelined loads, code size and a hash of the machine code (quest's two kernels too). fused_step is compiled under the plans
     (kernels.step_plan) of GPUs of 132 and 1 SMs, which build it with the observer last and the online
     combine, with the observer first and full row writes, without the observer, and with the writer;
-    an unknown kernel name is refused."""
+    streaming's build too; an unknown observe or kernel name is refused."""
     kr = _bench_module("kernel_resources")
     out = tmp_path / "res.json"
     small = ["--head-dim", "16", "--page-size", "8"]
@@ -380,6 +380,11 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     for r, sms in zip(steps, (132, 1, 1, 132)):
         per_sm = kr.programs_per_sm(r["registers"], r["warps"], r["shared_bytes"] + r["dynamic_shared_bytes"])
         assert r["per_sm"] == per_sm >= 1 and r["waves"] == -(-r["grid"][0] * r["grid"][1] // (per_sm * sms))
+    # streaming's build (observe 4: no observe, its own eviction rule) is a kernel of its own
+    stream = kr.main(["--shapes", "1/4/2", *small, "--budgets", "256", "--observe", "4", "--kernels", "_step_kernel"])
+    assert stream[0]["observe"] == 4 and stream[0]["sass_sha1"] != rows[1]["sass_sha1"]
+    with pytest.raises(SystemExit):
+        kr.main(["--observe", "5"])
     with pytest.raises(SystemExit):
         kr.main(["--kernels", "_nope"])
     with pytest.raises(SystemExit):
