@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raas_flex import kernels  # noqa: E402
 from raas_flex.masks import all_partial_lists  # noqa: E402
+from raas_flex.policies import H2O, RaaS, Streaming  # noqa: E402
 
 
 class SM90(NamedTuple):
@@ -171,9 +172,9 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
         capture.op = "fused_append_observe"
         kernels.fused_append_observe(q, kn, vn, *state, imp, 0, 0, block, refresh)
         capture.op = "fused_step"
-        policy = {3: 2, 4: 1}.get(observe, 0)  # h2o's and streaming's eviction rules, else raas's
-        kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block, observe, policy,
-                           P - P // 2 if observe == 3 else 0, 1e-4, 1 if observe == 4 else 0)
+        policy = {3: H2O, 4: Streaming}.get(observe, RaaS)  # whose eviction rule the step takes
+        kernels.fused_step(q, kn, vn, *state, imp, count, scale, refresh, block, observe, policy.append_code,
+                           H2O.recent_pages(P) if policy is H2O else 0, 1e-4, 1 if policy is Streaming else 0)
         capture.op = "quest_step"  # quest's append and bounds, then its pick over these P pages (a budget of P / 16)
         kernels.quest_step(q, kn, vn, *state, imp, max(1, P // 16))
     finally:
