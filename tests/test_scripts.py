@@ -482,3 +482,21 @@ def test_ncu_stalls_sums_a_recorded_source_page(tmp_path):
         f.write('"Kernel Name","k"\n"Address","Source","Instructions Executed"\n"0x0","NOP","1"\n')
     with pytest.raises(ValueError, match="no warp-stall columns"):
         ns.stall_shares(str(bare))
+
+
+def test_plan_variant_changes_fused_steps_plan_for_the_block_only():
+    pv = _bench_module("plan_variant")
+    from raas_flex.kernels import attention
+
+    shipped = attention.step_plan(32, 2048, 128, 7, 128, 132)
+    settings = pv.parse_settings("split=4,ROW_WRITER_MIN_SPLIT=16,STAGES_WIDE_ROWS=32")
+    assert settings == {"split": 4, "ROW_WRITER_MIN_SPLIT": 16, "STAGES_WIDE_ROWS": 32}
+    with pv.plan_variant(settings) as plans:
+        plan = attention.step_plan(32, 2048, 128, 7, 128, 132)  # the name fused_step calls
+    assert (shipped.split, shipped.writer, shipped.stages) == (8, True, 2)
+    assert (plan.split, plan.writer, plan.stages) == (4, False, 3)
+    assert list(plans.values()) == [plan]
+    assert attention.step_plan(32, 2048, 128, 7, 128, 132) == shipped  # restored after the block
+    for bad in ("BLOCK_N=32", "NOT_A_RULE=1", "split=0", "split=x", "STAGES_WIDE"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            pv.parse_settings(bad)

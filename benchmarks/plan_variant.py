@@ -1,0 +1,110 @@
+"""Time the decode step under another launch plan of ``fused_step``, without editing the package.
+
+    python benchmarks/plan_variant.py --set ROW_WRITER_MIN_SPLIT=16 -- --shapes 8/28/4 --contexts 32768 \\
+        --budgets 2048 --baseline-budgets all --configs "raas;streaming" --tag plan_nowriter_8x28x4_L2048
+    python benchmarks/plan_variant.py --set split=4 -- ...    # 4 attention programs a row (at most one a tile)
+    python benchmarks/plan_variant.py --set "" -- ...         # the shipped plan, for the same sweep
+
+``--set`` takes ``NAME=INT`` items: the rule constants ``kernels.step_plan`` and ``kernels.split_for``
+read (``TILES_PER_PROGRAM``, ``OBSERVER_MAX_PROGRAMS_PER_SM``, ``STAGES_WIDE``, ...; not ``BLOCK_N``,
+which the kernels also take), or ``split`` for a fixed number of attention programs per row. They hold
+for this process only. Everything after ``--`` goes to ``benchmarks/decode_step.py``; the results JSON's
+meta gets the settings (``plan_variant``) and every plan the step used (``plans``).
+
+A sweep runs the variants one after another on one GPU, the shipped plan first and last, each its
+own process; docs/kernels.md ("Measured and not shipped") has the ones measured so far.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import raas_flex.kernels as kernels
+
+# The constants the plan reads, less the tile size the kernels are compiled with.
+PLAN_CONSTANTS = sorted(
+    {n for f in (kernels.step_plan, kernels.split_for) for n in f.__code__.co_names if n.isupper()} - {"BLOCK_N"}
+)
+
+
+def parse_settings(text: str) -> dict[str, int]:
+    """``"A=1,split=4"`` -> ``{"A": 1, "split": 4}``; bad names or values raise ValueError naming them."""
+    settings: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or (name != "split" and name not in PLAN_CONSTANTS):
+            allowed = ", ".join(["split"] + PLAN_CONSTANTS)
+            raise ValueError(f"--set: {item!r} is not allowed; allowed: NAME=INT with NAME one of {allowed}")
+        try:
+            settings[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--set: {name}={value!r} is not allowed; allowed: an int >= 1") from None
+        if settings[name] < 1:
+            raise ValueError(f"--set: {name}={value!r} is not allowed; allowed: an int >= 1")
+    return settings
+
+
+@contextlib.contextmanager
+def plan_variant(settings: dict[str, int]):
+    """Within the block ``fused_step`` plans with ``settings``; yields the dict of plans it made."""
+    from raas_flex.kernels import attention
+
+    plans: dict[tuple, kernels.StepPlan] = {}
+    shipped_plan, shipped_split = kernels.step_plan, kernels.split_for
+    saved = {name: getattr(kernels, name) for name in settings if name != "split"}
+
+    def recording_plan(*args, **kwargs):
+        plan = shipped_plan(*args, **kwargs)
+        plans[args + tuple(sorted(kwargs.items()))] = plan
+        return plan
+
+    try:
+        for name, value in saved.items():
+            setattr(kernels, name, settings[name])
+        if "split" in settings:
+            kernels.split_for = lambda rows, tiles, sms: min(settings["split"], tiles)
+        attention.step_plan = recording_plan  # (attention.py holds its own name for the plan function)
+        yield plans
+    finally:
+        attention.step_plan = shipped_plan
+        kernels.split_for = shipped_split
+        for name, value in saved.items():
+            setattr(kernels, name, value)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--set", dest="settings", required=True, help="NAME=INT,... ('' for the shipped plan)")
+    settings = parse_settings(ap.parse_args(ours).settings)
+    sys.path.insert(0, str(Path(__file__).parent))
+    import decode_step
+
+    known = argparse.ArgumentParser(add_help=False)
+    for flag in ("--smoke", "--quick"):
+        known.add_argument(flag, action="store_true")
+    known.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    known.add_argument("--tag")
+    step = known.parse_known_args(rest)[0]
+    tag = step.tag or ("smoke" if step.smoke else "quick" if step.quick else "full")
+    with plan_variant(settings) as plans:
+        decode_step.main(rest)
+    path = Path(step.out) / f"decode_step_{tag}.json"
+    made = [dict(zip(("rows", "slots", "pages", "G", "D", "sms"), key[:6]), **dataclasses.asdict(plan))
+            for key, plan in plans.items()]
+    for plan in made:
+        print("plan:", plan)
+    data = json.loads(path.read_text())
+    command = f"python benchmarks/plan_variant.py --set {','.join(f'{k}={v}' for k, v in settings.items())!r} -- "
+    data["meta"].update(command=command + " ".join(rest), plan_variant=settings, plans=made)
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+if __name__ == "__main__":
+    main()
