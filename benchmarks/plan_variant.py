@@ -53,17 +53,17 @@ def plan_variant(settings: dict[str, int]):
     """Within the block ``fused_step`` plans with ``settings``; yields the dict of plans it made."""
     from raas_flex.kernels import attention
 
-    plans: dict[tuple, kernels.StepPlan] = {}
+    plans: dict[tuple, kernels.StepPlan] = {}  # (rows, slots, pages, G, D, sms, bounds) -> plan
     shipped_plan, shipped_split = kernels.step_plan, kernels.split_for
     saved = {name: getattr(kernels, name) for name in settings if name != "split"}
 
-    def recording_plan(*args, **kwargs):
-        plan = shipped_plan(*args, **kwargs)
-        plans[args + tuple(sorted(kwargs.items()))] = plan
+    def recording_plan(rows, slots, pages, G, D, sms, bounds=True):
+        plan = shipped_plan(rows, slots, pages, G, D, sms, bounds=bounds)
+        plans[(rows, slots, pages, G, D, sms, bounds)] = plan
         return plan
 
     try:
-        for name, value in saved.items():
+        for name in saved:
             setattr(kernels, name, settings[name])
         if "split" in settings:
             kernels.split_for = lambda rows, tiles, sms: min(settings["split"], tiles)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> Path:
     with plan_variant(settings) as plans:
         decode_step.main(rest)
     path = Path(step.out) / f"decode_step_{tag}.json"
-    made = [dict(zip(("rows", "slots", "pages", "G", "D", "sms"), key[:6]), **dataclasses.asdict(plan))
+    made = [dict(zip(("rows", "slots", "pages", "G", "D", "sms", "bounds"), key), **dataclasses.asdict(plan))
             for key, plan in plans.items()]
     for plan in made:
         print("plan:", plan)

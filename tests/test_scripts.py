@@ -493,9 +493,10 @@ def test_plan_variant_changes_fused_steps_plan_for_the_block_only():
     assert settings == {"split": 4, "ROW_WRITER_MIN_SPLIT": 16, "STAGES_WIDE_ROWS": 32}
     with pv.plan_variant(settings) as plans:
         plan = attention.step_plan(32, 2048, 128, 7, 128, 132)  # the name fused_step calls
+        shares = attention.step_plan(32, 2048, 128, 7, 128, 132, bounds=False)
     assert (shipped.split, shipped.writer, shipped.stages) == (8, True, 2)
     assert (plan.split, plan.writer, plan.stages) == (4, False, 3)
-    assert list(plans.values()) == [plan]
+    assert plans == {(32, 2048, 128, 7, 128, 132, True): plan, (32, 2048, 128, 7, 128, 132, False): shares}
     assert attention.step_plan(32, 2048, 128, 7, 128, 132) == shipped  # restored after the block
     for bad in ("BLOCK_N=32", "NOT_A_RULE=1", "split=0", "split=x", "STAGES_WIDE"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
