@@ -5,11 +5,14 @@
     python benchmarks/plan_variant.py --set split=4 -- ...    # 4 attention programs a row (at most one a tile)
     python benchmarks/plan_variant.py --set "" -- ...         # the shipped plan, for the same sweep
 
+``--script kernel_resources`` compiles the step for sm_90 under the variant instead (registers,
+programs per SM and waves, no GPU needed; ``benchmarks/kernel_resources.py``).
+
 ``--set`` takes ``NAME=INT`` items: the rule constants ``kernels.step_plan`` and ``kernels.split_for``
 read (``TILES_PER_PROGRAM``, ``OBSERVER_MAX_PROGRAMS_PER_SM``, ``STAGES_WIDE``, ...; not ``BLOCK_N``,
 which the kernels also take), or ``split`` for a fixed number of attention programs per row. They hold
-for this process only. Everything after ``--`` goes to ``benchmarks/decode_step.py``; the results JSON's
-meta gets the settings (``plan_variant``) and every plan the step used (``plans``).
+for this process only. Everything after ``--`` goes to the script; its results JSON's meta gets the settings
+(``plan_variant``) and every plan the step used (``plans``).
 
 A sweep runs the variants one after another on one GPU, the shipped plan first and last, each its
 own process; docs/kernels.md ("Measured and not shipped") has the ones measured so far.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -76,33 +80,40 @@ def plan_variant(settings: dict[str, int]):
             setattr(kernels, name, value)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     argv = sys.argv[1:] if argv is None else argv
     ours, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", dest="settings", required=True, help="NAME=INT,... ('' for the shipped plan)")
-    settings = parse_settings(ap.parse_args(ours).settings)
+    ap.add_argument("--script", choices=("decode_step", "kernel_resources"), default="decode_step")
+    args = ap.parse_args(ours)
+    settings = parse_settings(args.settings)
     sys.path.insert(0, str(Path(__file__).parent))
-    import decode_step
+    script = importlib.import_module(args.script)
 
     known = argparse.ArgumentParser(add_help=False)
     for flag in ("--smoke", "--quick"):
         known.add_argument(flag, action="store_true")
-    known.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    known.add_argument("--out")
     known.add_argument("--tag")
-    step = known.parse_known_args(rest)[0]
-    tag = step.tag or ("smoke" if step.smoke else "quick" if step.quick else "full")
+    given = known.parse_known_args(rest)[0]
     with plan_variant(settings) as plans:
-        decode_step.main(rest)
-    path = Path(step.out) / f"decode_step_{tag}.json"
-    made = [dict(zip(("rows", "slots", "pages", "G", "D", "sms", "bounds"), key), **dataclasses.asdict(plan))
-            for key, plan in plans.items()]
+        script.main(rest)
+    if args.script == "decode_step":
+        tag = given.tag or ("smoke" if given.smoke else "quick" if given.quick else "full")
+        path = Path(given.out or Path(__file__).resolve().parent / "results") / f"decode_step_{tag}.json"
+    else:
+        path = given.out and Path(given.out)
+    made = [dict(shape=dict(zip(("rows", "slots", "pages", "G", "D", "sms", "bounds"), key)),
+                 plan=dataclasses.asdict(plan)) for key, plan in plans.items()]
     for plan in made:
         print("plan:", plan)
-    data = json.loads(path.read_text())
-    command = f"python benchmarks/plan_variant.py --set {','.join(f'{k}={v}' for k, v in settings.items())!r} -- "
-    data["meta"].update(command=command + " ".join(rest), plan_variant=settings, plans=made)
-    path.write_text(json.dumps(data, indent=1))
+    if path:  # (kernel_resources writes JSON only with --out)
+        data = json.loads(path.read_text())
+        command = (f"python benchmarks/plan_variant.py --set {','.join(f'{k}={v}' for k, v in settings.items())!r}"
+                   f" --script {args.script} -- ")
+        data["meta"].update(command=command + " ".join(rest), plan_variant=settings, plans=made)
+        path.write_text(json.dumps(data, indent=1))
     return path
 
 

@@ -501,3 +501,18 @@ def test_plan_variant_changes_fused_steps_plan_for_the_block_only():
     for bad in ("BLOCK_N=32", "NOT_A_RULE=1", "split=0", "split=x", "STAGES_WIDE"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             pv.parse_settings(bad)
+
+
+def test_plan_variant_compiles_the_variants_build_and_records_it(tmp_path):
+    """Through kernel_resources (sm_90, no GPU), a variant of 2 attention programs a row compiles to that
+    grid, and the JSON's meta names the variant, the command and the plan fused_step used."""
+    pv = _bench_module("plan_variant")
+    out = tmp_path / "res.json"
+    small = ["--shapes", "1/4/2", "--head-dim", "16", "--page-size", "8", "--budgets", "256", "--kernels", "_step_kernel"]
+    path = pv.main(["--set", "split=2", "--script", "kernel_resources", "--", *small, "--out", str(out)])
+    data = json.loads(path.read_text())
+    assert data["rows"][0]["grid"] == [2, 2 + 1]  # shipped on 132 SMs: [2, 4 + 1] (the test above)
+    assert data["meta"]["plan_variant"] == {"split": 2}
+    assert data["meta"]["command"].startswith("python benchmarks/plan_variant.py --set 'split=2' --script kernel_resources")
+    [made] = data["meta"]["plans"]
+    assert made["shape"]["rows"] == 2 and made["plan"]["split"] == 2 and made["plan"]["observer"]
