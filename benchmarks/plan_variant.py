@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -89,7 +88,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     args = ap.parse_args(ours)
     settings = parse_settings(args.settings)
     sys.path.insert(0, str(Path(__file__).parent))
-    script = importlib.import_module(args.script)
+    import decode_step
+    import kernel_resources
+
+    script = decode_step if args.script == "decode_step" else kernel_resources
 
     known = argparse.ArgumentParser(add_help=False)
     for flag in ("--smoke", "--quick"):
