@@ -238,7 +238,7 @@ def quest_read_bytes(B: int, Hkv: int, pages: int, L: int, D: int, itemsize: int
     return 2 * B * Hkv * (pages + L) * D * itemsize
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two small grid points")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU-sized run, checks only (no timing)")
@@ -255,6 +255,17 @@ def main(argv=None):
     ap.add_argument("--budgets", default=None, help="budgets L, e.g. 1024,2048 (default: 1k, 2k, 4k)")
     ap.add_argument("--tag", default=None, help="results file tag (default: full / quick / smoke)")
     ap.add_argument("--replot", metavar="JSON", help="redraw the table and plot from a results JSON and exit")
+    return ap
+
+
+def results_json(args: argparse.Namespace) -> Path:
+    """The results JSON a run with these arguments writes (its table and plot beside it)."""
+    tag = args.tag or ("smoke" if args.smoke else ("quick" if args.quick else "full"))
+    return Path(args.out) / f"decode_step_{tag}.json"
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     if args.replot:
         data = json.loads(Path(args.replot).read_text())
@@ -294,10 +305,9 @@ def main(argv=None):
         torch=torch.__version__, device=torch.cuda.get_device_name() if timed else platform.processor() or "cpu",
         dtype=str(dtype), copy_bandwidth_TBps=bw / 1e12, time=time.strftime("%Y-%m-%d %H:%M:%S"), configs=policies,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or ("smoke" if args.smoke else ("quick" if args.quick else "full"))
-    partial = out / f"decode_step_{tag}.partial.json"
+    path = results_json(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.json")
     rows, cached = [], {}
     for p in tqdm(points, desc="decode-step grid"):
         row = run_point(*p, policies, dtype, device, timed, bw, args.max_gb * 2**30, cached, baseline_budgets)
@@ -307,18 +317,18 @@ def main(argv=None):
         if timed:
             torch.cuda.empty_cache()
     partial.unlink()
-    (out / f"decode_step_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     table = markdown(rows, policies)
     recompiles = sum(v for r in rows for k, v in r.items() if k.endswith("_graphs_after_warmup"))
     table += f"\n\nGraphs compiled after each step's warm-up (checks and timed replays, all points): {recompiles}"
-    (out / f"decode_step_{tag}.md").write_text(
+    path.with_suffix(".md").write_text(
         f"Decode step, one layer, microseconds (CUDA-graph replay median). {meta}\n\n{table}\n")
     print(table)
     if timed:
         try:
-            print("wrote", plot(rows, meta, out / f"decode_step_{tag}.png"))
+            print("wrote", plot(rows, meta, path.with_suffix(".png")))
         except ImportError as e:  # the GPU image may lack matplotlib: say how to draw it later
-            print(f"no plot ({e}); run: python benchmarks/decode_step.py --replot {out / f'decode_step_{tag}.json'}")
+            print(f"no plot ({e}); run: python benchmarks/decode_step.py --replot {path}")
     return rows
 
 

@@ -206,7 +206,7 @@ def _shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="8/32/8", help="comma list of B/Hq/Hkv")
     ap.add_argument("--head-dim", type=int, default=128)
@@ -223,6 +223,11 @@ def main(argv=None):
                     help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel, _quest_kernel, "
                          "_pick_kernel)")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     if not kernels.HAS_TRITON:
         raise SystemExit("kernel_resources.py needs triton installed")

@@ -93,17 +93,11 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     script = decode_step if args.script == "decode_step" else kernel_resources
 
-    known = argparse.ArgumentParser(add_help=False)
-    for flag in ("--smoke", "--quick"):
-        known.add_argument(flag, action="store_true")
-    known.add_argument("--out")
-    known.add_argument("--tag")
-    given = known.parse_known_args(rest)[0]
+    given = script.parser().parse_args(rest)
     with plan_variant(settings) as plans:
         script.main(rest)
-    if args.script == "decode_step":
-        tag = given.tag or ("smoke" if given.smoke else "quick" if given.quick else "full")
-        path = Path(given.out or Path(__file__).resolve().parent / "results") / f"decode_step_{tag}.json"
+    if script is decode_step:
+        path = decode_step.results_json(given)
     else:
         path = given.out and Path(given.out)
     made = [dict(shape=dict(zip(("rows", "slots", "pages", "G", "D", "sms", "bounds"), key)),
