@@ -345,6 +345,9 @@ def main(argv=None):
                     help="torch.compile mode of generate's decode forward (transformers.CompileConfig; both "
                          "replay CUDA graphs): 'max-autotune' lets Inductor time its own GEMM kernels against "
                          "cuBLAS for the decode's small-batch projections")
+    ap.add_argument("--fuse-projections", action="store_true",
+                    help="every row on the model with raas_flex.fuse_projections (q/k/v and gate/up as one "
+                         "matrix product each)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (checks the script, no timing claims)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
@@ -390,6 +393,8 @@ def main(argv=None):
         contexts = [int(x) for x in args.contexts.split(",") if x]
     torch._dynamo.config.cache_size_limit = 256
     model = build(args.arch, args.layers, device, dtype) if not args.smoke else _tiny(device)
+    if args.fuse_projections:
+        raas_flex.fuse_projections(model)
     model.generation_config.pad_token_id = 0
     model.generation_config.compile_config = CompileConfig(mode=args.compile_mode)
     cfg = model.config
@@ -647,7 +652,7 @@ def main(argv=None):
             torch=torch.__version__, cuda=torch.version.cuda, transformers=__import__("transformers").__version__,
             python=sys.version.split()[0], arch=args.arch, layers=cfg.num_hidden_layers, weights_gb=weights / 2**30,
             copy_bandwidth_TBps=bandwidth / 1e12 if bandwidth else None, batch=B, budget=L, quest_budget=Lq, steps=args.steps, order=order, deadline_s=args.deadline_s,
-            compile_mode=args.compile_mode, wall_s=elapsed(), interrupted=interrupted, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+            compile_mode=args.compile_mode, fuse_projections=args.fuse_projections, wall_s=elapsed(), interrupted=interrupted, time=time.strftime("%Y-%m-%d %H:%M:%S"))
         ratios = ratio_rows(rows)
         att_ratios = attention_ratios(rows)
         tag = "smoke" if args.smoke else f"{args.arch}_B{B}"
@@ -759,8 +764,8 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], L: int, att_ratio
                   "| B | first | ms/step | configuration | ms/step | tokens/s ratio |", "|---|---|---|---|---|---|"]
         lines += [f"| {q['B']} | {q['base']} | {q['base_ms_per_step']:.2f} | {q['config']} | {q['ms_per_step']:.2f} | "
                   f"{q['tokens_per_s_ratio']:.2f}x |" for q in att_ratios]
-    head = ", ".join(f"{k}={meta[k]}" for k in ("device", "torch", "transformers", "arch", "layers", "compile_mode")
-                     if k in meta)
+    head = ", ".join(f"{k}={meta[k]}" for k in ("device", "torch", "transformers", "arch", "layers", "compile_mode",
+                                                 "fuse_projections") if k in meta)
     return (f"{head}\n\ncommand: `{meta['command']}`\n\nwall time: {meta['wall_s']:.0f} s"
             f"{' (interrupted: ' + meta['interrupted'] + ')' if meta.get('interrupted') else ''}\n\n"
             + "\n".join(lines) + "\n")

@@ -8,10 +8,11 @@ dataclasses (``RaaS``, ``Quest``, ``H2O``, ``Streaming``, ``Dense``); attention 
 from .config import BACKENDS, POLICIES, AttentionSpec, RaaSConfig, make_config
 from .engine import PageState, PagedKVCache
 from .policies import POLICY_CLASSES, H2O, Dense, Policy, Quest, RaaS, Streaming, make_policy
+from .projections import fuse_projections, unfuse_projections
 from .trace import AttentionTrace, MapClass, classify_heads, classify_map, summary_table, tracing
 
 __all__ = ["AttentionSpec", "BACKENDS", "POLICIES", "POLICY_CLASSES", "PageState", "PagedKVCache", "Policy", "RaaS", "Quest", "H2O",
-           "Streaming", "Dense", "RaaSConfig", "make_config", "make_policy",
+           "Streaming", "Dense", "RaaSConfig", "make_config", "make_policy", "fuse_projections", "unfuse_projections",
            "RaaSCache", "SUPPORTED_MODEL_TYPES", "greedy_decode", "patch", "patched", "stats", "unpatch",
            "AttentionTrace", "MapClass", "classify_heads", "classify_map", "summary_table", "tracing"]
 __version__ = "0.2.0"

@@ -516,3 +516,32 @@ def test_plan_variant_compiles_the_variants_build_and_records_it(tmp_path):
     assert data["meta"]["command"].startswith("python benchmarks/plan_variant.py --set 'split=2' --script kernel_resources")
     [made] = data["meta"]["plans"]
     assert made["shape"]["rows"] == 2 and made["plan"]["split"] == 2 and made["plan"]["observer"]
+
+
+def test_projections_fused_and_separate_read_the_same_weights(tmp_path):
+    from benchmarks import projections
+
+    w = projections.layer_weights(64, 160, 4, 2, 16, torch.device("cpu"), torch.float64)
+    x, a, m = torch.randn(3, 64, dtype=torch.float64), torch.randn(3, 64, dtype=torch.float64), torch.randn(3, 160, dtype=torch.float64)
+    sep, fus = projections.separate(x, a, m, [w]), projections.fused(x, a, m, [w])
+    assert len(sep) == 7 and len(fus) == 4
+    # q/k/v and gate/up fused are the separate products side by side; o and down are the same product
+    torch.testing.assert_close(fus[0], torch.cat(sep[:3], 1))
+    torch.testing.assert_close(fus[2], torch.cat(sep[4:6], 1))
+    torch.testing.assert_close(fus[1], sep[3])
+    torch.testing.assert_close(fus[3], sep[6])
+    result = projections.main(["--smoke", "--batches", "1,4", "--reps", "2", "--out", str(tmp_path)])
+    assert [(r["batch"], r["form"]) for r in result["rows"]] == [(b, f) for b in (1, 4) for f in ("separate", "fused")]
+    assert json.loads((tmp_path / "projections_smoke.json").read_text())["meta"]["layers"] == 2
+    with pytest.raises(ValueError, match="--batches"):
+        projections.main(["--smoke", "--batches", "0", "--out", str(tmp_path)])
+
+
+def test_long_context_fuse_projections_runs_every_row_fused(tmp_path):
+    from benchmarks import long_context
+
+    long_context.main(["--smoke", "--order", "raas", "--fuse-projections", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "long_context_smoke.json").read_text())
+    assert data["meta"]["fuse_projections"] is True
+    assert data["rows"] and all("error" not in r and r["ms_per_step"] > 0 for r in data["rows"])
+    assert "fuse_projections=True" in (tmp_path / "long_context_smoke.md").read_text()
