@@ -66,10 +66,18 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return pending[1][i]
 
 
-def _linears(module: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | None:
+def _linears(path: str, module: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | None:
     linears = [getattr(module, n, None) for n in names]
     if not all(type(lin) is nn.Linear for lin in linears):  # quantized and other Linear types are left alone
         return None
+    for name, lin in zip(names, linears):
+        where = f"{path}.{name}" if path else name
+        if "forward" in lin.__dict__:
+            raise ValueError(f"fuse_projections: {where} has a forward of its own (a hook, e.g. accelerate's "
+                             "offloading); fusing would replace it. Load the model without it to fuse")
+        if type(lin.weight.data) is not torch.Tensor:
+            raise ValueError(f"fuse_projections: {where}.weight is a {type(lin.weight.data).__name__}; only plain "
+                             "tensors (not sharded or subclassed ones) can be fused")
     first = linears[0]
     same = all(lin.in_features == first.in_features and lin.weight.dtype == first.weight.dtype
                and lin.weight.device == first.weight.device and (lin.bias is None) == (first.bias is None)
@@ -79,18 +87,20 @@ def _linears(module: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | Non
 
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Fuse every q/k/v and gate/up group of ``nn.Linear`` layers of ``model`` (see the module's
-    docstring); in place, returns ``model``. Raises ``ValueError`` if the model has no such group or
-    is already fused, ``TypeError`` if ``model`` is not an ``nn.Module``."""
+    docstring); in place, returns ``model``. Raises ``ValueError`` if the model has no such group, is
+    already fused, or a group's ``Linear`` has a forward of its own (a hook) or a weight that is not a
+    plain tensor (sharded, subclassed); ``TypeError`` if ``model`` is not an ``nn.Module``. Nothing is
+    changed when it raises."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(_GROUP in m.__dict__ for m in model.modules()):
         raise ValueError("model already has fused projections (unfuse_projections(model) first)")
-    groups = [(m, lins) for m in model.modules() for names in GROUPS if (lins := _linears(m, names))]
+    groups = [lins for path, m in model.named_modules() for names in GROUPS if (lins := _linears(path, m, names))]
     if not groups:
         raise ValueError(f"{type(model).__name__} has no fusable projections: no module holds nn.Linear "
                          f"layers named {' / '.join(', '.join(g) for g in GROUPS)} with one input size, dtype "
                          "and device")
-    for _, lins in groups:
+    for lins in groups:
         leader = lins[0]
         weight = torch.cat([lin.weight.detach() for lin in lins])
         bias = torch.cat([lin.bias.detach() for lin in lins]) if leader.bias is not None else None

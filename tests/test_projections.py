@@ -127,6 +127,15 @@ def test_fuse_projections_refuses_bad_input():
     raas_flex.fuse_projections(model)
     with pytest.raises(ValueError, match="already has fused projections"):
         raas_flex.fuse_projections(model)
+    # a hooked Linear (accelerate's offloading sets an instance forward) is refused, and nothing changes
+    model = tiny_model("llama")
+    up = model.model.layers[1].mlp.up_proj
+    up.forward = lambda x: torch.nn.functional.linear(x, up.weight)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj has a forward of its own"):
+        raas_flex.fuse_projections(model)
+    assert not fused_linears(model)
+    ptrs = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(ptrs)) == len(ptrs)
 
 
 @pytest.mark.gpu
