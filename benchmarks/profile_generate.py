@@ -54,10 +54,15 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--per-step", action="store_true", help="one decode step's wall vs GPU kernel time (see above)")
     ap.add_argument("--host", action="store_true", help="where generate's host time goes, under cProfile (see above)")
+    ap.add_argument("--fuse-projections", action="store_true",
+                    help="profile the model with raas_flex.fuse_projections (q/k/v and gate/up one product each)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs CUDA")
     model = build(args.arch, args.layers, "cuda", torch.bfloat16)
+    if args.fuse_projections:
+        raas_flex.fuse_projections(model)
+    print(f"projections: {'fused (raas_flex.fuse_projections)' if args.fuse_projections else 'as built (separate)'}")
     ids = torch.randint(100, 1000, (args.batch, args.prompt), device="cuda")
     fill = args.budget - args.prompt + 64  # past the budget: every new page evicts one
     for spec in [c for c in args.configs.split(";") if c]:
