@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.decode_step import copy_bandwidth  # noqa: E402
+from benchmarks.decode_step import copy_bandwidth, graph_time_us  # noqa: E402
 from benchmarks.hf_generate import ARCHS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,29 +68,15 @@ def fused(x, a, m, layers):
 
 
 def time_ms(fn, device, reps: int) -> float:
-    """Median milliseconds of one call: replayed from a CUDA graph on CUDA, plain calls on CPU."""
+    """Median milliseconds of one call: replayed from a CUDA graph on CUDA (decode_step's timer, one
+    replay a sample), plain calls on CPU."""
     if device.type != "cuda":
         fn()
         times = []
         for _ in range(reps):
             t = time.perf_counter(); fn(); times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return graph_time_us(fn, chunks=reps, per_chunk=1) / 1e3
 
 
 def parser() -> argparse.ArgumentParser:

@@ -42,9 +42,8 @@ _GROUP = "_raas_flex_fused"  # on each Linear of a group: (the shared _Group, it
 class _Group:
     """One fused group: the sizes of its parts and what the first product left for the others."""
 
-    def __init__(self, sizes: list[int], leader: nn.Linear) -> None:
+    def __init__(self, sizes: list[int]) -> None:
         self.sizes = sizes
-        self.leader = leader
         self.pending: tuple | None = None  # (input, parts) between the first product and the last part
 
 
@@ -104,7 +103,7 @@ def fuse_projections(model: nn.Module) -> nn.Module:
         leader = lins[0]
         weight = torch.cat([lin.weight.detach() for lin in lins])
         bias = torch.cat([lin.bias.detach() for lin in lins]) if leader.bias is not None else None
-        group = _Group([lin.out_features for lin in lins], leader)
+        group = _Group([lin.out_features for lin in lins])
         row = 0
         for i, lin in enumerate(lins):
             n = lin.out_features

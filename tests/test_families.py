@@ -71,6 +71,26 @@ def generate(model, ids, mask, new, sample=False, **kw):
                               top_k=0 if sample else None, output_logits=True, return_dict_in_generate=True, **kw)
 
 
+def compiled_generate(model, ids, mask, new):
+    """``generate`` under its auto-compile on CUDA (CUDA graphs): a warm-up generation, then one of
+    ``new`` tokens that must compile nothing more and skip no CUDA graph; returns the second."""
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    try:
+        generate(model, ids, mask, 4)  # warm-up: compiles and records the graphs
+        warm = counters["stats"]["unique_graphs"]
+        skips = counters["inductor"]["cudagraph_skips"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = generate(model, ids, mask, new)
+        assert counters["stats"]["unique_graphs"] == warm
+        assert counters["inductor"]["cudagraph_skips"] == skips
+    finally:
+        torch._dynamo.reset()
+        for name in ("_compiled_call", "_last_compile_config"):
+            model.__dict__.pop(name, None)
+    return out
+
+
 CASES = [(f, {}) for f in FAMILIES] + [(f, o) for f, o in SLIDING.items()]
 IDS = [f for f in FAMILIES] + [f"{f}-sliding" for f in SLIDING]
 
@@ -175,19 +195,6 @@ def test_gpu_compiled_generate_is_the_model(family, unpatch_everything):
     ids, mask = ids.cuda(), mask.cuda()
     ref = generate(model, ids, mask, 40, disable_compile=True)
     raas_flex.patch(model, budget=64, page_size=16)
-    counters = torch._dynamo.utils.counters
-    torch._dynamo.reset()
-    try:
-        generate(model, ids, mask, 4)  # warm-up: compiles and records the graphs
-        warm = counters["stats"]["unique_graphs"]
-        skips = counters["inductor"]["cudagraph_skips"]
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            out = generate(model, ids, mask, 40)
-        assert counters["stats"]["unique_graphs"] == warm
-        assert counters["inductor"]["cudagraph_skips"] == skips
-    finally:
-        torch._dynamo.reset()
-        for name in ("_compiled_call", "_last_compile_config"):
-            model.__dict__.pop(name, None)
+    out = compiled_generate(model, ids, mask, 40)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=1e-3)
