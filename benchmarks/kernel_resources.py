@@ -7,7 +7,8 @@ arguments and compile-time constants it would have used are compiled ahead of ti
 ``cuobjdump`` reads registers, stack (register spills) and static shared memory per thread block;
 the compiler's metadata gives the dynamic shared memory (where Triton keeps pipelined tiles).
 It catches code that does not compile for the GPU, and shows register pressure and code size (SASS
-instructions) before a GPU run.
+instructions) before a GPU run, and which arguments torch.compile takes each kernel to write
+(``writes``: Inductor's analysis of the kernel; the step's inputs must not be among them).
 From registers and shared memory it also gives the occupancy on an sm_90 SM (H100, H200): how many
 programs of the kernel one SM holds at once, and in how many waves the grid runs on ``--sms`` SMs.
 It measures no speed.
@@ -139,6 +140,42 @@ def compile_launch(fn, args, kw, arch: int):
                 warps=options.num_warps, stages=options.num_stages, compile_s=round(seconds, 1))
 
 
+class _Target:
+    """Stands in for Triton's active driver where there is no GPU: the analysis below asks it only for
+    the target it compiles for."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.arch, 32)
+
+
+def inductor_writes(fn, args, kw, arch: int) -> list[str]:
+    """The arguments torch.compile (Inductor) takes one launch to write: its analysis of the kernel's
+    Triton IR, which counts a pointer as written when a store's address derives from it (through a
+    call: from any argument of the call). An input found written is ordered as if the kernel changed
+    it: the model's copy of the new key into the engine's ``k_new`` then waits for the step, in a
+    launch of its own per layer and token."""
+    import triton
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    names = [p.name for p in fn.params]
+    given = {**dict(zip(names, args)), **kw}
+    kwargs = {n: given[n] for n in names}  # (launch options such as num_warps left out)
+    driver = triton.runtime.driver
+    saved = driver._active  # (reset_active would make the default driver, which fails without a GPU)
+    driver.set_active(_Target(arch))
+    try:
+        if hasattr(wrap, "identify_accessed_tensors"):  # torch 2.13
+            return sorted(d.name for d in wrap.identify_accessed_tensors(fn, kwargs, {}).read_writes.writes)
+        return sorted(wrap.identify_mutated_tensors(fn, kwargs, {}))  # older torch (2.11)
+    finally:
+        driver._active = saved
+
+
 def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
     """Call every op once on CPU tensors (raas state of one layer) and capture the launches, with the
     plan a GPU of ``sms`` SMs would get (kernels.step_plan); fused_step with observe ``observe``
@@ -253,6 +290,7 @@ def main(argv=None):
                     r = dict(op=op, batch=batch, heads=f"{hq}/{hkv}", budget=budget, observe=observe,
                              **compile_launch(fn, a, kw, args.arch))
                     r["grid"] = list(grid)
+                    r["writes"] = inductor_writes(fn, a, kw, args.arch)
                     programs = 1
                     for g in grid:
                         programs *= g

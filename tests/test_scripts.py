@@ -391,6 +391,25 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
         kr.main(["--shapes", "8/32"])
 
 
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
+def test_torch_compile_takes_no_kernel_to_write_its_inputs():
+    """Inductor decides from a user kernel's Triton IR what it writes, and counts a call's results as
+    derived from every argument of the call. The step's query, new key and new value are loaded apart
+    from the position and the open slot, which address its stores; found written, they would make
+    the model's copy of the new key into the engine's ``k_new`` wait for the step, in a launch of its
+    own per layer and token. Every kernel, every observe of the step: only state is written."""
+    kr = _bench_module("kernel_resources")
+    small = ["--shapes", "1/4/2", "--head-dim", "16", "--page-size", "8", "--budgets", "256"]
+    rows = kr.main([*small, "--observe", "0,1,2,3,4"])
+    assert {r["kernel"] for r in rows} == {"_append_kernel", "_step_kernel", "_quest_kernel", "_pick_kernel"}
+    for r in rows:
+        assert r["writes"], r["kernel"]  # the analysis ran and found the kernel's stores
+        inputs = {"q_ptr", "kn_ptr", "vn_ptr"} | ({"bound_ptr"} if r["kernel"] == "_pick_kernel" else set())
+        assert not inputs & set(r["writes"]), (r["kernel"], r["observe"], r["writes"])
+    step = next(r for r in rows if r["kernel"] == "_step_kernel")
+    assert {"k_ptr", "v_ptr", "page_id_ptr", "stamp_ptr", "out_ptr"} <= set(step["writes"])
+
+
 def test_programs_per_sm_follows_the_sm90_limits():
     """Registers go per warp in units of 256 (168 per thread: 3 programs of 4 warps; 176: 2), shared
     memory per block plus 1 KB reserved out of 228 KB, at most 64 warps and 32 blocks."""

@@ -16,8 +16,8 @@ import raas_flex.kernels as _pkg
 
 from . import BLOCK_N, COMBINE_ONLINE_MIN_SPLIT, SHARE_COMBINE_ELEMS, WARPS, lists_in_regs, split_for, step_plan
 from .bookkeeping import _STATE
-from .rules import (append_inputs, bound_loop, choose_slot, finish_step, load_q, new_key_bounds, page_entry,
-                    page_tokens, refresh_set, row_writes)
+from .rules import (append_inputs, bound_loop, choose_slot, finish_step, load_q, new_key_bounds, new_token,
+                    page_entry, page_tokens, refresh_set, row_writes)
 
 _LOG2E = 1.4426950408889634  # the kernels' softmax runs in base 2: scores times scale * log2(e)
 
@@ -267,9 +267,10 @@ def _step_kernel(
     row64 = row.to(tl.int64)
     base = row64 * P
 
-    step_new, pos, open_old, ev, kk, vv, old_max, old_min, q = append_inputs(
-        kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
-        open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D, q_ptr, sqb, sqh, sqd, G, BG, True)
+    step_new, pos, open_old, ev, old_max, old_min = append_inputs(
+        kmax_ptr, kmin_ptr, open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, row64, base, D)
+    kk, vv = new_token(kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, b, h, k_ptr.dtype.element_ty, D)
+    q = load_q(q_ptr, sqb, sqh, sqd, b, h, k_ptr.dtype.element_ty, G, BG, D)
     NPROG: tl.constexpr = SPLIT + 1 + WRITER if OBSERVER else SPLIT
     p = tl.arange(0, BLOCK_P)
     in_row = p < P

@@ -14,8 +14,8 @@ from torch.library import triton_op, wrap_triton
 
 from ..policies import Quest, RaaS
 from . import APPEND_BOUND_ELEMS, BOUND_PAGES, WARPS, lists_in_regs
-from .rules import (append_inputs, bound_loop, bound_pages, choose_slot, finish_step, new_key_bounds, page_entry,
-                    page_tokens, refresh_set, row_writes, table_writes, token_writes)
+from .rules import (append_inputs, bound_loop, bound_pages, choose_slot, finish_step, new_key_bounds, new_token,
+                    page_entry, page_tokens, refresh_set, row_writes, table_writes, token_writes)
 
 
 @triton.jit
@@ -38,9 +38,9 @@ def _append_kernel(
     base = row64 * P
     bb = tl.arange(0, BLOCK_B)
     lens = tl.load(length_ptr + bb, mask=bb < B, other=0)  # up front (the last program writes lens + 1)
-    step_new, pos, open_old, ev, kk, vv, old_max, old_min, _ = append_inputs(
-        kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
-        open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D)
+    step_new, pos, open_old, ev, old_max, old_min = append_inputs(
+        kmax_ptr, kmin_ptr, open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, row64, base, D)
+    kk, vv = new_token(kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, b, h, k_ptr.dtype.element_ty, D)
     p = tl.arange(0, BLOCK_P)
     in_row = p < P
     pid = tl.load(page_id_ptr + base + p, mask=in_row, other=-1)
@@ -182,9 +182,9 @@ def _quest_kernel(q_ptr, sqb, sqh, sqd, kn_ptr, vn_ptr, skb, skh, skd, svb, svh,
     S: tl.constexpr = P * PS
     row64 = row.to(tl.int64)
     base = row64 * P
-    step_new, pos, open_old, ev, kk, vv, old_max, old_min, _ = append_inputs(
-        kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
-        open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D)
+    step_new, pos, open_old, ev, old_max, old_min = append_inputs(
+        kmax_ptr, kmin_ptr, open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, row64, base, D)
+    kk, vv = new_token(kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, b, h, k_ptr.dtype.element_ty, D)
     off = pos % PS
     need = off == 0
     if need:

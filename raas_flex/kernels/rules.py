@@ -21,28 +21,33 @@ def load_q(q_ptr, sqb, sqh, sqd, b, h, dtype: tl.constexpr, G: tl.constexpr, BG:
 
 
 @triton.jit
-def append_inputs(kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, k_ptr, v_ptr, kmax_ptr, kmin_ptr,
-                  open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, h, row64, base, D: tl.constexpr,
-                  q_ptr=None, sqb=0, sqh=0, sqd=0, G: tl.constexpr = 1, BG: tl.constexpr = 16,
-                  QLOAD: tl.constexpr = False):
-    """The append's loads that do not depend on the slot choice, for row (b, h): the new step, the
-    token's position, the open slot, the eviction count, the new key and value (cache dtype), the
-    open page's key bounds (fp32), and with QLOAD the row's queries (:func:`load_q`; else 0)."""
+def new_token(kn_ptr, vn_ptr, skb, skh, skd, svb, svh, svd, b, h, dtype: tl.constexpr, D: tl.constexpr):
+    """The new key and value of row (b, h), in the cache dtype ``dtype``. Loaded in a call of their own,
+    apart from :func:`append_inputs`: Inductor's analysis of what a user kernel writes counts a call's
+    results as derived from every argument of the call, so a store addressed through the position would
+    mark the step's inputs written (and the model's copy of the key into ``k_new`` would wait for the
+    step in a launch of its own)."""
+    d = tl.arange(0, D)
+    kk = tl.load(kn_ptr + b * skb + h * skh + d * skd).to(dtype)
+    vv = tl.load(vn_ptr + b * svb + h * svh + d * svd).to(dtype)
+    return kk, vv
+
+
+@triton.jit
+def append_inputs(kmax_ptr, kmin_ptr, open_slot_ptr, length_ptr, step_ptr, evictions_ptr, b, row64, base,
+                  D: tl.constexpr):
+    """The append's loads that do not depend on the slot choice, for row ``row64`` of sequence b (the
+    new token itself: :func:`new_token`): the new step, the token's position, the open slot, the
+    eviction count and the open page's key bounds (fp32)."""
     d = tl.arange(0, D)
     step_new = tl.load(step_ptr) + 1
     pos = tl.load(length_ptr + b)
     open_old = tl.load(open_slot_ptr + row64)
     ev = tl.load(evictions_ptr + row64)
-    kk = tl.load(kn_ptr + b * skb + h * skh + d * skd).to(k_ptr.dtype.element_ty)
-    vv = tl.load(vn_ptr + b * svb + h * svh + d * svd).to(v_ptr.dtype.element_ty)
-    if QLOAD:
-        q = load_q(q_ptr, sqb, sqh, sqd, b, h, k_ptr.dtype.element_ty, G, BG, D)
-    else:
-        q = 0
     optr = (base + open_old) * D + d
     old_max = tl.load(kmax_ptr + optr).to(tl.float32)
     old_min = tl.load(kmin_ptr + optr).to(tl.float32)
-    return step_new, pos, open_old, ev, kk, vv, old_max, old_min, q
+    return step_new, pos, open_old, ev, old_max, old_min
 
 
 @triton.jit
