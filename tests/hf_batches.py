@@ -1,5 +1,6 @@
-"""Batches for the transformers-integration tests (test_hf.py, test_trace.py): left-padded random
-prompts over a 128-token vocabulary with pad id 0, and greedy generation."""
+"""Batches for the transformers-integration tests (test_hf.py, test_trace.py, ...): left-padded random
+prompts over a 128-token vocabulary with pad id 0, greedy generation, and the no-recompile check of a
+compiled decode."""
 
 from __future__ import annotations
 
@@ -27,3 +28,23 @@ def prompts(lengths, seed: int = 1):
 
 def greedy(model, ids, mask, new: int, **kwargs):
     return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **kwargs)
+
+
+def replays_without_compiling(model, warm_up, run):
+    """``warm_up()`` from fresh compiles, then ``run()``, which must compile nothing more
+    (``error_on_recompile``) and skip no CUDA graph; the model's compiled call is dropped after.
+    Returns both results."""
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    try:
+        first = warm_up()
+        warm, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = run()
+        assert counters["stats"]["unique_graphs"] == warm
+        assert counters["inductor"]["cudagraph_skips"] == skips
+    finally:
+        torch._dynamo.reset()
+        for name in ("_compiled_call", "_last_compile_config"):
+            model.__dict__.pop(name, None)
+    return first, out

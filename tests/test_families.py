@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import raas_flex
+from hf_batches import replays_without_compiling
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "phi3", "olmo2", "olmo3", "smollm3",
             "granite", "gemma2", "gemma3_text", "gpt_oss"]
@@ -74,21 +75,8 @@ def generate(model, ids, mask, new, sample=False, **kw):
 def compiled_generate(model, ids, mask, new):
     """``generate`` under its auto-compile on CUDA (CUDA graphs): a warm-up generation, then one of
     ``new`` tokens that must compile nothing more and skip no CUDA graph; returns the second."""
-    counters = torch._dynamo.utils.counters
-    torch._dynamo.reset()
-    try:
-        generate(model, ids, mask, 4)  # warm-up: compiles and records the graphs
-        warm = counters["stats"]["unique_graphs"]
-        skips = counters["inductor"]["cudagraph_skips"]
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            out = generate(model, ids, mask, new)
-        assert counters["stats"]["unique_graphs"] == warm
-        assert counters["inductor"]["cudagraph_skips"] == skips
-    finally:
-        torch._dynamo.reset()
-        for name in ("_compiled_call", "_last_compile_config"):
-            model.__dict__.pop(name, None)
-    return out
+    return replays_without_compiling(model, lambda: generate(model, ids, mask, 4),
+                                     lambda: generate(model, ids, mask, new))[1]
 
 
 CASES = [(f, {}) for f in FAMILIES] + [(f, o) for f, o in SLIDING.items()]

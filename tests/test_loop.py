@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import raas_flex
-from hf_batches import HUB_KERNELS_EXTRA_GRAPHS, greedy, prompts
+from hf_batches import HUB_KERNELS_EXTRA_GRAPHS, greedy, prompts, replays_without_compiling
 from test_hf import make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread", "unpatch_everything")
@@ -131,20 +131,14 @@ def test_gpu_greedy_decode_is_compiled_generate(policy):
     model = make_model("llama", seed=63).cuda()
     raas_flex.patch(model, budget=64, page_size=16, policy=policy)
     ids, mask = (t.cuda() for t in prompts([12, 7], seed=64))
-    counters = torch._dynamo.utils.counters
-    torch._dynamo.reset()
-    try:
+
+    def warm_up():
         ref = greedy(model, ids, mask, 150)
         for _ in range(2):
             raas_flex.greedy_decode(model, ids, 4, attention_mask=mask)
-        warm, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            out = raas_flex.greedy_decode(model, ids, 150, attention_mask=mask)
-        assert counters["stats"]["unique_graphs"] == warm
-        assert counters["inductor"]["cudagraph_skips"] == skips
-    finally:
-        torch._dynamo.reset()
-        for name in ("_compiled_call", "_last_compile_config"):
-            model.__dict__.pop(name, None)
+        return ref
+
+    ref, out = replays_without_compiling(model, warm_up,
+                                         lambda: raas_flex.greedy_decode(model, ids, 150, attention_mask=mask))
     assert torch.equal(out, ref)
     assert raas_flex.stats(model)["evictions"] > 0
