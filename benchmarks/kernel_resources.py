@@ -157,8 +157,9 @@ def inductor_writes(fn, args, kw, arch: int) -> list[str]:
     """The arguments torch.compile (Inductor) takes one launch to write: its analysis of the kernel's
     Triton IR, which counts a pointer as written when a store's address derives from it (through a
     call: from any argument of the call). An input found written is ordered as if the kernel changed
-    it (the likely reason the model's copy of the new key into the engine's ``k_new`` ran after the
-    step, in a launch of its own per layer and token: docs/performance.md)."""
+    it: the model's copy of the new key into the engine's ``k_new`` ran after the step, a launch of
+    its own per layer and token, until the step kernel was no longer found to write its inputs
+    (docs/performance.md, "What a fused layer launches")."""
     import triton
     from torch._higher_order_ops import triton_kernel_wrap as wrap
 
