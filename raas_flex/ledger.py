@@ -49,13 +49,12 @@ is determined by its copies.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
 
-from .testbed import ANSWER_MARK, EOS, PAD, Chain, Trace, _check_count, encode_text, sample
+from .testbed import ANSWER_MARK, EOS, PAD, Chain, Trace, _check_count, _check_int_fields, encode_text, sample
 
 __all__ = ["KEY_LETTERS", "LEDGER_SPEC", "LedgerProblem", "LedgerSpec", "determines", "encode_ledger_batch",
            "ledger_dataset", "minimal_sets"]
@@ -84,10 +83,7 @@ class LedgerSpec:
     heldout_mod: int = 61
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{f.name} must be an int, got {value!r}")
+        _check_int_fields(self)
         for name in ("first_milestone", "phase_lines"):
             if getattr(self, name) < 11:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 11 (a ledger copies the ten lines before it)")

@@ -127,6 +127,14 @@ def encode_text(text: str, bos: bool = True) -> np.ndarray:
 
 
 # -- task ---------------------------------------------------------------------------------------------
+def _check_int_fields(spec) -> None:
+    """TypeError naming the first field of the dataclass ``spec`` that is not an int (bool is not one)."""
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{f.name} must be an int, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Shape of the task. Lines per problem are drawn uniformly from ``min_lines..max_lines``.
@@ -144,10 +152,7 @@ class TaskSpec:
     heldout_mod: int = 61
 
     def __post_init__(self) -> None:
-        for name in ("min_lines", "max_lines", "lag", "phoenix_every", "answer_digits", "heldout_mod"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r}")
+        _check_int_fields(self)
         if not 2 <= self.lag:
             raise ValueError(f"lag={self.lag} must be >= 2 (lag 1 would read the line just written)")
         if not 2 <= self.phoenix_every:
