@@ -89,7 +89,9 @@ __all__ = [
 ]
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "phi3", "olmo2", "olmo3",
-                         "smollm3", "granite", "gemma2", "gemma3_text", "gpt_oss")
+                         "smollm3", "granite", "gemma2", "gemma3_text", "gpt_oss", "seed_oss", "glm4", "glm4_moe",
+                         "exaone4", "exaone_moe", "hunyuan_v1_dense", "hunyuan_v1_moe", "ernie4_5", "ernie4_5_moe",
+                         "minimax_m2", "cohere2", "ministral3")
 _WRAPPED_METHODS = ("_prepare_cache_for_generation", "generate", "_prefill")
 
 # Models currently patched (registrations are removed when the last one is unpatched) and what the

@@ -19,13 +19,14 @@ import raas_flex
 from hf_batches import replays_without_compiling
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "phi3", "olmo2", "olmo3", "smollm3",
-            "granite", "gemma2", "gemma3_text", "gpt_oss"]
+            "granite", "gemma2", "gemma3_text", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "exaone4", "exaone_moe",
+            "hunyuan_v1_dense", "hunyuan_v1_moe", "ernie4_5", "ernie4_5_moe", "minimax_m2", "cohere2", "ministral3"]
 # the families again with sliding windows where the plain config has none
 SLIDING = {"qwen2": dict(use_sliding_window=True, max_window_layers=1),
            "qwen3": dict(use_sliding_window=True, max_window_layers=1),
            "phi3": dict(sliding_window=16)}
 WINDOW = 16
-INTERLEAVED = ("gemma2", "gemma3_text", "gpt_oss", "olmo3")
+INTERLEAVED = ("gemma2", "gemma3_text", "gpt_oss", "olmo3", "exaone4", "exaone_moe", "cohere2")
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):
@@ -37,6 +38,11 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                  shared_expert_intermediate_size=32),
                "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2),
+               "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2),
+               "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1),
+               "exaone_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_shared_experts=1),
+               "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, moe_intermediate_size=32),
+               "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1),
                "gemma2": dict(query_pre_attn_scalar=24), "gemma3_text": dict(query_pre_attn_scalar=24),
                "granite": dict(attention_multiplier=0.1)}.get(family, {}))
     if family in INTERLEAVED + ("mistral",):
