@@ -179,7 +179,7 @@ def test_fused_backends_refuse_windowed_layers_by_name(unpatch_everything):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss", "glm4_moe", "cohere2"])
 def test_gpu_compiled_generate_is_the_model(family, unpatch_everything):
     """On CUDA, generate compiles the patched decode forward with CUDA graphs (its auto-compile): the
     tokens and logits are the unpatched model's (fp32), and after a warm-up generation nothing compiles
