@@ -268,7 +268,8 @@ def fetch(model: str, cache_dir: str | os.PathLike = DEFAULT_CACHE, manifest: di
 # -- loading -------------------------------------------------------------------------------------------
 def load_gguf(path: str | os.PathLike, dtype=None, tokenizer: bool = True):
     """``(model, tokenizer)`` from a ``.gguf`` file via transformers' GGUF loader (``gguf_file=``);
-    the tensors are dequantized to ``dtype`` (float32 by default). ``tokenizer=False`` gives None for it."""
+    the tensors are dequantized to ``dtype`` (float32 by default), and the tokenizer's end-of-sequence
+    token is the file's. ``tokenizer=False`` gives None for it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -279,6 +280,10 @@ def load_gguf(path: str | os.PathLike, dtype=None, tokenizer: bool = True):
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if tokenizer else None
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
     model.eval()
+    eos = model.config.eos_token_id  # the file's tokenizer.ggml.eos_token_id
+    if tok is not None and isinstance(eos, int) and tok.eos_token_id != eos:
+        # transformers 5.17's GGUF tokenizer keeps its class default (Qwen2: <|endoftext|>), not the file's
+        tok.eos_token = tok.convert_ids_to_tokens(eos)
     return model, tok
 
 
