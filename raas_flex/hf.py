@@ -49,6 +49,12 @@ How it fits into transformers (5.17 and later):
 Supported: ``model_type`` in ``SUPPORTED_MODEL_TYPES``, full and sliding-window layers. Greedy and
 sampled decoding, left-padded batches, EOS stopping. Not supported: beam search (``reorder_cache``),
 continuing a filled cache with several tokens at once, assisted decoding.
+
+A family joins ``SUPPORTED_MODEL_TYPES`` when its attention module hands the attention function only
+what ``RaaSLayer._prefill`` reads (``scaling``, ``sliding_window``, ``softcap``, ``s_aux``) or what does
+not change the attention (``position_ids``, ``use_cache``, router flags), every layer has its own K/V
+(no shared or latent KV), and ``tests/test_families.py`` passes for it (add it to ``FAMILIES``, with
+its MoE sizes in ``tiny_model``, and to the README's table).
 """
 
 from __future__ import annotations
