@@ -1,4 +1,5 @@
-"""The README and docs cite results files and link pages; both must exist in the repository."""
+"""The README and docs cite results files and link pages, which must exist in the repository; the
+README's family table names every supported model type."""
 
 from __future__ import annotations
 
@@ -55,3 +56,11 @@ def test_every_cited_results_file_and_link_exists(page):
     missing = [r for r in cited_results(text) if not _exists(RESULTS / r)]
     missing += [t for t in linked(text) if not _exists((page.parent / t).resolve())]
     assert not missing, f"{page.relative_to(ROOT)} names files that are not in the repository: {missing}"
+
+
+def test_the_readme_family_table_names_every_supported_model_type():
+    from raas_flex import SUPPORTED_MODEL_TYPES
+
+    section = (ROOT / "README.md").read_text().split("## Supported models", 1)[1]
+    table = re.search(r"^\| family \|.*?(?=\n\n)", section, re.S | re.M).group(0)
+    assert [t for t in SUPPORTED_MODEL_TYPES if f"`{t}`" not in table] == []
