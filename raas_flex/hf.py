@@ -53,8 +53,8 @@ continuing a filled cache with several tokens at once, assisted decoding.
 A family joins ``SUPPORTED_MODEL_TYPES`` when its attention module hands the attention function only
 what ``RaaSLayer._prefill`` reads (``scaling``, ``sliding_window``, ``softcap``, ``s_aux``) or what does
 not change the attention (``position_ids``, ``use_cache``, router flags), every layer has its own K/V
-(no shared or latent KV), and ``tests/test_families.py`` passes for it (add it to ``FAMILIES``, with
-its MoE sizes in ``tiny_model``, and to the README's table).
+(no shared or latent KV), ``tests/test_families.py`` passes for it (it tests every supported type;
+a MoE family needs its small sizes in ``tiny_model``) and the README's table names it.
 """
 
 from __future__ import annotations
