@@ -15,8 +15,12 @@ median over chunks of replays, CUDA events):
     floor_quest    quest's floor: its page bounds over all N (key max and min per page) plus the K and V
                    of the L tokens it attends, / measured copy bandwidth
 
-Every engine output is checked against a float64 reference over the resident tokens before it is
-timed, and the graphs compiled after warm-up are counted. Results: JSON (keys: the configuration
+``--layer`` gives every cache the model's own attention semantics (``AttentionSpec``: a sliding
+window, a logit softcap, learned sinks, as gpt-oss or Gemma 2 layers have them; sink logits drawn
+from a normal), ``--head-dim`` the head size (default 128); SDPA rows stay plain attention.
+
+Every engine output is checked against a float64 reference over the attended tokens (with the
+layer's softcap and sinks) before it is timed, and the graphs compiled after warm-up are counted. Results: JSON (keys: the configuration
 names beside ``sdpa_L``), a markdown table and a plot under --out (default benchmarks/results/).
 
     python benchmarks/decode_step.py                 # full grid (GPU)
@@ -27,6 +31,7 @@ names beside ``sdpa_L``), a markdown table and a plot under --out (default bench
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -47,8 +52,8 @@ except ImportError:  # pragma: no cover - tqdm is a dependency of raas_flex
         return x
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from raas_flex import PagedKVCache  # noqa: E402
-from raas_flex.config import make_config, parse_spec  # noqa: E402
+from raas_flex import AttentionSpec, PagedKVCache  # noqa: E402
+from raas_flex.config import make_config, parse_options, parse_spec  # noqa: E402
 
 FULL_GRID = [
     # (B, Hq, Hkv)
@@ -98,35 +103,47 @@ def graph_time_us(fn, chunks: int = 10, per_chunk: int = 20) -> float:
 
 
 def reference(cache: PagedKVCache, q: torch.Tensor, rows: int = 2) -> torch.Tensor:
-    """float64 attention of q over the slots the last step attended (cache.valid), for the first
-    ``rows`` sequences (a float64 copy of a whole 128k-token cache would not fit next to it)."""
-    G, b = cache.G, min(rows, cache.B)
+    """float64 attention of q over the slots the last step attended (cache.valid), with the layer's
+    softcap and sinks, for the first ``rows`` sequences (a float64 copy of a whole 128k-token cache
+    would not fit next to it)."""
+    G, b, spec = cache.G, min(rows, cache.B), cache.spec
     valid = cache.valid.view(cache.B, cache.H, cache.S)[:b].repeat_interleave(G, 1)[:, :, None, :]
     k = cache.k[:b].double().repeat_interleave(G, 1)
     v = cache.v[:b].double().repeat_interleave(G, 1)
-    return F.scaled_dot_product_attention(q[:b].double(), k, v, attn_mask=valid, scale=cache.scale)
+    if spec.plain:
+        return F.scaled_dot_product_attention(q[:b].double(), k, v, attn_mask=valid, scale=cache.scale)
+    logits = q[:b].double() @ k.transpose(-1, -2) * cache.scale  # [b, Hq, 1, S]
+    if spec.softcap is not None:
+        logits = torch.tanh(logits / spec.softcap) * spec.softcap
+    logits = logits.masked_fill(~valid, float("-inf"))
+    if spec.sinks:
+        sink = cache.sink_logits.double().reshape(1, cache.Hq, 1, 1).expand(b, -1, -1, -1)
+        return torch.softmax(torch.cat([logits, sink], -1), -1)[..., :-1] @ v
+    return torch.softmax(logits, -1) @ v
 
 
-def make_cache(spec, B, Hq, Hkv, D, N, L, dtype, device, extra_steps):
-    """The engine of configuration ``spec`` with its buffer full: a bounded policy holds L - 16 tokens
-    (nothing pinned, so every new page evicts one), quest and dense hold N."""
+def make_cache(spec, B, Hq, Hkv, D, N, L, dtype, device, extra_steps, layer=AttentionSpec()):
+    """The engine of configuration ``spec`` (layer semantics ``layer``) with its buffer full: a bounded
+    policy holds L - 16 tokens (nothing pinned, so every new page evicts one), quest and dense hold N."""
     name, options = parse_spec(spec)
     ps = 16
     cfg = make_config(L, name, **{"page_size": ps, "pin_prompt": False, **options})
     bounded = cfg.policy.bounded
     cache = PagedKVCache(cfg, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, dtype=dtype,
-                         device=device, max_length=None if bounded else N + extra_steps)
+                         device=device, max_length=None if bounded else N + extra_steps, spec=layer)
+    if layer.sinks:
+        cache.set_sinks(torch.randn(Hq, device=device))
     n0 = L - ps if bounded else N
     cache.prefill(torch.randn(B, Hkv, n0, D, dtype=dtype, device=device),
                   torch.randn(B, Hkv, n0, D, dtype=dtype, device=device))
     return cache
 
 
-def time_config(spec, B, Hq, Hkv, D, N, L, dtype, device, timed, row, extra=400):
+def time_config(spec, B, Hq, Hkv, D, N, L, dtype, device, timed, row, extra=400, layer=AttentionSpec()):
     q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device)
     kn = torch.randn(B, Hkv, 1, D, dtype=dtype, device=device)
     vn = torch.randn(B, Hkv, 1, D, dtype=dtype, device=device)
-    cache = make_cache(spec, B, Hq, Hkv, D, N, L, dtype, device, extra)
+    cache = make_cache(spec, B, Hq, Hkv, D, N, L, dtype, device, extra, layer)
     step = cache.compiled_decode()
     from torch._dynamo.utils import counters
 
@@ -152,7 +169,7 @@ def time_config(spec, B, Hq, Hkv, D, N, L, dtype, device, timed, row, extra=400)
 
 
 def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes, cached,
-              baseline_budgets=()):
+              baseline_budgets=(), layer=AttentionSpec()):
     """One grid point. The bounded policies (raas, h2o, streaming) hold L slots whatever N is, so
     their step is measured once per (B, heads, L) and reused across N (``cached``); quest and
     SDPA over N are measured at every N."""
@@ -174,7 +191,7 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
             continue
         part = {}
         try:
-            time_config(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra)
+            time_config(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra, layer)
         except Exception as e:  # a failing point is a result to report, not a reason to lose the grid
             if not timed:
                 raise
@@ -254,6 +271,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--contexts", default=None, help="contexts N, e.g. 8192,32768 (default: 8k, 32k, 128k)")
     ap.add_argument("--budgets", default=None, help="budgets L, e.g. 1024,2048 (default: 1k, 2k, 4k)")
     ap.add_argument("--tag", default=None, help="results file tag (default: full / quick / smoke)")
+    ap.add_argument("--layer", default="", help="the layers' attention (AttentionSpec) as KEY=VALUE,..., e.g. "
+                                                 "'window=128,sinks=True' (gpt-oss) or 'softcap=50.0' (default: plain)")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dimension of every grid point")
     ap.add_argument("--replot", metavar="JSON", help="redraw the table and plot from a results JSON and exit")
     return ap
 
@@ -278,6 +298,7 @@ def main(argv=None):
     policies = [c for c in args.configs.split(";") if c]
     for spec in policies:
         parse_spec(spec)  # a bad name fails here, not after the first grid point
+    layer = AttentionSpec(**parse_options([item for item in args.layer.split(",") if item]))
     torch.manual_seed(0)
     if args.smoke:
         device, dtype, timed = "cpu", torch.float32, False
@@ -295,7 +316,7 @@ def main(argv=None):
                 ap.error(f"--shapes must be B/Hq/Hkv items, got {args.shapes!r}")
         ctxs = ints(args.contexts) if args.contexts else ([8192, 32768] if args.quick else CONTEXTS)
         buds = ints(args.budgets) if args.budgets else ([2048] if args.quick else BUDGETS)
-        points = [(B, Hq, Hkv, 128, N, L) for (B, Hq, Hkv) in grid for N in ctxs for L in buds]
+        points = [(B, Hq, Hkv, args.head_dim, N, L) for (B, Hq, Hkv) in grid for N in ctxs for L in buds]
     torch._dynamo.config.cache_size_limit = 4096
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 4096
@@ -304,13 +325,14 @@ def main(argv=None):
         command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
         torch=torch.__version__, device=torch.cuda.get_device_name() if timed else platform.processor() or "cpu",
         dtype=str(dtype), copy_bandwidth_TBps=bw / 1e12, time=time.strftime("%Y-%m-%d %H:%M:%S"), configs=policies,
+        layer=dataclasses.asdict(layer),
     )
     path = results_json(args)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.json")
     rows, cached = [], {}
     for p in tqdm(points, desc="decode-step grid"):
-        row = run_point(*p, policies, dtype, device, timed, bw, args.max_gb * 2**30, cached, baseline_budgets)
+        row = run_point(*p, policies, dtype, device, timed, bw, args.max_gb * 2**30, cached, baseline_budgets, layer)
         rows.append(row)
         tqdm.write(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
         partial.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))  # survives a crash or timeout

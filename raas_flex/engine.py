@@ -65,12 +65,13 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
     """Why ``backend`` cannot serve this config on this device and K/V dtype (None if it can)."""
     if backend == "torch":
         return None
-    if not spec.plain:
-        return f"the fused kernels serve plain attention (no sliding window, softcap or sinks); got {spec}"
+    policy = config.policy
+    if not spec.plain and (backend == "flex" or policy.narrows):
+        return (f"a sliding window, softcap or sinks ({spec}) are served by the one-kernel step (backend='triton') "
+                f"of a policy that attends every resident page; got backend={backend!r}, policy={policy.name!r}")
     reason = kernels.unsupported_reason(device, dtype)
     if reason is not None:
         return reason
-    policy = config.policy
     if policy.append_code is None:
         return f"the fused backends serve policies with an eviction rule (append_code); got policy={policy.name!r}"
     if backend == "triton" and policy.step_observe in (1, 2, 3) and config.page_size & (config.page_size - 1):
@@ -399,9 +400,11 @@ class PagedKVCache(nn.Module):
                  self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
                  *self._lists)
         if self._backend == "triton" and not self.policy.narrows:
+            spec = self.spec
             return kernels.fused_step(q, k, v, *state, self._imp, self._obs_count, self.scale, self._refresh_pages,
                                       self.block, self.policy.step_observe, self.policy.append_code,
-                                      self._recent_pages, self._threshold, self._sink_pages)
+                                      self._recent_pages, self._threshold, self._sink_pages, spec.window or 0,
+                                      spec.softcap or 0.0, self.sink_logits if spec.sinks else None)
         if self.policy.fused_observe:
             kernels.fused_append_observe(q, k, v, *state, self._imp, self._sink_pages, self._recent_pages,
                                          self.block, self._refresh_pages)

@@ -35,7 +35,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
-from raas_flex import PagedKVCache, kernels, masks
+from raas_flex import AttentionSpec, PagedKVCache, kernels, masks
 from raas_flex.config import make_config
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -45,13 +45,19 @@ EXACT = ("page_id", "pinned", "open_slot", "length", "step", "evictions", "overf
          "valid")
 
 
-def make_pair(policy, *, B, Hq, Hkv, D, budget, ps, dtype, device, backend="flex", max_length=None, **kw):
+def make_pair(policy, *, B, Hq, Hkv, D, budget, ps, dtype, device, backend="flex", max_length=None,
+              spec=AttentionSpec(), **kw):
     """The torch reference and a cache of ``backend`` with the same configuration (``max_length``: for
-    quest, which keeps every page)."""
+    quest, which keeps every page) and layer ``spec`` (with sinks: the same logits, spread over
+    [-1, 4], in both)."""
     cfg = make_config(budget, policy, page_size=ps, **kw)
     mk = lambda b: PagedKVCache(cfg.replace(backend=b), batch_size=B, num_heads=Hq, num_kv_heads=Hkv,
-                                head_dim=D, dtype=dtype, device=device, max_length=max_length)
-    return mk("torch"), mk(backend)
+                                head_dim=D, dtype=dtype, device=device, max_length=max_length, spec=spec)
+    pair = mk("torch"), mk(backend)
+    if spec.sinks:
+        for c in pair:
+            c.set_sinks(torch.linspace(-1.0, 4.0, Hq, device=device))
+    return pair
 
 
 class Inputs:
@@ -236,6 +242,15 @@ def test_unsupported_reasons(monkeypatch):
     assert backend_unsupported("triton", make_config(32, "streaming", page_size=8), cuda, torch.bfloat16) is None
     assert backend_unsupported("triton", make_config(36, "streaming", page_size=12), cuda, torch.bfloat16) is None
     assert "page_size=12" in backend_unsupported("triton", make_config(48, "h2o", page_size=12), cuda, torch.bfloat16)
+    # a layer with a sliding window, softcap or sinks: the one-kernel step of every policy but quest
+    for spec in (AttentionSpec(window=128), AttentionSpec(softcap=30.0), AttentionSpec(sinks=True)):
+        for cfg in (raas, threshold, dense, make_config(32, "h2o", page_size=8), make_config(32, "streaming", page_size=8)):
+            assert backend_unsupported("triton", cfg, cuda, torch.bfloat16, spec) is None
+            assert resolve_backend(cfg, cuda, torch.bfloat16, spec) == "triton"
+            assert "served by the one-kernel step (backend='triton')" in backend_unsupported(
+                "flex", cfg, cuda, torch.bfloat16, spec)
+        assert "policy='quest'" in backend_unsupported("triton", quest, cuda, torch.bfloat16, spec)
+        assert resolve_backend(quest, cuda, torch.bfloat16, spec) == "torch"
 
 
 def run_interpreted(script: str, marker: str, timeout: int = 600) -> None:
@@ -531,6 +546,59 @@ def test_interpreter_quest_step_matches_its_parts():
     run_interpreted(QUEST_STEP_SCRIPT.format(tests=str(Path(__file__).resolve().parent)), "quest step ok")
 
 
+LAYER_SPEC_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path[:0] = [{tests!r}]
+    import test_kernels as t
+    from raas_flex import AttentionSpec
+    W, C, S = AttentionSpec(window=21), AttentionSpec(softcap=5.0), AttentionSpec(sinks=True)
+    ALL = AttentionSpec(window=13, softcap=5.0, sinks=True)
+    # (policy, twin_run arguments): fused_step with a sliding window, a softcap and sinks, apart and
+    # together, under the plans of the CPU (the observer) and of a GPU of one SM (no observer: the row's
+    # last program writes the whole validity row); integer inputs where the observe is exact
+    cases = [
+        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, spec=ALL)),
+        ("raas", dict(B=2, Hq=4, Hkv=2, D=16, budget=64, ps=8, lens=[55, 9], integer=True, spec=W, block_size=2,
+                      sms=1)),
+        ("raas", dict(B=1, Hq=6, Hkv=2, D=16, budget=128, ps=4, lens=[100], integer=False, spec=ALL,
+                      importance="attention", pin_prompt=False, sms=1)),
+        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=False, spec=C,
+                      importance="attention", refresh="threshold", refresh_threshold=0.02)),
+        ("h2o", dict(B=2, Hq=4, Hkv=2, D=16, budget=64, ps=8, lens=[55, 9], integer=False, spec=S, block_size=2,
+                     sms=1)),
+        # a sliding-window layer's ring (streaming, no sink tokens: window 13 in 5 pages of 4)
+        ("streaming", dict(B=2, Hq=6, Hkv=2, D=16, budget=20, ps=4, lens=[3, 30], integer=True, spec=ALL,
+                           sink_tokens=0)),
+    ]
+    for i, (policy, kw) in enumerate(cases):
+        if i % {parts} != {part}:
+            continue
+        ref, fus = t.twin_run(policy, steps=kw.pop("steps", 30), mode="eager", dtype=torch.float32, device="cpu",
+                              backend="triton", **kw)
+        print(i, policy, "ok", ref.evictions.sum().item())
+""")
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
+def test_interpreter_layer_specs_match_torch_on_cpu():
+    """fused_step for layers with a sliding window, a logit softcap and learned sinks (apart and
+    together; raas by bound and by share, h2o, the streaming ring of a window layer) against the torch
+    reference through Triton's interpreter: the validity row and block lists of the tokens in the
+    window, the page tables (exact on integer inputs), the shares of the capped softmax with the
+    sinks in its denominator, and the output. Every case evicts."""
+    tests = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    parts = 2
+    procs = [subprocess.Popen([sys.executable, "-c", LAYER_SPEC_SCRIPT.format(tests=tests, part=part, parts=parts)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for part in range(parts)]
+    outs = [proc.communicate(timeout=900) for proc in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    lines = [ln for out, _ in outs for ln in out.splitlines() if " ok " in ln]
+    assert len(lines) == 6 and all(int(ln.split()[-1]) > 0 for ln in lines), lines
+
+
 # -- GPU -------------------------------------------------------------------------------------------
 # (id, policy, shape and budget, prompt lengths, extra config). Page counts 8, 33, 128 and 256; G of
 # 1, 3, 4, 7; prompts near the budget (eviction starts within ~ps steps) mixed with short ones.
@@ -585,6 +653,19 @@ GPU_CASES = [
      dict(sink_tokens=10, backend="triton")),
     ("streaming-P128-G4-triton", "streaming", B8, B8_LENS, dict(backend="triton", pin_prompt=False)),
     ("streaming-P128-G4-triton-no-observer", "streaming", B8, B8_LENS, dict(backend="triton", sms=16)),
+    # fused_step for layers with a sliding window, softcap or sinks: gpt-oss shapes (64/8 heads of 64, sinks;
+    # its window layers as the patch builds them, a ring of 9 pages for a window of 128), Gemma 2's softcap
+    # with a window, shares under a window, no observer
+    ("raas-sinks-P128-G8-triton", "raas", dict(B=8, Hq=64, Hkv=8, D=64, budget=2048, ps=16), B8_LENS,
+     dict(pin_prompt=False, backend="triton", spec=AttentionSpec(sinks=True))),
+    ("streaming-ring-window128-sinks-triton", "streaming", dict(B=8, Hq=64, Hkv=8, D=64, budget=144, ps=16),
+     B8_LENS, dict(sink_tokens=0, backend="triton", spec=AttentionSpec(window=128, sinks=True))),
+    ("raas-window-softcap-P128-G4-triton", "raas", B8, B8_LENS,
+     dict(backend="triton", spec=AttentionSpec(window=1500, softcap=2.0))),
+    ("raas-attention-window-sinks-P128-G4-triton", "raas", B8, B8_LENS,
+     dict(pin_prompt=False, backend="triton", importance="attention", spec=AttentionSpec(window=1000, sinks=True))),
+    ("h2o-window-softcap-P128-G4-triton-no-observer", "h2o", B8, B8_LENS,
+     dict(backend="triton", sms=16, spec=AttentionSpec(window=1200, softcap=2.0))),
 ]
 MODES = ["eager", "default", "reduce-overhead"]
 
@@ -603,7 +684,9 @@ def test_gpu_fused_matches_torch_resync(case, mode):
 EXACT_CASES = [c for c in GPU_CASES if c[0] in ("raas-P8-G3", "raas-P33-G7", "raas-P128-G4", "raas-P128-G4-triton",
                                                  "raas-P33-G7-triton", "raas-P128-G4-triton-no-observer",
                                                  "raas-P128-G4-triton-observers-first", "streaming-P16",
-                                                 "streaming-P16-triton", "streaming-P128-G4-triton")]
+                                                 "streaming-P16-triton", "streaming-P128-G4-triton",
+                                                 "streaming-ring-window128-sinks-triton",
+                                                 "raas-window-softcap-P128-G4-triton")]
 
 
 @pytest.mark.gpu
@@ -689,6 +772,11 @@ def test_gpu_backends():
     assert make(64, "quest", max_length=128).backend == "triton"
     assert make(64, "quest", max_length=128, backend="flex").backend == "flex"
     assert make(64, "dense", max_length=128).backend == "triton"
+    windowed = lambda policy, **kw: PagedKVCache(make_config(64, policy, page_size=16, **kw), batch_size=1, num_heads=2,
+                                                 num_kv_heads=1, head_dim=64, dtype=torch.bfloat16, device="cuda",
+                                                 spec=AttentionSpec(window=32, softcap=30.0, sinks=True))
+    assert windowed("raas").backend == "triton" and windowed("streaming").backend == "triton"
+    assert windowed("quest", max_length=128).backend == "torch"
     c = make(64, "raas")
     z = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match=r"k must be \[batch_size=1, num_kv_heads=1, 1, head_dim=64\]"):

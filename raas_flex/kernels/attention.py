@@ -17,7 +17,7 @@ import raas_flex.kernels as _pkg
 from . import BLOCK_N, COMBINE_ONLINE_MIN_SPLIT, SHARE_COMBINE_ELEMS, WARPS, lists_in_regs, split_for, step_plan
 from .bookkeeping import _STATE
 from .rules import (append_inputs, bound_loop, choose_slot, finish_step, load_q, new_key_bounds, new_token,
-                    page_entry, page_tokens, refresh_set, row_writes)
+                    page_entry, page_first, page_tokens, refresh_set, row_writes)
 
 _LOG2E = 1.4426950408889634  # the kernels' softmax runs in base 2: scores times scale * log2(e)
 
@@ -36,16 +36,25 @@ def _last_of_row(count_ptr, row64, NPROG: tl.constexpr):
 
 
 @triton.jit
-def _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2):
+def _softcap(s, CAP: tl.constexpr):
+    """A layer's logit soft-capping, CAP * tanh(s / CAP), of finite scores s in the kernels' base-2 units
+    (CAP: the layer's softcap times log2(e); 0: none, s returned as it is)."""
+    if CAP > 0:
+        s = CAP - 2.0 * CAP / (tl.exp2(s * (2.0 / CAP) * 1.4426950408889634) + 1.0)
+    return s
+
+
+@triton.jit
+def _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2, SOFTCAP: tl.constexpr):
     """One KV tile of an online softmax (log2 domain): q [BG, D], kt/vt [BN, D], ok [BN] the attended
-    slots; running max m_i, sum l_i [BG], accumulator acc [BG, D] fp32. fp32 K/V: exact products.
-    Returns the new max, sum and accumulator, and the tile's probabilities [BG, BN] in units of
-    exp2(score - new max)."""
+    slots; running max m_i, sum l_i [BG], accumulator acc [BG, D] fp32; SOFTCAP: see :func:`_softcap`.
+    fp32 K/V: exact products. Returns the new max, sum and accumulator, and the tile's probabilities
+    [BG, BN] in units of exp2(score - new max)."""
     if kt.dtype == tl.float32:
         sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
     else:
         sc = tl.dot(q, tl.trans(kt))
-    sc = tl.where(ok[None, :], sc * scale_log2, float("-inf"))
+    sc = tl.where(ok[None, :], _softcap(sc * scale_log2, SOFTCAP), float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
@@ -69,18 +78,23 @@ def _store_part(ml_ptr, acc_ptr, part, m, l, acc, G: tl.constexpr, BG: tl.conste
 
 
 @triton.jit
-def _combine_row(ml_ptr, acc_ptr, out_row_ptr, soh, sod, row64, G: tl.constexpr, BG: tl.constexpr,
-                 D: tl.constexpr, SPLIT: tl.constexpr, ONLINE: tl.constexpr):
+def _combine_row(ml_ptr, acc_ptr, out_row_ptr, soh, sod, row64, sink, G: tl.constexpr, BG: tl.constexpr,
+                 D: tl.constexpr, SPLIT: tl.constexpr, ONLINE: tl.constexpr, SINKS: tl.constexpr):
     """Combine a row's SPLIT partial softmax results (max and sum in ml, accumulators in acc) into its
     G output heads (zeros where nothing was attended); returns the row's max and sum [BG]. ONLINE:
     part after part, each part's max and sum loaded beside its accumulator; else all maxima and sums
-    first, then one weighted sum."""
+    first, then one weighted sum. SINKS: each head's sink logit ``sink`` [BG] (base 2; -inf past G)
+    joins the max and the sum as a part of its own that adds no value."""
     gg = tl.arange(0, BG)
     gm = gg < G
     d = tl.arange(0, D)
     if ONLINE:
-        m = tl.full([BG], float("-inf"), tl.float32)
-        tot = tl.zeros([BG], tl.float32)
+        if SINKS:
+            m = sink
+            tot = tl.where(sink > float("-inf"), 1.0, 0.0)
+        else:
+            m = tl.full([BG], float("-inf"), tl.float32)
+            tot = tl.zeros([BG], tl.float32)
         o = tl.zeros([BG, D], tl.float32)
         for i in tl.static_range(SPLIT):
             part = row64 * SPLIT + i
@@ -101,8 +115,12 @@ def _combine_row(ml_ptr, acc_ptr, out_row_ptr, soh, sod, row64, G: tl.constexpr,
         ms = tl.load(ml_ptr + mlo, mask=gm[None, :], other=float("-inf"), cache_modifier=".cg")
         ls = tl.load(ml_ptr + mlo + BG, mask=gm[None, :], other=0.0, cache_modifier=".cg")
         m = tl.max(ms, 0)
+        if SINKS:
+            m = tl.maximum(m, sink)
         w = tl.exp2(ms - tl.where(m == float("-inf"), 0.0, m)[None, :])
         tot = tl.sum(w * ls, 0)
+        if SINKS:
+            tot += tl.exp2(sink - tl.where(m == float("-inf"), 0.0, m))
         o = tl.zeros([BG, D], tl.float32)
         for i in tl.static_range(SPLIT):
             wi = tl.sum(tl.where((sp == i)[:, None], w, 0.0), 0)
@@ -118,10 +136,12 @@ def _combine_row(ml_ptr, acc_ptr, out_row_ptr, soh, sod, row64, G: tl.constexpr,
 def _step_attend(q, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, psum_ptr, pm_ptr, row64, base, split, kk, vv, pos,
                  opened, slot, new_id, t, scale_log2, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
                  PS: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr,
-                 SHARES: tl.constexpr, UNIT: tl.constexpr, UT: tl.constexpr, TT: tl.constexpr):
+                 SHARES: tl.constexpr, UNIT: tl.constexpr, UT: tl.constexpr, TT: tl.constexpr, WINDOW: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
     """Attention program ``split`` of a row: its TILES tiles of the row as it is after the append (the
     victim page's old tokens masked out, the new token from registers, added and written to the buffer
-    by the program whose tiles hold its slot ``t``); the partial result goes to ml / acc. SHARES: each
+    by the program whose tiles hold its slot ``t``), only tokens in the layer's window (WINDOW > 0),
+    scores soft-capped (SOFTCAP, :func:`_softcap`); the partial result goes to ml / acc. SHARES: each
     tile's probability sums over units of UNIT slots (a page, or a tile's part of a page) go to psum
     [rows, BG, UT] in units of exp2(score - m_tile), the tile's running max m_tile to pm [rows, TT,
     BG]; the new token is left out of them (the combine adds it)."""
@@ -136,13 +156,14 @@ def _step_attend(q, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, psum_ptr, pm_ptr
         cols = (split * TILES + ti) * BLOCK_N + nn
         inb = cols < S
         pc = cols // PS
-        pidc = tl.load(page_id_ptr + base + pc, mask=inb, other=-1)
-        ncol = page_tokens(tl.where(opened & (pc == slot), new_id, pidc), pos, PS)
-        okc = inb & ((cols % PS) < ncol) & (cols != t)
+        pidc = tl.where(opened & (pc == slot), new_id, tl.load(page_id_ptr + base + pc, mask=inb, other=-1))
+        okc = inb & ((cols % PS) < page_tokens(pidc, pos, PS)) & (cols != t)
+        if WINDOW > 0:
+            okc = okc & ((cols % PS) >= page_first(pidc, pos, WINDOW, PS))
         offs = (row64 * S + cols)[:, None] * D + d[None, :]
         kt = tl.load(k_ptr + offs, mask=inb[:, None], other=0.0)
         vt = tl.load(v_ptr + offs, mask=inb[:, None], other=0.0)
-        m_i, l_i, acc, pr = _softmax_tile(q, kt, vt, okc, m_i, l_i, acc, scale_log2)
+        m_i, l_i, acc, pr = _softmax_tile(q, kt, vt, okc, m_i, l_i, acc, scale_log2, SOFTCAP)
         if SHARES:
             NPT: tl.constexpr = BLOCK_N // UNIT
             tile = split * TILES + ti
@@ -151,7 +172,7 @@ def _step_attend(q, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, psum_ptr, pm_ptr
                      tl.sum(tl.reshape(pr, [BG, NPT, UNIT]), 2), mask=gm[:, None])
             tl.store(pm_ptr + (row64 * TT + tile) * BG + gg, m_i)
     own = (t // (TILES * BLOCK_N)) == split
-    s_new = tl.sum(q.to(tl.float32) * kk.to(tl.float32)[None, :], 1) * scale_log2
+    s_new = _softcap(tl.sum(q.to(tl.float32) * kk.to(tl.float32)[None, :], 1) * scale_log2, SOFTCAP)
     s_new = tl.where(own & gm, s_new, float("-inf"))
     m_new = tl.maximum(m_i, s_new)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -190,7 +211,8 @@ def _chunk_shares(psum_ptr, pm_ptr, row64, pp, in_p, m_safe, inv, p_new, slot, G
 def _share_observe(q, kk, psum_ptr, pm_ptr, page_id_ptr, stamp_ptr, score_ptr, imp_ptr, m, tot, row64, base, slot,
                    opened, new_id, step_new, threshold, scale_log2, P: tl.constexpr, G: tl.constexpr,
                    BG: tl.constexpr, BLOCK_P: tl.constexpr, CP: tl.constexpr, NPT: tl.constexpr, UPP: tl.constexpr,
-                   UT: tl.constexpr, TT: tl.constexpr, OBSERVE: tl.constexpr, REFRESH: tl.constexpr):
+                   UT: tl.constexpr, TT: tl.constexpr, OBSERVE: tl.constexpr, REFRESH: tl.constexpr,
+                   SOFTCAP: tl.constexpr):
     """The observe of a row from its attention shares (the share of a page: the sum of its slots'
     softmax probabilities, max over the G query heads; :meth:`PagedKVCache.page_share`), given the
     row's combined max m and sum tot [BG]. OBSERVE 1 (raas, top-k): score = share, the REFRESH
@@ -200,7 +222,7 @@ def _share_observe(q, kk, psum_ptr, pm_ptr, page_id_ptr, stamp_ptr, score_ptr, i
     gg = tl.arange(0, BG)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     inv = tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)
-    s_new = tl.sum(q.to(tl.float32) * kk.to(tl.float32)[None, :], 1) * scale_log2  # (as the attention has it)
+    s_new = _softcap(tl.sum(q.to(tl.float32) * kk.to(tl.float32)[None, :], 1) * scale_log2, SOFTCAP)  # (as attended)
     p_new = tl.where(gg < G, tl.exp2(s_new - m_safe), 0.0) * inv
     for c0 in tl.static_range(0, BLOCK_P, CP):
         pp = c0 + tl.arange(0, CP)
@@ -234,7 +256,7 @@ def _step_kernel(
     k_ptr, v_ptr, page_id_ptr, stamp_ptr, pinned_ptr, score_ptr, kmax_ptr, kmin_ptr,
     open_slot_ptr, length_ptr, step_ptr, evictions_ptr, overflow_ptr, valid_ptr, ticket_ptr,
     kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, imp_ptr, count_ptr,
-    acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2, psum_ptr, pm_ptr, threshold,
+    acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2, psum_ptr, pm_ptr, threshold, sink_ptr,
     B: tl.constexpr, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
     POLICY: tl.constexpr, SINK_PAGES: tl.constexpr, RECENT_PAGES: tl.constexpr, OBSERVE: tl.constexpr,
     UNIT: tl.constexpr, UT: tl.constexpr,
@@ -244,6 +266,7 @@ def _step_kernel(
     BP: tl.constexpr, BPC: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
     BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, DOT: tl.constexpr, OBSERVER: tl.constexpr,
     LAZY: tl.constexpr, LEAN: tl.constexpr, WRITER: tl.constexpr, ONLINE: tl.constexpr, OLAST: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
 ):
     """Program (row, split) of a step under eviction rule POLICY (``Policy.append_code``: raas 0,
     streaming 1, h2o 2, dense 3) and observe OBSERVE (``Policy.step_observe``: 0 bound top-k, 1 share top-k, 2
@@ -309,20 +332,20 @@ def _step_kernel(
                 row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr,
                            full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min,
                            ev, opened, has_free, write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB,
-                           LISTS_IN_REGS, LEAN)
+                           LISTS_IN_REGS, LEAN, WINDOW)
         elif WRITER and split == 1:
             row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr,
                        full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min,
                        ev, opened, has_free, write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB,
-                       LISTS_IN_REGS, LEAN)
+                       LISTS_IN_REGS, LEAN, WINDOW)
         else:
             _step_attend(q, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, psum_ptr, pm_ptr, row64, base,
                          split - 1 - WRITER, kk, vv, pos, opened, slot, new_id, t, scale_log2, G, BG, D, PS, S,
-                         BLOCK_N, TILES, SPLIT, SHARES, UNIT, UT, TT)
+                         BLOCK_N, TILES, SPLIT, SHARES, UNIT, UT, TT, WINDOW, SOFTCAP)
     else:
         _step_attend(q, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, psum_ptr, pm_ptr, row64, base, split, kk, vv,
                      pos, opened, slot, new_id, t, scale_log2, G, BG, D, PS, S, BLOCK_N, TILES, SPLIT, SHARES, UNIT,
-                     UT, TT)
+                     UT, TT, WINDOW, SOFTCAP)
         if BOUNDS:
             bound_loop(q_ptr, sqb, sqh, sqd, page_id_ptr, score_ptr, kmax_ptr, kmin_ptr, imp_ptr,
                        split * PAGES, split * PAGES + PAGES, slot, opened, new_id, new_max, new_min, b, h, base,
@@ -331,19 +354,24 @@ def _step_kernel(
     if _last_of_row(count_ptr, row64, NPROG):
         if BOUNDS:  # the bounds, or the observer's top-k set, first: its latency overlaps the combine's loads
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
-        m, tot = _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT,
-                              ONLINE)
+        if SINKS:  # the layer's sink logit of each query head, in base 2
+            gg = tl.arange(0, BG)
+            sink = tl.load(sink_ptr + h * G + gg, mask=gg < G, other=float("-inf")) * 1.4426950408889634
+        else:
+            sink = tl.zeros([BG], tl.float32)
+        m, tot = _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, sink, G, BG, D,
+                              SPLIT, ONLINE, SINKS)
         if not OBSERVER:
             row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr,
                        full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min,
                        ev, opened, has_free, write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB,
-                       LISTS_IN_REGS, LEAN)
+                       LISTS_IN_REGS, LEAN, WINDOW)
         page_entry(page_id_ptr, stamp_ptr, pinned_ptr, open_slot_ptr, row64, base, slot, new_id, step_new,
                    opened, write, open_old)
         if SHARES:
             _share_observe(q, kk, psum_ptr, pm_ptr, page_id_ptr, stamp_ptr, score_ptr, imp_ptr, m, tot, row64, base,
                            slot, opened, new_id, step_new, tl.cast(threshold, tl.float32), scale_log2, P, G, BG,
-                           BLOCK_P, CP, NPT, UPP, UT, TT, OBSERVE, REFRESH)
+                           BLOCK_P, CP, NPT, UPP, UT, TT, OBSERVE, REFRESH, SOFTCAP)
         elif BOUNDS:
             if OBSERVER:
                 sel = in_row & (a != 0)
@@ -363,6 +391,7 @@ def fused_step(
     overflow: Tensor, valid: Tensor, ticket: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor,
     full_idx: Tensor, imp: Tensor, count: Tensor, scale: float, refresh_pages: int, block: int,
     observe: int = 0, policy: int = 0, recent_pages: int = 0, threshold: float = 0.0, sink_pages: int = 0,
+    window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
 ) -> Tensor:
     """A whole decode step in one launch: :func:`fused_append`'s state changes under eviction rule
     ``policy`` (``Policy.append_code``: raas 0, streaming 1 with ``sink_pages``, h2o 2, dense 3), the attention of
@@ -371,6 +400,9 @@ def fused_step(
     the top ``refresh_pages`` stamped; 1 the attention share (of the same pass over K/V), top
     ``refresh_pages`` stamped; 2 the share, pages of share > ``threshold`` stamped; 3 the share added
     to the score (h2o, pages older than the ``recent_pages`` newest evictable); 4 none (streaming, dense).
+    The layer's attention (``AttentionSpec``): ``window`` > 0 a sliding window of that many tokens (the
+    validity row and lists hold the tokens in it), ``softcap`` > 0 its logit soft-capping, ``sinks``
+    its sink logits (fp32 [Hkv, G]: they join each head's softmax denominator).
     Returns [B, Hq, 1, D]
     in q's dtype. ``count`` (int32 [B * Hkv]) and ``ticket`` (int32 [1]): 0 at launch, left 0.
     Shares need a page size that is a power of two."""
@@ -385,6 +417,13 @@ def fused_step(
         raise ValueError(f"fused_step: policy={policy!r} with observe={observe!r} is not supported; allowed: "
                          "policy 0 (raas) with observe 0, 1 or 2, policy 2 (h2o) with observe 3, policy 1 "
                          "(streaming) or 3 (dense) with observe 4")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"fused_step: window must be an int >= 0 (0: none); got {window!r}")
+    if not softcap >= 0:
+        raise ValueError(f"fused_step: softcap must be >= 0 (0: none); got {softcap!r}")
+    if sinks is not None and (sinks.dtype != torch.float32 or tuple(sinks.shape) != (H, G)):
+        raise ValueError(f"fused_step: sinks must be fp32 [num_kv_heads={H}, {G}]; got {sinks.dtype} "
+                         f"{tuple(sinks.shape)}")
     shares = observe in (1, 2, 3)
     if shares and ps & (ps - 1):
         raise ValueError(f"fused_step: attention shares need a page size that is a power of two; got {ps}")
@@ -409,15 +448,16 @@ def fused_step(
         k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length, step, evictions, overflow,
         valid, ticket, kv_num, kv_idx, full_num, full_idx, imp, count,
         acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * _LOG2E, psum, pm, threshold,
-        B=B, H=H, G=G, P=P, D=D, PS=ps, POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
+        ml if sinks is None else sinks, B=B, H=H, G=G, P=P, D=D, PS=ps, POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
         OBSERVE=observe, UNIT=unit, UT=ut,
         TT=tt, CP=cp, REFRESH=refresh_pages, BLOCK_P=block_p,
         BLOCK_PS=triton.next_power_of_2(ps), BLOCK_B=triton.next_power_of_2(B), BG=bg, BLOCK_N=BLOCK_N,
         TILES=plan.tiles, SPLIT=plan.split, PAGES=plan.pages, BP=plan.bp, BPC=plan.bpc,
         KB=block, NB=nb, BLOCK_KB=triton.next_power_of_2(block), BLOCK_NB=triton.next_power_of_2(nb),
         LISTS_IN_REGS=lists_in_regs(nb, P), DOT=plan.dot, OBSERVER=plan.observer, LAZY=plan.lazy,
-        LEAN=plan.lean, WRITER=plan.writer, ONLINE=plan.online, OLAST=plan.observers_last,
-        num_warps=WARPS, num_stages=plan.stages,
+        LEAN=plan.lean and not window, WRITER=plan.writer, ONLINE=plan.online, OLAST=plan.observers_last,
+        WINDOW=window, SOFTCAP=float(softcap) * _LOG2E, SINKS=sinks is not None, num_warps=WARPS,
+        num_stages=plan.stages,
     )
     return out
 
@@ -456,10 +496,11 @@ def _paged_kernel(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, length_ptr, k
         offs = (row64 * S + slot * PS + c % PS)[:, None] * D + d[None, :]
         kt = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)
         vt = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
-        m_i, l_i, acc, _ = _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2)
+        m_i, l_i, acc, _ = _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2, 0.0)
     _store_part(ml_ptr, acc_ptr, row64 * SPLIT + split, m_i, l_i, acc, G, BG, D)
     if _last_of_row(count_ptr, row64, SPLIT):
-        _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, G, BG, D, SPLIT, ONLINE)
+        _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, m_i, G, BG, D, SPLIT, ONLINE,
+                     False)
         if SPLIT > 1:
             tl.store(count_ptr + row64, 0)
 

@@ -55,7 +55,7 @@ def _append_kernel(
                opened, write, open_old)
     row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr,
                full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min, ev, opened, has_free,
-               write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False)
+               write, D, S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, False, 0)
     if OBSERVE:  # the RaaS observe of this step's query over the row after the append
         tl.debug_barrier()  # the page-table entry and key bounds stored above are complete
         if BPC == BLOCK_P:  # one chunk: the bounds stay in registers

@@ -102,6 +102,13 @@ def page_tokens(pid, pos, PS: tl.constexpr):
 
 
 @triton.jit
+def page_first(pid, pos, WINDOW: tl.constexpr, PS: tl.constexpr):
+    """The first slot of pages ``pid`` inside a sliding window of WINDOW tokens that ends at the token at
+    position ``pos`` (a query sees the WINDOW newest tokens, itself included). WINDOW > 0."""
+    return tl.minimum(tl.maximum(pos + 1 - WINDOW - pid * PS, 0), PS)
+
+
+@triton.jit
 def page_entry(page_id_ptr, stamp_ptr, pinned_ptr, open_slot_ptr, row64, base, slot, new_id, step_new,
                opened, write, open_old):
     """The page-table entry of an opened page and the row's open slot."""
@@ -140,30 +147,36 @@ def row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_nu
                full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min,
                ev, opened, has_free, write, D: tl.constexpr, S: tl.constexpr, PS: tl.constexpr,
                BLOCK_PS: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, BLOCK_KB: tl.constexpr,
-               BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, LEAN: tl.constexpr):
+               BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, LEAN: tl.constexpr, WINDOW: tl.constexpr):
     """The append's writes that no attention reads: :func:`table_writes`, then the validity row and the
-    block lists (:func:`write_valid_lists`)."""
+    block lists (:func:`write_valid_lists`), of the tokens in the layer's window (WINDOW > 0; 0: none)."""
     table_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, row64, base, slot, new_max, new_min, ev, opened,
                  has_free, write, D)
-    write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row,
-                      page_tokens(pid_new, pos, PS), S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS,
-                      slot, LEAN)
+    n_p = page_tokens(pid_new, pos, PS)
+    f_p = page_first(pid_new, pos, WINDOW, PS) if WINDOW > 0 else n_p
+    write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row, n_p, f_p,
+                      S, PS, BLOCK_PS, KB, NB, BLOCK_KB, BLOCK_NB, LISTS_IN_REGS, slot, LEAN, WINDOW)
 
 
 @triton.jit
-def write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row, n_p,
+def write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, row64, p, in_row, n_p, f_p,
                       S: tl.constexpr, PS: tl.constexpr, BLOCK_PS: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr,
                       BLOCK_KB: tl.constexpr, BLOCK_NB: tl.constexpr, LISTS_IN_REGS: tl.constexpr, slot,
-                      LEAN: tl.constexpr):
-    """Row ``row64`` of the slot-validity mask (the first n_p[p] slots of page slot p are valid) and its
-    exact flex block lists (layout of masks.block_lists: full blocks, partial blocks, listed first in
-    order). LEAN: only page slot ``slot`` of the row is stored (the row was right before the step), and
-    where blocks are whole pages a block's count is the sum of its pages' n_p. Else the count is the
-    overlap of blocks and pages (LISTS_IN_REGS) or read back from the stored row."""
+                      LEAN: tl.constexpr, WINDOW: tl.constexpr):
+    """Row ``row64`` of the slot-validity mask (the first n_p[p] slots of page slot p are valid; with a
+    window, WINDOW > 0, only those from slot f_p[p] on) and its exact flex block lists (layout of
+    masks.block_lists: full blocks, partial blocks, listed first in order). LEAN (never with a window,
+    which moves every step): only page slot ``slot`` of the row is stored (the row was right before
+    the step), and where blocks are whole pages a block's count is the sum of its pages' n_p. Else the
+    count is the overlap of blocks and pages (LISTS_IN_REGS) or read back from the stored row."""
+    tl.static_assert(not (LEAN and WINDOW > 0), "lean row writes cannot follow a sliding window")
     tt = tl.arange(0, BLOCK_PS)
     if LEAN:
         n_slot = tl.sum(tl.where(p == slot, n_p, 0), 0)
         tl.store(valid_ptr + row64 * S + slot * PS + tt, tt < n_slot, mask=tt < PS)
+    elif WINDOW > 0:
+        tl.store(valid_ptr + row64 * S + p[:, None] * PS + tt[None, :],
+                 (tt[None, :] >= f_p[:, None]) & (tt[None, :] < n_p[:, None]), mask=in_row[:, None] & (tt[None, :] < PS))
     else:
         tl.store(valid_ptr + row64 * S + p[:, None] * PS + tt[None, :], tt[None, :] < n_p[:, None],
                  mask=in_row[:, None] & (tt[None, :] < PS))
@@ -174,7 +187,7 @@ def write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_
     if BY_PAGE:  # (pages past the row have n_p 0)
         cnt = tl.sum(tl.reshape(n_p.to(tl.int32), [BLOCK_NB, PPB]), 1)
     elif LISTS_IN_REGS:
-        lo = tl.maximum(nb[:, None] * KB, p[None, :] * PS)
+        lo = tl.maximum(nb[:, None] * KB, p[None, :] * PS + (f_p[None, :] if WINDOW > 0 else 0))
         hi = tl.minimum(nb[:, None] * KB + KB, p[None, :] * PS + n_p[None, :])
         cnt = tl.sum(tl.maximum(hi - lo, 0).to(tl.int32), 1)
     else:
