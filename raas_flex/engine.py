@@ -61,8 +61,9 @@ def _compiled_flex():
 
 
 def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, dtype: torch.dtype,
-                        spec: AttentionSpec = AttentionSpec()) -> str | None:
-    """Why ``backend`` cannot serve this config on this device and K/V dtype (None if it can)."""
+                        spec: AttentionSpec = AttentionSpec(), head_dim: int | None = None) -> str | None:
+    """Why ``backend`` cannot serve this config on this device, K/V dtype, layer and head_dim (None if it
+    can; head_dim None: any)."""
     if backend == "torch":
         return None
     policy = config.policy
@@ -72,6 +73,8 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
     reason = kernels.unsupported_reason(device, dtype)
     if reason is not None:
         return reason
+    if head_dim is not None and head_dim & (head_dim - 1):
+        return f"the fused kernels need a head_dim that is a power of two; got head_dim={head_dim}"
     if policy.append_code is None:
         return f"the fused backends serve policies with an eviction rule (append_code); got policy={policy.name!r}"
     if backend == "triton" and policy.step_observe in (1, 2, 3) and config.page_size & (config.page_size - 1):
@@ -80,18 +83,18 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
 
 
 def resolve_backend(config: RaaSConfig, device: torch.device, dtype: torch.dtype,
-                    spec: AttentionSpec = AttentionSpec()) -> str:
+                    spec: AttentionSpec = AttentionSpec(), head_dim: int | None = None) -> str:
     """``config.backend`` if it can serve (else ValueError with the reason), or for None the fastest
     checked one: triton, then flex, on CUDA; torch elsewhere."""
     if config.backend is not None:
-        why = backend_unsupported(config.backend, config, device, dtype, spec)
+        why = backend_unsupported(config.backend, config, device, dtype, spec, head_dim)
         if why is not None:
             raise ValueError(f"backend={config.backend!r} is not supported for this cache: {why}; "
                              "use backend=None (the fastest supported) or backend='torch'")
         return config.backend
     if device.type == "cuda" and config.policy.append_code is not None:
         for backend in ("triton", "flex"):
-            if backend_unsupported(backend, config, device, dtype, spec) is None:
+            if backend_unsupported(backend, config, device, dtype, spec, head_dim) is None:
                 return backend
     return "torch"
 
@@ -198,7 +201,7 @@ class PagedKVCache(nn.Module):
             )
         self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.spec = spec
-        self._backend = resolve_backend(config, device, dtype, spec)
+        self._backend = resolve_backend(config, device, dtype, spec, head_dim)
         self._compile_flex = device.type == "cuda" if config.compile_flex is None else config.compile_flex
         # on CPU without compiled flex, attention is the softmax over the buffer with the exact validity
         # mask written out: the same softmax over the same slots, without eager flex's per-call vmap

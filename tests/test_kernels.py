@@ -251,6 +251,11 @@ def test_unsupported_reasons(monkeypatch):
                 "flex", cfg, cuda, torch.bfloat16, spec)
         assert "policy='quest'" in backend_unsupported("triton", quest, cuda, torch.bfloat16, spec)
         assert resolve_backend(quest, cuda, torch.bfloat16, spec) == "torch"
+    # the kernels' tiles span the head dimension: a power of two (Phi-3-mini's 96 takes torch)
+    for backend in ("flex", "triton"):
+        assert backend_unsupported(backend, raas, cuda, torch.bfloat16, head_dim=128) is None
+        assert "head_dim=96" in backend_unsupported(backend, raas, cuda, torch.bfloat16, head_dim=96)
+    assert resolve_backend(raas, cuda, torch.bfloat16, head_dim=96) == "torch"
 
 
 def run_interpreted(script: str, marker: str, timeout: int = 600) -> None:
