@@ -21,25 +21,37 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import raas_flex  # noqa: E402
+from raas_flex.config import parse_spec  # noqa: E402
 
 ARCHS = {
     # name: (family, hidden, intermediate, layers, heads, kv_heads, vocab)
     "qwen2.5-1.5b": ("qwen2", 1536, 8960, 28, 12, 2, 151936),
     "qwen2.5-7b": ("qwen2", 3584, 18944, 28, 28, 4, 152064),
     "llama-3.1-8b": ("llama", 4096, 14336, 32, 32, 8, 128256),
+    # MoE of 32 experts, 4 a token; head_dim 64; layers alternate a window of 128 and full attention, every
+    # layer with learned sinks
+    "gpt-oss-20b": ("gpt_oss", 2880, 2880, 24, 64, 8, 201088),
 }
 
 
 def build(arch: str, layers: int | None, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     fam, hid, inter, nl, nh, nkv, vocab = ARCHS[arch]
     kw = dict(hidden_size=hid, intermediate_size=inter, num_hidden_layers=layers or nl, num_attention_heads=nh,
               num_key_value_heads=nkv, vocab_size=vocab, max_position_embeddings=131072)
-    cfg = Qwen2Config(**kw, use_sliding_window=False) if fam == "qwen2" else LlamaConfig(**kw)
+    if fam == "qwen2":
+        cfg, cls = Qwen2Config(**kw, use_sliding_window=False), Qwen2ForCausalLM
+    elif fam == "gpt_oss":
+        cfg, cls = GptOssConfig(**kw, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                             for i in range(layers or nl)]), GptOssForCausalLM
+    else:
+        cfg, cls = LlamaConfig(**kw), LlamaForCausalLM
     torch.manual_seed(0)
     with torch.device(device):
-        model = (Qwen2ForCausalLM if fam == "qwen2" else LlamaForCausalLM)(cfg).to(dtype).eval()
+        model = cls(cfg).to(dtype).eval()
     return model
 
 
@@ -89,7 +101,8 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=512)
     ap.add_argument("--budget", type=int, default=256)
-    ap.add_argument("--policies", default="raas")
+    ap.add_argument("--policies", default="raas",
+                    help="semicolon-separated configurations, POLICY or POLICY:KEY=VALUE,... (e.g. 'raas;raas:backend=torch')")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -115,8 +128,9 @@ def main(argv=None):
     except Exception as e:  # reported, not hidden
         rows.append(dict(mode="dense sdpa (static cache, compiled)", error=repr(e)[:300]))
 
-    for policy in args.policies.split(","):
-        with raas_flex.patched(model, budget=args.budget, policy=policy):
+    for policy in args.policies.split(";"):
+        name, options = parse_spec(policy)
+        with raas_flex.patched(model, budget=args.budget, policy=name, **options):
             out, ms, peak, extra = measure(model, ids, args.new)
             st = raas_flex.stats(model)
         rows.append(dict(mode=f"raas_flex {policy} budget={args.budget}", ms_per_step=ms, peak_gb=peak / 2**30,

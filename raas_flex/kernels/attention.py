@@ -156,10 +156,11 @@ def _step_attend(q, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, psum_ptr, pm_ptr
         cols = (split * TILES + ti) * BLOCK_N + nn
         inb = cols < S
         pc = cols // PS
-        pidc = tl.where(opened & (pc == slot), new_id, tl.load(page_id_ptr + base + pc, mask=inb, other=-1))
-        okc = inb & ((cols % PS) < page_tokens(pidc, pos, PS)) & (cols != t)
+        pidc = tl.load(page_id_ptr + base + pc, mask=inb, other=-1)
+        ncol = page_tokens(tl.where(opened & (pc == slot), new_id, pidc), pos, PS)
+        okc = inb & ((cols % PS) < ncol) & (cols != t)
         if WINDOW > 0:
-            okc = okc & ((cols % PS) >= page_first(pidc, pos, WINDOW, PS))
+            okc = okc & ((cols % PS) >= page_first(tl.where(opened & (pc == slot), new_id, pidc), pos, WINDOW, PS))
         offs = (row64 * S + cols)[:, None] * D + d[None, :]
         kt = tl.load(k_ptr + offs, mask=inb[:, None], other=0.0)
         vt = tl.load(v_ptr + offs, mask=inb[:, None], other=0.0)
