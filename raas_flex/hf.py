@@ -477,7 +477,7 @@ def patch(model: nn.Module, budget: int, **options) -> nn.Module:
     ``pin_prompt``, ``sink_tokens``, ``dense_layers`` (the first k layers keep every token),
     ``max_length`` (fixes the quest/dense buffer size; by default ``generate`` sizes it),
     ``block_size``, ``compile_flex``. Bad values raise ``ValueError``/``TypeError``; unsupported
-    models (see ``SUPPORTED_MODEL_TYPES``; sliding-window, MLA and encoder-decoder models) raise
+    models (see ``SUPPORTED_MODEL_TYPES``; MLA and encoder-decoder models, among others) raise
     ``ValueError``.
 
     After it, ``model.generate(...)`` decodes with RaaS: the cache is created for you (unless you pass
