@@ -67,9 +67,9 @@ def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, 
     if backend == "torch":
         return None
     policy = config.policy
-    if not spec.plain and (backend == "flex" or policy.narrows):
-        return (f"a sliding window, softcap or sinks ({spec}) are served by the one-kernel step (backend='triton') "
-                f"of a policy that attends every resident page; got backend={backend!r}, policy={policy.name!r}")
+    if spec.window is not None and (backend == "flex" or policy.narrows):
+        return (f"a sliding window ({spec}) is served by the one-kernel step (backend='triton') of a policy that "
+                f"attends every resident page; got backend={backend!r}, policy={policy.name!r}")
     reason = kernels.unsupported_reason(device, dtype)
     if reason is not None:
         return reason
@@ -416,7 +416,8 @@ class PagedKVCache(nn.Module):
             lists = kernels.quest_step(q, k, v, *state, self._imp, self.budget_pages)
             if self._backend == "triton":  # its picked pages through their list
                 return kernels.paged_attend(q, self.k, self.v, self.page_id, self.length, *lists, self._obs_count,
-                                            self.scale, self.budget_pages)
+                                            self.scale, self.budget_pages, self.spec.softcap or 0.0,
+                                            self.sink_logits if self.spec.sinks else None)
         else:
             kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages,
                                  self.block)

@@ -242,15 +242,22 @@ def test_unsupported_reasons(monkeypatch):
     assert backend_unsupported("triton", make_config(32, "streaming", page_size=8), cuda, torch.bfloat16) is None
     assert backend_unsupported("triton", make_config(36, "streaming", page_size=12), cuda, torch.bfloat16) is None
     assert "page_size=12" in backend_unsupported("triton", make_config(48, "h2o", page_size=12), cuda, torch.bfloat16)
-    # a layer with a sliding window, softcap or sinks: the one-kernel step of every policy but quest
-    for spec in (AttentionSpec(window=128), AttentionSpec(softcap=30.0), AttentionSpec(sinks=True)):
-        for cfg in (raas, threshold, dense, make_config(32, "h2o", page_size=8), make_config(32, "streaming", page_size=8)):
+    # a layer with a sliding window: the one-kernel step of every policy but quest; a softcap or sinks:
+    # every fused path
+    others = (raas, threshold, dense, make_config(32, "h2o", page_size=8), make_config(32, "streaming", page_size=8))
+    for spec in (AttentionSpec(window=128), AttentionSpec(window=128, softcap=30.0, sinks=True)):
+        for cfg in others:
             assert backend_unsupported("triton", cfg, cuda, torch.bfloat16, spec) is None
             assert resolve_backend(cfg, cuda, torch.bfloat16, spec) == "triton"
             assert "served by the one-kernel step (backend='triton')" in backend_unsupported(
                 "flex", cfg, cuda, torch.bfloat16, spec)
         assert "policy='quest'" in backend_unsupported("triton", quest, cuda, torch.bfloat16, spec)
         assert resolve_backend(quest, cuda, torch.bfloat16, spec) == "torch"
+    for spec in (AttentionSpec(softcap=30.0), AttentionSpec(sinks=True)):
+        for cfg in (*others, quest):
+            for backend in ("flex", "triton"):
+                assert backend_unsupported(backend, cfg, cuda, torch.bfloat16, spec) is None, (cfg, backend)
+            assert resolve_backend(cfg, cuda, torch.bfloat16, spec) == "triton"
     # the kernels' tiles span the head dimension: a power of two (Phi-3-mini's 96 takes torch)
     for backend in ("flex", "triton"):
         assert backend_unsupported(backend, raas, cuda, torch.bfloat16, head_dim=128) is None
@@ -557,10 +564,11 @@ LAYER_SPEC_SCRIPT = textwrap.dedent("""
     import test_kernels as t
     from raas_flex import AttentionSpec
     W, C, S = AttentionSpec(window=21), AttentionSpec(softcap=5.0), AttentionSpec(sinks=True)
-    ALL = AttentionSpec(window=13, softcap=5.0, sinks=True)
+    ALL, CS = AttentionSpec(window=13, softcap=5.0, sinks=True), AttentionSpec(softcap=5.0, sinks=True)
     # (policy, twin_run arguments): fused_step with a sliding window, a softcap and sinks, apart and
     # together, under the plans of the CPU (the observer) and of a GPU of one SM (no observer: the row's
-    # last program writes the whole validity row); integer inputs where the observe is exact
+    # last program writes the whole validity row); integer inputs where the observe is exact. Then
+    # softcap and sinks without a window on the flex path's kernels and on quest's (paged_attend)
     cases = [
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, spec=ALL)),
         ("raas", dict(B=2, Hq=4, Hkv=2, D=16, budget=64, ps=8, lens=[55, 9], integer=True, spec=W, block_size=2,
@@ -574,23 +582,29 @@ LAYER_SPEC_SCRIPT = textwrap.dedent("""
         # a sliding-window layer's ring (streaming, no sink tokens: window 13 in 5 pages of 4)
         ("streaming", dict(B=2, Hq=6, Hkv=2, D=16, budget=20, ps=4, lens=[3, 30], integer=True, spec=ALL,
                            sink_tokens=0)),
+        ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, spec=CS, backend="flex")),
+        ("h2o", dict(B=2, Hq=4, Hkv=2, D=16, budget=64, ps=8, lens=[55, 9], integer=False, spec=CS, backend="flex")),
+        ("quest", dict(B=2, Hq=6, Hkv=2, D=16, budget=24, ps=8, lens=[5, 40], integer=False, max_length=64, spec=CS)),
+        ("quest", dict(B=1, Hq=3, Hkv=1, D=16, budget=256, ps=4, lens=[300], integer=True, max_length=512, spec=CS,
+                       steps=12)),
     ]
     for i, (policy, kw) in enumerate(cases):
         if i % {parts} != {part}:
             continue
-        ref, fus = t.twin_run(policy, steps=kw.pop("steps", 30), mode="eager", dtype=torch.float32, device="cpu",
-                              backend="triton", **kw)
-        print(i, policy, "ok", ref.evictions.sum().item())
+        kw.setdefault("backend", "triton")
+        ref, fus = t.twin_run(policy, steps=kw.pop("steps", 30), mode="eager", dtype=torch.float32, device="cpu", **kw)
+        print(i, policy, "ok", ref.evictions.sum().item(), bool(ref.overflow))
 """)
 
 
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
 def test_interpreter_layer_specs_match_torch_on_cpu():
     """fused_step for layers with a sliding window, a logit softcap and learned sinks (apart and
-    together; raas by bound and by share, h2o, the streaming ring of a window layer) against the torch
-    reference through Triton's interpreter: the validity row and block lists of the tokens in the
-    window, the page tables (exact on integer inputs), the shares of the capped softmax with the
-    sinks in its denominator, and the output. Every case evicts."""
+    together; raas by bound and by share, h2o, the streaming ring of a window layer), and the flex
+    path's and quest's kernels with a softcap and sinks, against the torch reference through Triton's
+    interpreter: the validity row and block lists of the tokens in the window, the page tables (exact
+    on integer inputs), the shares of the capped softmax with the sinks in its denominator, and the
+    output. Every bounded case evicts; the first quest case fills its buffer and overflows."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, TRITON_INTERPRET="1")
     parts = 2
@@ -600,8 +614,10 @@ def test_interpreter_layer_specs_match_torch_on_cpu():
     outs = [proc.communicate(timeout=900) for proc in procs]
     for proc, (out, err) in zip(procs, outs):
         assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    lines = [ln for out, _ in outs for ln in out.splitlines() if " ok " in ln]
-    assert len(lines) == 6 and all(int(ln.split()[-1]) > 0 for ln in lines), lines
+    lines = sorted((ln for out, _ in outs for ln in out.splitlines() if " ok " in ln), key=lambda ln: int(ln.split()[0]))
+    assert len(lines) == 10, lines
+    assert all(int(ln.split()[-2]) > 0 for ln in lines[:8]), lines  # evictions
+    assert [ln.split()[-1] for ln in lines[8:]] == ["True", "False"], lines  # quest overflows its 64 slots
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -671,6 +687,11 @@ GPU_CASES = [
      dict(pin_prompt=False, backend="triton", importance="attention", spec=AttentionSpec(window=1000, sinks=True))),
     ("h2o-window-softcap-P128-G4-triton-no-observer", "h2o", B8, B8_LENS,
      dict(backend="triton", sms=16, spec=AttentionSpec(window=1200, softcap=2.0))),
+    # the flex path with a softcap and sinks (flex's score_mod, the sinks through its log-sum-exp)
+    ("raas-softcap-sinks-P128-G4-flex", "raas", B8, B8_LENS,
+     dict(pin_prompt=False, spec=AttentionSpec(softcap=2.0, sinks=True))),
+    ("raas-attention-softcap-sinks-P128-G4-flex", "raas", B8, B8_LENS,
+     dict(pin_prompt=False, importance="attention", backend="flex", spec=AttentionSpec(softcap=2.0, sinks=True))),
 ]
 MODES = ["eager", "default", "reduce-overhead"]
 
@@ -745,6 +766,9 @@ QUEST_CASES = [  # quest on triton (backend=None's: paged_attend over the picked
       for b in ("triton", "flex")),
     *((f"quest-P16-all-{b}", dict(B=2, Hq=6, Hkv=2, D=64, budget=256, ps=16), [40, 118],
        dict(max_length=256, backend=b)) for b in ("triton", "flex")),
+    # with a softcap and sinks (Gemma 2's and gpt-oss's full layers)
+    *((f"quest-P512-G4-softcap-sinks-{b}", dict(B=2, Hq=32, Hkv=8, D=128, budget=2048, ps=16), [8000, 3000],
+       dict(max_length=8192, backend=b, spec=AttentionSpec(softcap=2.0, sinks=True))) for b in ("triton", "flex")),
 ]
 
 
@@ -777,11 +801,13 @@ def test_gpu_backends():
     assert make(64, "quest", max_length=128).backend == "triton"
     assert make(64, "quest", max_length=128, backend="flex").backend == "flex"
     assert make(64, "dense", max_length=128).backend == "triton"
-    windowed = lambda policy, **kw: PagedKVCache(make_config(64, policy, page_size=16, **kw), batch_size=1, num_heads=2,
-                                                 num_kv_heads=1, head_dim=64, dtype=torch.bfloat16, device="cuda",
-                                                 spec=AttentionSpec(window=32, softcap=30.0, sinks=True))
-    assert windowed("raas").backend == "triton" and windowed("streaming").backend == "triton"
-    assert windowed("quest", max_length=128).backend == "torch"
+    layer = lambda policy, spec, **kw: PagedKVCache(make_config(64, policy, page_size=16, **kw), batch_size=1,
+                                                    num_heads=2, num_kv_heads=1, head_dim=64, dtype=torch.bfloat16,
+                                                    device="cuda", spec=spec)
+    windowed, capped = AttentionSpec(window=32, softcap=30.0, sinks=True), AttentionSpec(softcap=30.0, sinks=True)
+    assert layer("raas", windowed).backend == "triton" and layer("streaming", windowed).backend == "triton"
+    assert layer("quest", windowed, max_length=128).backend == "torch"
+    assert layer("quest", capped, max_length=128).backend == "triton"
     c = make(64, "raas")
     z = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match=r"k must be \[batch_size=1, num_kv_heads=1, 1, head_dim=64\]"):

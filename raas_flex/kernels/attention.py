@@ -45,6 +45,16 @@ def _softcap(s, CAP: tl.constexpr):
 
 
 @triton.jit
+def _sink_logits(sink_ptr, h, G: tl.constexpr, BG: tl.constexpr, SINKS: tl.constexpr):
+    """KV head h's query heads' sink logits [BG] in base 2 (-inf past G), from fp32 [Hkv, G]; without
+    SINKS a placeholder that :func:`_combine_row` does not read."""
+    gg = tl.arange(0, BG)
+    if SINKS:
+        return tl.load(sink_ptr + h * G + gg, mask=gg < G, other=float("-inf")) * 1.4426950408889634
+    return tl.zeros([BG], tl.float32)
+
+
+@triton.jit
 def _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2, SOFTCAP: tl.constexpr):
     """One KV tile of an online softmax (log2 domain): q [BG, D], kt/vt [BN, D], ok [BN] the attended
     slots; running max m_i, sum l_i [BG], accumulator acc [BG, D] fp32; SOFTCAP: see :func:`_softcap`.
@@ -355,13 +365,8 @@ def _step_kernel(
     if _last_of_row(count_ptr, row64, NPROG):
         if BOUNDS:  # the bounds, or the observer's top-k set, first: its latency overlaps the combine's loads
             a = tl.load(imp_ptr + base + p, mask=in_row, other=float("-inf"), cache_modifier=".cg")
-        if SINKS:  # the layer's sink logit of each query head, in base 2
-            gg = tl.arange(0, BG)
-            sink = tl.load(sink_ptr + h * G + gg, mask=gg < G, other=float("-inf")) * 1.4426950408889634
-        else:
-            sink = tl.zeros([BG], tl.float32)
-        m, tot = _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, sink, G, BG, D,
-                              SPLIT, ONLINE, SINKS)
+        m, tot = _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64,
+                              _sink_logits(sink_ptr, h, G, BG, SINKS), G, BG, D, SPLIT, ONLINE, SINKS)
         if not OBSERVER:
             row_writes(kmax_ptr, kmin_ptr, evictions_ptr, overflow_ptr, valid_ptr, kv_num_ptr, kv_idx_ptr,
                        full_num_ptr, full_idx_ptr, row64, base, p, in_row, slot, pos, pid_new, new_max, new_min,
@@ -382,6 +387,16 @@ def _step_kernel(
         if NPROG > 1:
             tl.store(count_ptr + row64, 0)
         finish_step(ticket_ptr, length_ptr, step_ptr, step_new, 0, B * H, B, BLOCK_B, LOAD_LENS=True)
+
+
+def _check_layer(H: int, G: int, window: int, softcap: float, sinks: Tensor | None) -> None:
+    """The layer arguments of fused_step and paged_attend (ValueError naming the bad one)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0: none); got {window!r}")
+    if not softcap >= 0:
+        raise ValueError(f"softcap must be >= 0 (0: none); got {softcap!r}")
+    if sinks is not None and (sinks.dtype != torch.float32 or tuple(sinks.shape) != (H, G)):
+        raise ValueError(f"sinks must be fp32 [num_kv_heads={H}, {G}]; got {sinks.dtype} {tuple(sinks.shape)}")
 
 
 @triton_op("raas_flex::fused_step", mutates_args=_STATE | {"imp", "count"})
@@ -418,13 +433,7 @@ def fused_step(
         raise ValueError(f"fused_step: policy={policy!r} with observe={observe!r} is not supported; allowed: "
                          "policy 0 (raas) with observe 0, 1 or 2, policy 2 (h2o) with observe 3, policy 1 "
                          "(streaming) or 3 (dense) with observe 4")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"fused_step: window must be an int >= 0 (0: none); got {window!r}")
-    if not softcap >= 0:
-        raise ValueError(f"fused_step: softcap must be >= 0 (0: none); got {softcap!r}")
-    if sinks is not None and (sinks.dtype != torch.float32 or tuple(sinks.shape) != (H, G)):
-        raise ValueError(f"fused_step: sinks must be fp32 [num_kv_heads={H}, {G}]; got {sinks.dtype} "
-                         f"{tuple(sinks.shape)}")
+    _check_layer(H, G, window, softcap, sinks)
     shares = observe in (1, 2, 3)
     if shares and ps & (ps - 1):
         raise ValueError(f"fused_step: attention shares need a page size that is a power of two; got {ps}")
@@ -465,12 +474,14 @@ def fused_step(
 
 @triton.jit
 def _paged_kernel(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, length_ptr, kv_num_ptr, kv_idx_ptr, count_ptr,
-                  acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2, H: tl.constexpr, G: tl.constexpr,
+                  acc_ptr, ml_ptr, out_ptr, sob, soh, sod, scale_log2, sink_ptr, H: tl.constexpr, G: tl.constexpr,
                   BG: tl.constexpr, P: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  TILES: tl.constexpr, SPLIT: tl.constexpr, ONLINE: tl.constexpr):
+                  TILES: tl.constexpr, SPLIT: tl.constexpr, ONLINE: tl.constexpr, SOFTCAP: tl.constexpr,
+                  SINKS: tl.constexpr):
     """Program (row, split): the online softmax of the row's query heads over tiles split * TILES ..
     of the row's picked pages (the first kv_num slots of its list, each page's written tokens) laid
-    end to end, BLOCK_N slots a tile; the row's last program combines the parts."""
+    end to end, BLOCK_N slots a tile, scores soft-capped (SOFTCAP); the row's last program combines
+    the parts, with the heads' sink logits (SINKS)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = row // H
@@ -497,26 +508,29 @@ def _paged_kernel(q_ptr, sqb, sqh, sqd, k_ptr, v_ptr, page_id_ptr, length_ptr, k
         offs = (row64 * S + slot * PS + c % PS)[:, None] * D + d[None, :]
         kt = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)
         vt = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
-        m_i, l_i, acc, _ = _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2, 0.0)
+        m_i, l_i, acc, _ = _softmax_tile(q, kt, vt, ok, m_i, l_i, acc, scale_log2, SOFTCAP)
     _store_part(ml_ptr, acc_ptr, row64 * SPLIT + split, m_i, l_i, acc, G, BG, D)
     if _last_of_row(count_ptr, row64, SPLIT):
-        _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64, m_i, G, BG, D, SPLIT, ONLINE,
-                     False)
+        _combine_row(ml_ptr, acc_ptr, out_ptr + b * sob + h * G * soh, soh, sod, row64,
+                     _sink_logits(sink_ptr, h, G, BG, SINKS), G, BG, D, SPLIT, ONLINE, SINKS)
         if SPLIT > 1:
             tl.store(count_ptr + row64, 0)
 
 
 @triton_op("raas_flex::paged_attend", mutates_args={"count"})
 def paged_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_id: Tensor, length: Tensor, kv_num: Tensor,
-                 kv_idx: Tensor, count: Tensor, scale: float, budget_pages: int) -> Tensor:
+                 kv_idx: Tensor, count: Tensor, scale: float, budget_pages: int, softcap: float = 0.0,
+                 sinks: Tensor | None = None) -> Tensor:
     """The attention of q [B, Hq, 1, D] over the pages :func:`pick_pages` chose (the first kv_num
     [B * Hkv] slots of each row's list kv_idx [B * Hkv, P], at most ``budget_pages``), each page's
-    written tokens after the step's append (by ``length``). Returns [B, Hq, 1, D] in q's dtype (zeros
-    for a row with nothing picked). ``count`` (int32 [B * Hkv]): 0 at launch, left 0."""
+    written tokens after the step's append (by ``length``), with the layer's ``softcap`` (> 0) and
+    ``sinks`` (fp32 [Hkv, G]) as in :func:`fused_step`. Returns [B, Hq, 1, D] in q's dtype (zeros
+    for a row with nothing picked and no sinks). ``count`` (int32 [B * Hkv]): 0 at launch, left 0."""
     B, H, S, D = k_cache.shape
     P = page_id.shape[-1]
     ps = S // P
     G = q.shape[1] // H
+    _check_layer(H, G, 0, softcap, sinks)
     tiles = max(1, -(-min(budget_pages, P) * ps // BLOCK_N))
     split = split_for(B * H, tiles, _pkg.device_sms(q.device))
     bg = max(16, triton.next_power_of_2(G))
@@ -525,8 +539,9 @@ def paged_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_id: Tensor, l
     out = torch.empty(B, H * G, 1, D, dtype=q.dtype, device=q.device)
     wrap_triton(_paged_kernel)[(B * H, split)](
         q, q.stride(0), q.stride(1), q.stride(3), k_cache, v_cache, page_id, length, kv_num, kv_idx, count,
-        acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * _LOG2E,
+        acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * _LOG2E, ml if sinks is None else sinks,
         H=H, G=G, BG=bg, P=P, D=D, PS=ps, BLOCK_N=BLOCK_N, TILES=-(-tiles // split), SPLIT=split,
-        ONLINE=split >= COMBINE_ONLINE_MIN_SPLIT, num_warps=WARPS, num_stages=2,
+        ONLINE=split >= COMBINE_ONLINE_MIN_SPLIT, SOFTCAP=float(softcap) * _LOG2E, SINKS=sinks is not None,
+        num_warps=WARPS, num_stages=2,
     )
     return out
