@@ -20,8 +20,9 @@ window, a logit softcap, learned sinks, as gpt-oss or Gemma 2 layers have them; 
 from a normal), ``--head-dim`` the head size (default 128); SDPA rows stay plain attention.
 
 Every engine output is checked against a float64 reference over the attended tokens (with the
-layer's softcap and sinks) before it is timed, and the graphs compiled after warm-up are counted. Results: JSON (keys: the configuration
-names beside ``sdpa_L``), a markdown table and a plot under --out (default benchmarks/results/).
+layer's softcap and sinks) before it is timed, and the graphs compiled after warm-up are counted.
+Results: JSON (keys: the configuration names beside ``sdpa_L``), a markdown table and a plot under
+--out (default benchmarks/results/).
 
     python benchmarks/decode_step.py                 # full grid (GPU)
     python benchmarks/decode_step.py --quick         # two small points

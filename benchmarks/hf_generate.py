@@ -102,7 +102,8 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=512)
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--policies", default="raas",
-                    help="semicolon-separated configurations, POLICY or POLICY:KEY=VALUE,... (e.g. 'raas;raas:backend=torch')")
+                    help="semicolon-separated configurations, POLICY or POLICY:KEY=VALUE,... "
+                         "(e.g. 'raas;raas:backend=torch')")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -35,6 +35,22 @@ def test_decode_step_benchmark_smoke(tmp_path):
     assert "| raas |" in (tmp_path / "decode_step_smoke.md").read_text().replace("raas/sdpa_L", "")
 
 
+@pytest.mark.compiled
+def test_decode_step_benchmark_layer_semantics(tmp_path):
+    """--layer: every cache gets the layer's window, softcap and sinks, and the script's float64 reference
+    applies them too (the engine's output matches it; a reference without them would not)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import decode_step
+    finally:
+        sys.path.pop(0)
+    rows = decode_step.main(["--smoke", "--configs", "raas;streaming:sink_tokens=0", "--layer",
+                             "window=40,softcap=2.0,sinks=True", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "decode_step_smoke.json").read_text())
+    assert data["meta"]["layer"] == {"window": 40, "softcap": 2.0, "sinks": True}
+    assert rows[0]["raas_err"] < 1e-5 and rows[0]["streaming:sink_tokens=0_err"] < 1e-5
+
+
 def _env_with_checkout():
     """The environment of a script run from this checkout (whether or not raas_flex is installed)."""
     import os

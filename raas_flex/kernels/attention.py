@@ -169,7 +169,7 @@ def _step_attend(q, k_ptr, v_ptr, page_id_ptr, acc_ptr, ml_ptr, psum_ptr, pm_ptr
         pidc = tl.load(page_id_ptr + base + pc, mask=inb, other=-1)
         ncol = page_tokens(tl.where(opened & (pc == slot), new_id, pidc), pos, PS)
         okc = inb & ((cols % PS) < ncol) & (cols != t)
-        if WINDOW > 0:
+        if WINDOW > 0:  # (the page ids spelled out again: a shared local changed a plain layer's machine code)
             okc = okc & ((cols % PS) >= page_first(tl.where(opened & (pc == slot), new_id, pidc), pos, WINDOW, PS))
         offs = (row64 * S + cols)[:, None] * D + d[None, :]
         kt = tl.load(k_ptr + offs, mask=inb[:, None], other=0.0)
@@ -458,7 +458,8 @@ def fused_step(
         k_cache, v_cache, page_id, stamp, pinned, score, kmax, kmin, open_slot, length, step, evictions, overflow,
         valid, ticket, kv_num, kv_idx, full_num, full_idx, imp, count,
         acc, ml, out, out.stride(0), out.stride(1), out.stride(3), scale * _LOG2E, psum, pm, threshold,
-        ml if sinks is None else sinks, B=B, H=H, G=G, P=P, D=D, PS=ps, POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
+        ml if sinks is None else sinks,
+        B=B, H=H, G=G, P=P, D=D, PS=ps, POLICY=policy, SINK_PAGES=sink_pages, RECENT_PAGES=recent_pages,
         OBSERVE=observe, UNIT=unit, UT=ut,
         TT=tt, CP=cp, REFRESH=refresh_pages, BLOCK_P=block_p,
         BLOCK_PS=triton.next_power_of_2(ps), BLOCK_B=triton.next_power_of_2(B), BG=bg, BLOCK_N=BLOCK_N,
