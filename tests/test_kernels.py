@@ -274,6 +274,21 @@ def run_interpreted(script: str, marker: str, timeout: int = 600) -> None:
     assert marker in res.stdout
 
 
+def run_interpreted_cases(template: str, parts: int = 2) -> list[str]:
+    """Run a script of cases (``template`` formatted with tests, part and parts: case i runs in process
+    i % parts, the CPU machine's two cores side by side) under Triton's interpreter; each process must
+    exit 0. Returns the lines of the cases that passed (``"<i> ... ok ..."``) in the cases' order."""
+    tests = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    procs = [subprocess.Popen([sys.executable, "-c", template.format(tests=tests, part=part, parts=parts)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for part in range(parts)]
+    outs = [proc.communicate(timeout=900) for proc in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return sorted((ln for out, _ in outs for ln in out.splitlines() if " ok " in ln), key=lambda ln: int(ln.split()[0]))
+
+
 INTERPRETER_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path[:0] = [{tests!r}]
@@ -498,21 +513,10 @@ def test_interpreter_matches_torch_on_cpu():
     boundary: ``assert_stamps_near_tie``); dense (nothing evictable, a full buffer overflows) on
     both paths; and quest on both paths (same rule, pages picked each step; on triton, paged_attend
     with 1 and 4 programs a row)."""
-    tests = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    parts = 2  # every other case in each of two processes: the CPU machine's two cores
-    procs = [subprocess.Popen([sys.executable, "-c", INTERPRETER_SCRIPT.format(tests=tests, part=part, parts=parts)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for part in range(parts)]
-    outs = [proc.communicate(timeout=900) for proc in procs]
-    for proc, (out, err) in zip(procs, outs):
-        assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    stdout = "\n".join(out for out, _ in outs)
-    lines = sorted((ln for ln in stdout.splitlines() if " ok " in ln), key=lambda ln: int(ln.split()[0]))
-    lines = [ln.split(None, 1)[1] for ln in lines]  # in the cases' order, without the index
-    assert len(lines) == 30 and lines[-6].endswith("True"), stdout  # the h2o case overflowed
-    assert [ln.split()[-1] for ln in lines if ln.startswith("quest")] == ["False", "True", "True", "False"], stdout
-    assert lines[-1].endswith("True") and not lines[-2].endswith("True"), stdout  # so did the last dense one
+    lines = [ln.split(None, 1)[1] for ln in run_interpreted_cases(INTERPRETER_SCRIPT)]  # without the index
+    assert len(lines) == 30 and lines[-6].endswith("True"), lines  # the h2o case overflowed
+    assert [ln.split()[-1] for ln in lines if ln.startswith("quest")] == ["False", "True", "True", "False"], lines
+    assert lines[-1].endswith("True") and not lines[-2].endswith("True"), lines  # so did the last dense one
 
 
 QUEST_STEP_SCRIPT = textwrap.dedent("""
@@ -605,16 +609,7 @@ def test_interpreter_layer_specs_match_torch_on_cpu():
     interpreter: the validity row and block lists of the tokens in the window, the page tables (exact
     on integer inputs), the shares of the capped softmax with the sinks in its denominator, and the
     output. Every bounded case evicts; the first quest case fills its buffer and overflows."""
-    tests = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    parts = 2
-    procs = [subprocess.Popen([sys.executable, "-c", LAYER_SPEC_SCRIPT.format(tests=tests, part=part, parts=parts)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for part in range(parts)]
-    outs = [proc.communicate(timeout=900) for proc in procs]
-    for proc, (out, err) in zip(procs, outs):
-        assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    lines = sorted((ln for out, _ in outs for ln in out.splitlines() if " ok " in ln), key=lambda ln: int(ln.split()[0]))
+    lines = run_interpreted_cases(LAYER_SPEC_SCRIPT)
     assert len(lines) == 10, lines
     assert all(int(ln.split()[-2]) > 0 for ln in lines[:8]), lines  # evictions
     assert [ln.split()[-1] for ln in lines[8:]] == ["True", "False"], lines  # quest overflows its 64 slots
