@@ -62,8 +62,7 @@ def _compiled_flex():
 
 def backend_unsupported(backend: str, config: RaaSConfig, device: torch.device, dtype: torch.dtype,
                         spec: AttentionSpec = AttentionSpec(), head_dim: int | None = None) -> str | None:
-    """Why ``backend`` cannot serve this config on this device, K/V dtype, layer and head_dim (None if it
-    can; head_dim None: any)."""
+    """Why ``backend`` cannot serve this config, device, K/V dtype, layer and head_dim (None: it can)."""
     if backend == "torch":
         return None
     policy = config.policy
