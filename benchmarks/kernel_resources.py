@@ -1,8 +1,8 @@
 """Compile the Triton kernels of raas_flex for an NVIDIA GPU without one, and report their resources.
 
 Every kernel is launched through its op (``kernels.fused_append_observe``, ``kernels.fused_step``,
-``kernels.quest_step`` with a budget of 1/16 of the pages) on CPU tensors of the requested shape,
-planned as on a GPU of ``--sms`` SMs (``kernels.step_plan``), with the launch intercepted: the
+``kernels.quest_step`` and ``kernels.paged_attend`` with a budget of 1/16 of the pages) on CPU
+tensors of the requested shape, planned as on a GPU of ``--sms`` SMs (``kernels.step_plan``), with the launch intercepted: the
 arguments and compile-time constants it would have used are compiled ahead of time for the chosen architecture (Triton's own ptxas), and
 ``cuobjdump`` reads registers, stack (register spills) and static shared memory per thread block;
 the compiler's metadata gives the dynamic shared memory (where Triton keeps pipelined tiles).
@@ -215,6 +215,9 @@ def launches(B, Hq, Hkv, D, L, ps, dtype, sms=132, observe=0):
                            H2O.recent_pages(P) if policy is H2O else 0, 1e-4, 1 if policy is Streaming else 0)
         capture.op = "quest_step"  # quest's append and bounds, then its pick over these P pages (a budget of P / 16)
         kernels.quest_step(q, kn, vn, *state, imp, max(1, P // 16))
+        capture.op = "paged_attend"  # quest's attention over the picked pages' list
+        kernels.paged_attend(q, k, v, page_id, length, t(B * Hkv, dt=torch.int32), t(B * Hkv, P, dt=torch.int32),
+                             count, scale, max(1, P // 16))
     finally:
         bookkeeping.wrap_triton, attention.wrap_triton, kernels.device_sms = saved
     assert G * Hkv == Hq
@@ -258,8 +261,8 @@ def parser() -> argparse.ArgumentParser:
                          "1 attention share top-k, 2 share threshold, 3 share accumulated (h2o), 4 none (streaming)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--kernels", default=None,
-                    help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel, _quest_kernel, "
-                         "_pick_kernel)")
+                    help="comma list of kernel names to compile (default: all: _append_kernel, _step_kernel, "
+                         "_quest_kernel, _pick_kernel, _paged_kernel)")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     return ap
 

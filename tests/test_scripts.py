@@ -362,7 +362,7 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     """The resource report compiles the shipped kernels for sm_90 on this CPU machine, specialised as
     a launch would be, with a Python float argument typed fp64 as torch.compile launches it (a kernel
     whose fp32 softmax state turns fp64 fails to compile), and reads back registers, shared memory,
-    pipelined loads, code size and a hash of the machine code (quest's two kernels too). fused_step is compiled under the plans
+    pipelined loads, code size and a hash of the machine code (quest's three kernels too). fused_step is compiled under the plans
     (kernels.step_plan) of GPUs of 132 and 1 SMs, which build it with the observer last and the online
     combine, with the observer first and full row writes, without the observer, and with the writer;
     streaming's build too; an unknown observe or kernel name is refused."""
@@ -370,8 +370,9 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     out = tmp_path / "res.json"
     small = ["--head-dim", "16", "--page-size", "8"]
     rows = kr.main(["--shapes", "1/4/2", *small, "--budgets", "256", "--out", str(out)])
-    assert [r["kernel"] for r in rows] == ["_append_kernel", "_step_kernel", "_quest_kernel", "_pick_kernel"]
-    assert [r["op"] for r in rows] == ["fused_append_observe", "fused_step", "quest_step", "quest_step"]
+    assert [r["kernel"] for r in rows] == ["_append_kernel", "_step_kernel", "_quest_kernel", "_pick_kernel",
+                                           "_paged_kernel"]
+    assert [r["op"] for r in rows] == ["fused_append_observe", "fused_step", "quest_step", "quest_step", "paged_attend"]
     assert rows[1]["grid"] == [2, 4 + 1]  # 132 SMs: 4 programs per row (one per tile) and the observer
     assert json.loads(out.read_text())["rows"][0]["registers"] == rows[0]["registers"]
     first = kr.main(["--shapes", "1/4/2", *small, "--budgets", "256", "--sms", "1", "--kernels", "_step_kernel"])
@@ -417,7 +418,8 @@ def test_torch_compile_takes_no_kernel_to_write_its_inputs():
     kr = _bench_module("kernel_resources")
     small = ["--shapes", "1/4/2", "--head-dim", "16", "--page-size", "8", "--budgets", "256"]
     rows = kr.main([*small, "--observe", "0,1,2,3,4"])
-    assert {r["kernel"] for r in rows} == {"_append_kernel", "_step_kernel", "_quest_kernel", "_pick_kernel"}
+    assert {r["kernel"] for r in rows} == {"_append_kernel", "_step_kernel", "_quest_kernel", "_pick_kernel",
+                                           "_paged_kernel"}
     for r in rows:
         assert r["writes"], r["kernel"]  # the analysis ran and found the kernel's stores
         inputs = {"q_ptr", "kn_ptr", "vn_ptr"} | ({"bound_ptr"} if r["kernel"] == "_pick_kernel" else set())
