@@ -10,13 +10,17 @@ head_dim 32): the patched model against the unpatched one through ``generate``.
 
 from __future__ import annotations
 
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import raas_flex
+from raas_flex import kernels
 from hf_batches import replays_without_compiling
+from test_kernels import run_interpreted
 
 FAMILIES = list(raas_flex.SUPPORTED_MODEL_TYPES)  # every supported type is tested here
 # the families again with sliding windows where the plain config has none
@@ -173,6 +177,34 @@ def test_fused_backends_refuse_windowed_layers_by_name(unpatch_everything):
     with pytest.raises(ValueError, match=r"backend='flex' is not supported for this cache: a sliding window "
                                          r"\(AttentionSpec\(window=\d+.*\)\) is served by the one-kernel step"):
         generate(model, ids, mask, 4)
+
+
+INTERPRETED_FAMILIES_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path[:0] = [{tests!r}]
+    import raas_flex, test_families as f
+    for family, kw in (("gemma2", dict(attn_logit_softcapping=0.05)), ("gpt_oss", {{}})):
+        model = f.tiny_model(family, **kw)  # (a softcap of 0.05 binds at these scores)
+        ids, mask = f.prompts([12, 7], seed=1)
+        ref = f.generate(model, ids, mask, 40)
+        raas_flex.patch(model, budget=64, page_size=16, backend="triton")  # named: a layer it cannot serve raises
+        out = f.generate(model, ids, mask, 40)
+        assert torch.equal(out.sequences, ref.sequences), family
+        torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=1e-3)
+        rings = [layer for layer in raas_flex.stats(model)["layers"] if layer["policy"] == "streaming"]
+        assert rings and all(layer["evictions"] for layer in rings), family
+        raas_flex.unpatch(model)
+        print(family, "ok")
+""")
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
+def test_interpreted_one_kernel_step_with_windows_softcap_and_sinks_is_the_model():
+    """On the one-kernel step (``backend="triton"``, run on CPU by Triton's interpreter), Gemma 2 (a softcap
+    of 0.05, window layers) and gpt-oss (sinks, window layers) with a budget holding the whole generation give
+    the unpatched model's greedy tokens and logits, their window layers' rings evicting as they go."""
+    run_interpreted(INTERPRETED_FAMILIES_SCRIPT.format(tests=str(Path(__file__).resolve().parent)), "gpt_oss ok",
+                    timeout=900)
 
 
 @pytest.mark.gpu
