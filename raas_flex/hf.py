@@ -583,7 +583,8 @@ def stats(model_or_cache) -> dict:
     """KV statistics of the last RaaS generation of a patched model (or of a given :class:`RaaSCache`).
 
     Returns ``{"policy", "budget", "page_size", "batch_size", "layers": [...], "kv_bytes",
-    "state_bytes", "evictions"}`` where each layer is ``{"layer", "policy", "budget", "slots",
+    "state_bytes", "evictions"}`` where each layer is ``{"layer", "policy", "backend" (the decode path it
+    took: ``PagedKVCache.backend``), "budget", "slots",
     "tokens" (per row, real tokens written), "resident_tokens" (per row), "evictions" (pages evicted
     per row; all KV heads evict together), "kv_bytes" (K and V buffers allocated), "state_bytes"
     (all buffers incl. page table), "overflow"}``; the top-level ``kv_bytes``/``state_bytes``/
@@ -608,6 +609,7 @@ def stats(model_or_cache) -> dict:
             {
                 "layer": layer.layer_idx,
                 "policy": eng.policy.name,
+                "backend": eng.backend,
                 "budget": eng.config.budget,
                 "slots": eng.S,
                 "tokens": ps.length.tolist(),

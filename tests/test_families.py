@@ -191,7 +191,9 @@ INTERPRETED_FAMILIES_SCRIPT = textwrap.dedent("""
         out = f.generate(model, ids, mask, 40)
         assert torch.equal(out.sequences, ref.sequences), family
         torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=1e-3)
-        rings = [layer for layer in raas_flex.stats(model)["layers"] if layer["policy"] == "streaming"]
+        layers = raas_flex.stats(model)["layers"]
+        assert all(layer["backend"] == "triton" for layer in layers), family
+        rings = [layer for layer in layers if layer["policy"] == "streaming"]
         assert rings and all(layer["evictions"] for layer in rings), family
         raas_flex.unpatch(model)
         print(family, "ok")

@@ -109,6 +109,7 @@ def test_budget_holding_everything_matches_unpatched_per_family(family):
         assert layer["resident_tokens"] == [7 + 11, 12 + 11]
         assert layer["evictions"] == [0, 0]
         assert layer["kv_bytes"] == 2 * 2 * HKV * 32 * D * 4
+        assert layer["backend"] == "torch"  # the decode path it took: on CPU, the torch reference
     assert st["kv_bytes"] == sum(layer["kv_bytes"] for layer in st["layers"])
 
 
