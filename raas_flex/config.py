@@ -29,11 +29,13 @@ class RaaSConfig:
     block_size: KV block of the flex kernel (must divide the buffer). None: gcd(buffer, 128), or
         ``page_size`` for a policy that picks pages (quest, which allows only that).
     backend: how a decode step runs, fixed when the cache is built (see :mod:`raas_flex.engine`):
-        "torch" (torch ops + flex_attention; every policy, every device), "flex" (CUDA: one Triton
-        bookkeeping kernel + flex_attention; every policy, quest's page choice by two more
-        kernels), "triton" (CUDA: the whole step in one Triton kernel; quest: its append, page
-        bounds, page choice and the attention over the chosen pages in four). None: the fastest
-        backend that serves the policy on the cache's device (triton on CUDA where it serves).
+        "torch" (torch ops + flex_attention; every policy, every device, every layer), "flex" (CUDA:
+        one Triton bookkeeping kernel + flex_attention; every policy, quest's page choice by two
+        more kernels; layers without a sliding window), "triton" (CUDA: the whole step in one Triton
+        kernel, a layer's window, softcap and sinks included; quest: its append with the page
+        bounds, the page choice and the attention over the chosen pages in three, no window). None:
+        the fastest backend that serves the policy and the layer on the cache's device (triton on
+        CUDA where it serves).
     compile_flex: run flex_attention compiled when the step itself is not being compiled. None:
         compiled on CUDA, eager on CPU.
     """
