@@ -499,6 +499,32 @@ def test_fused_step_refuses_what_it_does_not_serve(observe, policy, page_size, t
                            torch.zeros(1, dtype=torch.int32), c.scale, 1, c.block, observe, policy, 0, 0.1)
 
 
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("layer, text", [
+    (dict(window=-1), "window must be an int >= 0 (0: none); got -1"),
+    (dict(softcap=-2.0), "softcap must be >= 0 (0: none); got -2.0"),
+    (dict(softcap=float("nan")), "softcap must be >= 0 (0: none); got nan"),
+    (dict(sinks=torch.zeros(2)), "sinks must be fp32 [num_kv_heads=1, 2]; got torch.float32 (2,)"),
+    (dict(sinks=torch.zeros(1, 2, dtype=torch.float64)), "sinks must be fp32 [num_kv_heads=1, 2]; got torch.float64"),
+])
+def test_kernels_refuse_bad_layer_arguments(layer, text):
+    """fused_step and paged_attend name a bad window, softcap or sinks before they launch anything."""
+    c = PagedKVCache(make_config(16, "raas", page_size=4, backend="torch"), batch_size=1, num_heads=2, num_kv_heads=1,
+                     head_dim=16)
+    z = lambda *shape: torch.zeros(*shape)
+    i32 = lambda *shape: torch.zeros(*shape, dtype=torch.int32)
+    state = (c.k, c.v, c.page_id, c.stamp, c.pinned, c.score, c.kmax, c.kmin, c.open_slot, c.length, c.step,
+             c.evictions, c.overflow, c.valid, i32(1), *c._lists)
+    match = text.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ValueError, match=match):
+        kernels.fused_step(z(1, 2, 1, 16), z(1, 1, 1, 16), z(1, 1, 1, 16), *state, z(1, 1, c.P), i32(1), c.scale, 1,
+                           c.block, 0, 0, 0, 0.1, 0, **layer)
+    if "window" not in layer:
+        with pytest.raises(ValueError, match=match):
+            kernels.paged_attend(z(1, 2, 1, 16), c.k, c.v, c.page_id, c.length, i32(1), i32(1, c.P), i32(1), c.scale,
+                                 1, **layer)
+
+
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (the interpreter runs the kernels on CPU)")
 def test_interpreter_matches_torch_on_cpu():
     """The kernels' logic through Triton's CPU interpreter against the torch reference: the append

@@ -391,7 +391,7 @@ def _step_kernel(
 
 def _check_layer(H: int, G: int, window: int, softcap: float, sinks: Tensor | None) -> None:
     """The layer arguments of fused_step and paged_attend (ValueError naming the bad one)."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+    if not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0 (0: none); got {window!r}")
     if not softcap >= 0:
         raise ValueError(f"softcap must be >= 0 (0: none); got {softcap!r}")
