@@ -401,12 +401,11 @@ class PagedKVCache(nn.Module):
         state = (self.k, self.v, self.page_id, self.stamp, self.pinned, self.score, self.kmax, self.kmin,
                  self.open_slot, self.length, self.step, self.evictions, self.overflow, self.valid, self._ticket,
                  *self._lists)
+        spec, sinks = self.spec, (self.sink_logits if self.spec.sinks else None)  # the layer's, for the kernels
         if self._backend == "triton" and not self.policy.narrows:
-            spec = self.spec
             return kernels.fused_step(q, k, v, *state, self._imp, self._obs_count, self.scale, self._refresh_pages,
-                                      self.block, self.policy.step_observe, self.policy.append_code,
-                                      self._recent_pages, self._threshold, self._sink_pages, spec.window or 0,
-                                      spec.softcap or 0.0, self.sink_logits if spec.sinks else None)
+                                      self.block, self.policy.step_observe, self.policy.append_code, self._recent_pages,
+                                      self._threshold, self._sink_pages, spec.window or 0, spec.softcap or 0.0, sinks)
         if self.policy.fused_observe:
             kernels.fused_append_observe(q, k, v, *state, self._imp, self._sink_pages, self._recent_pages,
                                          self.block, self._refresh_pages)
@@ -415,8 +414,7 @@ class PagedKVCache(nn.Module):
             lists = kernels.quest_step(q, k, v, *state, self._imp, self.budget_pages)
             if self._backend == "triton":  # its picked pages through their list
                 return kernels.paged_attend(q, self.k, self.v, self.page_id, self.length, *lists, self._obs_count,
-                                            self.scale, self.budget_pages, self.spec.softcap or 0.0,
-                                            self.sink_logits if self.spec.sinks else None)
+                                            self.scale, self.budget_pages, spec.softcap or 0.0, sinks)
         else:
             kernels.fused_append(k, v, *state, self.policy.append_code, self._sink_pages, self._recent_pages,
                                  self.block)

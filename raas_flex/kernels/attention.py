@@ -20,6 +20,7 @@ from .rules import (append_inputs, bound_loop, choose_slot, finish_step, load_q,
                     page_entry, page_first, page_tokens, refresh_set, row_writes)
 
 _LOG2E = 1.4426950408889634  # the kernels' softmax runs in base 2: scores times scale * log2(e)
+LOG2E = tl.constexpr(_LOG2E)  # (the same, for the kernels)
 
 
 @triton.jit
@@ -40,7 +41,7 @@ def _softcap(s, CAP: tl.constexpr):
     """A layer's logit soft-capping, CAP * tanh(s / CAP), of finite scores s in the kernels' base-2 units
     (CAP: the layer's softcap times log2(e); 0: none, s returned as it is)."""
     if CAP > 0:
-        s = CAP - 2.0 * CAP / (tl.exp2(s * (2.0 / CAP) * 1.4426950408889634) + 1.0)
+        s = CAP - 2.0 * CAP / (tl.exp2(s * (2.0 / CAP) * LOG2E) + 1.0)
     return s
 
 
@@ -50,7 +51,7 @@ def _sink_logits(sink_ptr, h, G: tl.constexpr, BG: tl.constexpr, SINKS: tl.const
     SINKS a placeholder that :func:`_combine_row` does not read."""
     gg = tl.arange(0, BG)
     if SINKS:
-        return tl.load(sink_ptr + h * G + gg, mask=gg < G, other=float("-inf")) * 1.4426950408889634
+        return tl.load(sink_ptr + h * G + gg, mask=gg < G, other=float("-inf")) * LOG2E
     return tl.zeros([BG], tl.float32)
 
 

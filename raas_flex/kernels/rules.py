@@ -176,7 +176,8 @@ def write_valid_lists(valid_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_
         tl.store(valid_ptr + row64 * S + slot * PS + tt, tt < n_slot, mask=tt < PS)
     elif WINDOW > 0:
         tl.store(valid_ptr + row64 * S + p[:, None] * PS + tt[None, :],
-                 (tt[None, :] >= f_p[:, None]) & (tt[None, :] < n_p[:, None]), mask=in_row[:, None] & (tt[None, :] < PS))
+                 (tt[None, :] >= f_p[:, None]) & (tt[None, :] < n_p[:, None]),
+                 mask=in_row[:, None] & (tt[None, :] < PS))
     else:
         tl.store(valid_ptr + row64 * S + p[:, None] * PS + tt[None, :], tt[None, :] < n_p[:, None],
                  mask=in_row[:, None] & (tt[None, :] < PS))
