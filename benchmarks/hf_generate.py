@@ -31,12 +31,15 @@ ARCHS = {
     # MoE of 32 experts, 4 a token; head_dim 64; layers alternate a window of 128 and full attention, every
     # layer with learned sinks
     "gpt-oss-20b": ("gpt_oss", 2880, 2880, 24, 64, 8, 201088),
+    "qwen3-8b": ("qwen3", 4096, 12288, 36, 32, 8, 151936),
+    # no GQA (32 KV heads); three of every four layers a window of 4096
+    "olmo-3-7b": ("olmo3", 4096, 11008, 32, 32, 32, 100278),
 }
 
 
 def build(arch: str, layers: int | None, device, dtype):
-    from transformers import (GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM, Olmo3Config,
+                              Olmo3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     fam, hid, inter, nl, nh, nkv, vocab = ARCHS[arch]
     kw = dict(hidden_size=hid, intermediate_size=inter, num_hidden_layers=layers or nl, num_attention_heads=nh,
@@ -47,11 +50,22 @@ def build(arch: str, layers: int | None, device, dtype):
         cfg, cls = GptOssConfig(**kw, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
                                 layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
                                              for i in range(layers or nl)]), GptOssForCausalLM
+    elif fam == "qwen3":
+        cfg, cls = Qwen3Config(**kw, head_dim=128), Qwen3ForCausalLM
+    elif fam == "olmo3":
+        cfg, cls = Olmo3Config(**kw, sliding_window=4096,
+                               layer_types=["full_attention" if i % 4 == 3 else "sliding_attention"
+                                            for i in range(layers or nl)]), Olmo3ForCausalLM
     else:
         cfg, cls = LlamaConfig(**kw), LlamaForCausalLM
     torch.manual_seed(0)
-    with torch.device(device):
-        model = cls(cfg).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: gpt-oss-20b in fp32 would not fit one GPU
+    try:
+        with torch.device(device):
+            model = cls(cfg).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(default)
     return model
 
 
@@ -104,8 +118,13 @@ def main(argv=None):
     ap.add_argument("--policies", default="raas",
                     help="semicolon-separated configurations, POLICY or POLICY:KEY=VALUE,... "
                          "(e.g. 'raas;raas:backend=torch')")
+    ap.add_argument("--check-layers", type=int, default=None,
+                    help="layers of the fp32 model that checks raas against dense (default: --layers; fewer "
+                         "for a model whose fp32 copy does not fit, e.g. the whole gpt-oss-20b)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
+    if args.check_layers is not None and args.check_layers < 1:
+        ap.error(f"--check-layers must be >= 1, got {args.check_layers}")
     if not torch.cuda.is_available():
         ap.error("needs CUDA")
     dev, dt = "cuda", torch.bfloat16
@@ -138,7 +157,13 @@ def main(argv=None):
                          kv_bytes=st["kv_bytes"], evictions=st["evictions"], **extra))
     # equivalence in fp32 (bf16 greedy decoding of a random model flips near-tied logits between
     # any two kernels): a budget holding the whole sequence gives dense attention
-    model.float()
+    if args.check_layers is None:
+        model.float()
+    else:  # a fresh model of fewer layers, so the fp32 copy fits
+        del model
+        torch.cuda.empty_cache()
+        model = build(args.arch, args.check_layers, dev, torch.float32)
+        model.generation_config.pad_token_id = 0
     n_eq = min(args.new, 128)
     full = -(-(args.prompt + n_eq + 16) // 16) * 16
     gen_kw = dict(max_new_tokens=n_eq, min_new_tokens=n_eq, do_sample=False)
@@ -146,12 +171,13 @@ def main(argv=None):
     with raas_flex.patched(model, budget=full):
         gen = model.generate(ids, **gen_kw)[:, args.prompt:]
     first_diff = (gen != ref).float().argmax(-1).tolist() if (gen != ref).any() else [n_eq] * args.batch
-    rows.append(dict(mode=f"fp32: raas budget={full} vs dense greedy tokens ({n_eq} new)", identical_prefix=first_diff,
+    rows.append(dict(mode=f"fp32: raas budget={full} vs dense greedy tokens ({n_eq} new, "
+                     f"{model.config.num_hidden_layers} layers)", identical_prefix=first_diff,
                      identical_share=(gen == ref).float().mean().item()))
 
     meta = dict(command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
                 device=torch.cuda.get_device_name(), torch=torch.__version__,
-                transformers=__import__("transformers").__version__, arch=args.arch, layers=model.config.num_hidden_layers,
+                transformers=__import__("transformers").__version__, arch=args.arch, layers=args.layers or ARCHS[args.arch][3],
                 batch=args.batch, prompt=args.prompt, new=args.new)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
