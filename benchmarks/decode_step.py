@@ -78,29 +78,52 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() / statistics.median(times)
 
 
-def graph_time_us(fn, chunks: int = 10, per_chunk: int = 20) -> float:
-    """Median microseconds per call of fn replayed from a CUDA graph (fn may mutate state)."""
+def graph_time_us(fn, chunks: int = 10, per_chunk: int = 20, evict: torch.Tensor | None = None) -> float:
+    """Median microseconds per call of fn replayed from a CUDA graph (fn may mutate state).
+
+    With ``evict`` (a buffer several times the L2 cache), every call follows a read of that buffer,
+    so fn finds nothing of its own in L2, as each layer's step does inside a model's forward (the
+    other layers' weights pass through L2 between two steps of one layer): the time is that of a
+    graph of (read, fn) pairs less that of a graph of the reads alone."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(5):
-        g.replay()
-    times = []
-    for _ in range(chunks):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(per_chunk):
+
+    def replay_us(body, calls: int) -> float:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                body()
+        for _ in range(5):
             g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / per_chunk)
-    return statistics.median(times)
+        times = []
+        for _ in range(chunks):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(per_chunk):
+                g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) * 1e3 / (per_chunk * calls))
+        return statistics.median(times)
+
+    if evict is None:
+        return replay_us(fn, 1)
+    calls = 8  # (read, fn) pairs a graph
+
+    def read_then_fn():
+        evict.sum()
+        fn()
+
+    return replay_us(read_then_fn, calls) - replay_us(evict.sum, calls)
+
+
+def l2_evict_buffer(device) -> torch.Tensor:
+    """A buffer of four times the GPU's L2 cache, for ``graph_time_us(..., evict=...)``."""
+    return torch.ones(torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.float32, device=device)
 
 
 def reference(cache: PagedKVCache, q: torch.Tensor, rows: int = 2) -> torch.Tensor:
@@ -140,7 +163,7 @@ def make_cache(spec, B, Hq, Hkv, D, N, L, dtype, device, extra_steps, layer=Atte
     return cache
 
 
-def time_config(spec, B, Hq, Hkv, D, N, L, dtype, device, timed, row, extra=400, layer=AttentionSpec()):
+def time_config(spec, B, Hq, Hkv, D, N, L, dtype, device, timed, row, extra=400, layer=AttentionSpec(), evict=None):
     q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device)
     kn = torch.randn(B, Hkv, 1, D, dtype=dtype, device=device)
     vn = torch.randn(B, Hkv, 1, D, dtype=dtype, device=device)
@@ -160,6 +183,8 @@ def time_config(spec, B, Hq, Hkv, D, N, L, dtype, device, timed, row, extra=400,
     row[f"{spec}_backend"] = cache.backend
     if timed:
         row[spec] = graph_time_us(lambda: step(q, kn, vn))
+        if evict is not None:
+            row[f"{spec}_cold"] = graph_time_us(lambda: step(q, kn, vn), evict=evict)
     row[f"{spec}_graphs_after_warmup"] = counters["stats"]["unique_graphs"] - graphs
     row[f"{spec}_kv_bytes"] = cache.kv_bytes
     cache.check()
@@ -170,7 +195,7 @@ def time_config(spec, B, Hq, Hkv, D, N, L, dtype, device, timed, row, extra=400,
 
 
 def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes, cached,
-              baseline_budgets=(), layer=AttentionSpec()):
+              baseline_budgets=(), layer=AttentionSpec(), evict=None):
     """One grid point. The bounded policies (raas, h2o, streaming) hold L slots whatever N is, so
     their step is measured once per (B, heads, L) and reused across N (``cached``); quest and
     SDPA over N are measured at every N."""
@@ -192,7 +217,7 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
             continue
         part = {}
         try:
-            time_config(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra, layer)
+            time_config(policy, B, Hq, Hkv, D, N, L, dtype, device, timed, part, extra, layer, evict)
         except Exception as e:  # a failing point is a result to report, not a reason to lose the grid
             if not timed:
                 raise
@@ -208,7 +233,10 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
         if 2 * B * Hkv * N * D * dtype.itemsize <= max_bytes:
             k = torch.randn(B, Hkv, N, D, dtype=dtype, device=device)
             v = torch.randn_like(k)
-            row["sdpa_dense_N"] = graph_time_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+            row["sdpa_dense_N"] = graph_time_us(sdpa)
+            if evict is not None:
+                row["sdpa_dense_N_cold"] = graph_time_us(sdpa, evict=evict)
             row["floor_N"] = 2 * B * Hkv * N * D * dtype.itemsize / bw * 1e6
             if any(parse_spec(p)[0] == "quest" for p in policies):
                 pages = -(-(N + extra) // 16)  # quest's buffer: N + extra slots in pages of 16
@@ -218,13 +246,17 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
         if key not in cached:
             k = torch.randn(B, Hkv, L, D, dtype=dtype, device=device)
             v = torch.randn_like(k)
-            cached[key] = dict(sdpa_L=graph_time_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
-                               floor_L=2 * B * Hkv * L * D * dtype.itemsize / bw * 1e6)
+            sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+            cached[key] = dict(sdpa_L=graph_time_us(sdpa), floor_L=2 * B * Hkv * L * D * dtype.itemsize / bw * 1e6)
+            if evict is not None:
+                cached[key]["sdpa_L_cold"] = graph_time_us(sdpa, evict=evict)
         row.update(cached[key])
     return row
 
 
-def markdown(rows, policies) -> str:
+def markdown(rows, policies, suffix: str = "") -> str:
+    """The grid as a table; ``suffix="_cold"``: the times taken with L2 evicted before each call."""
+    rows = [{**r, **{k[: -len(suffix)]: v for k, v in r.items() if suffix and k.endswith(suffix)}} for r in rows]
     cols = ["B", "Hq/Hkv", "N", "L", "floor_L", "sdpa_L", *policies, "sdpa_dense_N", "raas/sdpa_L", "sdpa_N/raas"]
     variants = [p for p in policies if p != "raas"]
     cols += [f"{p}/sdpa_L" for p in variants]
@@ -275,6 +307,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--layer", default="", help="the layers' attention (AttentionSpec) as KEY=VALUE,..., e.g. "
                                                  "'window=128,sinks=True' (gpt-oss) or 'softcap=50.0' (default: plain)")
     ap.add_argument("--head-dim", type=int, default=128, help="head dimension of every grid point")
+    ap.add_argument("--cold-l2", action="store_true",
+                    help="also time every step with L2 evicted before each call (keys <name>_cold): a layer's "
+                         "step inside a model's forward finds none of its KV in L2")
     ap.add_argument("--replot", metavar="JSON", help="redraw the table and plot from a results JSON and exit")
     return ap
 
@@ -302,6 +337,8 @@ def main(argv=None):
     layer = AttentionSpec(**parse_options([item for item in args.layer.split(",") if item]))
     torch.manual_seed(0)
     if args.smoke:
+        if args.cold_l2:
+            ap.error("--cold-l2 times on a GPU; --smoke does not time")
         device, dtype, timed = "cpu", torch.float32, False
         points = [(2, 6, 2, 16, 256, 64)]
         baseline_budgets = ()  # every policy at the smoke point
@@ -322,18 +359,20 @@ def main(argv=None):
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 4096
     bw = copy_bandwidth(device) if timed else float("nan")
+    evict = l2_evict_buffer(device) if timed and args.cold_l2 else None
     meta = dict(
         command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
         torch=torch.__version__, device=torch.cuda.get_device_name() if timed else platform.processor() or "cpu",
         dtype=str(dtype), copy_bandwidth_TBps=bw / 1e12, time=time.strftime("%Y-%m-%d %H:%M:%S"), configs=policies,
-        layer=dataclasses.asdict(layer),
+        layer=dataclasses.asdict(layer), cold_l2=evict is not None,
     )
     path = results_json(args)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.json")
     rows, cached = [], {}
     for p in tqdm(points, desc="decode-step grid"):
-        row = run_point(*p, policies, dtype, device, timed, bw, args.max_gb * 2**30, cached, baseline_budgets, layer)
+        row = run_point(*p, policies, dtype, device, timed, bw, args.max_gb * 2**30, cached, baseline_budgets, layer,
+                        evict)
         rows.append(row)
         tqdm.write(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
         partial.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))  # survives a crash or timeout
@@ -344,6 +383,9 @@ def main(argv=None):
     table = markdown(rows, policies)
     recompiles = sum(v for r in rows for k, v in r.items() if k.endswith("_graphs_after_warmup"))
     table += f"\n\nGraphs compiled after each step's warm-up (checks and timed replays, all points): {recompiles}"
+    if evict is not None:
+        table += "\n\nL2 evicted before each call (the step as a model's forward runs it):\n\n" + markdown(
+            rows, policies, "_cold")
     path.with_suffix(".md").write_text(
         f"Decode step, one layer, microseconds (CUDA-graph replay median). {meta}\n\n{table}\n")
     print(table)

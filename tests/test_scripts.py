@@ -119,6 +119,19 @@ def test_decode_step_smoke_all_policies_and_replot(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_decode_step_cold_l2_table_reads_the_cold_times():
+    """--cold-l2's table shows the times taken with L2 evicted (keys <name>_cold) and their ratios; the
+    flag is refused where nothing is timed."""
+    ds = _bench_module("decode_step")
+    row = dict(B=8, Hq=28, Hkv=4, D=128, N=32768, L=2048, floor_L=11.0, sdpa_L=12.0, sdpa_L_cold=15.0, raas=16.0,
+               raas_cold=18.0, streaming=14.0, streaming_cold=16.5, sdpa_dense_N=120.0, sdpa_dense_N_cold=121.0)
+    warm, cold = (ds.markdown([row], ["raas", "streaming"], suffix).splitlines()[-1] for suffix in ("", "_cold"))
+    assert "| 12.0 | 16.0 | 14.0 | 120.0 | 1.3 | 7.5 | 1.2 |" in warm
+    assert "| 15.0 | 18.0 | 16.5 | 121.0 | 1.2 | 6.7 | 1.1 |" in cold
+    with pytest.raises(SystemExit):
+        ds.main(["--smoke", "--cold-l2"])
+
+
 def test_decode_step_configurations_are_named_by_their_options():
     """A configuration is named by its user-facing options ('POLICY' or 'POLICY:KEY=VALUE,...'); the
     benchmark's cache is exactly that configuration (with nothing pinned, so that every new page evicts
