@@ -254,9 +254,15 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
     return row
 
 
+def with_times(rows, suffix: str) -> list[dict]:
+    """The rows with the times of keys ending in ``suffix`` ("_cold": L2 evicted before each call) in
+    place of the plain ones."""
+    return [{**r, **{k[: -len(suffix)]: v for k, v in r.items() if suffix and k.endswith(suffix)}} for r in rows]
+
+
 def markdown(rows, policies, suffix: str = "") -> str:
     """The grid as a table; ``suffix="_cold"``: the times taken with L2 evicted before each call."""
-    rows = [{**r, **{k[: -len(suffix)]: v for k, v in r.items() if suffix and k.endswith(suffix)}} for r in rows]
+    rows = with_times(rows, suffix)
     cols = ["B", "Hq/Hkv", "N", "L", "floor_L", "sdpa_L", *policies, "sdpa_dense_N", "raas/sdpa_L", "sdpa_N/raas"]
     variants = [p for p in policies if p != "raas"]
     cols += [f"{p}/sdpa_L" for p in variants]
@@ -327,8 +333,13 @@ def main(argv=None):
         data = json.loads(Path(args.replot).read_text())
         pols = data["meta"].get("configs") or [p for p in ("raas", "h2o", "streaming", "quest")
                                                  if any(p in r for r in data["rows"])]  # (files from before configs)
+        src = Path(args.replot)
         print(markdown(data["rows"], pols))
-        print("wrote", plot(data["rows"], data["meta"], Path(args.replot).with_suffix(".png")))
+        print("wrote", plot(data["rows"], data["meta"], src.with_suffix(".png")))
+        if data["meta"].get("cold_l2"):
+            print(markdown(data["rows"], pols, "_cold"))
+            print("wrote", plot(with_times(data["rows"], "_cold"), dict(data["meta"], l2="cold"),
+                                src.with_name(src.stem + "_cold.png")))
         return data["rows"]
     baseline_budgets = () if args.baseline_budgets == "all" else tuple(int(x) for x in args.baseline_budgets.split(","))
     policies = [c for c in args.configs.split(";") if c]
@@ -392,6 +403,9 @@ def main(argv=None):
     if timed:
         try:
             print("wrote", plot(rows, meta, path.with_suffix(".png")))
+            if evict is not None:
+                print("wrote", plot(with_times(rows, "_cold"), dict(meta, l2="cold"),
+                                    path.with_name(path.stem + "_cold.png")))
         except ImportError as e:  # the GPU image may lack matplotlib: say how to draw it later
             print(f"no plot ({e}); run: python benchmarks/decode_step.py --replot {path}")
     return rows
@@ -458,7 +472,8 @@ def plot(rows, meta, path: Path) -> Path:
     b.set_ylabel("engine step / SDPA over L slots")
     b.set_title("bounded configurations: distance to the compacted-cache ideal")
     b.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{meta.get('device', '')}, torch {meta.get('torch', '')}, {meta.get('dtype', '')}", fontsize=9)
+    l2 = ", L2 evicted before each call" if meta.get("l2") == "cold" else ""
+    fig.suptitle(f"{meta.get('device', '')}, torch {meta.get('torch', '')}, {meta.get('dtype', '')}{l2}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -119,7 +119,7 @@ def test_decode_step_smoke_all_policies_and_replot(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_decode_step_cold_l2_table_reads_the_cold_times():
+def test_decode_step_cold_l2_table_reads_the_cold_times(tmp_path):
     """--cold-l2's table shows the times taken with L2 evicted (keys <name>_cold) and their ratios; the
     flag is refused where nothing is timed."""
     ds = _bench_module("decode_step")
@@ -130,6 +130,12 @@ def test_decode_step_cold_l2_table_reads_the_cold_times():
     assert "| 15.0 | 18.0 | 16.5 | 121.0 | 1.2 | 6.7 | 1.1 |" in cold
     with pytest.raises(SystemExit):
         ds.main(["--smoke", "--cold-l2"])
+    src = tmp_path / "cold.json"  # --replot of a cold run draws both plots
+    src.write_text(json.dumps(dict(meta=dict(device="test", torch="x", dtype="bf16", configs=["raas", "streaming"],
+                                             cold_l2=True), rows=[row])))
+    ds.main(["--replot", str(src)])
+    for png in (src.with_suffix(".png"), tmp_path / "cold_cold.png"):
+        assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_decode_step_configurations_are_named_by_their_options():
