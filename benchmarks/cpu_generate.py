@@ -1,7 +1,8 @@
 """CPU: a patched ``model.generate`` against the unpatched one, in one process.
 
 Times the shipped testbed model (models/testbed) decoding ``--new`` tokens greedily after a held-out
-question, dense and patched at ``--budget``, each ``generate`` call timed whole. Round 1 is each
+question, or with ``--gguf`` a real checkpoint (fetch_gguf.py's names) after a word problem in its chat
+template, dense and patched at ``--budget``, each ``generate`` call timed whole. Round 1 is each
 configuration's first call (its warm-up inside: what a user waits for); ``--rounds`` repeats the pair,
 alternating which goes first, because a small shared CPU's speed drifts by tens of percent between
 seconds: the ratio reported is the median of the rounds' ratios, round 1's is shown beside it.
@@ -9,6 +10,7 @@ Writes JSON and markdown under --out.
 
     python benchmarks/cpu_generate.py                         # 600 new tokens, budget 256
     python benchmarks/cpu_generate.py --new 2400 --tag long   # a sequence past the model's training length
+    python benchmarks/cpu_generate.py --gguf qwen2.5-coder-0.5b-instruct --new 1024 --rounds 2 --tag qwen0.5b
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main(argv=None):
     ap.add_argument("--configs", default="raas", help="semicolon-separated configurations (decode_step.py's names)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=5, help="dense/patched pairs timed (round 1 = first calls)")
+    ap.add_argument("--gguf", metavar="MODEL", default=None,
+                    help="a real checkpoint by fetch_gguf.py's name (fetched and verified on first use), fp32")
     ap.add_argument("--tag", default="default")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
@@ -51,9 +55,16 @@ def main(argv=None):
 
     from raas_flex.testbed import dataset
 
-    tok = AutoTokenizer.from_pretrained(TESTBED)
-    model = AutoModelForCausalLM.from_pretrained(TESTBED, dtype=torch.float32).eval()
-    enc = tok(dataset(1, seed=7)[0].question, return_tensors="pt")
+    if args.gguf is None:
+        tok = AutoTokenizer.from_pretrained(TESTBED)
+        model = AutoModelForCausalLM.from_pretrained(TESTBED, dtype=torch.float32).eval()
+        enc = tok(dataset(1, seed=7)[0].question, return_tensors="pt")
+    else:
+        from benchmarks import fetch_gguf, word_problems
+
+        model, tok = fetch_gguf.load_gguf(fetch_gguf.fetch(args.gguf)["gguf"], dtype=torch.float32)
+        enc = tok(word_problems.build_prompt(tok, word_problems.make_problem(0)), return_tensors="pt")
+        model.generation_config.pad_token_id = tok.eos_token_id
     gen = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
 
     def timed() -> tuple[float, torch.Tensor]:
@@ -90,7 +101,7 @@ def main(argv=None):
                          first_ratio=ratios[0], kv_bytes=kv[spec],
                          same_tokens_as_dense=bool(torch.equal(outputs[spec], outputs["dense"]))))
     meta = dict(command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-                torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                model=args.gguf or "testbed", torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
                 cores=os.cpu_count(), prompt_tokens=enc.input_ids.shape[1], new_tokens=args.new, rounds=args.rounds,
                 time=time.strftime("%Y-%m-%d %H:%M:%S"))
     lines = [f"CPU generate, {args.rounds} rounds in one process (round 1 = first calls, warm-up included). {meta}", "",

@@ -138,6 +138,37 @@ def test_decode_step_cold_l2_table_reads_the_cold_times(tmp_path):
         assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "olmo3", "gpt_oss"])
+def test_hf_generate_builds_each_family_in_its_dtype(family, monkeypatch):
+    """hf_generate.build makes the model in the dtype asked for (the whole gpt-oss-20b would not fit one GPU
+    in fp32 first), with the family's layer pattern; the default dtype is left as it was."""
+    import transformers
+
+    hg = _bench_module("hf_generate")
+    monkeypatch.setitem(hg.ARCHS, "tiny", (family, 64, 96, 4, 4, 2, 128))
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "qwen3": transformers.Qwen3ForCausalLM, "olmo3": transformers.Olmo3ForCausalLM,
+           "gpt_oss": transformers.GptOssForCausalLM}[family]
+    seen, init = [], cls.__init__
+
+    def spy(self, *args, **kwargs):  # the default dtype while the weights are made
+        seen.append(torch.get_default_dtype())
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__init__", spy)
+    model = hg.build("tiny", None, "cpu", torch.bfloat16)
+    assert seen == [torch.bfloat16]
+    assert model.config.model_type == family and model.config.num_hidden_layers == 4
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
+    if family == "olmo3":
+        assert model.config.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    if family == "gpt_oss":
+        assert model.config.layer_types == ["sliding_attention", "full_attention"] * 2
+    with pytest.raises(SystemExit):
+        hg.main(["--check-layers", "0"])
+
+
 def test_decode_step_configurations_are_named_by_their_options():
     """A configuration is named by its user-facing options ('POLICY' or 'POLICY:KEY=VALUE,...'); the
     benchmark's cache is exactly that configuration (with nothing pinned, so that every new page evicts
