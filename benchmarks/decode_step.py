@@ -26,6 +26,8 @@ Results: JSON (keys: the configuration names beside ``sdpa_L``), a markdown tabl
 
     python benchmarks/decode_step.py                 # full grid (GPU)
     python benchmarks/decode_step.py --quick         # two small points
+    python benchmarks/decode_step.py --quick --cold-l2   # also each call after L2 is evicted (a second table;
+                                                     # meta's l2_check: a quarter of L2 summed warm and cold)
     python benchmarks/decode_step.py --smoke         # tiny CPU run used by the tests (no timing claims)
 """
 
@@ -371,11 +373,16 @@ def main(argv=None):
         torch._dynamo.config.recompile_limit = 4096
     bw = copy_bandwidth(device) if timed else float("nan")
     evict = l2_evict_buffer(device) if timed and args.cold_l2 else None
+    l2_check = None
+    if evict is not None:  # that the read evicts: a buffer of a quarter of L2 summed warm (from L2) and cold
+        small = evict[: evict.numel() // 16]
+        l2_check = dict(mb=small.numel() * 4 / 1e6, warm_us=graph_time_us(small.sum),
+                        cold_us=graph_time_us(small.sum, evict=evict))
     meta = dict(
         command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
         torch=torch.__version__, device=torch.cuda.get_device_name() if timed else platform.processor() or "cpu",
         dtype=str(dtype), copy_bandwidth_TBps=bw / 1e12, time=time.strftime("%Y-%m-%d %H:%M:%S"), configs=policies,
-        layer=dataclasses.asdict(layer), cold_l2=evict is not None,
+        layer=dataclasses.asdict(layer), cold_l2=evict is not None, l2_check=l2_check,
     )
     path = results_json(args)
     path.parent.mkdir(parents=True, exist_ok=True)
