@@ -87,10 +87,11 @@ def main(argv=None):
                 kv[config] = raas_flex.stats(model)["kv_bytes"]
         seconds[config].append(s)
 
-    for r in range(args.rounds):
-        order = list(seconds) if r % 2 == 0 else list(reversed(seconds))
-        for config in order:
-            run(config)
+    from tqdm import tqdm
+
+    calls = [(r, c) for r in range(args.rounds) for c in (list(seconds) if r % 2 == 0 else list(reversed(seconds)))]
+    for _, config in tqdm(calls, desc="generate calls"):
+        run(config)
     dense_s = seconds["dense"]
     rows = [dict(config="dense (unpatched)", seconds=dense_s, first=dense_s[0], median=statistics.median(dense_s),
                  ratio=1.0, first_ratio=1.0)]
