@@ -614,6 +614,10 @@ LAYER_SPEC_SCRIPT = textwrap.dedent("""
                            sink_tokens=0)),
         ("raas", dict(B=2, Hq=6, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, spec=CS, backend="flex")),
         ("h2o", dict(B=2, Hq=4, Hkv=2, D=16, budget=64, ps=8, lens=[55, 9], integer=False, spec=CS, backend="flex")),
+        # one query head a KV head (OLMo-3-7B has no GQA) with a window, by bound and by share
+        ("raas", dict(B=2, Hq=2, Hkv=2, D=16, budget=64, ps=4, lens=[20, 58], integer=True, spec=W)),
+        ("raas", dict(B=1, Hq=2, Hkv=2, D=16, budget=64, ps=4, lens=[50], integer=False, spec=W,
+                      importance="attention", pin_prompt=False)),
         ("quest", dict(B=2, Hq=6, Hkv=2, D=16, budget=24, ps=8, lens=[5, 40], integer=False, max_length=64, spec=CS)),
         ("quest", dict(B=1, Hq=3, Hkv=1, D=16, budget=256, ps=4, lens=[300], integer=True, max_length=512, spec=CS,
                        steps=12)),
@@ -634,11 +638,12 @@ def test_interpreter_layer_specs_match_torch_on_cpu():
     path's and quest's kernels with a softcap and sinks, against the torch reference through Triton's
     interpreter: the validity row and block lists of the tokens in the window, the page tables (exact
     on integer inputs), the shares of the capped softmax with the sinks in its denominator, and the
-    output. Every bounded case evicts; the first quest case fills its buffer and overflows."""
+    output; also with one query head a KV head. Every bounded case evicts; the first quest case fills its
+    buffer and overflows."""
     lines = run_interpreted_cases(LAYER_SPEC_SCRIPT)
-    assert len(lines) == 10, lines
-    assert all(int(ln.split()[-2]) > 0 for ln in lines[:8]), lines  # evictions
-    assert [ln.split()[-1] for ln in lines[8:]] == ["True", "False"], lines  # quest overflows its 64 slots
+    assert len(lines) == 12, lines
+    assert all(int(ln.split()[-2]) > 0 for ln in lines[:10]), lines  # evictions
+    assert [ln.split()[-1] for ln in lines[10:]] == ["True", "False"], lines  # quest overflows its 64 slots
 
 
 # -- GPU -------------------------------------------------------------------------------------------
@@ -708,6 +713,12 @@ GPU_CASES = [
      dict(pin_prompt=False, backend="triton", importance="attention", spec=AttentionSpec(window=1000, sinks=True))),
     ("h2o-window-softcap-P128-G4-triton-no-observer", "h2o", B8, B8_LENS,
      dict(backend="triton", sms=16, spec=AttentionSpec(window=1200, softcap=2.0))),
+    # one query head a KV head (OLMo-3-7B: 32/32 heads, windows on three layers of four), by bound and by share
+    ("raas-window-P64-G1-triton", "raas", dict(B=4, Hq=32, Hkv=32, D=128, budget=1024, ps=16), [1000, 5, 1008, 600],
+     dict(backend="triton", spec=AttentionSpec(window=512))),
+    ("raas-attention-window-P64-G1-triton", "raas", dict(B=4, Hq=32, Hkv=32, D=128, budget=1024, ps=16),
+     [1000, 5, 1008, 600], dict(pin_prompt=False, backend="triton", importance="attention",
+                                 spec=AttentionSpec(window=512))),
     # the flex path with a softcap and sinks (flex's score_mod, the sinks through its log-sum-exp)
     ("raas-softcap-sinks-P128-G4-flex", "raas", B8, B8_LENS,
      dict(pin_prompt=False, spec=AttentionSpec(softcap=2.0, sinks=True))),
