@@ -86,7 +86,8 @@ def graph_time_us(fn, chunks: int = 10, per_chunk: int = 20, evict: torch.Tensor
     With ``evict`` (a buffer several times the L2 cache), every call follows a read of that buffer,
     so fn finds nothing of its own in L2, as each layer's step does inside a model's forward (the
     other layers' weights pass through L2 between two steps of one layer): the time is that of a
-    graph of (read, fn) pairs less that of a graph of the reads alone."""
+    graph of (read, fn) pairs less that of a graph of the reads alone. fn then runs COLD_CALLS times
+    (a cache that keeps every token needs that many free slots)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -94,7 +95,7 @@ def graph_time_us(fn, chunks: int = 10, per_chunk: int = 20, evict: torch.Tensor
             fn()
     torch.cuda.current_stream().wait_stream(s)
 
-    def replay_us(body, calls: int) -> float:
+    def replay_us(body, calls: int, per_chunk: int) -> float:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             for _ in range(calls):
@@ -113,14 +114,17 @@ def graph_time_us(fn, chunks: int = 10, per_chunk: int = 20, evict: torch.Tensor
         return statistics.median(times)
 
     if evict is None:
-        return replay_us(fn, 1)
-    calls = 8  # (read, fn) pairs a graph
+        return replay_us(fn, 1, per_chunk)
+    calls, per_chunk = 8, 5  # (read, fn) pairs a graph; a chunk is 40 pairs
 
     def read_then_fn():
         evict.sum()
         fn()
 
-    return replay_us(read_then_fn, calls) - replay_us(evict.sum, calls)
+    return replay_us(read_then_fn, calls, per_chunk) - replay_us(evict.sum, calls, per_chunk)
+
+
+COLD_CALLS = 3 + (5 + 10 * 5) * 8  # graph_time_us(fn, evict=...)'s calls of fn at its defaults
 
 
 def l2_evict_buffer(device) -> torch.Tensor:
@@ -202,7 +206,7 @@ def run_point(B, Hq, Hkv, D, N, L, policies, dtype, device, timed, bw, max_bytes
     their step is measured once per (B, heads, L) and reused across N (``cached``); quest and
     SDPA over N are measured at every N."""
     row = dict(B=B, Hq=Hq, Hkv=Hkv, D=D, N=N, L=L)
-    extra = 400
+    extra = 400 if evict is None else 400 + COLD_CALLS  # free slots of quest and dense for the timed steps
     q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device)
     for policy in policies:
         bounded = parse_spec(policy)[0] not in ("quest", "dense")
