@@ -10,7 +10,7 @@ Writes JSON and markdown under --out.
 
     python benchmarks/cpu_generate.py                         # 600 new tokens, budget 256
     python benchmarks/cpu_generate.py --new 2400 --tag long   # a sequence past the model's training length
-    python benchmarks/cpu_generate.py --gguf qwen2.5-coder-0.5b-instruct --new 1024 --rounds 2 --tag qwen0.5b
+    python benchmarks/cpu_generate.py --gguf qwen2.5-coder-0.5b-instruct --new 1024 --rounds 3 --tag qwen2.5-coder-0.5b
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def main(argv=None):
                          first_ratio=ratios[0], kv_bytes=kv[spec],
                          same_tokens_as_dense=bool(torch.equal(outputs[spec], outputs["dense"]))))
     meta = dict(command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-                model=args.gguf or "testbed", torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                model=args.gguf or "testbed", torch=torch.__version__, threads=torch.get_num_threads(),
+                cpu=platform.processor() or platform.machine(),
                 cores=os.cpu_count(), prompt_tokens=enc.input_ids.shape[1], new_tokens=args.new, rounds=args.rounds,
                 time=time.strftime("%Y-%m-%d %H:%M:%S"))
     lines = [f"CPU generate, {args.rounds} rounds in one process (round 1 = first calls, warm-up included). {meta}", "",

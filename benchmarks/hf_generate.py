@@ -177,7 +177,8 @@ def main(argv=None):
 
     meta = dict(command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
                 device=torch.cuda.get_device_name(), torch=torch.__version__,
-                transformers=__import__("transformers").__version__, arch=args.arch, layers=args.layers or ARCHS[args.arch][3],
+                transformers=__import__("transformers").__version__, arch=args.arch,
+                layers=args.layers or ARCHS[args.arch][3],
                 batch=args.batch, prompt=args.prompt, new=args.new)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
