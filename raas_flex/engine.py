@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 from . import kernels
 from .config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, AttentionSpec, PromptTooLongError, RaaSConfig, prompt_slots
@@ -587,9 +587,9 @@ class PagedKVCache(nn.Module):
             fn = _compiled_flex() if self._compile_flex and not torch.compiler.is_compiling() else flex_attention
             out = fn(qp.view(bh, 1, G, D), self.k.view(bh, 1, S, D), self.v.view(bh, 1, S, D), block_mask=block_mask,
                      scale=self.scale, kernel_options=self._kernel_options, score_mod=self._score_mod(),
-                     return_lse=self.spec.sinks)
+                     return_aux=AuxRequest(lse=True) if self.spec.sinks else None)
             if self.spec.sinks:  # a sink's logit joins the denominator: out * e^lse / (e^lse + e^sink)
-                out, lse = out
+                out, lse = out[0], out[1].lse
                 out = out * torch.sigmoid(lse - self.sink_logits.repeat(B, 1).view(bh, 1, G))[..., None].to(out.dtype)
         return _as(out.reshape(B, H * G, 1, D), q.dtype)
 

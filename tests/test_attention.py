@@ -338,6 +338,37 @@ def test_compiled_flex_reads_quests_picked_page_lists():
     assert not torch.allclose(cache.attend(q, (kv_num - 1, kv_idx)), full)
 
 
+@pytest.mark.compiled
+def test_compiled_flex_with_sinks_compiles_once(monkeypatch):
+    """The flex path of a layer with sinks (the torch backend's attention on CUDA; here traced on CPU)
+    takes the log-sum-exp through ``return_aux``: flex_attention's deprecated ``return_lse`` adds its
+    warning to a global set while it is traced, so the next call fails that guard and compiles the step
+    again. 30 compiled steps with evictions: no new graph, outputs equal the written-out CPU path's."""
+    import torch.nn.attention.flex_attention as fa
+
+    from raas_flex import AttentionSpec
+
+    monkeypatch.setattr(fa, "_WARNINGS_SHOWN", set())  # as in a process where no flex warning was shown yet
+    mk = lambda flex: PagedKVCache(make_config(24, "raas", page_size=4, compile_flex=flex), batch_size=2,  # noqa: E731
+                                   num_heads=6, num_kv_heads=2, head_dim=D, spec=AttentionSpec(sinks=True))
+    cache, twin = mk(True), mk(False)
+    sinks = torch.randn(6, generator=torch.Generator().manual_seed(3))
+    cache.set_sinks(sinks)
+    twin.set_sinks(sinks)
+    seq = Seq(B=2, Hq=6, Hkv=2, lens=[5, 9], seed=17)
+    prompt = seq.prompt()
+    cache.prefill(*prompt)
+    twin.prefill(*prompt)
+    fn = cache.compiled_decode(backend="eager")  # (Inductor's CPU flex has no log-sum-exp; the guard is dynamo's)
+    q, k, v = seq.next()
+    torch.testing.assert_close(fn(q, k, v), twin.decode(q, k, v), **TOL[torch.float32])
+    with no_recompiles_and_static_memory(cache):
+        for _ in range(30):
+            q, k, v = seq.next()
+            torch.testing.assert_close(fn(q, k, v), twin.decode(q, k, v), **TOL[torch.float32])
+    assert cache.evictions.min().item() > 0 and torch.equal(cache.page_id, twin.page_id)
+
+
 # -- GPU -----------------------------------------------------------------------------------------
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 GPU_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
