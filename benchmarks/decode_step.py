@@ -86,8 +86,9 @@ def graph_time_us(fn, chunks: int = 10, per_chunk: int = 20, evict: torch.Tensor
     With ``evict`` (a buffer several times the L2 cache), every call follows a read of that buffer,
     so fn finds nothing of its own in L2, as each layer's step does inside a model's forward (the
     other layers' weights pass through L2 between two steps of one layer): the time is that of a
-    graph of (read, fn) pairs less that of a graph of the reads alone. fn then runs COLD_CALLS times
-    (a cache that keeps every token needs that many free slots)."""
+    graph of COLD_PAIRS (read, fn) pairs less that of a graph of the reads alone, each replayed
+    COLD_REPLAYS times a chunk (``per_chunk`` is the warm replays'). fn then runs COLD_CALLS times (a
+    cache that keeps every token needs that many free slots)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -115,16 +116,16 @@ def graph_time_us(fn, chunks: int = 10, per_chunk: int = 20, evict: torch.Tensor
 
     if evict is None:
         return replay_us(fn, 1, per_chunk)
-    calls, per_chunk = 8, 5  # (read, fn) pairs a graph; a chunk is 40 pairs
 
     def read_then_fn():
         evict.sum()
         fn()
 
-    return replay_us(read_then_fn, calls, per_chunk) - replay_us(evict.sum, calls, per_chunk)
+    return replay_us(read_then_fn, COLD_PAIRS, COLD_REPLAYS) - replay_us(evict.sum, COLD_PAIRS, COLD_REPLAYS)
 
 
-COLD_CALLS = 3 + (5 + 10 * 5) * 8  # graph_time_us(fn, evict=...)'s calls of fn at its defaults
+COLD_PAIRS, COLD_REPLAYS = 8, 5  # graph_time_us(..., evict=...): (read, fn) pairs a graph, replays a chunk
+COLD_CALLS = 3 + (5 + 10 * COLD_REPLAYS) * COLD_PAIRS  # its calls of fn: warm-up, then 5 + 10 chunks of replays
 
 
 def l2_evict_buffer(device) -> torch.Tensor:
